@@ -1,0 +1,100 @@
+"""Accounts (hub users) and teams (hub groups), kept in step with the hub.
+
+The hub owns identity; the portal keeps one account per hub user and one team
+per hub group so that money, quotas and templates can refer to them with
+foreign keys. Accounts and teams are never deleted, only deactivated, because
+ledger rows will point at them.
+
+The three role groups (``customers``, ``providers``, ``admins``) set an
+account's role; they are not teams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .models import Account, Team, TeamMembership
+
+ROLE_GROUPS = {"customers": "customer", "providers": "provider", "admins": "admin"}
+
+
+def role_for(user: dict[str, Any]) -> str:
+    """admin > provider > customer, from the hub's admin flag and role groups."""
+    groups = set(user.get("groups") or ())
+    if user.get("admin") or "admins" in groups:
+        return "admin"
+    if "providers" in groups:
+        return "provider"
+    return "customer"
+
+
+def upsert_account(session: Session, user: dict[str, Any]) -> Account:
+    """Create or update the account for one hub user model (name, admin, groups)."""
+    account = session.scalar(select(Account).where(Account.hub_name == user["name"]))
+    role = role_for(user)
+    if account is None:
+        account = Account(hub_name=user["name"], role=role, active=True)
+        session.add(account)
+    elif account.role != role or not account.active:
+        account.role, account.active = role, True
+    session.flush()
+    return account
+
+
+def sync(session: Session, users: Iterable[dict[str, Any]], groups: Iterable[dict[str, Any]]
+         ) -> dict[str, int]:
+    """Make accounts, teams and memberships mirror the hub. Returns counts of changes."""
+    users = list(users)
+    counts = {"accounts": 0, "teams": 0, "deactivated": 0}
+    seen_users = set()
+    by_name: dict[str, Account] = {}
+    for user in users:
+        before = session.scalar(select(Account.id).where(Account.hub_name == user["name"]))
+        account = upsert_account(session, user)
+        counts["accounts"] += before is None
+        seen_users.add(user["name"])
+        by_name[user["name"]] = account
+    for account in session.scalars(select(Account).where(Account.active)):
+        if account.hub_name not in seen_users:
+            account.active = False
+            counts["deactivated"] += 1
+
+    seen_groups = set()
+    for group in groups:
+        name = group["name"]
+        if name in ROLE_GROUPS:
+            continue
+        seen_groups.add(name)
+        team = session.scalar(select(Team).where(Team.hub_group == name))
+        if team is None:
+            team = Team(hub_group=name, active=True)
+            session.add(team)
+            session.flush()
+            counts["teams"] += 1
+        team.active = True
+        wanted = {by_name[u].id for u in group.get("users") or () if u in by_name}
+        current = {m.account_id: m for m in team.memberships}
+        for account_id in wanted - current.keys():
+            session.add(TeamMembership(team_id=team.id, account_id=account_id))
+        for account_id in current.keys() - wanted:
+            session.delete(current[account_id])
+    for team in session.scalars(select(Team).where(Team.active)):
+        if team.hub_group not in seen_groups:
+            team.active = False
+            counts["deactivated"] += 1
+    session.flush()
+    return counts
+
+
+def teams_of(session: Session, account: Account) -> list[str]:
+    rows = session.scalars(
+        select(Team.hub_group)
+        .join(TeamMembership, TeamMembership.team_id == Team.id)
+        .where(TeamMembership.account_id == account.id, Team.active)
+        .order_by(Team.hub_group)
+    )
+    return list(rows)

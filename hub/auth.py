@@ -1,0 +1,156 @@
+"""Who is calling the portal: a hub API token or the portal's hub-OAuth cookie.
+
+Tokens are checked against the hub's ``GET /hub/api/user`` and the answer is
+cached for ``GPUPORTAL_AUTH_CACHE_SECONDS``, keyed by a SHA-256 of the token,
+never the token itself. A browser without a cookie is sent through the hub's
+OAuth flow (PKCE) and comes back with an HttpOnly cookie scoped to the
+portal's prefix; an API client without a token gets a 401 JSON error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlencode
+
+from fastapi import Depends, HTTPException, Request
+from starlette.concurrency import run_in_threadpool
+
+from . import accounts
+from .db import transaction
+from .hubapi import HubUnavailable
+
+if TYPE_CHECKING:
+    from .app import Portal
+
+log = logging.getLogger(__name__)
+
+TOKEN_COOKIE = "gpuportal-portal-token"
+STATE_COOKIE = "gpuportal-portal-oauth-state"
+
+
+class AuthRequired(HTTPException):
+    """401, or for a browser a redirect into the hub's OAuth flow (see app.py)."""
+
+    def __init__(self, message: str = "Log in to the hub first, or send 'Authorization: "
+                 "token <hub API token>'.") -> None:
+        super().__init__(status_code=401, detail=message)
+
+
+@dataclass
+class PortalUser:
+    """The caller, as the hub knows them and the portal DB records them."""
+
+    name: str
+    role: str
+    admin: bool
+    account_id: int
+    groups: list[str] = field(default_factory=list)
+    scopes: list[str] = field(default_factory=list)
+
+
+def token_from(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() in ("token", "bearer") and value.strip():
+        return value.strip()
+    return request.cookies.get(TOKEN_COOKIE) or None
+
+
+def cache_key(token: str) -> str:
+    return "auth:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def get_portal(request: Request) -> Portal:
+    portal: Portal = request.app.state.portal
+    return portal
+
+
+PortalDep = Annotated[Any, Depends(get_portal)]
+
+
+async def current_user(request: Request, portal: PortalDep) -> PortalUser:
+    token = token_from(request)
+    if not token:
+        raise AuthRequired()
+    key = cache_key(token)
+    cached = await portal.cache.get(key)
+    if cached:
+        return PortalUser(**json.loads(cached))
+    try:
+        model = await portal.hub.user_for_token(token)
+    except HubUnavailable as exc:
+        log.warning("hub unavailable while checking a token: %s", exc)
+        raise HTTPException(503, "The hub is not answering; try again in a moment.") from None
+    if model is None:
+        raise AuthRequired("Your hub token is invalid or has expired; log in again.")
+    if model.get("kind", "user") != "user":
+        raise HTTPException(403, "Only hub users can use this endpoint.")
+    # The token's own model may lack groups (OAuth tokens carry few scopes), so
+    # the portal reads the full model with its service token.
+    full = model if "groups" in model and "admin" in model else await portal.hub.user(model["name"])
+    if full is None:
+        raise AuthRequired("Your hub user no longer exists.")
+    user = await run_in_threadpool(_record, portal, full, model.get("scopes") or [])
+    await portal.cache.set(key, json.dumps(asdict(user)), ttl=portal.settings.auth_cache_seconds)
+    log.info("authenticated hub user %s (role %s)", user.name, user.role)
+    return user
+
+
+def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:
+    with transaction(portal.sessions) as session:
+        account = accounts.upsert_account(session, model)
+        return PortalUser(
+            name=account.hub_name,
+            role=account.role,
+            admin=bool(model.get("admin")),
+            account_id=account.id,
+            groups=sorted(model.get("groups") or []),
+            scopes=sorted(scopes),
+        )
+
+
+CurrentUser = Annotated[PortalUser, Depends(current_user)]
+
+
+def require_role(*roles: str) -> Any:
+    """Dependency: the caller's role must be one of ``roles``, else 403."""
+
+    async def check(user: CurrentUser) -> PortalUser:
+        if user.role not in roles:
+            raise HTTPException(
+                403, f"This needs the {' or '.join(roles)} role; you are a {user.role}."
+            )
+        return user
+
+    return Depends(check)
+
+
+def oauth_redirect_url(portal: Portal, next_url: str) -> tuple[str, str]:
+    """Start the hub OAuth flow: returns (authorize URL, state id for the cookie)."""
+    oauth = portal.oauth
+    verifier, challenge, method = oauth.generate_pkce_code_challenge()
+    state = oauth.generate_state(next_url=next_url, code_verifier=verifier)
+    query = urlencode(
+        {
+            "client_id": oauth.oauth_client_id,
+            "redirect_uri": oauth.oauth_redirect_uri,
+            "response_type": "code",
+            "state": state,
+            "code_challenge": challenge,
+            "code_challenge_method": method,
+        }
+    )
+    return f"{oauth.oauth_authorization_url}?{query}", state
+
+
+def safe_next(portal: Portal, next_url: str | None) -> str:
+    """Only local paths under the portal's prefix; anything else goes to the prefix."""
+    prefix = portal.settings.service_prefix
+    if not next_url or not next_url.startswith(prefix) or next_url.startswith("//") \
+            or "\\" in next_url:
+        return prefix
+    return next_url

@@ -1,0 +1,87 @@
+"""The portal's client for JupyterHub's REST API.
+
+Two kinds of call: checking a *user's* token (``GET /hub/api/user`` with that
+token) and reading users and groups with the portal service's own token, whose
+scopes ``jupyterhub_config.py`` keeps to reading (``list:users``, ``read:users``,
+``list:groups``, ``read:groups``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+PAGINATION = "application/jupyterhub-pagination+json"
+
+
+class HubUnavailable(Exception):
+    """The hub did not answer; callers answer 503 rather than 401."""
+
+
+class HubAPI:
+    def __init__(self, api_url: str, service_token: str, timeout: float = 10.0) -> None:
+        self.api_url = api_url.rstrip("/")
+        self._token = service_token
+        self._client = httpx.AsyncClient(timeout=timeout)
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def user_for_token(self, token: str) -> dict[str, Any] | None:
+        """The hub's model of the token's owner, or None for a bad or expired token."""
+        try:
+            reply = await self._client.get(
+                f"{self.api_url}/user", headers={"Authorization": f"token {token}"}
+            )
+        except httpx.HTTPError as exc:
+            raise HubUnavailable(str(exc)) from None
+        if reply.status_code in (401, 403, 404):
+            return None
+        if reply.status_code != 200:
+            raise HubUnavailable(f"hub answered {reply.status_code}")
+        model: dict[str, Any] = reply.json()
+        return model
+
+    async def _paginated(self, path: str) -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        offset = 0
+        headers = {"Authorization": f"token {self._token}", "Accept": PAGINATION}
+        for _ in range(10_000):  # bounded: 200 per page covers two million entries
+            try:
+                reply = await self._client.get(
+                    f"{self.api_url}/{path}",
+                    params={"offset": offset, "limit": 200},
+                    headers=headers,
+                )
+                reply.raise_for_status()
+            except httpx.HTTPError as exc:
+                raise HubUnavailable(f"GET {path}: {exc}") from None
+            page = reply.json()
+            items.extend(page["items"])
+            nxt = page.get("_pagination", {}).get("next")
+            if not nxt:
+                break
+            offset = nxt["offset"]
+        return items
+
+    async def users(self) -> list[dict[str, Any]]:
+        return await self._paginated("users")
+
+    async def groups(self) -> list[dict[str, Any]]:
+        return await self._paginated("groups")
+
+    async def user(self, name: str) -> dict[str, Any] | None:
+        try:
+            reply = await self._client.get(
+                f"{self.api_url}/users/{name}",
+                headers={"Authorization": f"token {self._token}"},
+            )
+        except httpx.HTTPError as exc:
+            raise HubUnavailable(str(exc)) from None
+        if reply.status_code == 404:
+            return None
+        if reply.status_code != 200:
+            raise HubUnavailable(f"hub answered {reply.status_code}")
+        model: dict[str, Any] = reply.json()
+        return model

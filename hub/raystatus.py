@@ -1,0 +1,57 @@
+"""Status of a Ray cluster, read over its dashboard HTTP API (the Jobs API server).
+
+The portal is never a node or a driver of a provider's cluster; it only asks
+the cluster's HTTP endpoint what it has. Demo GPUs carry the custom resource
+``gpuportal/demo`` and are reported as such.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+DEMO_RESOURCE = "gpuportal/demo"
+ACCELERATOR_PREFIX = "accelerator_type:"
+
+
+def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """Reduce the state API's node list to what health and offers need."""
+    alive = [n for n in nodes if n.get("state") == "ALIVE"]
+    gpus_total = 0
+    demo_total = 0
+    models: dict[str, int] = {}
+    for node in alive:
+        resources = node.get("resources_total") or {}
+        gpus_total += int(resources.get("GPU", 0))
+        demo_total += int(resources.get(DEMO_RESOURCE, 0))
+        for name, amount in resources.items():
+            if name.startswith(ACCELERATOR_PREFIX):
+                model = name[len(ACCELERATOR_PREFIX):]
+                models[model] = models.get(model, 0) + int(amount)
+    return {
+        "nodes_alive": len(alive),
+        "nodes_dead": len(nodes) - len(alive),
+        "gpus": gpus_total,
+        "gpu_models": models,
+        "demo_gpus": demo_total,
+        "demo": gpus_total > 0 and demo_total >= gpus_total,
+    }
+
+
+async def cluster_status(jobs_url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """``{"status": "ok", ...summary}`` or ``{"status": "unreachable", "detail": ...}``."""
+    try:
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            version = (await client.get(f"{jobs_url}/api/version")).json()
+            reply = await client.get(f"{jobs_url}/api/v0/nodes", params={"detail": "1"})
+            reply.raise_for_status()
+            nodes = reply.json()["data"]["result"]["result"]
+    except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+        return {"status": "unreachable", "address": jobs_url, "detail": type(exc).__name__}
+    return {
+        "status": "ok",
+        "address": jobs_url,
+        "ray_version": version.get("ray_version"),
+        **summarize_nodes(nodes),
+    }

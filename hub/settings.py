@@ -1,0 +1,196 @@
+"""Settings for every gpuportal process, read from ``GPUPORTAL_*`` environment variables.
+
+One pydantic-settings model serves the CLI (``gpuportal up``), the embedded
+``jupyterhub_config.py`` and the portal service, so a value means the same thing
+everywhere and is validated once. The README's configuration table lists every
+field here; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
+
+#: Database drivers the portal supports, by the dialect+driver SQLAlchemy reports.
+SUPPORTED_DB_DRIVERS = {"sqlite+pysqlite", "postgresql+psycopg"}
+
+
+def _default_cpus() -> int:
+    # Ray on a laptop or a 2-core CI box stays small: the hub, proxy and portal
+    # need CPU too.
+    return max(1, min(4, os.cpu_count() or 1))
+
+
+class Settings(BaseSettings):
+    """All knobs of the embedded deployment and the portal service.
+
+    Each field is read from ``GPUPORTAL_<FIELD>`` (upper case); for example
+    ``GPUPORTAL_PORT=9000 gpuportal up`` serves the portal on port 9000.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="GPUPORTAL_", extra="ignore", populate_by_name=True
+    )
+
+    data_dir: Path = Field(
+        Path(".gpuportal"),
+        description="Holds the SQLite files, cookie secret, passwords, logs and pid files.",
+    )
+    port: int = Field(8000, description="Public port of the portal (the proxy), on 127.0.0.1.")
+    hub_port: int = Field(8081, description="Internal port of the JupyterHub process.")
+    proxy_api_port: int = Field(8001, description="Port of the proxy's REST API.")
+    portal_port: int = Field(8002, description="Port of the portal service (FastAPI).")
+    db_url: str = Field(
+        "",
+        description="Portal DB URL. Empty: SQLite in the data dir. "
+        "PostgreSQL: postgresql+psycopg://user@host:5432/dbname",
+    )
+    redis_url: str = Field(
+        "", description="Redis URL for the cache, e.g. redis://127.0.0.1:6379/0. Empty: in-process."
+    )
+    admin_user: str = Field("admin", description="Hub admin created on first start.")
+    admin_password: SecretStr | None = Field(
+        None,
+        description="Password for the admin. Unset: generated once, saved 0600 in the data dir.",
+    )
+    min_password_length: int = Field(8, description="Shortest password sign-up accepts.")
+    authenticator: str = Field(
+        "firstuse",
+        description="'firstuse' (sign-up by first login) or an Authenticator class, e.g. "
+        "oauthenticator.github.GitHubOAuthenticator",
+    )
+    demo_gpus: str = Field(
+        "",
+        description="Logical GPUs to declare when NVML finds none, e.g. 2xA100-80GB. "
+        "Empty on a machine without GPUs: 2xDEMO-GPU.",
+    )
+    ray_port: int = Field(6380, description="GCS port of the local Ray head.")
+    ray_dashboard_port: int = Field(8265, description="Ray dashboard / Jobs API port.")
+    ray_dashboard_url: str = Field(
+        "",
+        description="Jobs API URL of an already running Ray cluster to use instead of "
+        "starting a local head.",
+    )
+    ray_num_cpus: int = Field(default_factory=_default_cpus, description="CPUs Ray may use.")
+    ray_object_store_mb: int = Field(200, description="Ray object store size, in MiB.")
+    auth_cache_seconds: float = Field(
+        30.0, description="How long a verified hub token is cached, in seconds."
+    )
+    hub_sync_seconds: float = Field(
+        60.0, description="How often the portal syncs accounts and teams from the hub, seconds."
+    )
+    log_level: str = Field("INFO", description="Log level of the portal service.")
+
+    # Set by JupyterHub for a hub-managed service; defaults fit the embedded stack.
+    hub_api_url: str = Field(
+        "http://127.0.0.1:8081/hub/api", validation_alias="JUPYTERHUB_API_URL"
+    )
+    service_prefix: str = Field("/services/portal/", validation_alias="JUPYTERHUB_SERVICE_PREFIX")
+    service_url: str = Field("http://127.0.0.1:8002", validation_alias="JUPYTERHUB_SERVICE_URL")
+    api_token: SecretStr = Field(SecretStr(""), validation_alias="JUPYTERHUB_API_TOKEN")
+
+    @field_validator("port", "hub_port", "proxy_api_port", "portal_port", "ray_port",
+                     "ray_dashboard_port")
+    @classmethod
+    def _valid_port(cls, value: int) -> int:
+        if not 1 <= value <= 65535:
+            raise ValueError("must be a TCP port between 1 and 65535")
+        return value
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @field_validator("ray_num_cpus", "ray_object_store_mb", "min_password_length")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be a positive integer")
+        return value
+
+    @field_validator("service_prefix")
+    @classmethod
+    def _slashes(cls, value: str) -> str:
+        return "/" + value.strip("/") + "/"
+
+    @cached_property
+    def database_url(self) -> URL:
+        """The portal DB URL, validated; SQLite in the data dir when unset."""
+        return parse_db_url(self.db_url, self.data_dir)
+
+    @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "portal.sqlite"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.data_dir / "run"
+
+    @property
+    def ray_jobs_url(self) -> str:
+        """Where the Jobs API of the house Ray cluster answers."""
+        return self.ray_dashboard_url or f"http://127.0.0.1:{self.ray_dashboard_port}"
+
+
+def parse_db_url(raw: str, data_dir: Path) -> URL:
+    """Validate ``GPUPORTAL_DB_URL`` and name the variable in any error.
+
+    ``postgresql://`` is taken to mean psycopg 3; other drivers are refused
+    because the portal is tested only on these two.
+    """
+    if not raw:
+        return URL.create("sqlite+pysqlite", database=str(data_dir / "portal.sqlite"))
+    try:
+        url = make_url(raw)
+    except ArgumentError:
+        raise ConfigError(
+            f"GPUPORTAL_DB_URL is not a database URL: {_redact(raw)!r}. "
+            "Use e.g. postgresql+psycopg://user@127.0.0.1:5432/portal"
+        ) from None
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+    elif url.drivername == "sqlite":
+        url = url.set(drivername="sqlite+pysqlite")
+    if url.drivername not in SUPPORTED_DB_DRIVERS:
+        raise ConfigError(
+            f"GPUPORTAL_DB_URL uses the driver {url.drivername!r}; gpuportal supports "
+            "SQLite (sqlite:///path) and PostgreSQL (postgresql+psycopg://...)."
+        )
+    if url.drivername.startswith("postgresql") and not url.database:
+        raise ConfigError("GPUPORTAL_DB_URL names no database: add /dbname to the URL.")
+    return url
+
+
+def _redact(raw: str) -> str:
+    # Never echo a password back into a terminal or a log.
+    if "@" in raw and "://" in raw:
+        scheme, rest = raw.split("://", 1)
+        return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    return raw
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning a validation error into one clear :class:`ConfigError`."""
+    try:
+        settings = Settings(**overrides)  # type: ignore[arg-type]
+        settings.database_url  # noqa: B018  (validate the DB URL eagerly)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        raise ConfigError(
+            f"GPUPORTAL_{field.upper()}: {err['msg']} (got {err.get('input')!r})."
+        ) from None
+    return settings

@@ -1,0 +1,165 @@
+# gpuportal: the embedded default deployment, on one machine.
+#
+#   gpuportal up                      # what `make run` does: Ray + this hub + the portal
+#   jupyterhub -f jupyterhub_config.py   # the hub alone (Ray already running)
+#
+# Every value below comes from a GPUPORTAL_* environment variable, read and
+# validated by gpuportal.hub.settings (the README's configuration table lists
+# them all). The default is given next to each. Nothing here listens on
+# anything but 127.0.0.1.
+# ruff: noqa: F821  (`c` is injected by JupyterHub's config loader)
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from gpuportal.hub.admin import ensure_admin, extra_admins, passwords_dbm
+from gpuportal.hub.errors import ConfigError
+from gpuportal.hub.settings import load_settings
+
+try:
+    gp = load_settings()
+except ConfigError as exc:  # one clear line, no traceback wall
+    print(f"gpuportal: {exc}", file=sys.stderr)
+    sys.exit(2)
+
+data = gp.data_dir  # GPUPORTAL_DATA_DIR, default ./.gpuportal
+(gp.run_dir).mkdir(parents=True, exist_ok=True)
+(gp.logs_dir).mkdir(parents=True, exist_ok=True)
+
+# --- Network ---------------------------------------------------------------
+# The public portal (the proxy): GPUPORTAL_PORT, default 8000.
+c.JupyterHub.ip = "127.0.0.1"
+c.JupyterHub.port = gp.port
+# The hub process itself: GPUPORTAL_HUB_PORT, default 8081.
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = gp.hub_port
+# The proxy's REST API: GPUPORTAL_PROXY_API_PORT, default 8001.
+c.ConfigurableHTTPProxy.api_url = f"http://127.0.0.1:{gp.proxy_api_port}"
+c.ConfigurableHTTPProxy.pid_file = str(gp.run_dir / "jupyterhub-proxy.pid")
+
+
+# configurable-http-proxy: Node's when one is on PATH (outside this Python
+# environment), else the PyPI port installed with gpuportal.
+def _proxy_command() -> list[str]:
+    venv_bin = Path(sys.executable).parent
+    path = os.pathsep.join(
+        p for p in os.environ.get("PATH", "").split(os.pathsep) if Path(p) != venv_bin
+    )
+    node_chp = shutil.which("configurable-http-proxy", path=path)
+    if node_chp and shutil.which("node"):
+        return [node_chp]
+    return [str(venv_bin / "configurable-http-proxy")]
+
+
+c.ConfigurableHTTPProxy.command = _proxy_command()
+
+# --- State, all inside the data dir ----------------------------------------
+c.JupyterHub.db_url = f"sqlite:///{data / 'jupyterhub.sqlite'}"
+c.JupyterHub.cookie_secret_file = str(data / "jupyterhub_cookie_secret")
+c.JupyterHub.pid_file = str(gp.run_dir / "jupyterhub.pid")
+
+# --- Authentication ----------------------------------------------------------
+# GPUPORTAL_AUTHENTICATOR, default "firstuse": sign-up by first login, as The
+# Littlest JupyterHub does. Any Authenticator class also works, e.g.
+#   GPUPORTAL_AUTHENTICATOR=oauthenticator.github.GitHubOAuthenticator
+#   GPUPORTAL_AUTHENTICATOR=oauthenticator.generic.GenericOAuthenticator
+# with its own settings in GPUPORTAL_HUB_EXTRA_CONFIG (see docs/authentication.md).
+if gp.authenticator == "firstuse":
+    c.JupyterHub.authenticator_class = "firstuseauthenticator.FirstUseAuthenticator"
+    c.FirstUseAuthenticator.dbm_path = str(passwords_dbm(data))
+    c.FirstUseAuthenticator.create_users = True
+    # GPUPORTAL_MIN_PASSWORD_LENGTH, default 8.
+    c.FirstUseAuthenticator.min_password_length = gp.min_password_length
+    c.Authenticator.allow_all = True
+    # The admin (GPUPORTAL_ADMIN_USER, default "admin") can log in from the
+    # first start, with GPUPORTAL_ADMIN_PASSWORD or a generated password.
+    _generated = ensure_admin(
+        data,
+        gp.admin_user,
+        gp.admin_password.get_secret_value() if gp.admin_password else None,
+        gp.min_password_length,
+    )
+    if _generated:
+        print(
+            f"gpuportal: created hub admin {gp.admin_user!r} with password {_generated}"
+            f" (saved 0600 in {data / 'admin-password'}; shown only once)",
+            file=sys.stderr,
+        )
+else:
+    c.JupyterHub.authenticator_class = gp.authenticator
+# Admins: GPUPORTAL_ADMIN_USER plus any added with `gpuportal admin create`.
+_admins = {gp.admin_user} | extra_admins(data)
+c.Authenticator.admin_users = _admins
+
+# --- Groups and roles (least privilege) --------------------------------------
+# Role groups: membership sets a portal account's role (admin > provider > customer).
+c.JupyterHub.load_groups = {
+    "customers": {"users": []},
+    "providers": {"users": []},
+    "admins": {"users": sorted(_admins)},
+}
+_portal_access = "access:services!service=portal"
+c.JupyterHub.load_roles = [
+    # Every user may reach the portal API as themselves.
+    {"name": "user", "scopes": ["self", _portal_access]},
+    {"name": "customers", "groups": ["customers"], "scopes": ["self", _portal_access]},
+    {"name": "providers", "groups": ["providers"], "scopes": ["self", _portal_access]},
+    {
+        "name": "admins",
+        "groups": ["admins"],
+        "scopes": ["admin-ui", "admin:users", "admin:servers", "admin:groups", "list:services",
+                   "read:services", "access:services", "tokens"],
+    },
+    # The portal service reads users and groups to keep accounts and teams in
+    # step; it can change nothing in the hub.
+    {
+        "name": "portal-service",
+        "services": ["portal"],
+        "scopes": ["list:users", "read:users", "list:groups", "read:groups"],
+    },
+]
+
+# --- The portal service (FastAPI) --------------------------------------------
+# Only the control plane sees these settings; nothing here reaches a user server.
+_portal_env = {
+    "GPUPORTAL_DATA_DIR": str(data),
+    "GPUPORTAL_DB_URL": gp.database_url.render_as_string(hide_password=False),
+    "GPUPORTAL_REDIS_URL": gp.redis_url,
+    "GPUPORTAL_RAY_DASHBOARD_URL": gp.ray_jobs_url,
+    "GPUPORTAL_AUTH_CACHE_SECONDS": str(gp.auth_cache_seconds),
+    "GPUPORTAL_HUB_SYNC_SECONDS": str(gp.hub_sync_seconds),
+    "GPUPORTAL_LOG_LEVEL": gp.log_level,
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+c.JupyterHub.services = [
+    {
+        "name": "portal",
+        "display": True,
+        "url": f"http://127.0.0.1:{gp.portal_port}",  # GPUPORTAL_PORTAL_PORT, default 8002
+        "command": [sys.executable, "-m", "gpuportal.hub.service"],
+        "environment": _portal_env,
+        "oauth_no_confirm": True,
+    },
+]
+
+# --- User servers --------------------------------------------------------------
+# Until RaySpawner lands, servers run on this machine through JupyterHub's own
+# local-process spawner (its simple variant: no system account per user), each
+# in its own folder of the data dir.
+c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
+c.SimpleLocalProcessSpawner.home_dir_template = str(data / "users" / "{username}")
+c.Spawner.default_url = "/lab"
+c.Spawner.ip = "127.0.0.1"
+if os.getuid() == 0:
+    # jupyter-server refuses root unless told; only then.
+    c.Spawner.args = ["--allow-root"]
+c.JupyterHub.cleanup_servers = True
+
+# --- More configuration --------------------------------------------------------
+# GPUPORTAL_HUB_EXTRA_CONFIG: a Python config file loaded last (authenticator
+# secrets, site specifics) so this file stays as it ships.
+_extra = os.environ.get("GPUPORTAL_HUB_EXTRA_CONFIG")
+if _extra:
+    load_subconfig(_extra)
