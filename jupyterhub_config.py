@@ -156,6 +156,9 @@ if os.getuid() == 0:
     # jupyter-server refuses root unless told; only then.
     c.Spawner.args = ["--allow-root"]
 c.JupyterHub.cleanup_servers = True
+# GPU time costs money: logging in lands on the hub home page, and a server
+# starts only when the user asks for one.
+c.JupyterHub.redirect_to_server = False
 
 # --- More configuration --------------------------------------------------------
 # GPUPORTAL_HUB_EXTRA_CONFIG: a Python config file loaded last (authenticator

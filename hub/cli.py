@@ -105,7 +105,7 @@ def db_group() -> None:
 
 
 @db_group.command("upgrade")
-@click.option("--revision", default="head", show_default=True,
+@click.option("--revision", default="heads", show_default=True,
               help="Alembic revision to upgrade to.")
 @data_dir_option
 @friendly

@@ -65,8 +65,12 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; a clear error when the DB is unreachable."""
+def upgrade(engine: Engine, revision: str = "heads") -> None:
+    """Bring the schema to ``revision``; a clear error when the DB is unreachable.
+
+    ``heads``: each feature's migrations form their own branch off the first
+    revision, so the default brings every branch up to date.
+    """
     try:
         command.upgrade(alembic_config(engine), revision)
     except OperationalError as exc:
@@ -76,13 +80,18 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         ) from None
 
 
+def downgrade(engine: Engine, revision: str) -> None:
+    command.downgrade(alembic_config(engine), revision)
+
+
 def current_revision(engine: Engine) -> str | None:
+    """The applied revision(s), comma-separated when several branches are applied."""
     with engine.connect() as conn:
         try:
-            row = conn.execute(text("SELECT version_num FROM alembic_version")).first()
+            rows = conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
         except Exception:
             return None
-    return row[0] if row else None
+    return ",".join(sorted(rows)) or None
 
 
 def check(engine: Engine) -> None:
