@@ -7,7 +7,7 @@
 # validated by gpuportal.hub.settings (the README's configuration table lists
 # them all). The default is given next to each. Nothing here listens on
 # anything but 127.0.0.1.
-# ruff: noqa: F821  (`c` is injected by JupyterHub's config loader)
+# (`c` and `load_subconfig` are injected by JupyterHub's config loader.)
 
 import os
 import shutil
@@ -109,8 +109,16 @@ c.JupyterHub.load_roles = [
     {
         "name": "admins",
         "groups": ["admins"],
-        "scopes": ["admin-ui", "admin:users", "admin:servers", "admin:groups", "list:services",
-                   "read:services", "access:services", "tokens"],
+        "scopes": [
+            "admin-ui",
+            "admin:users",
+            "admin:servers",
+            "admin:groups",
+            "list:services",
+            "read:services",
+            "access:services",
+            "tokens",
+        ],
     },
     # The portal service reads users and groups to keep accounts and teams in
     # step; it can change nothing in the hub.

@@ -45,8 +45,9 @@ def upsert_account(session: Session, user: dict[str, Any]) -> Account:
     return account
 
 
-def sync(session: Session, users: Iterable[dict[str, Any]], groups: Iterable[dict[str, Any]]
-         ) -> dict[str, int]:
+def sync(
+    session: Session, users: Iterable[dict[str, Any]], groups: Iterable[dict[str, Any]]
+) -> dict[str, int]:
     """Make accounts, teams and memberships mirror the hub. Returns counts of changes."""
     users = list(users)
     counts = {"accounts": 0, "teams": 0, "deactivated": 0}

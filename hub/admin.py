@@ -17,7 +17,7 @@ import bcrypt
 
 from .errors import ConfigError
 
-PASSWORD_FILE = "admin-password"
+PASSWORD_FILE = "admin-password"  # noqa: S105 (a file name)
 
 
 def passwords_dbm(data_dir: Path) -> Path:
@@ -52,8 +52,9 @@ def has_password(data_dir: Path, username: str) -> bool:
         return False
 
 
-def ensure_admin(data_dir: Path, username: str, password: str | None,
-                 min_length: int = 8) -> str | None:
+def ensure_admin(
+    data_dir: Path, username: str, password: str | None, min_length: int = 8
+) -> str | None:
     """Make sure the admin can log in. Returns a newly generated password, else None.
 
     A password given in the environment always wins (so an operator can reset

@@ -33,8 +33,14 @@ from .settings import Settings
 log = logging.getLogger(__name__)
 
 ERROR_CODES = {
-    400: "bad_request", 401: "unauthenticated", 403: "forbidden", 404: "not_found",
-    405: "method_not_allowed", 409: "conflict", 422: "invalid", 429: "too_many_requests",
+    400: "bad_request",
+    401: "unauthenticated",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    422: "invalid",
+    429: "too_many_requests",
     503: "unavailable",
 }
 
@@ -42,8 +48,9 @@ ERROR_CODES = {
 class Portal:
     """Everything a request handler may need, built once per process."""
 
-    def __init__(self, settings: Settings, cache: Cache | None = None,
-                 hub: HubAPI | None = None) -> None:
+    def __init__(
+        self, settings: Settings, cache: Cache | None = None, hub: HubAPI | None = None
+    ) -> None:
         self.settings = settings
         self.engine = db.make_engine(settings.database_url)
         self.sessions = db.session_factory(self.engine)
@@ -99,8 +106,9 @@ def error_body(status: int, message: str, code: str | None = None) -> dict[str, 
     }
 
 
-def create_app(settings: Settings, portal: Portal | None = None, *,
-               background: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings, portal: Portal | None = None, *, background: bool = True
+) -> FastAPI:
     """Build the app. ``background=False`` skips the hub sync loop (unit tests)."""
     from .routes import router
 
@@ -112,8 +120,13 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
         await run_in_threadpool(db.upgrade, the_portal.engine)
         app.state.portal = the_portal
         task = asyncio.create_task(the_portal.sync_loop()) if background else None
-        log.info("portal service %s ready at %s (db %s, cache %s)", __version__, prefix,
-                 the_portal.engine.url.get_backend_name(), the_portal.cache.backend)
+        log.info(
+            "portal service %s ready at %s (db %s, cache %s)",
+            __version__,
+            prefix,
+            the_portal.engine.url.get_backend_name(),
+            the_portal.cache.backend,
+        )
         try:
             yield
         finally:
@@ -141,16 +154,20 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
             portal_: Portal = request.app.state.portal
             url, state = oauth_redirect_url(portal_, str(request.url.path))
             response = RedirectResponse(url, status_code=302)
-            response.set_cookie(STATE_COOKIE, state, max_age=600, httponly=True,
-                                samesite="lax", path=prefix)
+            response.set_cookie(
+                STATE_COOKIE, state, max_age=600, httponly=True, samesite="lax", path=prefix
+            )
             return response
         message = exc.detail if isinstance(exc.detail, str) else "Request failed."
         if exc.status_code == 404 and message == "Not Found":
             message = f"No such endpoint: {request.method} {request.url.path}"
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(
+            error_body(exc.status_code, message),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:

@@ -28,15 +28,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TOKEN_COOKIE = "gpuportal-portal-token"
+TOKEN_COOKIE = "gpuportal-portal-token"  # noqa: S105 (a cookie name)
 STATE_COOKIE = "gpuportal-portal-oauth-state"
 
 
 class AuthRequired(HTTPException):
     """401, or for a browser a redirect into the hub's OAuth flow (see app.py)."""
 
-    def __init__(self, message: str = "Log in to the hub first, or send 'Authorization: "
-                 "token <hub API token>'.") -> None:
+    def __init__(
+        self,
+        message: str = "Log in to the hub first, or send 'Authorization: token <hub API token>'.",
+    ) -> None:
         super().__init__(status_code=401, detail=message)
 
 
@@ -150,7 +152,11 @@ def oauth_redirect_url(portal: Portal, next_url: str) -> tuple[str, str]:
 def safe_next(portal: Portal, next_url: str | None) -> str:
     """Only local paths under the portal's prefix; anything else goes to the prefix."""
     prefix = portal.settings.service_prefix
-    if not next_url or not next_url.startswith(prefix) or next_url.startswith("//") \
-            or "\\" in next_url:
+    if (
+        not next_url
+        or not next_url.startswith(prefix)
+        or next_url.startswith("//")
+        or "\\" in next_url
+    ):
         return prefix
     return next_url

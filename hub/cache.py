@@ -104,7 +104,8 @@ def make_cache(redis_url: str) -> Cache:
         return MemoryCache()
     if not redis_url.startswith(("redis://", "rediss://", "unix://")):
         raise ConfigError(
-            f"GPUPORTAL_REDIS_URL must start with redis://, rediss:// or unix:// (got {redis_url!r})."
+            "GPUPORTAL_REDIS_URL must start with redis://, rediss:// or unix:// "
+            f"(got {redis_url!r})."
         )
     return RedisCache(redis_url)
 

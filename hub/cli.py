@@ -65,19 +65,31 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--config", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("jupyterhub_config.py"), show_default=True,
-              help="JupyterHub config file of the deployment.")
-@click.option("--port", type=int, default=None,
-              help="Public port on 127.0.0.1 [env GPUPORTAL_PORT; default 8000].")
-@click.option("--demo-gpus", default=None, metavar="SPEC",
-              help="Logical GPUs when NVML finds none, e.g. 2xA100-80GB "
-                   "[env GPUPORTAL_DEMO_GPUS].")
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("jupyterhub_config.py"),
+    show_default=True,
+    help="JupyterHub config file of the deployment.",
+)
+@click.option(
+    "--port",
+    type=int,
+    default=None,
+    help="Public port on 127.0.0.1 [env GPUPORTAL_PORT; default 8000].",
+)
+@click.option(
+    "--demo-gpus",
+    default=None,
+    metavar="SPEC",
+    help="Logical GPUs when NVML finds none, e.g. 2xA100-80GB [env GPUPORTAL_DEMO_GPUS].",
+)
 @click.option("--quiet", is_flag=True, help="Write JupyterHub's log only to the log file.")
 @data_dir_option
 @friendly
-def up(config: Path, port: int | None, demo_gpus: str | None, quiet: bool,
-       data_dir: Path | None) -> None:
+def up(
+    config: Path, port: int | None, demo_gpus: str | None, quiet: bool, data_dir: Path | None
+) -> None:
     """Start the whole embedded stack in the foreground.
 
     Starts (or reuses) a local Ray head on 127.0.0.1, then JupyterHub, which
@@ -105,8 +117,9 @@ def db_group() -> None:
 
 
 @db_group.command("upgrade")
-@click.option("--revision", default="heads", show_default=True,
-              help="Alembic revision to upgrade to.")
+@click.option(
+    "--revision", default="heads", show_default=True, help="Alembic revision to upgrade to."
+)
 @data_dir_option
 @friendly
 def db_upgrade(revision: str, data_dir: Path | None) -> None:
@@ -131,9 +144,14 @@ def admin_group() -> None:
 
 @admin_group.command("create")
 @click.argument("username")
-@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
-              envvar="GPUPORTAL_NEW_ADMIN_PASSWORD",
-              help="Password (asked for when not given) [env GPUPORTAL_NEW_ADMIN_PASSWORD].")
+@click.option(
+    "--password",
+    prompt=True,
+    hide_input=True,
+    confirmation_prompt=True,
+    envvar="GPUPORTAL_NEW_ADMIN_PASSWORD",
+    help="Password (asked for when not given) [env GPUPORTAL_NEW_ADMIN_PASSWORD].",
+)
 @data_dir_option
 @friendly
 def admin_create(username: str, password: str, data_dir: Path | None) -> None:

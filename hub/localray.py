@@ -19,19 +19,19 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-
 from gpuportal.provider import nvml
 
 from .errors import ConfigError
+from .raystatus import DEMO_RESOURCE
 from .settings import Settings
 
 DEFAULT_DEMO_GPUS = "2xA100-80GB"
-DEMO_RESOURCE = "gpuportal/demo"
-_DEMO_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*([A-Za-z0-9][A-Za-z0-9._-]{0,63})\s*$")
+_DEMO_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7]\s*([A-Za-z0-9][A-Za-z0-9._-]{0,63})\s*$")
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,9 @@ def plan_gpus(settings: Settings) -> GpuPlan:
 
 def ray_resources(plan: GpuPlan) -> dict[str, float]:
     """Custom resources that tell placement what the GPUs are."""
-    resources: dict[str, float] = {f"accelerator_type:{m}": float(n) for m, n in plan.models.items()}
+    resources: dict[str, float] = {
+        f"accelerator_type:{m}": float(n) for m, n in plan.models.items()
+    }
     if plan.demo:
         resources[DEMO_RESOURCE] = float(plan.count)
     return resources
@@ -156,13 +158,19 @@ class LocalRayHead:
                 "(make run does) or put Ray on PATH."
             )
         s = self.settings
-        for name, port in (("GPUPORTAL_RAY_PORT", s.ray_port),
-                           ("GPUPORTAL_RAY_DASHBOARD_PORT", s.ray_dashboard_port)):
+        for name, port in (
+            ("GPUPORTAL_RAY_PORT", s.ray_port),
+            ("GPUPORTAL_RAY_DASHBOARD_PORT", s.ray_dashboard_port),
+        ):
             if port_in_use(port):
                 raise ConfigError(f"port {port} ({name}) is already in use; choose another.")
         temp_dir = Path("/tmp") / f"gpuportal-ray-{os.getuid()}-{s.ray_port}"  # noqa: S108
         cmd = [
-            ray, "start", "--head", "--block", "--disable-usage-stats",
+            ray,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
             "--node-ip-address=127.0.0.1",
             f"--port={s.ray_port}",
             "--include-dashboard=true",
@@ -186,8 +194,12 @@ class LocalRayHead:
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                env=ray_env(), start_new_session=True,
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=ray_env(),
+                start_new_session=True,
             )
         state: dict[str, object] = {
             "pid": proc.pid,
@@ -214,7 +226,9 @@ class LocalRayHead:
             self.state_file.write_text(json.dumps(state))
             return state
         stop_process_group(proc.pid)
-        raise ConfigError(f"the local Ray head did not answer within {timeout:.0f}s; see {self.log_file}")
+        raise ConfigError(
+            f"the local Ray head did not answer within {timeout:.0f}s; see {self.log_file}"
+        )
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the recorded head and everything it started. False if none was running."""
@@ -222,9 +236,21 @@ class LocalRayHead:
             state = json.loads(self.state_file.read_text())
         except (OSError, ValueError):
             return False
-        stopped = stop_process_group(int(state.get("pid", 0)), timeout)
+        pid = int(state.get("pid", 0))
+        # Only a process that is still our `ray start --head` (not a reused PID).
+        stopped = _is_ray_head(pid) and stop_process_group(pid, timeout)
         self.state_file.unlink(missing_ok=True)
         return stopped
+
+
+def _is_ray_head(pid: int) -> bool:
+    import psutil
+
+    try:
+        cmdline = psutil.Process(pid).cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
+        return False
+    return "start" in cmdline and "--head" in cmdline
 
 
 def _pid_alive(pid: int) -> bool:
@@ -261,23 +287,17 @@ def stop_process_group(pid: int, timeout: float = 30.0) -> bool:
     except psutil.NoSuchProcess:
         return False
     family = [leader, *leader.children(recursive=True)]
-    try:
+    with suppress(psutil.NoSuchProcess):
         leader.send_signal(signal.SIGTERM)
-    except psutil.NoSuchProcess:
-        pass
     _gone, alive = psutil.wait_procs([leader], timeout=timeout)
     # Descendants the leader did not take down with it (or all, if it hung).
     survivors = [p for p in family if _running(p)]
     for proc in survivors:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.terminate()
-        except psutil.NoSuchProcess:
-            pass
     _gone, alive = psutil.wait_procs(survivors, timeout=5)
     for proc in alive:
-        try:
+        with suppress(psutil.NoSuchProcess):
             proc.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(alive, timeout=5)
     return True

@@ -27,7 +27,7 @@ def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, Any]:
         demo_total += int(resources.get(DEMO_RESOURCE, 0))
         for name, amount in resources.items():
             if name.startswith(ACCELERATOR_PREFIX):
-                model = name[len(ACCELERATOR_PREFIX):]
+                model = name[len(ACCELERATOR_PREFIX) :]
                 models[model] = models.get(model, 0) + int(amount)
     return {
         "nodes_alive": len(alive),

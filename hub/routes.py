@@ -69,16 +69,20 @@ async def health(portal: PortalDep) -> Any:
     def db_status() -> dict[str, Any]:
         backend = portal.engine.url.get_backend_name()
         try:
-            return {"backend": backend, "status": "ok",
-                    "revision": db.current_revision(portal.engine)}
+            return {
+                "backend": backend,
+                "status": "ok",
+                "revision": db.current_revision(portal.engine),
+            }
         except Exception as exc:
             return {"backend": backend, "status": "error", "detail": type(exc).__name__}
 
     db_info = await run_in_threadpool(db_status)
     cache_ok = await portal.cache.ping()
     ray = await cluster_status(portal.settings.ray_jobs_url)
-    overall = "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" \
-        else "degraded"
+    overall = (
+        "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" else "degraded"
+    )
     body = {
         "status": overall,
         "version": __version__,
@@ -100,9 +104,14 @@ async def me(user: CurrentUser, portal: PortalDep) -> Any:
             account = session.get(Account, user.account_id)
             if account is None:  # pragma: no cover - _record created it
                 raise HTTPException(404, "No portal account for you yet; try again.")
-            return {"name": account.hub_name, "role": account.role, "admin": user.admin,
-                    "teams": accounts.teams_of(session, account), "active": account.active,
-                    "created_at": account.created_at}
+            return {
+                "name": account.hub_name,
+                "role": account.role,
+                "admin": user.admin,
+                "teams": accounts.teams_of(session, account),
+                "active": account.active,
+                "created_at": account.created_at,
+            }
 
     return await run_in_threadpool(load)
 
@@ -121,8 +130,13 @@ async def list_accounts(
             if role:
                 query = query.where(Account.role == role)
             return [
-                {"name": a.hub_name, "role": a.role, "active": a.active,
-                 "teams": accounts.teams_of(session, a), "created_at": a.created_at}
+                {
+                    "name": a.hub_name,
+                    "role": a.role,
+                    "active": a.active,
+                    "teams": accounts.teams_of(session, a),
+                    "created_at": a.created_at,
+                }
                 for a in session.scalars(query)
             ]
 
@@ -130,32 +144,43 @@ async def list_accounts(
 
 
 @router.post("/api/v1/sync", tags=["accounts"])
-async def sync_now(portal: PortalDep,
-                   _admin: Annotated[PortalUser, require_role("admin")]) -> dict[str, int]:
+async def sync_now(
+    portal: PortalDep, _admin: Annotated[PortalUser, require_role("admin")]
+) -> dict[str, int]:
     """Sync accounts and teams from the hub now (admins only)."""
     return dict(await portal.sync_from_hub())
 
 
 @router.get("/oauth_callback", include_in_schema=False)
-async def oauth_callback(request: Request, portal: PortalDep,
-                         code: str = "", state: str = "") -> Response:
+async def oauth_callback(
+    request: Request, portal: PortalDep, code: str = "", state: str = ""
+) -> Response:
     """End of the hub OAuth flow: trade the code for a token, set the cookie."""
     if not code or not state or request.cookies.get(STATE_COOKIE) != state:
-        raise HTTPException(400, "This login link is stale or was not started here; "
-                                 "open the portal page again.")
+        raise HTTPException(
+            400, "This login link is stale or was not started here; open the portal page again."
+        )
     oauth = portal.oauth
     try:
-        token = await oauth.token_for_code(code, code_verifier=oauth.get_code_verifier(state),
-                                           sync=False)
+        token = await oauth.token_for_code(
+            code, code_verifier=oauth.get_code_verifier(state), sync=False
+        )
     except Exception as exc:
         log.warning("OAuth code exchange failed: %s", type(exc).__name__)
-        raise HTTPException(400, "The hub refused this login; open the portal page again.") \
-            from None
+        raise HTTPException(
+            400, "The hub refused this login; open the portal page again."
+        ) from None
     next_url = safe_next(portal, oauth.get_next_url(state))
     oauth.clear_oauth_state(state)
     response = RedirectResponse(next_url, status_code=302)
     prefix = portal.settings.service_prefix
-    response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="lax", path=prefix,
-                        secure=request.url.scheme == "https")
+    response.set_cookie(
+        TOKEN_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        path=prefix,
+        secure=request.url.scheme == "https",
+    )
     response.delete_cookie(STATE_COOKIE, path=prefix)
     return response

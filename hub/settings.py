@@ -90,15 +90,14 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Log level of the portal service.")
 
     # Set by JupyterHub for a hub-managed service; defaults fit the embedded stack.
-    hub_api_url: str = Field(
-        "http://127.0.0.1:8081/hub/api", validation_alias="JUPYTERHUB_API_URL"
-    )
+    hub_api_url: str = Field("http://127.0.0.1:8081/hub/api", validation_alias="JUPYTERHUB_API_URL")
     service_prefix: str = Field("/services/portal/", validation_alias="JUPYTERHUB_SERVICE_PREFIX")
     service_url: str = Field("http://127.0.0.1:8002", validation_alias="JUPYTERHUB_SERVICE_URL")
     api_token: SecretStr = Field(SecretStr(""), validation_alias="JUPYTERHUB_API_TOKEN")
 
-    @field_validator("port", "hub_port", "proxy_api_port", "portal_port", "ray_port",
-                     "ray_dashboard_port")
+    @field_validator(
+        "port", "hub_port", "proxy_api_port", "portal_port", "ray_port", "ray_dashboard_port"
+    )
     @classmethod
     def _valid_port(cls, value: int) -> int:
         if not 1 <= value <= 65535:

@@ -82,8 +82,9 @@ def preflight(settings: Settings, config: Path) -> None:
     try:
         import ray  # noqa: F401
     except ImportError:
-        raise ConfigError("Ray is not installed; install gpuportal with its dependencies "
-                          "(make run does).") from None
+        raise ConfigError(
+            "Ray is not installed; install gpuportal with its dependencies (make run does)."
+        ) from None
     if settings.redis_url:
         check_redis(settings.redis_url)
 
@@ -107,13 +108,15 @@ def _tee(stream: IO[bytes], log_path: Path, echo: bool) -> threading.Thread:
     return thread
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str,
-                log_path: Path) -> None:
+def _wait_ready(
+    url: str, proc: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise ConfigError(f"JupyterHub exited with code {proc.returncode} while starting; "
-                              f"see {log_path}")
+            raise ConfigError(
+                f"JupyterHub exited with code {proc.returncode} while starting; see {log_path}"
+            )
         try:
             if httpx.get(url, timeout=3).status_code == 200:
                 return
@@ -123,8 +126,14 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float, what: s
     raise ConfigError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log_path}")
 
 
-def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
-       ready_timeout: float = 120.0) -> int:
+def up(
+    settings: Settings,
+    config: Path,
+    echo: Echo,
+    *,
+    hub_output: bool = True,
+    ready_timeout: float = 120.0,
+) -> int:
     """Run the stack in the foreground until SIGINT/SIGTERM. Returns the exit code."""
     preflight(settings, config)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -167,7 +176,8 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
         generated = None
         if settings.authenticator == "firstuse":
             generated = ensure_admin(
-                settings.data_dir, settings.admin_user,
+                settings.data_dir,
+                settings.admin_user,
                 settings.admin_password.get_secret_value() if settings.admin_password else None,
                 settings.min_password_length,
             )
@@ -180,37 +190,58 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
         jupyterhub = shutil.which("jupyterhub", path=env["PATH"]) or "jupyterhub"
         hub = subprocess.Popen(
             [jupyterhub, "-f", str(config.resolve())],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=env, start_new_session=True, cwd=settings.data_dir,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            cwd=settings.data_dir,
         )
         assert hub.stdout is not None
         _tee(hub.stdout, log_path, hub_output)
-        stack_file(settings).write_text(json.dumps({
-            "pid": os.getpid(), "hub_pid": hub.pid, "ray_pid": ray_pid,
-            "port": settings.port,
-        }))
+        stack_file(settings).write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "hub_pid": hub.pid,
+                    "ray_pid": ray_pid,
+                    "port": settings.port,
+                }
+            )
+        )
         base = f"http://127.0.0.1:{settings.port}"
         _wait_ready(f"{base}/hub/health", hub, ready_timeout, "JupyterHub", log_path)
-        _wait_ready(f"{base}{settings.service_prefix}api/v1/health", hub, ready_timeout,
-                    "the portal service", log_path)
+        _wait_ready(
+            f"{base}{settings.service_prefix}api/v1/health",
+            hub,
+            ready_timeout,
+            "the portal service",
+            log_path,
+        )
         echo("[4/4] ready.")
         echo("")
         echo(f"  Portal:      {base}/hub/login")
         echo(f"  Portal API:  {base}{settings.service_prefix}docs")
         if settings.authenticator == "firstuse":
             if generated:
-                echo(f"  Admin:       {settings.admin_user} / {generated}   (shown once; saved "
-                     f"0600 in {settings.data_dir / 'admin-password'})")
+                echo(
+                    f"  Admin:       {settings.admin_user} / {generated}   (shown once; saved "
+                    f"0600 in {settings.data_dir / 'admin-password'})"
+                )
             else:
-                echo(f"  Admin:       {settings.admin_user} (password from "
-                     "GPUPORTAL_ADMIN_PASSWORD or the first start)")
+                echo(
+                    f"  Admin:       {settings.admin_user} (password from "
+                    "GPUPORTAL_ADMIN_PASSWORD or the first start)"
+                )
             echo("  New users sign up by logging in with a name and password of their choice.")
         echo(f"  Logs:        {settings.logs_dir}")
         echo("  Stop:        Ctrl-C here, or `gpuportal down`")
         while not stop_event.wait(1.0):
             if hub.poll() is not None:
-                echo(f"JupyterHub exited unexpectedly (code {hub.returncode}); stopping; "
-                     f"see {log_path}")
+                echo(
+                    f"JupyterHub exited unexpectedly (code {hub.returncode}); stopping; "
+                    f"see {log_path}"
+                )
                 return 1
         return 0
     finally:

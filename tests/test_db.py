@@ -7,12 +7,11 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import IntegrityError, StatementError
-
 from gpuportal.hub import accounts
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.models import Account, Base, Team, TeamMembership
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
 
 
 def test_migrations_match_models(db: Engine) -> None:
@@ -132,4 +131,7 @@ def test_sync_mirrors_hub_users_and_groups(db: Engine) -> None:
     # A second identical sync changes nothing.
     with portal_db.transaction(sessions) as session:
         assert accounts.sync(session, users2, groups2) == {
-            "accounts": 0, "teams": 0, "deactivated": 0}
+            "accounts": 0,
+            "teams": 0,
+            "deactivated": 0,
+        }

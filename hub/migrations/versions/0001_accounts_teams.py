@@ -23,7 +23,9 @@ def upgrade() -> None:
         sa.Column("active", sa.Boolean(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-        sa.CheckConstraint("role IN ('customer', 'provider', 'admin')", name=op.f("ck_accounts_role_known")),
+        sa.CheckConstraint(
+            "role IN ('customer', 'provider', 'admin')", name=op.f("ck_accounts_role_known")
+        ),
         sa.CheckConstraint("length(hub_name) > 0", name=op.f("ck_accounts_hub_name_not_empty")),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_accounts")),
         sa.UniqueConstraint("hub_name", name=op.f("uq_accounts_hub_name")),
@@ -45,8 +47,18 @@ def upgrade() -> None:
         sa.Column("team_id", sa.Integer(), nullable=False),
         sa.Column("account_id", sa.Integer(), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.ForeignKeyConstraint(["account_id"], ["accounts.id"], name=op.f("fk_team_memberships_account_id_accounts"), ondelete="CASCADE"),
-        sa.ForeignKeyConstraint(["team_id"], ["teams.id"], name=op.f("fk_team_memberships_team_id_teams"), ondelete="CASCADE"),
+        sa.ForeignKeyConstraint(
+            ["account_id"],
+            ["accounts.id"],
+            name=op.f("fk_team_memberships_account_id_accounts"),
+            ondelete="CASCADE",
+        ),
+        sa.ForeignKeyConstraint(
+            ["team_id"],
+            ["teams.id"],
+            name=op.f("fk_team_memberships_team_id_teams"),
+            ondelete="CASCADE",
+        ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_team_memberships")),
         sa.UniqueConstraint("team_id", "account_id", name=op.f("uq_team_memberships_team_id")),
     )
