@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
 from gpuportal.provider import nvml
 
 from .errors import ConfigError

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from gpuportal.hub import db as portal_db
-from gpuportal.hub.settings import Settings, load_settings
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
+
+from gpuportal.hub import db as portal_db
+from gpuportal.hub.settings import Settings, load_settings
 
 from .portal_stack import Stack, free_port, start_stack, stop_stack
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+
 from gpuportal.hub.app import Portal, create_app
 from gpuportal.hub.cache import MemoryCache
 from gpuportal.hub.hubapi import HubAPI, HubUnavailable

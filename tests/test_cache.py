@@ -7,6 +7,7 @@ import secrets
 from collections.abc import AsyncIterator
 
 import pytest
+
 from gpuportal.hub.cache import Cache, MemoryCache, RedisCache, check_redis, make_cache
 from gpuportal.hub.errors import ConfigError
 

@@ -7,11 +7,12 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import IntegrityError, StatementError
+
 from gpuportal.hub import accounts
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.models import Account, Base, Team, TeamMembership
-from sqlalchemy import Engine, select, text
-from sqlalchemy.exc import IntegrityError, StatementError
 
 
 def test_migrations_match_models(db: Engine) -> None:

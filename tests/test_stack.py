@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+
 from gpuportal.hub.admin import check_password, ensure_admin
 
 from .portal_stack import ROOT, Stack, hub_login, hub_token, stack_env, start_stack, stop_stack
@@ -270,3 +271,31 @@ def test_stack_file_names_what_up_started(stack: Stack) -> None:
     assert state["pid"] == stack.proc.pid
     assert psutil.pid_exists(state["hub_pid"])
     assert psutil.pid_exists(state["ray_pid"])
+
+
+@pytest.mark.postgres
+@pytest.mark.redis
+def test_production_path_postgresql_and_redis(tmp_path: Path, pg_url: str, redis_url: str) -> None:
+    """The same stack with the portal DB on PostgreSQL and the cache on Redis."""
+    stack = start_stack(
+        tmp_path / "data",
+        GPUPORTAL_DB_URL=pg_url,
+        GPUPORTAL_REDIS_URL=redis_url,
+        GPUPORTAL_DEMO_GPUS="1xL4",
+    )
+    try:
+        body = httpx.get(f"{stack.base_url}{PORTAL}/api/v1/health", timeout=30).json()
+        assert (body["db"]["backend"], body["db"]["status"]) == ("postgresql", "ok")
+        assert body["cache"] == {"backend": "redis", "status": "ok"}
+        assert (body["ray"]["gpus"], body["ray"]["gpu_models"]) == (1, {"L4": 1})
+        admin = hub_login(stack.base_url, "admin", stack.admin_password)
+        token = hub_token(admin, "admin")
+        me = httpx.get(
+            f"{stack.base_url}{PORTAL}/api/v1/me",
+            headers={"Authorization": f"token {token}"},
+            timeout=30,
+        )
+        assert me.json()["role"] == "admin"
+        admin.close()
+    finally:
+        assert stop_stack(stack) == 0
