@@ -141,7 +141,7 @@ def create_app(
         version=__version__,
         description="The control plane of gpuportal: accounts, teams, health; "
         "marketplace, metering and billing as they land.",
-        docs_url=f"{prefix}docs",
+        docs_url=None,  # served below from local files: no CDN, works offline
         redoc_url=None,
         openapi_url=f"{prefix}openapi.json",
         lifespan=lifespan,
@@ -185,7 +185,27 @@ def create_app(
         )
 
     app.include_router(router, prefix=prefix.rstrip("/"))
+    _mount_docs(app, prefix)
     return app
+
+
+def _mount_docs(app: FastAPI, prefix: str) -> None:
+    """Swagger UI from the swagger-ui-bundle package, so the docs need no CDN."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(f"{prefix}static/swagger", StaticFiles(directory=swagger_ui_path), name="swagger")
+
+    @app.get(f"{prefix}docs", include_in_schema=False)
+    async def docs() -> Response:
+        return get_swagger_ui_html(
+            openapi_url=f"{prefix}openapi.json",
+            title="gpuportal portal API",
+            swagger_js_url=f"{prefix}static/swagger/swagger-ui-bundle.js",
+            swagger_css_url=f"{prefix}static/swagger/swagger-ui.css",
+            swagger_favicon_url=f"{prefix}static/swagger/favicon-32x32.png",
+        )
 
 
 def _wants_html(request: Request) -> bool:

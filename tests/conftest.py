@@ -102,6 +102,35 @@ def redis_url() -> str:
     return REDIS_URL
 
 
+CHROMIUM = os.environ.get("TEST_CHROMIUM", "/usr/bin/chromium")
+
+
+@pytest.fixture
+def browser_page() -> Iterator[object]:
+    """A Playwright page in headless Debian Chromium, with background networking off."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+            ],
+        )
+        page = browser.new_page()
+        yield page
+        browser.close()
+
+
 @dataclass
 class RayCluster:
     settings: Settings

@@ -187,7 +187,10 @@ def test_log_lines_carry_the_request_id(
 
 
 def test_openapi_docs_are_served(client: TestClient) -> None:
-    assert client.get("/services/portal/docs").status_code == 200
+    docs = client.get("/services/portal/docs")
+    assert docs.status_code == 200
+    assert "cdn." not in docs.text, "the docs page must work without internet"
+    assert client.get("/services/portal/static/swagger/swagger-ui-bundle.js").status_code == 200
     spec = client.get("/services/portal/openapi.json").json()
     assert f"{API}/health" in spec["paths"]
     assert f"{API}/me" in spec["paths"]

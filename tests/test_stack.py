@@ -299,3 +299,25 @@ def test_production_path_postgresql_and_redis(tmp_path: Path, pg_url: str, redis
         admin.close()
     finally:
         assert stop_stack(stack) == 0
+
+
+@pytest.mark.browser
+def test_browser_login_then_portal(stack: Stack, browser_page, tmp_path: Path) -> None:
+    """A person in Chromium: log in, land on the hub home, open the portal API as themselves."""
+    page = browser_page
+    page.goto(f"{stack.base_url}/hub/login")
+    page.fill("input[name=username]", "admin")
+    page.fill("input[name=password]", stack.admin_password)
+    page.click("input[type=submit], button[type=submit]")
+    page.wait_for_url("**/hub/home", timeout=30_000)
+    assert "Start My Server" in page.content() or "My Server" in page.content()
+    # The hub OAuth flow into the portal service, in a real browser.
+    page.goto(f"{stack.base_url}{PORTAL}/api/v1/me")
+    page.wait_for_url(f"**{PORTAL}/api/v1/me", timeout=30_000)
+    me = json.loads(page.inner_text("body"))
+    assert (me["name"], me["role"]) == ("admin", "admin")
+    page.goto(f"{stack.base_url}{PORTAL}/docs")
+    page.wait_for_selector(".swagger-ui .info .title", timeout=30_000)
+    page.screenshot(path=str(tmp_path / "portal-docs.png"))
+    assert "/services/portal/api/v1/health" in page.inner_text("body")
+    assert "gpuportal portal API" in page.inner_text(".swagger-ui .info .title")
