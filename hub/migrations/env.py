@@ -1,6 +1,7 @@
 """Alembic environment: runs against the engine handed over by gpuportal.hub.db."""
 
 from alembic import context
+from gpuportal.hub import ledger_models  # noqa: F401  (registers the ledger tables on Base)
 from gpuportal.hub.models import Base
 
 config = context.config
