@@ -66,23 +66,33 @@ def team_named(session: Session, name: str) -> Team:
 
 
 def is_member(session: Session, team: Team, account: Account) -> bool:
-    return session.scalar(select(TeamMembership.id).where(
-        TeamMembership.team_id == team.id, TeamMembership.account_id == account.id)) is not None
+    return (
+        session.scalar(
+            select(TeamMembership.id).where(
+                TeamMembership.team_id == team.id, TeamMembership.account_id == account.id
+            )
+        )
+        is not None
+    )
 
 
-def open_allocation(session: Session, settings: Settings, req: OpenRequest,
-                    now: datetime) -> tuple[Allocation, bool]:
+def open_allocation(
+    session: Session, settings: Settings, req: OpenRequest, now: datetime
+) -> tuple[Allocation, bool]:
     """Open (or find the already open) allocation. Returns ``(allocation, created)``."""
     if req.started_at > now + CLOCK_SKEW:
-        raise LedgerError("started_at is in the future; send the moment the server became "
-                          "ready, in UTC.")
+        raise LedgerError(
+            "started_at is in the future; send the moment the server became ready, in UTC."
+        )
     account = account_named(session, req.user)
     team_id = None
     if req.team:
         team = team_named(session, req.team)
         if not is_member(session, team, account):
-            raise Forbidden(f"{req.user} is not a member of team {req.team!r}, so the team "
-                            "cannot pay for this server.")
+            raise Forbidden(
+                f"{req.user} is not a member of team {req.team!r}, so the team "
+                "cannot pay for this server."
+            )
         team_id = team.id
     provider_id = None
     provider_name = req.provider or settings.admin_user  # the house provider is the admin
@@ -91,14 +101,27 @@ def open_allocation(session: Session, settings: Settings, req: OpenRequest,
         provider_id = provider.id
     elif req.provider:
         raise UnknownAccount(f"there is no provider account named {req.provider!r}.")
-    existing = session.scalar(select(Allocation).where(
-        Allocation.user_name == req.user, Allocation.server_name == req.server,
-        Allocation.status.in_(OPEN_STATES)))
+    existing = session.scalar(
+        select(Allocation).where(
+            Allocation.user_name == req.user,
+            Allocation.server_name == req.server,
+            Allocation.status.in_(OPEN_STATES),
+        )
+    )
     if existing is not None:
-        same = (existing.gpu_count, existing.price_per_gpu_hour, existing.platform_fee_bps,
-                existing.reservation_id, existing.team_id) == (
-            req.gpu_count, req.price_per_gpu_hour, req.platform_fee_bps, req.reservation_id,
-            team_id)
+        same = (
+            existing.gpu_count,
+            existing.price_per_gpu_hour,
+            existing.platform_fee_bps,
+            existing.reservation_id,
+            existing.team_id,
+        ) == (
+            req.gpu_count,
+            req.price_per_gpu_hour,
+            req.platform_fee_bps,
+            req.reservation_id,
+            team_id,
+        )
         if not same:
             raise ledger.IdempotencyConflict(
                 f"server {req.user}/{req.server} already has an open allocation "
@@ -106,10 +129,17 @@ def open_allocation(session: Session, settings: Settings, req: OpenRequest,
             )
         return existing, False
     alloc = Allocation(
-        account_id=account.id, team_id=team_id, provider_account_id=provider_id,
-        reservation_id=req.reservation_id, user_name=req.user, server_name=req.server,
-        gpu_count=req.gpu_count, price_per_gpu_hour=req.price_per_gpu_hour,
-        platform_fee_bps=req.platform_fee_bps, status="running", started_at=req.started_at,
+        account_id=account.id,
+        team_id=team_id,
+        provider_account_id=provider_id,
+        reservation_id=req.reservation_id,
+        user_name=req.user,
+        server_name=req.server,
+        gpu_count=req.gpu_count,
+        price_per_gpu_hour=req.price_per_gpu_hour,
+        platform_fee_bps=req.platform_fee_bps,
+        status="running",
+        started_at=req.started_at,
         last_charged_at=req.started_at,
     )
     session.add(alloc)
@@ -124,8 +154,13 @@ def get_allocation(session: Session, allocation_id: int) -> Allocation:
     return alloc
 
 
-def close_allocation(session: Session, settings: Settings, allocation_id: int,
-                     ended_at: datetime | None, now: datetime) -> Allocation:
+def close_allocation(
+    session: Session,
+    settings: Settings,
+    allocation_id: int,
+    ended_at: datetime | None,
+    now: datetime,
+) -> Allocation:
     """End an allocation at ``ended_at`` (default now) and charge exactly up to it."""
     alloc = get_allocation(session, allocation_id)
     if alloc.status in ("closed", "stop_due"):
@@ -136,8 +171,9 @@ def close_allocation(session: Session, settings: Settings, allocation_id: int,
         return alloc
     end = now if ended_at is None else ended_at
     if end > now + CLOCK_SKEW:
-        raise LedgerError("ended_at is in the future; send the last moment the server was "
-                          "seen running, in UTC.")
+        raise LedgerError(
+            "ended_at is in the future; send the last moment the server was seen running, in UTC."
+        )
     end = min(end, now)
     if end < alloc.started_at:
         raise LedgerError("ended_at is before the server became ready; send a later moment.")
@@ -159,11 +195,17 @@ def _reverse(session: Session, alloc: Allocation, end: datetime) -> None:
     earnings = ledger.provider_earnings(session, alloc.provider_account_id).id
     platform = ledger.platform_revenue(session).id
     ledger.post(
-        session, f"usage-reversal:{alloc.id}:{(end - metering.EPOCH) // metering.US}",
+        session,
+        f"usage-reversal:{alloc.id}:{(end - metering.EPOCH) // metering.US}",
         "usage_reversal",
-        [ledger.Leg(payer, part.charge), ledger.Leg(earnings, -part.provider),
-         ledger.Leg(platform, -part.fee)],
-        allocation_id=alloc.id, period_start=end, period_end=alloc.last_charged_at,
+        [
+            ledger.Leg(payer, part.charge),
+            ledger.Leg(earnings, -part.provider),
+            ledger.Leg(platform, -part.fee),
+        ],
+        allocation_id=alloc.id,
+        period_start=end,
+        period_end=alloc.last_charged_at,
         memo=f"{alloc.user_name}/{alloc.server_name}: ended earlier than charged",
         created_by="meter",
     )

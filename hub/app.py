@@ -129,7 +129,10 @@ def create_app(
         await run_in_threadpool(db.upgrade, the_portal.engine)
         app.state.portal = the_portal
         tasks = (
-            [asyncio.create_task(the_portal.sync_loop()), asyncio.create_task(meter_loop(the_portal))]
+            [
+                asyncio.create_task(the_portal.sync_loop()),
+                asyncio.create_task(meter_loop(the_portal)),
+            ]
             if background
             else []
         )

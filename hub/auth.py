@@ -95,10 +95,17 @@ async def current_user(request: Request, portal: PortalDep) -> PortalUser:
     if model.get("kind", "user") != "user":
         name = str(model.get("name", ""))
         if model.get("kind") == "service" and name in portal.settings.trusted_service_names:
-            service = PortalUser(name=name, role="service", admin=False, account_id=0,
-                                 scopes=sorted(model.get("scopes") or []), kind="service")
-            await portal.cache.set(key, json.dumps(asdict(service)),
-                                   ttl=portal.settings.auth_cache_seconds)
+            service = PortalUser(
+                name=name,
+                role="service",
+                admin=False,
+                account_id=0,
+                scopes=sorted(model.get("scopes") or []),
+                kind="service",
+            )
+            await portal.cache.set(
+                key, json.dumps(asdict(service)), ttl=portal.settings.auth_cache_seconds
+            )
             return service
         raise HTTPException(403, "Only hub users can use this endpoint.")
     # The token's own model may lack groups (OAuth tokens carry few scopes), so

@@ -77,8 +77,9 @@ class AllocationCreate(BaseModel):
     user: str = Field(min_length=1, max_length=255)
     server: str = Field("", max_length=255, description="Named server; '' for the default.")
     gpu_count: StrictInt = Field(gt=0, le=1024)
-    price_per_gpu_hour: StrictInt = Field(ge=0, le=MAX_PRICE,
-                                          description="Locked price, micro-credits.")
+    price_per_gpu_hour: StrictInt = Field(
+        ge=0, le=MAX_PRICE, description="Locked price, micro-credits."
+    )
     platform_fee_bps: StrictInt = Field(ge=0, le=10_000, description="Locked fee, basis points.")
     started_at: AwareDatetime | None = Field(None, description="When the server became ready.")
     reservation_id: StrictInt | None = None
@@ -119,34 +120,48 @@ def _public(session: Any, alloc: Allocation) -> dict[str, Any]:
         select(func.coalesce(-func.sum(Posting.amount), 0))
         .join(LedgerTransaction, LedgerTransaction.id == Posting.transaction_id)
         .join(LedgerAccount, LedgerAccount.id == Posting.ledger_account_id)
-        .where(LedgerTransaction.allocation_id == alloc.id,
-               LedgerAccount.kind.in_(usage.PAYER_KINDS))
+        .where(
+            LedgerTransaction.allocation_id == alloc.id, LedgerAccount.kind.in_(usage.PAYER_KINDS)
+        )
     )
     return {
-        "id": alloc.id, "user": alloc.user_name, "server": alloc.server_name,
-        "gpu_count": alloc.gpu_count, "price_per_gpu_hour": alloc.price_per_gpu_hour,
-        "platform_fee_bps": alloc.platform_fee_bps, "reservation_id": alloc.reservation_id,
-        "status": alloc.status, "started_at": alloc.started_at,
-        "last_charged_at": alloc.last_charged_at, "ended_at": alloc.ended_at,
-        "stopping_at": alloc.stopping_at, "stop_reason": alloc.stop_reason,
-        "runway_warned_at": alloc.runway_warned_at, "charged": int(charged or 0),
+        "id": alloc.id,
+        "user": alloc.user_name,
+        "server": alloc.server_name,
+        "gpu_count": alloc.gpu_count,
+        "price_per_gpu_hour": alloc.price_per_gpu_hour,
+        "platform_fee_bps": alloc.platform_fee_bps,
+        "reservation_id": alloc.reservation_id,
+        "status": alloc.status,
+        "started_at": alloc.started_at,
+        "last_charged_at": alloc.last_charged_at,
+        "ended_at": alloc.ended_at,
+        "stopping_at": alloc.stopping_at,
+        "stop_reason": alloc.stop_reason,
+        "runway_warned_at": alloc.runway_warned_at,
+        "charged": int(charged or 0),
     }
 
 
-@router.post("/allocations", response_model=AllocationPublic, status_code=201,
-             tags=["metering"])
-async def open_allocation(body: AllocationCreate, portal: PortalDep, caller: Trusted,
-                          response: Response) -> Any:
+@router.post("/allocations", response_model=AllocationPublic, status_code=201, tags=["metering"])
+async def open_allocation(
+    body: AllocationCreate, portal: PortalDep, caller: Trusted, response: Response
+) -> Any:
     """Open the billing period of a server that just became ready (spawner, admins).
 
     Retrying with the same terms returns the open allocation (200).
     """
     now = utcnow()
     req = allocations.OpenRequest(
-        user=body.user, server=body.server, gpu_count=body.gpu_count,
-        price_per_gpu_hour=body.price_per_gpu_hour, platform_fee_bps=body.platform_fee_bps,
-        started_at=body.started_at or now, reservation_id=body.reservation_id,
-        provider=body.provider, team=body.team,
+        user=body.user,
+        server=body.server,
+        gpu_count=body.gpu_count,
+        price_per_gpu_hour=body.price_per_gpu_hour,
+        platform_fee_bps=body.platform_fee_bps,
+        started_at=body.started_at or now,
+        reservation_id=body.reservation_id,
+        provider=body.provider,
+        team=body.team,
     )
 
     def work(session: Any) -> tuple[dict[str, Any], bool]:
@@ -159,17 +174,18 @@ async def open_allocation(body: AllocationCreate, portal: PortalDep, caller: Tru
     return public
 
 
-@router.post("/allocations/{allocation_id}/close", response_model=AllocationPublic,
-             tags=["metering"])
-async def close_allocation(allocation_id: int, portal: PortalDep, caller: Trusted,
-                           body: AllocationClose | None = None) -> Any:
+@router.post(
+    "/allocations/{allocation_id}/close", response_model=AllocationPublic, tags=["metering"]
+)
+async def close_allocation(
+    allocation_id: int, portal: PortalDep, caller: Trusted, body: AllocationClose | None = None
+) -> Any:
     """End a server's billing period and charge exactly up to ``ended_at``; idempotent."""
     now = utcnow()
     ended_at = body.ended_at if body else None
 
     def work(session: Any) -> dict[str, Any]:
-        alloc = allocations.close_allocation(session, portal.settings, allocation_id,
-                                             ended_at, now)
+        alloc = allocations.close_allocation(session, portal.settings, allocation_id, ended_at, now)
         return _public(session, alloc)
 
     return await in_db(portal, work)
@@ -177,7 +193,8 @@ async def close_allocation(allocation_id: int, portal: PortalDep, caller: Truste
 
 @router.get("/allocations", response_model=list[AllocationPublic], tags=["metering"])
 async def list_allocations(
-    portal: PortalDep, caller: CurrentUser,
+    portal: PortalDep,
+    caller: CurrentUser,
     user: Annotated[str | None, Query(max_length=255)] = None,
     server: Annotated[str | None, Query(max_length=255)] = None,
     open_only: bool = False,
@@ -200,8 +217,7 @@ async def list_allocations(
     return await in_db(portal, work)
 
 
-@router.get("/allocations/{allocation_id}", response_model=AllocationPublic,
-            tags=["metering"])
+@router.get("/allocations/{allocation_id}", response_model=AllocationPublic, tags=["metering"])
 async def get_allocation(allocation_id: int, portal: PortalDep, caller: CurrentUser) -> Any:
     def work(session: Any) -> dict[str, Any]:
         alloc = allocations.get_allocation(session, allocation_id)
@@ -217,8 +233,9 @@ async def get_allocation(allocation_id: int, portal: PortalDep, caller: CurrentU
 class BalancePublic(BaseModel):
     user: str
     balance: int = Field(description="Micro-credits, from the ledger.")
-    available: int = Field(description="Balance less what running servers owe since their "
-                                       "last charge.")
+    available: int = Field(
+        description="Balance less what running servers owe since their last charge."
+    )
     display: str
     currency: str
     rate_per_hour: int
@@ -228,8 +245,11 @@ class BalancePublic(BaseModel):
 
 
 @router.get("/balance", response_model=BalancePublic, tags=["billing"])
-async def get_balance(portal: PortalDep, caller: CurrentUser,
-                      user: Annotated[str | None, Query(max_length=255)] = None) -> Any:
+async def get_balance(
+    portal: PortalDep,
+    caller: CurrentUser,
+    user: Annotated[str | None, Query(max_length=255)] = None,
+) -> Any:
     """A wallet's balance, burn rate and runway (yourself by default)."""
     from sqlalchemy import select
 
@@ -241,24 +261,38 @@ async def get_balance(portal: PortalDep, caller: CurrentUser,
     def work(session: Any) -> dict[str, Any]:
         account = allocations.account_named(session, name)
         wallet = ledger.wallet(session, account.id)
-        running = list(session.scalars(select(Allocation).where(
-            Allocation.account_id == account.id, Allocation.team_id.is_(None),
-            Allocation.status.in_(OPEN_STATES))))
+        running = list(
+            session.scalars(
+                select(Allocation).where(
+                    Allocation.account_id == account.id,
+                    Allocation.team_id.is_(None),
+                    Allocation.status.in_(OPEN_STATES),
+                )
+            )
+        )
         state = metering.payer_state(session, wallet.id, running, now)
         warning = None
         if state.runway is not None and state.runway < settings.runway_warning_seconds:
-            warning = (f"Your credit runs out in about {quotas.minutes(state.runway)}; your "
-                       "servers stop when it does. Add credits to keep them running.")
+            warning = (
+                f"Your credit runs out in about {quotas.minutes(state.runway)}; your "
+                "servers stop when it does. Add credits to keep them running."
+            )
         stopping = [a for a in running if a.stopping_at is not None]
         if stopping:
-            warning = (f"Out of {settings.currency_name}: your servers stop at "
-                       f"{min(a.stopping_at for a in stopping if a.stopping_at).isoformat()}"
-                       ". Save your work, or add credits now.")
+            warning = (
+                f"Out of {settings.currency_name}: your servers stop at "
+                f"{min(a.stopping_at for a in stopping if a.stopping_at).isoformat()}"
+                ". Save your work, or add credits now."
+            )
         return {
-            "user": name, "balance": state.balance, "available": state.available,
+            "user": name,
+            "balance": state.balance,
+            "available": state.available,
             "display": ledger.format_credits(state.balance, settings.currency_name),
-            "currency": settings.currency_name, "rate_per_hour": state.rate_per_hour,
-            "runway_seconds": state.runway, "warning": warning,
+            "currency": settings.currency_name,
+            "rate_per_hour": state.rate_per_hour,
+            "runway_seconds": state.runway,
+            "warning": warning,
             "allocations": [_public(session, a) for a in running],
         }
 
@@ -283,19 +317,31 @@ class TransactionPublic(BaseModel):
     created_at: datetime
 
 
-@router.post("/credits/grants", response_model=TransactionPublic, status_code=201,
-             tags=["billing"])
-async def grant_credits(body: GrantCreate, portal: PortalDep, caller: Admin,
-                        response: Response) -> Any:
+@router.post("/credits/grants", response_model=TransactionPublic, status_code=201, tags=["billing"])
+async def grant_credits(
+    body: GrantCreate, portal: PortalDep, caller: Admin, response: Response
+) -> Any:
     """Credit a user's wallet or a team's budget (admins). Same key again: the first grant."""
 
     def work(session: Any) -> dict[str, Any]:
         txn, created = credits.grant(
-            session, user=body.user, team=body.team, amount=body.amount, source=body.source,
-            key=body.idempotency_key and f"grant:{body.idempotency_key}", by=caller.name,
-            memo=body.memo)
-        return {"id": txn.id, "idempotency_key": txn.idempotency_key, "kind": txn.kind,
-                "amount": body.amount, "created": created, "created_at": txn.created_at}
+            session,
+            user=body.user,
+            team=body.team,
+            amount=body.amount,
+            source=body.source,
+            key=body.idempotency_key and f"grant:{body.idempotency_key}",
+            by=caller.name,
+            memo=body.memo,
+        )
+        return {
+            "id": txn.id,
+            "idempotency_key": txn.idempotency_key,
+            "kind": txn.kind,
+            "amount": body.amount,
+            "created": created,
+            "created_at": txn.created_at,
+        }
 
     result = await in_db(portal, work)
     if not result["created"]:
@@ -341,15 +387,18 @@ async def deposit_info(portal: PortalDep, caller: CurrentUser) -> Any:
         chain = chain_of(portal)
     except LedgerError as exc:
         raise HTTPException(503, _sentence(str(exc))) from None
-    return {"address": address, "chain": chain.name,
-            "micro_credits_per_sol": portal.settings.solana_micro_credits_per_sol,
-            "currency": portal.settings.currency_name}
+    return {
+        "address": address,
+        "chain": chain.name,
+        "micro_credits_per_sol": portal.settings.solana_micro_credits_per_sol,
+        "currency": portal.settings.currency_name,
+    }
 
 
-@router.post("/deposits/solana", response_model=DepositPublic, status_code=201,
-             tags=["billing"])
-async def deposit(body: DepositCreate, portal: PortalDep, caller: CurrentUser,
-                  response: Response) -> Any:
+@router.post("/deposits/solana", response_model=DepositPublic, status_code=201, tags=["billing"])
+async def deposit(
+    body: DepositCreate, portal: PortalDep, caller: CurrentUser, response: Response
+) -> Any:
     """Credit a SOL transfer to the deposit address, once (yourself only)."""
     if caller.kind != "user":
         raise HTTPException(403, "Deposits are credited to the hub user who submits them.")
@@ -359,19 +408,28 @@ async def deposit(body: DepositCreate, portal: PortalDep, caller: CurrentUser,
         address = await run_in_threadpool(deposits.deposit_address, portal.settings)
         chain = chain_of(portal)
         found = await run_in_threadpool(chain.lookup, signature)
-        lamports = deposits.verify(found, signature=signature, address=address,
-                                   lamports=body.lamports)
+        lamports = deposits.verify(
+            found, signature=signature, address=address, lamports=body.lamports
+        )
     except LedgerError as exc:
         raise HTTPException(exc.status, _sentence(str(exc))) from None
 
     def work(session: Any) -> dict[str, Any]:
-        micro, created = deposits.credit(session, portal.settings, account_id=caller.account_id,
-                                         signature=signature, lamports=lamports,
-                                         by=caller.name)
-        return {"signature": signature, "lamports": lamports, "credited": micro,
-                "created": created,
-                "balance": ledger.balance(session, ledger.wallet(session,
-                                                                 caller.account_id).id)}
+        micro, created = deposits.credit(
+            session,
+            portal.settings,
+            account_id=caller.account_id,
+            signature=signature,
+            lamports=lamports,
+            by=caller.name,
+        )
+        return {
+            "signature": signature,
+            "lamports": lamports,
+            "credited": micro,
+            "created": created,
+            "balance": ledger.balance(session, ledger.wallet(session, caller.account_id).id),
+        }
 
     result = await in_db(portal, work)
     if not result["created"]:
@@ -403,17 +461,25 @@ async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
     now = utcnow()
 
     def work(session: Any) -> dict[str, Any]:
-        quota = quotas.set_quota(session, user=body.user, team=body.team, window=body.window,
-                                 gpu_hours=body.gpu_hours,
-                                 spend_cap_per_hour=body.spend_cap_per_hour)
+        quota = quotas.set_quota(
+            session,
+            user=body.user,
+            team=body.team,
+            window=body.window,
+            gpu_hours=body.gpu_hours,
+            spend_cap_per_hour=body.spend_cap_per_hour,
+        )
         return quotas.quota_view(session, quota, now)
 
     return await in_db(portal, work)
 
 
 @router.get("/quotas", response_model=QuotaPublic | None, tags=["quotas"])
-async def get_quota(portal: PortalDep, caller: CurrentUser,
-                    user: Annotated[str | None, Query(max_length=255)] = None) -> Any:
+async def get_quota(
+    portal: PortalDep,
+    caller: CurrentUser,
+    user: Annotated[str | None, Query(max_length=255)] = None,
+) -> Any:
     """Your quota (or a user's, for admins); null when there is none."""
     name = user or caller.name
     may_see(caller, name)
@@ -455,14 +521,25 @@ async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentUs
     now = utcnow()
 
     def work(session: Any) -> dict[str, Any]:
-        ok = quotas.authorize(session, portal.settings, user=body.user,
-                              gpu_count=body.gpu_count,
-                              price_per_gpu_hour=body.price_per_gpu_hour, team=body.team,
-                              now=now)
-        return {"allowed": True, "user": ok.user, "payer": ok.payer, "balance": ok.balance,
-                "available": ok.available, "rate_per_hour": ok.rate_per_hour,
-                "runway_seconds": ok.runway_seconds,
-                "min_billable_seconds": portal.settings.min_billable_seconds}
+        ok = quotas.authorize(
+            session,
+            portal.settings,
+            user=body.user,
+            gpu_count=body.gpu_count,
+            price_per_gpu_hour=body.price_per_gpu_hour,
+            team=body.team,
+            now=now,
+        )
+        return {
+            "allowed": True,
+            "user": ok.user,
+            "payer": ok.payer,
+            "balance": ok.balance,
+            "available": ok.available,
+            "rate_per_hour": ok.rate_per_hour,
+            "runway_seconds": ok.runway_seconds,
+            "min_billable_seconds": portal.settings.min_billable_seconds,
+        }
 
     return await in_db(portal, work)
 
@@ -472,10 +549,11 @@ async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentUs
 
 @router.get("/usage", tags=["billing"], response_model=None)
 async def get_usage(
-    portal: PortalDep, caller: CurrentUser,
+    portal: PortalDep,
+    caller: CurrentUser,
     user: Annotated[str | None, Query(max_length=255)] = None,
     by: Annotated[Literal["server", "day"], Query()] = "server",
-    format: Annotated[Literal["json", "csv"], Query()] = "json",  # noqa: A002
+    format: Annotated[Literal["json", "csv"], Query()] = "json",
     since: AwareDatetime | None = None,
     until: AwareDatetime | None = None,
 ) -> Any:
@@ -490,7 +568,8 @@ async def get_usage(
     rows = await in_db(portal, work)
     if format == "csv":
         return PlainTextResponse(
-            usage.to_csv(rows, by), media_type="text/csv",
-            headers={"Content-Disposition": f'attachment; filename="usage-by-{by}.csv"'})
+            usage.to_csv(rows, by),
+            media_type="text/csv",
+            headers={"Content-Disposition": f'attachment; filename="usage-by-{by}.csv"'},
+        )
     return {"user": name, "by": by, "currency": portal.settings.currency_name, "rows": rows}
-

@@ -19,8 +19,17 @@ from .ledger_models import LedgerTransaction
 SOURCES = ("grants", "promo")
 
 
-def grant(session: Session, *, user: str | None, team: str | None, amount: int, source: str,
-          key: str | None, by: str, memo: str = "") -> tuple[LedgerTransaction, bool]:
+def grant(
+    session: Session,
+    *,
+    user: str | None,
+    team: str | None,
+    amount: int,
+    source: str,
+    key: str | None,
+    by: str,
+    memo: str = "",
+) -> tuple[LedgerTransaction, bool]:
     """Credit ``amount`` micro-credits to a user's wallet or a team's budget."""
     ledger.positive_amount(amount)
     if (user is None) == (team is None):
@@ -33,7 +42,11 @@ def grant(session: Session, *, user: str | None, team: str | None, amount: int, 
         target = ledger.team_budget(session, team_named(session, str(team)).id)
     origin = ledger.external(session, source)
     return ledger.post(
-        session, key or f"grant:{secrets.token_hex(12)}", source.rstrip("s") or source,
+        session,
+        key or f"grant:{secrets.token_hex(12)}",
+        source.rstrip("s") or source,
         [ledger.Leg(target.id, amount), ledger.Leg(origin.id, -amount)],
-        memo=memo or f"{source} by {by}", created_by=by, extra={"target": target.key},
+        memo=memo or f"{source} by {by}",
+        created_by=by,
+        extra={"target": target.key},
     )

@@ -4,7 +4,7 @@ The portal never takes the customer's word for a deposit. It looks the
 transaction up on the chain by its signature and checks that it succeeded
 (at the configured confirmation), that it moved SOL to the platform's deposit
 address, and that the amount is what the customer says. Only then does it
-credit ``lamports × rate / 10⁹`` micro-credits, in one ledger transaction whose
+credit ``lamports * rate / 10^9`` micro-credits, in one ledger transaction whose
 idempotency key is the signature: a replay credits nothing more, and a second
 account claiming the same signature gets 409.
 
@@ -46,7 +46,7 @@ class Transfer:
     source: str
     destination: str
     lamports: int
-    token: str = "SOL"
+    asset: str = "SOL"
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,9 @@ def check_address(text: str) -> str:
         raise DepositRefused(f"{text[:100]!r} is not a Solana address.") from None
 
 
-def system_transfers(account_keys: list[str], instructions: list[tuple[int, list[int], bytes]]
-                     ) -> list[Transfer]:
+def system_transfers(
+    account_keys: list[str], instructions: list[tuple[int, list[int], bytes]]
+) -> list[Transfer]:
     """Decode System Program transfers from a compiled message's instructions."""
     out = []
     for program_index, accounts, data in instructions:
@@ -95,8 +96,13 @@ def system_transfers(account_keys: list[str], instructions: list[tuple[int, list
             continue
         if int.from_bytes(data[:4], "little") != _TRANSFER or len(accounts) < 2:
             continue
-        out.append(Transfer(account_keys[accounts[0]], account_keys[accounts[1]],
-                            int.from_bytes(data[4:], "little")))
+        out.append(
+            Transfer(
+                account_keys[accounts[0]],
+                account_keys[accounts[1]],
+                int.from_bytes(data[4:], "little"),
+            )
+        )
     return out
 
 
@@ -132,10 +138,12 @@ class LiteSVMChain:
             return None
         message = sent.message
         keys = [str(k) for k in message.account_keys]
-        instructions = [(ix.program_id_index, list(ix.accounts), bytes(ix.data))
-                        for ix in message.instructions]
-        return ChainTransaction(signature, isinstance(meta, TransactionMetadata),
-                                system_transfers(keys, instructions))
+        instructions = [
+            (ix.program_id_index, list(ix.accounts), bytes(ix.data)) for ix in message.instructions
+        ]
+        return ChainTransaction(
+            signature, isinstance(meta, TransactionMetadata), system_transfers(keys, instructions)
+        )
 
 
 class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds is tested
@@ -147,17 +155,22 @@ class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds
         try:
             from solana.rpc.api import Client
         except ImportError:
-            raise LedgerError("GPUPORTAL_SOLANA_RPC_URL is set but solana-py is not "
-                              "installed; pip install solana.") from None
+            raise LedgerError(
+                "GPUPORTAL_SOLANA_RPC_URL is set but solana-py is not "
+                "installed; pip install solana."
+            ) from None
         self._client = Client(url, timeout=10)
 
     def lookup(self, signature: str) -> ChainTransaction | None:
         from solana.rpc.commitment import Finalized
         from solders.signature import Signature
 
-        reply = self._client.get_transaction(Signature.from_string(signature),
-                                             encoding="jsonParsed", commitment=Finalized,
-                                             max_supported_transaction_version=0)
+        reply = self._client.get_transaction(
+            Signature.from_string(signature),
+            encoding="jsonParsed",
+            commitment=Finalized,
+            max_supported_transaction_version=0,
+        )
         if reply.value is None:
             return None
         body = json.loads(reply.value.to_json())
@@ -165,11 +178,15 @@ class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds
         transfers = []
         for ix in body["transaction"]["message"]["instructions"]:
             parsed = ix.get("parsed") if isinstance(ix, dict) else None
-            if ix.get("programId") == SYSTEM_PROGRAM and isinstance(parsed, dict) \
-                    and parsed.get("type") == "transfer":
+            if (
+                ix.get("programId") == SYSTEM_PROGRAM
+                and isinstance(parsed, dict)
+                and parsed.get("type") == "transfer"
+            ):
                 info = parsed["info"]
-                transfers.append(Transfer(info["source"], info["destination"],
-                                          int(info["lamports"])))
+                transfers.append(
+                    Transfer(info["source"], info["destination"], int(info["lamports"]))
+                )
         return ChainTransaction(signature, meta.get("err") is None, transfers)
 
 
@@ -198,8 +215,7 @@ def _write_keypair(path: Path) -> None:
         handle.write(json.dumps(list(bytes(Keypair()))))
 
 
-def verify(found: ChainTransaction | None, *, signature: str, address: str,
-           lamports: int) -> int:
+def verify(found: ChainTransaction | None, *, signature: str, address: str, lamports: int) -> int:
     """Check a deposit against the chain; returns the lamports to credit or raises."""
     if found is None:
         raise DepositNotFound(
@@ -223,8 +239,9 @@ def verify(found: ChainTransaction | None, *, signature: str, address: str,
     return received
 
 
-def credit(session: Session, settings: Settings, *, account_id: int, signature: str,
-           lamports: int, by: str) -> tuple[int, bool]:
+def credit(
+    session: Session, settings: Settings, *, account_id: int, signature: str, lamports: int, by: str
+) -> tuple[int, bool]:
     """Credit a verified deposit once. Returns ``(micro_credits, created)``."""
     micro = lamports * settings.solana_micro_credits_per_sol // LAMPORTS_PER_SOL
     if micro <= 0:
@@ -232,11 +249,15 @@ def credit(session: Session, settings: Settings, *, account_id: int, signature: 
     wallet = ledger.wallet(session, account_id).id
     source = ledger.external(session, "solana").id
     try:
-        txn, created = ledger.post(
-            session, f"solana:{signature}", "deposit",
+        _, created = ledger.post(
+            session,
+            f"solana:{signature}",
+            "deposit",
             [ledger.Leg(wallet, micro), ledger.Leg(source, -micro)],
-            reference=signature, memo=f"Solana deposit of {lamports} lamports",
-            created_by=by, extra={"lamports": lamports, "account": account_id},
+            reference=signature,
+            memo=f"Solana deposit of {lamports} lamports",
+            created_by=by,
+            extra={"lamports": lamports, "account": account_id},
         )
     except ledger.IdempotencyConflict:
         raise ledger.IdempotencyConflict(

@@ -107,8 +107,14 @@ def positive_amount(amount: Any, what: str = "amount") -> int:
 # --- ledger accounts -------------------------------------------------------------
 
 
-def ledger_account(session: Session, key: str, kind: str, *, account_id: int | None = None,
-                   team_id: int | None = None) -> LedgerAccount:
+def ledger_account(
+    session: Session,
+    key: str,
+    kind: str,
+    *,
+    account_id: int | None = None,
+    team_id: int | None = None,
+) -> LedgerAccount:
     """Get or create the ledger account named ``key``."""
     found = session.scalar(select(LedgerAccount).where(LedgerAccount.key == key))
     if found is not None:
@@ -120,8 +126,7 @@ def ledger_account(session: Session, key: str, kind: str, *, account_id: int | N
 
 
 def wallet(session: Session, account_id: int) -> LedgerAccount:
-    return ledger_account(session, f"wallet:{account_id}", "customer_wallet",
-                          account_id=account_id)
+    return ledger_account(session, f"wallet:{account_id}", "customer_wallet", account_id=account_id)
 
 
 def team_budget(session: Session, team_id: int) -> LedgerAccount:
@@ -132,8 +137,9 @@ def provider_earnings(session: Session, account_id: int | None) -> LedgerAccount
     """A provider's earnings; ``None`` is the house provider (the platform's own GPUs)."""
     if account_id is None:
         return ledger_account(session, "earnings:house", "provider_earnings")
-    return ledger_account(session, f"earnings:{account_id}", "provider_earnings",
-                          account_id=account_id)
+    return ledger_account(
+        session, f"earnings:{account_id}", "provider_earnings", account_id=account_id
+    )
 
 
 def platform_revenue(session: Session) -> LedgerAccount:
@@ -172,10 +178,19 @@ def validate_legs(legs: Sequence[Leg]) -> None:
         raise LedgerError("postings of a transaction must sum to zero.")
 
 
-def build(key: str, kind: str, legs: Sequence[Leg], *, memo: str = "",
-          reference: str | None = None, allocation_id: int | None = None,
-          period_start: datetime | None = None, period_end: datetime | None = None,
-          created_by: str = "", extra: dict[str, Any] | None = None) -> LedgerTransaction:
+def build(
+    key: str,
+    kind: str,
+    legs: Sequence[Leg],
+    *,
+    memo: str = "",
+    reference: str | None = None,
+    allocation_id: int | None = None,
+    period_start: datetime | None = None,
+    period_end: datetime | None = None,
+    created_by: str = "",
+    extra: dict[str, Any] | None = None,
+) -> LedgerTransaction:
     """A new, balanced transaction object (not yet added to a session).
 
     The meter uses this directly, in batches, because the allocation row it
@@ -185,21 +200,35 @@ def build(key: str, kind: str, legs: Sequence[Leg], *, memo: str = "",
     if not key:
         raise LedgerError("a transaction needs an idempotency key.")
     validate_legs(legs)
-    fingerprint = params_hash(kind, legs, {
-        "allocation_id": allocation_id, "period_start": period_start,
-        "period_end": period_end, "reference": reference, **(extra or {}),
-    })
+    fingerprint = params_hash(
+        kind,
+        legs,
+        {
+            "allocation_id": allocation_id,
+            "period_start": period_start,
+            "period_end": period_end,
+            "reference": reference,
+            **(extra or {}),
+        },
+    )
     txn = LedgerTransaction(
-        idempotency_key=key, params_hash=fingerprint, kind=kind, memo=memo[:500],
-        reference=reference, allocation_id=allocation_id, period_start=period_start,
-        period_end=period_end, created_by=created_by,
+        idempotency_key=key,
+        params_hash=fingerprint,
+        kind=kind,
+        memo=memo[:500],
+        reference=reference,
+        allocation_id=allocation_id,
+        period_start=period_start,
+        period_end=period_end,
+        created_by=created_by,
     )
     txn.postings = [Posting(ledger_account_id=leg.account, amount=leg.amount) for leg in legs]
     return txn
 
 
-def post(session: Session, key: str, kind: str, legs: Sequence[Leg], **fields: Any
-         ) -> tuple[LedgerTransaction, bool]:
+def post(
+    session: Session, key: str, kind: str, legs: Sequence[Leg], **fields: Any
+) -> tuple[LedgerTransaction, bool]:
     """Record a transaction once. Returns ``(transaction, created)``.
 
     A replay (same key, same parameters) returns the first transaction with
@@ -242,8 +271,9 @@ def ledger_total(session: Session) -> int:
     return int(session.scalar(select(func.coalesce(func.sum(Posting.amount), 0))) or 0)
 
 
-def with_retry(sessions: sessionmaker[Session], work: Callable[[Session], T],
-               attempts: int = 5) -> T:
+def with_retry(
+    sessions: sessionmaker[Session], work: Callable[[Session], T], attempts: int = 5
+) -> T:
     """Run ``work`` in a fresh database transaction, again if a concurrent writer won.
 
     A lost race for a unique key (``IntegrityError``) or a busy SQLite file

@@ -142,8 +142,9 @@ class Allocation(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id", ondelete="RESTRICT"),
-                                            index=True)
+    account_id: Mapped[int] = mapped_column(
+        ForeignKey("accounts.id", ondelete="RESTRICT"), index=True
+    )
     team_id: Mapped[int | None] = mapped_column(ForeignKey("teams.id", ondelete="RESTRICT"))
     provider_account_id: Mapped[int | None] = mapped_column(
         ForeignKey("accounts.id", ondelete="RESTRICT")
@@ -172,8 +173,7 @@ class Quota(Base):
         CheckConstraint("(account_id IS NULL) <> (team_id IS NULL)", name="one_owner"),
         CheckConstraint(f"rolling_window IN ({_in(list(QUOTA_WINDOWS))})", name="window_known"),
         CheckConstraint("gpu_seconds IS NULL OR gpu_seconds >= 0", name="gpu_seconds"),
-        CheckConstraint("spend_cap_per_hour IS NULL OR spend_cap_per_hour >= 0",
-                        name="spend_cap"),
+        CheckConstraint("spend_cap_per_hour IS NULL OR spend_cap_per_hour >= 0", name="spend_cap"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

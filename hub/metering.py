@@ -1,11 +1,11 @@
 """Metering: the control plane charges running servers, per second, exactly once.
 
-The billing authority is allocation time × the locked price (DESIGN.md, trust
+The billing authority is allocation time * the locked price (DESIGN.md, trust
 boundaries); nothing a node or a user server reports can raise a charge.
 
 How a second is charged exactly once:
 
-* An allocation's time is cut on a fixed grid, ``started_at + k × interval``.
+* An allocation's time is cut on a fixed grid, ``started_at + k * interval``.
   The meter charges each complete grid interval once, as one ledger
   transaction keyed ``usage:<allocation>:<interval end>``; closing charges the
   last, partial interval up to ``ended_at``.
@@ -16,10 +16,10 @@ How a second is charged exactly once:
 
 Rounding (documented in docs/billing.md): the cumulative charge of an
 allocation up to moment *t* is
-``floor(gpu_count × price_per_gpu_hour × elapsed_µs / 3_600_000_000)``
+``floor(gpu_count * price_per_gpu_hour * elapsed_us / 3_600_000_000)``
 and an interval is charged the difference of two cumulative values, so
 rounding never accumulates across intervals; the platform fee is
-``floor(cumulative charge × fee_bps / 10_000)`` the same way, and the
+``floor(cumulative charge * fee_bps / 10_000)`` the same way, and the
 provider gets the rest. The customer is never charged more than the exact
 price, and by less than one micro-credit over a whole allocation.
 """
@@ -85,9 +85,14 @@ def split(alloc: Allocation, a: datetime, b: datetime) -> Split:
     return Split(cb - ca, fee, cb - ca - fee)
 
 
-def periods_due(started_at: datetime, last_charged_at: datetime, now: datetime,
-                interval: timedelta, ended_at: datetime | None = None,
-                limit: int = MAX_INTERVALS_PER_TICK) -> list[tuple[datetime, datetime]]:
+def periods_due(
+    started_at: datetime,
+    last_charged_at: datetime,
+    now: datetime,
+    interval: timedelta,
+    ended_at: datetime | None = None,
+    limit: int = MAX_INTERVALS_PER_TICK,
+) -> list[tuple[datetime, datetime]]:
     """The uncharged periods to charge now: whole grid intervals, then the last partial one.
 
     Nothing before ``started_at`` (the server being ready) and nothing after
@@ -134,8 +139,7 @@ def payer_ledger_account(session: Session, alloc: Allocation) -> int:
 
 
 def payer_key(alloc: Allocation) -> tuple[str, int]:
-    return ("team", alloc.team_id) if alloc.team_id is not None else ("account",
-                                                                      alloc.account_id)
+    return ("team", alloc.team_id) if alloc.team_id is not None else ("account", alloc.account_id)
 
 
 # --- charging ------------------------------------------------------------------------
@@ -153,8 +157,9 @@ class TickResult:
     payers: set[int] = field(default_factory=set)
 
 
-def charge_allocations(session: Session, ids: Iterable[int], now: datetime,
-                       interval: timedelta, result: TickResult) -> None:
+def charge_allocations(
+    session: Session, ids: Iterable[int], now: datetime, interval: timedelta, result: TickResult
+) -> None:
     """Charge every due period of these allocations, in the caller's DB transaction."""
     query = select(Allocation).where(Allocation.id.in_(list(ids))).order_by(Allocation.id)
     if session.get_bind().dialect.name == "postgresql":
@@ -162,15 +167,22 @@ def charge_allocations(session: Session, ids: Iterable[int], now: datetime,
     platform = ledger.platform_revenue(session).id
     accounts: dict[tuple[str, int | None], int] = {}
     for alloc in session.scalars(query):
-        if alloc.status == "stopping" and alloc.stopping_at is not None \
-                and alloc.stopping_at <= now:
+        if (
+            alloc.status == "stopping"
+            and alloc.stopping_at is not None
+            and alloc.stopping_at <= now
+        ):
             # Out of credit and past the grace period: charges end exactly here.
             alloc.ended_at, alloc.status = alloc.stopping_at, "stop_due"
             result.stops_due.append(alloc.id)
-            log.warning("allocation %s of %s/%s stops now (%s)", alloc.id, alloc.user_name,
-                        alloc.server_name, alloc.stop_reason)
-        due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval,
-                          alloc.ended_at)
+            log.warning(
+                "allocation %s of %s/%s stops now (%s)",
+                alloc.id,
+                alloc.user_name,
+                alloc.server_name,
+                alloc.stop_reason,
+            )
+        due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval, alloc.ended_at)
         if not due:
             continue
         pk = ("payer", alloc.team_id if alloc.team_id is not None else -alloc.account_id)
@@ -182,14 +194,22 @@ def charge_allocations(session: Session, ids: Iterable[int], now: datetime,
         payer, earnings = accounts[pk], accounts[ek]
         for a, b in due:
             part = split(alloc, a, b)
-            session.add(ledger.build(
-                usage_key(alloc.id, b), "usage",
-                [ledger.Leg(payer, -part.charge), ledger.Leg(earnings, part.provider),
-                 ledger.Leg(platform, part.fee)],
-                allocation_id=alloc.id, period_start=a, period_end=b,
-                memo=f"{alloc.user_name}/{alloc.server_name}: {alloc.gpu_count} GPU",
-                created_by="meter",
-            ))
+            session.add(
+                ledger.build(
+                    usage_key(alloc.id, b),
+                    "usage",
+                    [
+                        ledger.Leg(payer, -part.charge),
+                        ledger.Leg(earnings, part.provider),
+                        ledger.Leg(platform, part.fee),
+                    ],
+                    allocation_id=alloc.id,
+                    period_start=a,
+                    period_end=b,
+                    memo=f"{alloc.user_name}/{alloc.server_name}: {alloc.gpu_count} GPU",
+                    created_by="meter",
+                )
+            )
             result.intervals += 1
             result.charged += part.charge
         alloc.last_charged_at = due[-1][1]
@@ -197,8 +217,12 @@ def charge_allocations(session: Session, ids: Iterable[int], now: datetime,
     session.flush()
 
 
-def tick(sessions: sessionmaker[Session], settings: Settings, now: datetime | None = None,
-         batch: int = 200) -> TickResult:
+def tick(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    now: datetime | None = None,
+    batch: int = 200,
+) -> TickResult:
     """One pass of the meter: charge what is due, then check every payer's runway.
 
     Allocations are charged ``batch`` at a time, one database transaction per
@@ -209,13 +233,19 @@ def tick(sessions: sessionmaker[Session], settings: Settings, now: datetime | No
     interval = timedelta(seconds=settings.meter_interval_seconds)
     result = TickResult()
     with transaction(sessions) as session:
-        ids = list(session.scalars(
-            select(Allocation.id).where(or_(
-                Allocation.status.in_(OPEN_STATES),
-                (Allocation.ended_at.is_not(None))
-                & (Allocation.last_charged_at < Allocation.ended_at),
-            )).order_by(Allocation.id)
-        ))
+        ids = list(
+            session.scalars(
+                select(Allocation.id)
+                .where(
+                    or_(
+                        Allocation.status.in_(OPEN_STATES),
+                        (Allocation.ended_at.is_not(None))
+                        & (Allocation.last_charged_at < Allocation.ended_at),
+                    )
+                )
+                .order_by(Allocation.id)
+            )
+        )
     for chunk in _chunks(ids, batch):
         try:
             part = TickResult()
@@ -227,16 +257,16 @@ def tick(sessions: sessionmaker[Session], settings: Settings, now: datetime | No
             for alloc_id in chunk:
                 part = TickResult()
 
-                def one(session: Session, alloc_id: int = alloc_id,
-                        part: TickResult = part) -> None:
+                def one(
+                    session: Session, alloc_id: int = alloc_id, part: TickResult = part
+                ) -> None:
                     charge_allocations(session, [alloc_id], now, interval, part)
 
                 ledger.with_retry(sessions, one)
                 _merge(result, part)
     ledger.with_retry(sessions, lambda s: check_runway(s, settings, now, result))
     if result.intervals:
-        log.info("meter: charged %d intervals, %d micro-credits", result.intervals,
-                 result.charged)
+        log.info("meter: charged %d intervals, %d micro-credits", result.intervals, result.charged)
     return result
 
 
@@ -249,7 +279,7 @@ def _merge(into: TickResult, part: TickResult) -> None:
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
     for start in range(0, len(items), max(1, size)):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 # --- runway and quotas -----------------------------------------------------------------
@@ -266,8 +296,9 @@ def gpu_seconds_used(allocs: Iterable[Allocation], since: datetime, now: datetim
     return total
 
 
-def quota_for(session: Session, *, account_id: int | None = None,
-              team_id: int | None = None) -> Quota | None:
+def quota_for(
+    session: Session, *, account_id: int | None = None, team_id: int | None = None
+) -> Quota | None:
     if account_id is not None:
         return session.scalar(select(Quota).where(Quota.account_id == account_id))
     return session.scalar(select(Quota).where(Quota.team_id == team_id))
@@ -275,10 +306,18 @@ def quota_for(session: Session, *, account_id: int | None = None,
 
 def quota_allocations(session: Session, quota: Quota, since: datetime) -> list[Allocation]:
     """Allocations a quota counts: all of a user's, or those billed to a team."""
-    owner = Allocation.account_id == quota.account_id if quota.account_id is not None \
+    owner = (
+        Allocation.account_id == quota.account_id
+        if quota.account_id is not None
         else Allocation.team_id == quota.team_id
-    return list(session.scalars(select(Allocation).where(
-        owner, or_(Allocation.ended_at.is_(None), Allocation.ended_at > since))))
+    )
+    return list(
+        session.scalars(
+            select(Allocation).where(
+                owner, or_(Allocation.ended_at.is_(None), Allocation.ended_at > since)
+            )
+        )
+    )
 
 
 def quota_left(session: Session, quota: Quota, now: datetime) -> int | None:
@@ -286,8 +325,9 @@ def quota_left(session: Session, quota: Quota, now: datetime) -> int | None:
     if quota.gpu_seconds is None:
         return None
     since = now - timedelta(seconds=QUOTA_WINDOWS[quota.rolling_window])
-    return quota.gpu_seconds - gpu_seconds_used(quota_allocations(session, quota, since),
-                                                since, now)
+    return quota.gpu_seconds - gpu_seconds_used(
+        quota_allocations(session, quota, since), since, now
+    )
 
 
 def uncharged(alloc: Allocation, now: datetime) -> int:
@@ -309,8 +349,9 @@ class PayerState:
     reason: str
 
 
-def payer_state(session: Session, payer_ledger_id: int, open_allocs: list[Allocation],
-                now: datetime) -> PayerState:
+def payer_state(
+    session: Session, payer_ledger_id: int, open_allocs: list[Allocation], now: datetime
+) -> PayerState:
     """Balance, what is left after uncharged time, the burn rate and the runway.
 
     The runway is the shorter of the money runway and any GPU-hour quota runway
@@ -339,15 +380,17 @@ def payer_state(session: Session, payer_ledger_id: int, open_allocs: list[Alloca
     return PayerState(bal, available, rate, runway, reason)
 
 
-def check_runway(session: Session, settings: Settings, now: datetime,
-                 result: TickResult) -> None:
+def check_runway(session: Session, settings: Settings, now: datetime, result: TickResult) -> None:
     """Warn below the threshold; at zero schedule a stop after the grace period.
 
     A payer whose runway recovers (a top-up, a raised quota) before the stop
     gets its servers back to ``running``.
     """
-    allocs = list(session.scalars(select(Allocation).where(
-        Allocation.status.in_(OPEN_STATES)).order_by(Allocation.id)))
+    allocs = list(
+        session.scalars(
+            select(Allocation).where(Allocation.status.in_(OPEN_STATES)).order_by(Allocation.id)
+        )
+    )
     groups: dict[tuple[str, int], list[Allocation]] = {}
     for alloc in allocs:
         groups.setdefault(payer_key(alloc), []).append(alloc)
@@ -361,21 +404,38 @@ def check_runway(session: Session, settings: Settings, now: datetime,
                     alloc.status, alloc.stopping_at = "stopping", now + grace
                     alloc.stop_reason = state.reason
                     result.stopping.append(alloc.id)
-                    log.warning("allocation %s of %s/%s: %s, stopping at %s", alloc.id,
-                                alloc.user_name, alloc.server_name, state.reason,
-                                alloc.stopping_at.isoformat())
-            elif alloc.status == "stopping" and alloc.stop_reason in ("out_of_credit",
-                                                                      "quota_exhausted"):
+                    log.warning(
+                        "allocation %s of %s/%s: %s, stopping at %s",
+                        alloc.id,
+                        alloc.user_name,
+                        alloc.server_name,
+                        state.reason,
+                        alloc.stopping_at.isoformat(),
+                    )
+            elif alloc.status == "stopping" and alloc.stop_reason in (
+                "out_of_credit",
+                "quota_exhausted",
+            ):
                 alloc.status, alloc.stopping_at, alloc.stop_reason = "running", None, None
                 alloc.runway_warned_at = None
-                log.info("allocation %s of %s/%s: runway restored, stop cancelled", alloc.id,
-                         alloc.user_name, alloc.server_name)
+                log.info(
+                    "allocation %s of %s/%s: runway restored, stop cancelled",
+                    alloc.id,
+                    alloc.user_name,
+                    alloc.server_name,
+                )
             if runway is not None and runway < settings.runway_warning_seconds:
                 if alloc.runway_warned_at is None:
                     alloc.runway_warned_at = now
                     result.warned.append(alloc.id)
-                    log.warning("allocation %s of %s/%s: runway %.0f s (%s)", alloc.id,
-                                alloc.user_name, alloc.server_name, runway, state.reason)
+                    log.warning(
+                        "allocation %s of %s/%s: runway %.0f s (%s)",
+                        alloc.id,
+                        alloc.user_name,
+                        alloc.server_name,
+                        runway,
+                        state.reason,
+                    )
             elif alloc.runway_warned_at is not None and alloc.status == "running":
                 alloc.runway_warned_at = None
     session.flush()
@@ -402,9 +462,11 @@ async def stop_due_servers(portal: Portal) -> list[int]:
 
     def due() -> list[tuple[int, str, str]]:
         with transaction(portal.sessions) as session:
-            rows = session.execute(select(Allocation.id, Allocation.user_name,
-                                          Allocation.server_name)
-                                   .where(Allocation.status == "stop_due"))
+            rows = session.execute(
+                select(Allocation.id, Allocation.user_name, Allocation.server_name).where(
+                    Allocation.status == "stop_due"
+                )
+            )
             return [(r[0], r[1], r[2]) for r in rows]
 
     stopped = []
@@ -418,8 +480,8 @@ async def stop_due_servers(portal: Portal) -> list[int]:
         stopped.append(alloc_id)
     if stopped:
         await run_in_threadpool(
-            ledger.with_retry, portal.sessions,
-            lambda s: allocations.mark_stopped(s, stopped))
+            ledger.with_retry, portal.sessions, lambda s: allocations.mark_stopped(s, stopped)
+        )
     return stopped
 
 

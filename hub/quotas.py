@@ -50,16 +50,21 @@ def hours(gpu_seconds: int) -> str:
     return f"{gpu_seconds / 3600:.2f}".rstrip("0").rstrip(".") + " GPU-h"
 
 
-def runway_refusal(available: int, running_rate: int, new_rate: int, min_seconds: int,
-                   currency: str) -> str | None:
+def runway_refusal(
+    available: int, running_rate: int, new_rate: int, min_seconds: int, currency: str
+) -> str | None:
     """Why the payer cannot afford ``min_seconds`` of everything it would run; None if it can."""
     total_rate = running_rate + new_rate
     needed = -(-total_rate * min_seconds // 3600)  # ceil: the whole minimum period
     if available >= needed:
         return None
     covers = metering.runway_seconds(max(available, 0), total_rate) or 0.0
-    running = (f" together with your running servers ({ledger.format_credits(running_rate, currency)}"
-               "/hour)" if running_rate else "")
+    running = (
+        f" together with your running servers ({ledger.format_credits(running_rate, currency)}"
+        "/hour)"
+        if running_rate
+        else ""
+    )
     return (
         f"Your available balance of {ledger.format_credits(max(available, 0), currency)} covers "
         f"{minutes(covers)} of this server at {ledger.format_credits(new_rate, currency)}/hour"
@@ -69,8 +74,9 @@ def runway_refusal(available: int, running_rate: int, new_rate: int, min_seconds
     )
 
 
-def quota_refusal(whose: str, quota_seconds: int, window: str, left: int, gpu_count: int,
-                  min_seconds: int) -> str | None:
+def quota_refusal(
+    whose: str, quota_seconds: int, window: str, left: int, gpu_count: int, min_seconds: int
+) -> str | None:
     """Why a GPU-hour budget cannot take ``gpu_count`` GPUs for the minimum period."""
     needed = gpu_count * min_seconds
     if left >= needed:
@@ -83,8 +89,9 @@ def quota_refusal(whose: str, quota_seconds: int, window: str, left: int, gpu_co
     )
 
 
-def spend_cap_refusal(whose: str, cap: int, running_rate: int, new_rate: int,
-                      currency: str) -> str | None:
+def spend_cap_refusal(
+    whose: str, cap: int, running_rate: int, new_rate: int, currency: str
+) -> str | None:
     if running_rate + new_rate <= cap:
         return None
     return (
@@ -107,8 +114,16 @@ class Authorization:
     runway_seconds: float | None
 
 
-def authorize(session: Session, settings: Settings, *, user: str, gpu_count: int,
-              price_per_gpu_hour: int, team: str | None, now: datetime) -> Authorization:
+def authorize(
+    session: Session,
+    settings: Settings,
+    *,
+    user: str,
+    gpu_count: int,
+    price_per_gpu_hour: int,
+    team: str | None,
+    now: datetime,
+) -> Authorization:
     """Grant the launch or raise :class:`PaymentRequired` / :class:`QuotaExceeded`."""
     account = account_named(session, user)
     if not account.active:
@@ -117,29 +132,45 @@ def authorize(session: Session, settings: Settings, *, user: str, gpu_count: int
     if team:
         team_row = team_named(session, team)
         if not is_member(session, team_row, account):
-            raise Forbidden(f"{user} is not a member of team {team!r}, so the team cannot pay "
-                            "for this server.")
-    payer_clause = (Allocation.team_id == team_row.id) if team_row is not None else (
-        (Allocation.account_id == account.id) & Allocation.team_id.is_(None))
-    running = list(session.scalars(select(Allocation).where(
-        payer_clause, Allocation.status.in_(OPEN_STATES))))
-    payer_id = ledger.team_budget(session, team_row.id).id if team_row is not None \
+            raise Forbidden(
+                f"{user} is not a member of team {team!r}, so the team cannot pay for this server."
+            )
+    payer_clause = (
+        (Allocation.team_id == team_row.id)
+        if team_row is not None
+        else ((Allocation.account_id == account.id) & Allocation.team_id.is_(None))
+    )
+    running = list(
+        session.scalars(select(Allocation).where(payer_clause, Allocation.status.in_(OPEN_STATES)))
+    )
+    payer_id = (
+        ledger.team_budget(session, team_row.id).id
+        if team_row is not None
         else ledger.wallet(session, account.id).id
+    )
     state = metering.payer_state(session, payer_id, running, now)
     new_rate = gpu_count * price_per_gpu_hour
     currency = settings.currency_name
-    why = runway_refusal(state.available, state.rate_per_hour, new_rate,
-                         settings.min_billable_seconds, currency)
+    why = runway_refusal(
+        state.available, state.rate_per_hour, new_rate, settings.min_billable_seconds, currency
+    )
     if why:
         raise PaymentRequired(why)
     limits: list[tuple[str, Quota | None, list[Allocation]]] = [
-        ("Your", metering.quota_for(session, account_id=account.id),
-         list(session.scalars(select(Allocation).where(
-             Allocation.account_id == account.id, Allocation.status.in_(OPEN_STATES))))),
+        (
+            "Your",
+            metering.quota_for(session, account_id=account.id),
+            list(
+                session.scalars(
+                    select(Allocation).where(
+                        Allocation.account_id == account.id, Allocation.status.in_(OPEN_STATES)
+                    )
+                )
+            ),
+        ),
     ]
     if team_row is not None:
-        limits.append((f"Team {team}'s", metering.quota_for(session, team_id=team_row.id),
-                       running))
+        limits.append((f"Team {team}'s", metering.quota_for(session, team_id=team_row.id), running))
     for whose, quota, open_allocs in limits:
         if quota is None:
             continue
@@ -147,25 +178,46 @@ def authorize(session: Session, settings: Settings, *, user: str, gpu_count: int
             left = metering.quota_left(session, quota, now) or 0
             # The running servers keep burning the budget during the minimum period too.
             left -= sum(a.gpu_count for a in open_allocs) * settings.min_billable_seconds
-            why = quota_refusal(whose, quota.gpu_seconds, quota.rolling_window, left, gpu_count,
-                                settings.min_billable_seconds)
+            why = quota_refusal(
+                whose,
+                quota.gpu_seconds,
+                quota.rolling_window,
+                left,
+                gpu_count,
+                settings.min_billable_seconds,
+            )
             if why:
                 raise QuotaExceeded(why)
         if quota.spend_cap_per_hour is not None:
-            why = spend_cap_refusal(whose.lower() if whose == "Your" else whose,
-                                    quota.spend_cap_per_hour,
-                                    sum(metering.hourly_rate(a) for a in open_allocs),
-                                    new_rate, currency)
+            why = spend_cap_refusal(
+                whose.lower() if whose == "Your" else whose,
+                quota.spend_cap_per_hour,
+                sum(metering.hourly_rate(a) for a in open_allocs),
+                new_rate,
+                currency,
+            )
             if why:
                 raise QuotaExceeded(why)
     total_rate = state.rate_per_hour + new_rate
-    return Authorization(user, f"team:{team}" if team else f"user:{user}", state.balance,
-                         state.available, total_rate,
-                         metering.runway_seconds(state.available, total_rate))
+    return Authorization(
+        user,
+        f"team:{team}" if team else f"user:{user}",
+        state.balance,
+        state.available,
+        total_rate,
+        metering.runway_seconds(state.available, total_rate),
+    )
 
 
-def set_quota(session: Session, *, user: str | None, team: str | None, window: str,
-              gpu_hours: float | None, spend_cap_per_hour: int | None) -> Quota:
+def set_quota(
+    session: Session,
+    *,
+    user: str | None,
+    team: str | None,
+    window: str,
+    gpu_hours: float | None,
+    spend_cap_per_hour: int | None,
+) -> Quota:
     """Create or replace the quota of one user or one team (admins)."""
     if (user is None) == (team is None):
         raise LedgerError("name exactly one of user or team.")
@@ -195,8 +247,7 @@ def set_quota(session: Session, *, user: str | None, team: str | None, window: s
 
 def quota_view(session: Session, quota: Quota, now: datetime) -> dict[str, object]:
     since = now - timedelta(seconds=QUOTA_WINDOWS[quota.rolling_window])
-    used = metering.gpu_seconds_used(metering.quota_allocations(session, quota, since),
-                                     since, now)
+    used = metering.gpu_seconds_used(metering.quota_allocations(session, quota, since), since, now)
     return {
         "window": quota.rolling_window,
         "gpu_hours": None if quota.gpu_seconds is None else quota.gpu_seconds / 3600,

@@ -139,9 +139,14 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("ray_num_cpus", "ray_object_store_mb", "min_password_length",
-                     "meter_interval_seconds", "min_billable_seconds",
-                     "solana_micro_credits_per_sol")
+    @field_validator(
+        "ray_num_cpus",
+        "ray_object_store_mb",
+        "min_password_length",
+        "meter_interval_seconds",
+        "min_billable_seconds",
+        "solana_micro_credits_per_sol",
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:

@@ -8,7 +8,6 @@ import time
 
 import psutil
 import pytest
-
 from gpuportal.hub.localray import LocalRayHead, plan_gpus, stop_process_group
 from gpuportal.hub.raystatus import cluster_status, summarize_nodes
 from gpuportal.provider import nvml
@@ -21,7 +20,11 @@ async def test_status_shows_the_demo_gpus(ray_cluster: RayCluster) -> None:
     status = await cluster_status(ray_cluster.jobs_url)
     assert status["status"] == "ok"
     assert (status["nodes_alive"], status["gpus"], status["gpu_models"], status["demo"]) == (
-        1, 2, {"A100-80GB": 2}, True)
+        1,
+        2,
+        {"A100-80GB": 2},
+        True,
+    )
 
 
 @pytest.mark.ray
@@ -44,8 +47,12 @@ def test_summary_counts_only_alive_nodes() -> None:
         {"state": "ALIVE", "resources_total": {"CPU": 8.0}},
     ]
     assert summarize_nodes(nodes) == {
-        "nodes_alive": 2, "nodes_dead": 1, "gpus": 4, "gpu_models": {"H100": 4},
-        "demo_gpus": 0, "demo": False,
+        "nodes_alive": 2,
+        "nodes_dead": 1,
+        "gpus": 4,
+        "gpu_models": {"H100": 4},
+        "demo_gpus": 0,
+        "demo": False,
     }
 
 
@@ -54,9 +61,16 @@ def test_real_gpus_win_over_demo(tmp_path) -> None:
     from gpuportal.hub.settings import load_settings
 
     recorded = [
-        {"index": i, "uuid": f"GPU-{i}", "model": "NVIDIA H200", "memory_total_mib": 143771,
-         "driver_version": "570.86", "cuda_capability": "9.0", "pci_bus_id": f"0000:0{i}:00.0",
-         "power_limit_w": 700.0}
+        {
+            "index": i,
+            "uuid": f"GPU-{i}",
+            "model": "NVIDIA H200",
+            "memory_total_mib": 143771,
+            "driver_version": "570.86",
+            "cuda_capability": "9.0",
+            "pci_bus_id": f"0000:0{i}:00.0",
+            "power_limit_w": 700.0,
+        }
         for i in range(2)
     ]
     settings = load_settings(data_dir=tmp_path, demo_gpus="4xL4")
@@ -72,10 +86,13 @@ def test_real_gpus_win_over_demo(tmp_path) -> None:
 
 def test_stop_process_group_ends_the_whole_tree() -> None:
     parent = subprocess.Popen(
-        [sys.executable, "-c",
-         "import subprocess, sys, time; "
-         "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
-         "time.sleep(300)"],
+        [
+            sys.executable,
+            "-c",
+            "import subprocess, sys, time; "
+            "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)']); "
+            "time.sleep(300)",
+        ],
         start_new_session=True,
     )
     try:
