@@ -22,11 +22,10 @@ from fastapi.responses import PlainTextResponse, Response
 from pydantic import AwareDatetime, BaseModel, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
-from . import allocations, credits, deposits, ledger, metering, quotas, usage
+from . import allocations, credits, deposits, ledger, metering, quotas, timeutil, usage
 from .auth import CurrentUser, PortalDep, PortalUser
 from .ledger import LedgerError
 from .ledger_models import OPEN_STATES, Allocation
-from .timeutil import utcnow
 
 router = APIRouter(prefix="/api/v1")
 T = TypeVar("T")
@@ -151,7 +150,7 @@ async def open_allocation(
 
     Retrying with the same terms returns the open allocation (200).
     """
-    now = utcnow()
+    now = timeutil.utcnow()
     req = allocations.OpenRequest(
         user=body.user,
         server=body.server,
@@ -181,7 +180,7 @@ async def close_allocation(
     allocation_id: int, portal: PortalDep, caller: Trusted, body: AllocationClose | None = None
 ) -> Any:
     """End a server's billing period and charge exactly up to ``ended_at``; idempotent."""
-    now = utcnow()
+    now = timeutil.utcnow()
     ended_at = body.ended_at if body else None
 
     def work(session: Any) -> dict[str, Any]:
@@ -255,7 +254,7 @@ async def get_balance(
 
     name = user or caller.name
     may_see(caller, name)
-    now = utcnow()
+    now = timeutil.utcnow()
     settings = portal.settings
 
     def work(session: Any) -> dict[str, Any]:
@@ -458,7 +457,7 @@ class QuotaPublic(BaseModel):
 @router.put("/quotas", response_model=QuotaPublic, tags=["quotas"])
 async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
     """Set (replace) the quota of one user or one team (admins)."""
-    now = utcnow()
+    now = timeutil.utcnow()
 
     def work(session: Any) -> dict[str, Any]:
         quota = quotas.set_quota(
@@ -483,7 +482,7 @@ async def get_quota(
     """Your quota (or a user's, for admins); null when there is none."""
     name = user or caller.name
     may_see(caller, name)
-    now = utcnow()
+    now = timeutil.utcnow()
 
     def work(session: Any) -> dict[str, Any] | None:
         account = allocations.account_named(session, name)
@@ -518,7 +517,7 @@ async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentUs
     The spawner calls it before it submits; a user may ask about themselves.
     """
     may_see(caller, body.user)
-    now = utcnow()
+    now = timeutil.utcnow()
 
     def work(session: Any) -> dict[str, Any]:
         ok = quotas.authorize(

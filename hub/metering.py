@@ -37,11 +37,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import ledger
+from . import ledger, timeutil
 from .db import transaction
 from .ledger_models import OPEN_STATES, QUOTA_WINDOWS, Allocation, Quota
 from .settings import Settings
-from .timeutil import utcnow
 
 if TYPE_CHECKING:
     from .app import Portal
@@ -229,7 +228,7 @@ def tick(
     batch; when a batch loses a race (a concurrent meter), each of its
     allocations is retried alone and finds its periods already charged.
     """
-    now = now or utcnow()
+    now = now or timeutil.utcnow()
     interval = timedelta(seconds=settings.meter_interval_seconds)
     result = TickResult()
     with transaction(sessions) as session:
