@@ -125,6 +125,43 @@ def ledger_account(
     return created
 
 
+def ledger_accounts(
+    session: Session, wanted: dict[str, tuple[str, int | None, int | None]]
+) -> dict[str, int]:
+    """Get or create many ledger accounts at once: ``{key: (kind, account_id, team_id)}``.
+
+    One query and at most one flush, so a batch of charges stays a batch.
+    """
+    found: dict[str, int] = {
+        key: account_id
+        for key, account_id in session.execute(
+            select(LedgerAccount.key, LedgerAccount.id).where(LedgerAccount.key.in_(list(wanted)))
+        )
+    }
+    missing = [
+        LedgerAccount(key=key, kind=kind, account_id=account_id, team_id=team_id)
+        for key, (kind, account_id, team_id) in wanted.items()
+        if key not in found
+    ]
+    if missing:
+        session.add_all(missing)
+        session.flush()
+        found.update({row.key: row.id for row in missing})
+    return found
+
+
+def balances(session: Session, ledger_account_ids: list[int]) -> dict[int, int]:
+    """Balances of many ledger accounts in one query (absent accounts are 0)."""
+    rows = session.execute(
+        select(Posting.ledger_account_id, func.sum(Posting.amount))
+        .where(Posting.ledger_account_id.in_(ledger_account_ids))
+        .group_by(Posting.ledger_account_id)
+    )
+    out = dict.fromkeys(ledger_account_ids, 0)
+    out.update({account: int(total or 0) for account, total in rows})
+    return out
+
+
 def wallet(session: Session, account_id: int) -> LedgerAccount:
     return ledger_account(session, f"wallet:{account_id}", "customer_wallet", account_id=account_id)
 

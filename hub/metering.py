@@ -137,8 +137,27 @@ def payer_ledger_account(session: Session, alloc: Allocation) -> int:
     return ledger.wallet(session, alloc.account_id).id
 
 
+def payer_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None, int | None]]:
+    """The payer's ledger account as ``(key, (kind, account_id, team_id))``."""
+    if alloc.team_id is not None:
+        return f"team:{alloc.team_id}", ("team_budget", None, alloc.team_id)
+    return f"wallet:{alloc.account_id}", ("customer_wallet", alloc.account_id, None)
+
+
+def earnings_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None, int | None]]:
+    if alloc.provider_account_id is None:
+        return "earnings:house", ("provider_earnings", None, None)
+    return f"earnings:{alloc.provider_account_id}", (
+        "provider_earnings",
+        alloc.provider_account_id,
+        None,
+    )
+
+
 def payer_key(alloc: Allocation) -> tuple[str, int]:
-    return ("team", alloc.team_id) if alloc.team_id is not None else ("account", alloc.account_id)
+    if alloc.team_id is not None:
+        return ("team", alloc.team_id)
+    return ("account", alloc.account_id)
 
 
 # --- charging ------------------------------------------------------------------------
@@ -163,9 +182,16 @@ def charge_allocations(
     query = select(Allocation).where(Allocation.id.in_(list(ids))).order_by(Allocation.id)
     if session.get_bind().dialect.name == "postgresql":
         query = query.with_for_update()
-    platform = ledger.platform_revenue(session).id
-    accounts: dict[tuple[str, int | None], int] = {}
-    for alloc in session.scalars(query):
+    allocs = list(session.scalars(query))
+    wanted: dict[str, tuple[str, int | None, int | None]] = {
+        "platform:revenue": ("platform_revenue", None, None)
+    }
+    for alloc in allocs:
+        wanted.update([payer_account_key(alloc), earnings_account_key(alloc)])
+    with session.no_autoflush:
+        accounts = ledger.ledger_accounts(session, wanted)
+    platform = accounts["platform:revenue"]
+    for alloc in allocs:
         if (
             alloc.status == "stopping"
             and alloc.stopping_at is not None
@@ -184,13 +210,8 @@ def charge_allocations(
         due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval, alloc.ended_at)
         if not due:
             continue
-        pk = ("payer", alloc.team_id if alloc.team_id is not None else -alloc.account_id)
-        if pk not in accounts:
-            accounts[pk] = payer_ledger_account(session, alloc)
-        ek = ("earnings", alloc.provider_account_id)
-        if ek not in accounts:
-            accounts[ek] = ledger.provider_earnings(session, alloc.provider_account_id).id
-        payer, earnings = accounts[pk], accounts[ek]
+        payer = accounts[payer_account_key(alloc)[0]]
+        earnings = accounts[earnings_account_key(alloc)[0]]
         for a, b in due:
             part = split(alloc, a, b)
             session.add(
@@ -349,14 +370,21 @@ class PayerState:
 
 
 def payer_state(
-    session: Session, payer_ledger_id: int, open_allocs: list[Allocation], now: datetime
+    session: Session,
+    payer_ledger_id: int,
+    open_allocs: list[Allocation],
+    now: datetime,
+    *,
+    known_balance: int | None = None,
+    quotas: dict[tuple[str, int], Quota] | None = None,
 ) -> PayerState:
     """Balance, what is left after uncharged time, the burn rate and the runway.
 
     The runway is the shorter of the money runway and any GPU-hour quota runway
-    (the user's own quota, and the team's when the team pays).
+    (the user's own quota, and the team's when the team pays). The meter passes
+    balances and quotas it read in bulk; other callers let this read them.
     """
-    bal = ledger.balance(session, payer_ledger_id)
+    bal = ledger.balance(session, payer_ledger_id) if known_balance is None else known_balance
     available = bal - sum(uncharged(a, now) for a in open_allocs)
     rate = sum(hourly_rate(a) for a in open_allocs)
     runway, reason = runway_seconds(available, rate), "out_of_credit"
@@ -365,9 +393,17 @@ def payer_state(
         owners: list[Quota | None] = []
         first = open_allocs[0]
         if first.team_id is not None:
-            owners.append(quota_for(session, team_id=first.team_id))
+            owners.append(
+                quotas.get(("team", first.team_id))
+                if quotas is not None
+                else quota_for(session, team_id=first.team_id)
+            )
         for account_id in sorted({a.account_id for a in open_allocs}):
-            owners.append(quota_for(session, account_id=account_id))
+            owners.append(
+                quotas.get(("account", account_id))
+                if quotas is not None
+                else quota_for(session, account_id=account_id)
+            )
         for quota in owners:
             if quota is None:
                 continue
@@ -394,8 +430,20 @@ def check_runway(session: Session, settings: Settings, now: datetime, result: Ti
     for alloc in allocs:
         groups.setdefault(payer_key(alloc), []).append(alloc)
     grace = timedelta(seconds=settings.grace_seconds)
+    with session.no_autoflush:
+        payer_ids = ledger.ledger_accounts(
+            session, dict(payer_account_key(g[0]) for g in groups.values())
+        )
+    money = ledger.balances(session, list(payer_ids.values()))
+    limits: dict[tuple[str, int], Quota] = {}
+    for quota in session.scalars(select(Quota)):
+        if quota.account_id is not None:
+            limits[("account", quota.account_id)] = quota
+        elif quota.team_id is not None:
+            limits[("team", quota.team_id)] = quota
     for group in groups.values():
-        state = payer_state(session, payer_ledger_account(session, group[0]), group, now)
+        payer = payer_ids[payer_account_key(group[0])[0]]
+        state = payer_state(session, payer, group, now, known_balance=money[payer], quotas=limits)
         runway = state.runway
         for alloc in group:
             if runway is not None and runway <= 0:

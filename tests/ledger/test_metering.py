@@ -33,7 +33,7 @@ def tick(sessions: sessionmaker[Session], settings: Settings, clock: Clock) -> m
 
 def close(
     sessions: sessionmaker[Session], settings: Settings, alloc_id: int, clock: Clock, ended_at=None
-):  # noqa: ANN001, ANN201
+):
     with portal_db.transaction(sessions) as session:
         alloc = allocations.close_allocation(session, settings, alloc_id, ended_at, clock.now)
         session.expunge(alloc)
@@ -51,7 +51,7 @@ def usage_keys(sessions: sessionmaker[Session]) -> list[str]:
         )
 
 
-def test_per_second_billing(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_per_second_billing(sessions, settings, clock, ann) -> None:
     """Grant 10 credits, run a 2-GPU server at a known price for 60 s, stop."""
     admin = add_account(sessions, "admin", "admin")  # the house provider
     grant(sessions, ann, 10 * CREDIT, "g")
@@ -78,7 +78,7 @@ def test_per_second_billing(sessions, settings, clock, ann) -> None:  # noqa: AN
     ]
 
 
-def test_no_charge_before_ready(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_no_charge_before_ready(sessions, settings, clock, ann) -> None:
     grant(sessions, ann, 10 * CREDIT, "g")
     ready = T0 + timedelta(seconds=100)  # the spawner opens at ready; the clock is later
     clock.now = ready + timedelta(seconds=40)
@@ -102,7 +102,7 @@ def test_restart_resumes_without_double_or_missed_seconds(
     settings,
     clock,
     ann,
-    db,  # noqa: ANN001
+    db,
 ) -> None:
     grant(sessions, ann, 10 * CREDIT, "g")
     alloc_id = open_alloc(sessions, settings, "ann")
@@ -121,7 +121,7 @@ def test_restart_resumes_without_double_or_missed_seconds(
     ]
 
 
-def test_concurrent_meters_charge_once(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_concurrent_meters_charge_once(sessions, settings, clock, ann) -> None:
     grant(sessions, ann, 100 * CREDIT, "g")
     ids = [open_alloc(sessions, settings, "ann", server=f"s{i}") for i in range(6)]
     clock.advance(300)
@@ -154,7 +154,7 @@ def test_close_at_a_dead_node_reverses_what_was_charged_after(
     sessions,
     settings,
     clock,
-    ann,  # noqa: ANN001
+    ann,
 ) -> None:
     grant(sessions, ann, 10 * CREDIT, "g")
     alloc_id = open_alloc(sessions, settings, "ann", fee_bps=1000)
@@ -172,7 +172,7 @@ def test_close_at_a_dead_node_reverses_what_was_charged_after(
     assert balance_of(sessions, f"wallet:{ann}") == 10 * CREDIT - 45_000
 
 
-def test_close_refuses_impossible_times(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_close_refuses_impossible_times(sessions, settings, clock, ann) -> None:
     alloc_id = open_alloc(sessions, settings, "ann", started_at=T0, now=T0)
     clock.advance(60)
     for bad, why in (
@@ -183,7 +183,7 @@ def test_close_refuses_impossible_times(sessions, settings, clock, ann) -> None:
             close(sessions, settings, alloc_id, clock, ended_at=bad)
 
 
-def test_team_pays_when_named(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_team_pays_when_named(sessions, settings, clock, ann) -> None:
     team = add_team(sessions, "ml", [ann])
     with portal_db.transaction(sessions) as session:
         ledger.post(
@@ -214,7 +214,7 @@ def runway_settings(settings: Settings) -> Settings:
     )
 
 
-def test_runway_at_spawn(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_runway_at_spawn(sessions, settings, clock, ann) -> None:
     """Credit for 5 min with a 15 min minimum: refused, with the reason."""
     grant(sessions, ann, 300_000, "g")  # 5 min at 3.6 credits/hour
     with (
@@ -248,7 +248,7 @@ def test_runway_at_spawn(sessions, settings, clock, ann) -> None:  # noqa: ANN00
     assert ok.runway_seconds == 900.0
 
 
-def test_runway_during_the_session(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_runway_during_the_session(sessions, settings, clock, ann) -> None:
     """Warn under 10 min, at zero stop after the 2 min grace, charge nothing after."""
     s = runway_settings(settings)
     grant(sessions, ann, 720_000, "g")  # 12 minutes at 1000 micro per second
@@ -278,7 +278,7 @@ def test_runway_during_the_session(sessions, settings, clock, ann) -> None:  # n
     assert balance_of(sessions, f"wallet:{ann}") == 720_000 - 840_000
 
 
-def test_a_top_up_cancels_the_stop(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_a_top_up_cancels_the_stop(sessions, settings, clock, ann) -> None:
     s = runway_settings(settings)
     grant(sessions, ann, 60_000, "g")
     alloc_id = open_alloc(sessions, s, "ann")
@@ -298,7 +298,7 @@ def test_two_servers_near_zero_never_overdraw_past_the_bound(
     settings,
     clock,
     ann,
-    spread: int,  # noqa: ANN001
+    spread: int,
 ) -> None:
     s = runway_settings(settings)
     grant(sessions, ann, 100_000, "g")  # a little credit, two servers burning it
@@ -324,7 +324,7 @@ def test_two_servers_near_zero_never_overdraw_past_the_bound(
     assert total(sessions) == 0
 
 
-def test_gpu_hour_quota_refuses_and_stops(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_gpu_hour_quota_refuses_and_stops(sessions, settings, clock, ann) -> None:
     s = runway_settings(settings)
     grant(sessions, ann, 100 * CREDIT, "g")
     with portal_db.transaction(sessions) as session:
@@ -332,7 +332,7 @@ def test_gpu_hour_quota_refuses_and_stops(sessions, settings, clock, ann) -> Non
             session, user="ann", team=None, window="day", gpu_hours=0.5, spend_cap_per_hour=None
         )
     with (
-        pytest.raises(quotas.QuotaExceeded, match="budget of 0.5 GPU-h per day"),
+        pytest.raises(quotas.QuotaExceeded, match=r"budget of 0\.5 GPU-h per day"),
         portal_db.transaction(sessions) as session,
     ):
         quotas.authorize(
@@ -344,7 +344,7 @@ def test_gpu_hour_quota_refuses_and_stops(sessions, settings, clock, ann) -> Non
     assert allocation(sessions, alloc_id).stop_reason == "quota_exhausted"
 
 
-def test_spend_cap(sessions, settings, clock, ann) -> None:  # noqa: ANN001
+def test_spend_cap(sessions, settings, clock, ann) -> None:
     grant(sessions, ann, 100 * CREDIT, "g")
     with portal_db.transaction(sessions) as session:
         quotas.set_quota(
@@ -357,7 +357,7 @@ def test_spend_cap(sessions, settings, clock, ann) -> None:  # noqa: ANN001
         )
     open_alloc(sessions, settings, "ann", price=3 * CREDIT)
     with (
-        pytest.raises(quotas.QuotaExceeded, match="spend cap of 5.00 credits/hour"),
+        pytest.raises(quotas.QuotaExceeded, match=r"spend cap of 5\.00 credits/hour"),
         portal_db.transaction(sessions) as session,
     ):
         quotas.authorize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from itertools import pairwise
 
 import pytest
 from gpuportal.hub import deposits, ledger, metering, quotas
@@ -11,7 +12,7 @@ from gpuportal.hub.ledger_models import Allocation
 from .conftest import T0
 
 
-def s(seconds: float):  # noqa: ANN201 - a moment T0 + seconds
+def s(seconds: float):
     return T0 + timedelta(seconds=seconds)
 
 
@@ -46,7 +47,7 @@ def alloc(gpus: int = 1, price: int = 1_000_000, fee: int = 1000) -> Allocation:
 def test_interval_charges_sum_to_the_cumulative_charge() -> None:
     a = alloc(price=1_000_000, fee=1250)
     cuts = [0, 30, 60, 90, 97.5, 120, 3600, 3601]
-    parts = [metering.split(a, s(x), s(y)) for x, y in zip(cuts, cuts[1:], strict=False)]
+    parts = [metering.split(a, s(x), s(y)) for x, y in pairwise(cuts)]
     assert sum(p.charge for p in parts) == metering.accrued(1, 1_000_000, T0, s(3601))
     assert sum(p.fee for p in parts) == metering.fee_of(1_000_277, 1250)
     assert all(p.charge == p.fee + p.provider for p in parts)
@@ -227,7 +228,7 @@ SENDER, US, OTHER = "Sender1", "Deposit1", "Other1"
         (deposits.ChainTransaction("sig", True, []), 500, deposits.DepositRefused),
     ],
 )
-def test_verify_deposit(found, lamports: int, outcome) -> None:  # noqa: ANN001
+def test_verify_deposit(found, lamports: int, outcome) -> None:
     if isinstance(outcome, int):
         assert deposits.verify(found, signature="sig", address=US, lamports=lamports) == outcome
     else:
