@@ -121,11 +121,14 @@ c.JupyterHub.load_roles = [
         ],
     },
     # The portal service reads users and groups to keep accounts and teams in
-    # step; it can change nothing in the hub.
+    # step, and may stop servers (metering's out-of-credit stop); it can
+    # change nothing else in the hub.
     {
         "name": "portal-service",
         "services": ["portal"],
-        "scopes": ["list:users", "read:users", "list:groups", "read:groups"],
+        # `servers`: the meter stops a server whose payer ran out of credit
+        # after the grace period (DELETE /hub/api/users/{name}/servers/{server}).
+        "scopes": ["list:users", "read:users", "list:groups", "read:groups", "servers"],
     },
 ]
 
@@ -140,6 +143,22 @@ _portal_env = {
     "GPUPORTAL_HUB_SYNC_SECONDS": str(gp.hub_sync_seconds),
     "GPUPORTAL_LOG_LEVEL": gp.log_level,
     "RAY_USAGE_STATS_ENABLED": "0",
+    # Billing (docs/billing.md): metering, runway, trusted services, deposits.
+    **{
+        f"GPUPORTAL_{name.upper()}": str(getattr(gp, name))
+        for name in (
+            "admin_user",
+            "currency_name",
+            "meter_interval_seconds",
+            "min_billable_seconds",
+            "runway_warning_seconds",
+            "grace_seconds",
+            "trusted_services",
+            "solana_rpc_url",
+            "solana_deposit_address",
+            "solana_micro_credits_per_sol",
+        )
+    },
 }
 c.JupyterHub.services = [
     {

@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 ERROR_CODES = {
     400: "bad_request",
     401: "unauthenticated",
+    402: "payment_required",
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
@@ -49,13 +50,19 @@ class Portal:
     """Everything a request handler may need, built once per process."""
 
     def __init__(
-        self, settings: Settings, cache: Cache | None = None, hub: HubAPI | None = None
+        self,
+        settings: Settings,
+        cache: Cache | None = None,
+        hub: HubAPI | None = None,
+        chain: Any | None = None,
     ) -> None:
         self.settings = settings
         self.engine = db.make_engine(settings.database_url)
         self.sessions = db.session_factory(self.engine)
         self.cache: Cache = cache or make_cache(settings.redis_url)
         self.hub = hub or HubAPI(settings.hub_api_url, settings.api_token.get_secret_value())
+        #: The Solana chain deposits are verified on (hub.deposits); made on first use.
+        self.chain = chain
 
     @cached_property
     def oauth(self) -> HubOAuth:
@@ -109,7 +116,9 @@ def error_body(status: int, message: str, code: str | None = None) -> dict[str, 
 def create_app(
     settings: Settings, portal: Portal | None = None, *, background: bool = True
 ) -> FastAPI:
-    """Build the app. ``background=False`` skips the hub sync loop (unit tests)."""
+    """Build the app. ``background=False`` skips the hub sync and meter loops (unit tests)."""
+    from .billing_routes import router as billing_router
+    from .metering import meter_loop
     from .routes import router
 
     prefix = settings.service_prefix
@@ -119,7 +128,14 @@ def create_app(
         the_portal = portal or Portal(settings)
         await run_in_threadpool(db.upgrade, the_portal.engine)
         app.state.portal = the_portal
-        task = asyncio.create_task(the_portal.sync_loop()) if background else None
+        tasks = (
+            [
+                asyncio.create_task(the_portal.sync_loop()),
+                asyncio.create_task(meter_loop(the_portal)),
+            ]
+            if background
+            else []
+        )
         log.info(
             "portal service %s ready at %s (db %s, cache %s)",
             __version__,
@@ -130,7 +146,7 @@ def create_app(
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
@@ -185,6 +201,7 @@ def create_app(
         )
 
     app.include_router(router, prefix=prefix.rstrip("/"))
+    app.include_router(billing_router, prefix=prefix.rstrip("/"))
     _mount_docs(app, prefix)
     return app
 

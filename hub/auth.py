@@ -52,6 +52,9 @@ class PortalUser:
     account_id: int
     groups: list[str] = field(default_factory=list)
     scopes: list[str] = field(default_factory=list)
+    #: "user", or "service" for a trusted hub service (``GPUPORTAL_TRUSTED_SERVICES``),
+    #: which has role "service" and no portal account (``account_id`` 0).
+    kind: str = "user"
 
 
 def token_from(request: Request) -> str | None:
@@ -90,6 +93,20 @@ async def current_user(request: Request, portal: PortalDep) -> PortalUser:
     if model is None:
         raise AuthRequired("Your hub token is invalid or has expired; log in again.")
     if model.get("kind", "user") != "user":
+        name = str(model.get("name", ""))
+        if model.get("kind") == "service" and name in portal.settings.trusted_service_names:
+            service = PortalUser(
+                name=name,
+                role="service",
+                admin=False,
+                account_id=0,
+                scopes=sorted(model.get("scopes") or []),
+                kind="service",
+            )
+            await portal.cache.set(
+                key, json.dumps(asdict(service)), ttl=portal.settings.auth_cache_seconds
+            )
+            return service
         raise HTTPException(403, "Only hub users can use this endpoint.")
     # The token's own model may lack groups (OAuth tokens carry few scopes), so
     # the portal reads the full model with its service token.

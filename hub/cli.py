@@ -168,6 +168,64 @@ def admin_create(username: str, password: str, data_dir: Path | None) -> None:
     click.echo(f"admin {username!r} is ready; restart gpuportal for the hub to see it.")
 
 
+@main.group("credits")
+def credits_group() -> None:
+    """Credits in the portal ledger (micro-credit exact; see docs/billing.md)."""
+
+
+@credits_group.command("grant")
+@click.argument("user")
+@click.argument("amount")
+@click.option("--promo", is_flag=True, help="Book it as promotional credit, not a grant.")
+@click.option("--key", default=None, help="Idempotency key: the same key grants only once.")
+@click.option("--memo", default="", help="A note kept with the transaction.")
+@data_dir_option
+@friendly
+def credits_grant(
+    user: str, amount: str, promo: bool, key: str | None, memo: str, data_dir: Path | None
+) -> None:
+    """Give USER AMOUNT credits (e.g. 10 or 2.5), written straight to the portal DB."""
+    from sqlalchemy import select
+
+    from . import credits, db, ledger
+    from .models import Account
+
+    settings = settings_with(data_dir=data_dir)
+    try:
+        micro = ledger.parse_credits(amount)
+    except ledger.LedgerError as exc:
+        raise ConfigError(str(exc)) from None
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.upgrade(engine)
+
+        def work(session: Any) -> tuple[int, bool, int]:
+            txn, created = credits.grant(
+                session,
+                user=user,
+                team=None,
+                amount=micro,
+                source="promo" if promo else "grants",
+                key=key and f"grant:{key}",
+                by="cli",
+                memo=memo,
+            )
+            account = session.scalar(select(Account).where(Account.hub_name == user))
+            return txn.id, created, ledger.balance(session, ledger.wallet(session, account.id).id)
+
+        txn_id, created, balance = ledger.with_retry(db.session_factory(engine), work)
+    except ledger.LedgerError as exc:
+        raise ConfigError(str(exc)) from None
+    finally:
+        engine.dispose()
+    word = "granted" if created else "already granted (same key), nothing added"
+    currency = settings.currency_name
+    click.echo(
+        f"{word}: {ledger.format_credits(micro, currency)} to {user} (transaction {txn_id}); "
+        f"balance {ledger.format_credits(balance, currency)}"
+    )
+
+
 @main.command()
 def version() -> None:
     """Print the versions of gpuportal and the stack it runs on."""

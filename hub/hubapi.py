@@ -3,12 +3,14 @@
 Two kinds of call: checking a *user's* token (``GET /hub/api/user`` with that
 token) and reading users and groups with the portal service's own token, whose
 scopes ``jupyterhub_config.py`` keeps to reading (``list:users``, ``read:users``,
-``list:groups``, ``read:groups``).
+``list:groups``, ``read:groups``) plus ``servers``, so the meter can stop a
+server whose payer ran out of credit.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
@@ -85,3 +87,22 @@ class HubAPI:
             raise HubUnavailable(f"hub answered {reply.status_code}")
         model: dict[str, Any] = reply.json()
         return model
+
+    async def stop_server(self, user: str, server: str = "") -> bool:
+        """Ask the hub to stop ``user``'s server; True once it is stopping or gone.
+
+        404 (no such user or server) and 400 (not running) count as done, so a
+        retry after a lost reply is harmless.
+        """
+        path = f"users/{quote(user, safe='')}/server"
+        if server:
+            path = f"users/{quote(user, safe='')}/servers/{quote(server, safe='')}"
+        try:
+            reply = await self._client.delete(
+                f"{self.api_url}/{path}", headers={"Authorization": f"token {self._token}"}
+            )
+        except httpx.HTTPError as exc:
+            raise HubUnavailable(str(exc)) from None
+        if reply.status_code in (200, 202, 204, 400, 404):
+            return True
+        raise HubUnavailable(f"hub answered {reply.status_code} to stopping {user}/{server}")

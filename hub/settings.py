@@ -89,6 +89,36 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level of the portal service.")
 
+    # --- Billing: metering, runway, quotas, deposits (docs/billing.md) ---
+    currency_name: str = Field(
+        "credits", description="Display name of the platform currency (1 credit = 10^6 micro)."
+    )
+    meter_interval_seconds: int = Field(
+        30, description="Length of one metering interval, seconds; one charge per interval."
+    )
+    min_billable_seconds: int = Field(
+        900, description="A spawn needs credit for at least this long (seconds)."
+    )
+    runway_warning_seconds: int = Field(
+        600, description="Warn a running server when its payer's runway drops below this."
+    )
+    grace_seconds: int = Field(
+        120, description="Seconds between running out of credit and the server being stopped."
+    )
+    trusted_services: str = Field(
+        "ray-spawner",
+        description="Comma list of hub service names that may open and close allocations.",
+    )
+    solana_rpc_url: str = Field(
+        "", description="Solana RPC endpoint for deposits. Empty: the in-process LiteSVM chain."
+    )
+    solana_deposit_address: str = Field(
+        "", description="Base58 address customers send SOL to. Empty: one is made in the data dir."
+    )
+    solana_micro_credits_per_sol: int = Field(
+        100_000_000, description="Micro-credits credited per SOL deposited (default 100 credits)."
+    )
+
     # Set by JupyterHub for a hub-managed service; defaults fit the embedded stack.
     hub_api_url: str = Field("http://127.0.0.1:8081/hub/api", validation_alias="JUPYTERHUB_API_URL")
     service_prefix: str = Field("/services/portal/", validation_alias="JUPYTERHUB_SERVICE_PREFIX")
@@ -109,7 +139,14 @@ class Settings(BaseSettings):
     def _absolute(cls, value: Path) -> Path:
         return value.expanduser().resolve()
 
-    @field_validator("ray_num_cpus", "ray_object_store_mb", "min_password_length")
+    @field_validator(
+        "ray_num_cpus",
+        "ray_object_store_mb",
+        "min_password_length",
+        "meter_interval_seconds",
+        "min_billable_seconds",
+        "solana_micro_credits_per_sol",
+    )
     @classmethod
     def _positive(cls, value: int) -> int:
         if value < 1:
@@ -125,6 +162,18 @@ class Settings(BaseSettings):
     def database_url(self) -> URL:
         """The portal DB URL, validated; SQLite in the data dir when unset."""
         return parse_db_url(self.db_url, self.data_dir)
+
+    @field_validator("runway_warning_seconds", "grace_seconds")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @property
+    def trusted_service_names(self) -> frozenset[str]:
+        """Hub services that may open and close allocations (the spawner)."""
+        return frozenset(n.strip() for n in self.trusted_services.split(",") if n.strip())
 
     @property
     def sqlite_path(self) -> Path:

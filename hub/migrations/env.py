@@ -2,6 +2,7 @@
 
 from alembic import context
 
+from gpuportal.hub import ledger_models  # noqa: F401  (registers the ledger tables on Base)
 from gpuportal.hub.models import Base
 
 config = context.config

@@ -1,0 +1,52 @@
+"""Admin grants and promo credits: outside money into a wallet or a team budget.
+
+A grant is an ordinary ledger transaction from the ``external:grants`` (or
+``external:promo``) account, so it is idempotent like every other: an admin
+who retries with the same key gets the first grant back, not a second one.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from sqlalchemy.orm import Session
+
+from . import ledger
+from .allocations import account_named, team_named
+from .ledger import LedgerError
+from .ledger_models import LedgerTransaction
+
+SOURCES = ("grants", "promo")
+
+
+def grant(
+    session: Session,
+    *,
+    user: str | None,
+    team: str | None,
+    amount: int,
+    source: str,
+    key: str | None,
+    by: str,
+    memo: str = "",
+) -> tuple[LedgerTransaction, bool]:
+    """Credit ``amount`` micro-credits to a user's wallet or a team's budget."""
+    ledger.positive_amount(amount)
+    if (user is None) == (team is None):
+        raise LedgerError("name exactly one of user or team to credit.")
+    if source not in SOURCES:
+        raise LedgerError(f"source must be one of {', '.join(SOURCES)}.")
+    if user is not None:
+        target = ledger.wallet(session, account_named(session, user).id)
+    else:
+        target = ledger.team_budget(session, team_named(session, str(team)).id)
+    origin = ledger.external(session, source)
+    return ledger.post(
+        session,
+        key or f"grant:{secrets.token_hex(12)}",
+        source.rstrip("s") or source,
+        [ledger.Leg(target.id, amount), ledger.Leg(origin.id, -amount)],
+        memo=memo or f"{source} by {by}",
+        created_by=by,
+        extra={"target": target.key},
+    )

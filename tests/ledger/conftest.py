@@ -1,0 +1,136 @@
+"""Fixtures for the ledger, metering and billing tests.
+
+Time travels through :class:`Clock`, which patches ``gpuportal.hub.timeutil.utcnow``
+(every billing module reads the time through it), so no test sleeps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from gpuportal.hub import db as portal_db
+from gpuportal.hub import ledger, timeutil
+from gpuportal.hub.allocations import OpenRequest, open_allocation
+from gpuportal.hub.ledger_models import Allocation
+from gpuportal.hub.models import Account, Team, TeamMembership
+from gpuportal.hub.settings import Settings, load_settings
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+CREDIT = ledger.MICRO
+
+
+class Clock:
+    """A settable UTC clock installed as ``timeutil.utcnow``."""
+
+    def __init__(self, now: datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    the_clock = Clock(T0)
+    monkeypatch.setattr(timeutil, "utcnow", the_clock)
+    return the_clock
+
+
+@pytest.fixture
+def sessions(db: Engine) -> sessionmaker[Session]:
+    return portal_db.session_factory(db)
+
+
+@pytest.fixture
+def settings(tmp_path: Path, db_url: str) -> Settings:
+    return load_settings(data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9")
+
+
+def add_account(sessions: sessionmaker[Session], name: str, role: str = "customer") -> int:
+    with portal_db.transaction(sessions) as session:
+        account = Account(hub_name=name, role=role)
+        session.add(account)
+        session.flush()
+        return account.id
+
+
+def add_team(sessions: sessionmaker[Session], name: str, members: list[int]) -> int:
+    with portal_db.transaction(sessions) as session:
+        team = Team(hub_group=name)
+        session.add(team)
+        session.flush()
+        for account_id in members:
+            session.add(TeamMembership(team_id=team.id, account_id=account_id))
+        return team.id
+
+
+def grant(sessions: sessionmaker[Session], account_id: int, micro: int, key: str) -> None:
+    with portal_db.transaction(sessions) as session:
+        ledger.post(
+            session,
+            key,
+            "grant",
+            [
+                ledger.Leg(ledger.wallet(session, account_id).id, micro),
+                ledger.Leg(ledger.external(session, "grants").id, -micro),
+            ],
+        )
+
+
+def open_alloc(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    user: str,
+    *,
+    server: str = "",
+    gpus: int = 1,
+    price: int = 3_600_000,
+    fee_bps: int = 1000,
+    started_at: datetime = T0,
+    now: datetime = T0,
+    team: str | None = None,
+) -> int:
+    req = OpenRequest(
+        user=user,
+        server=server,
+        gpu_count=gpus,
+        price_per_gpu_hour=price,
+        platform_fee_bps=fee_bps,
+        started_at=started_at,
+        team=team,
+    )
+    with portal_db.transaction(sessions) as session:
+        alloc, _ = open_allocation(session, settings, req, now)
+        return alloc.id
+
+
+def balance_of(sessions: sessionmaker[Session], key: str) -> int:
+    with portal_db.transaction(sessions) as session:
+        return ledger.balance_by_key(session, key)
+
+
+def allocation(sessions: sessionmaker[Session], alloc_id: int) -> Allocation:
+    with portal_db.transaction(sessions) as session:
+        found = session.get(Allocation, alloc_id)
+        assert found is not None
+        session.expunge(found)
+        return found
+
+
+def total(sessions: sessionmaker[Session]) -> int:
+    with portal_db.transaction(sessions) as session:
+        return ledger.ledger_total(session)
+
+
+@pytest.fixture
+def ann(sessions: sessionmaker[Session]) -> Iterator[int]:
+    yield add_account(sessions, "ann")

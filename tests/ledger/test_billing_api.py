@@ -1,0 +1,295 @@
+"""The billing API in-process, on SQLite and PostgreSQL, with a hub double and LiteSVM.
+
+The hub double answers token checks (as tests/test_app.py's does); Solana is
+real: solders' in-process LiteSVM, with an airdrop and a signed transfer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from gpuportal.hub import deposits
+from gpuportal.hub.app import Portal, create_app
+from gpuportal.hub.cache import MemoryCache
+from gpuportal.hub.hubapi import HubAPI
+from gpuportal.hub.settings import load_settings
+from solders.keypair import Keypair
+from solders.message import Message
+from solders.pubkey import Pubkey
+from solders.system_program import TransferParams, transfer
+from solders.transaction import VersionedTransaction
+
+from .conftest import CREDIT, Clock
+
+USERS = {
+    "tok-admin": {"name": "admin", "kind": "user", "admin": True, "groups": ["admins"]},
+    "tok-ann": {"name": "ann", "kind": "user", "admin": False, "groups": ["ml"]},
+    "tok-bob": {"name": "bob", "kind": "user", "admin": False, "groups": []},
+    "tok-spawner": {"name": "ray-spawner", "kind": "service"},
+    "tok-other-svc": {"name": "dashboards", "kind": "service"},
+}
+API = "/services/portal/api/v1"
+DEPOSIT = Keypair()
+
+
+class FakeHub(HubAPI):
+    def __init__(self) -> None:
+        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
+        self.stopped: list[tuple[str, str]] = []
+
+    async def user_for_token(self, token: str) -> dict[str, Any] | None:
+        return USERS.get(token)
+
+    async def user(self, name: str) -> dict[str, Any] | None:
+        return next((u for u in USERS.values() if u["name"] == name), None)
+
+    async def stop_server(self, user: str, server: str = "") -> bool:
+        self.stopped.append((user, server))
+        return True
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"token {token}"}
+
+
+@pytest.fixture
+def chain() -> deposits.LiteSVMChain:
+    return deposits.LiteSVMChain()
+
+
+@pytest.fixture
+def portal(tmp_path: Path, db_url: str, chain: deposits.LiteSVMChain) -> Portal:
+    settings = load_settings(
+        data_dir=tmp_path,
+        db_url=db_url,
+        ray_dashboard_url="http://127.0.0.1:9",
+        solana_deposit_address=str(DEPOSIT.pubkey()),
+        solana_micro_credits_per_sol=100 * CREDIT,
+    )
+    return Portal(settings, cache=MemoryCache(), hub=FakeHub(), chain=chain)
+
+
+@pytest.fixture
+def client(portal: Portal) -> Iterator[TestClient]:
+    with TestClient(create_app(portal.settings, portal, background=False)) as test_client:
+        for token in ("tok-admin", "tok-ann", "tok-bob"):  # first contact makes the accounts
+            assert test_client.get(f"{API}/me", headers=auth(token)).status_code == 200
+        yield test_client
+
+
+def error(reply: Any) -> str:
+    return str(reply.json()["error"]["message"])
+
+
+def test_grant_and_balance(client: TestClient) -> None:
+    body = {"user": "ann", "amount": 10 * CREDIT, "idempotency_key": "welcome-ann"}
+    first = client.post(f"{API}/credits/grants", json=body, headers=auth("tok-admin"))
+    assert first.status_code == 201, first.text
+    again = client.post(f"{API}/credits/grants", json=body, headers=auth("tok-admin"))
+    assert (again.status_code, again.json()["id"]) == (200, first.json()["id"])
+    other = client.post(
+        f"{API}/credits/grants", json={**body, "amount": 5}, headers=auth("tok-admin")
+    )
+    assert other.status_code == 409
+    assert "already used for a different request" in error(other)
+    balance = client.get(f"{API}/balance", headers=auth("tok-ann")).json()
+    assert (balance["balance"], balance["display"]) == (10 * CREDIT, "10.00 credits")
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"user": "ann", "amount": 0}, 400, "more than zero"),
+        ({"user": "ann", "amount": -5}, 400, "more than zero"),
+        ({"user": "ann", "amount": 1.5}, 422, "amount"),
+        ({"user": "zed", "amount": 5}, 404, "no portal account named 'zed'"),
+        ({"team": "nope", "amount": 5}, 404, "no team named 'nope'"),
+        ({"amount": 5}, 400, "exactly one of user or team"),
+    ],
+)
+def test_bad_grants(client: TestClient, body: dict, status: int, words: str) -> None:
+    reply = client.post(f"{API}/credits/grants", json=body, headers=auth("tok-admin"))
+    assert reply.status_code == status, reply.text
+    assert words in error(reply)
+
+
+def test_only_admins_grant(client: TestClient) -> None:
+    reply = client.post(
+        f"{API}/credits/grants", json={"user": "ann", "amount": 5}, headers=auth("tok-ann")
+    )
+    assert reply.status_code == 403
+
+
+def test_spawner_opens_and_closes(client: TestClient, portal: Portal, clock: Clock) -> None:
+    client.post(
+        f"{API}/credits/grants",
+        json={"user": "ann", "amount": 10 * CREDIT},
+        headers=auth("tok-admin"),
+    )
+    terms = {
+        "user": "ann",
+        "server": "gpu",
+        "gpu_count": 1,
+        "price_per_gpu_hour": 3_600_000,
+        "platform_fee_bps": 1000,
+        "reservation_id": 7,
+    }
+    for token in ("tok-ann", "tok-other-svc"):
+        assert client.post(f"{API}/allocations", json=terms, headers=auth(token)).status_code == 403
+    opened = client.post(f"{API}/allocations", json=terms, headers=auth("tok-spawner"))
+    assert opened.status_code == 201, opened.text
+    alloc = opened.json()
+    assert (alloc["status"], alloc["started_at"][:19]) == ("running", "2026-03-01T12:00:00")
+    retry = client.post(f"{API}/allocations", json=terms, headers=auth("tok-spawner"))
+    assert (retry.status_code, retry.json()["id"]) == (200, alloc["id"])
+    clash = client.post(
+        f"{API}/allocations", json={**terms, "gpu_count": 2}, headers=auth("tok-spawner")
+    )
+    assert clash.status_code == 409
+    clock.advance(90)
+    closed = client.post(f"{API}/allocations/{alloc['id']}/close", headers=auth("tok-spawner"))
+    assert closed.status_code == 200, closed.text
+    assert (closed.json()["status"], closed.json()["charged"]) == ("closed", 90_000)
+    again = client.post(f"{API}/allocations/{alloc['id']}/close", headers=auth("tok-spawner"))
+    assert again.json()["charged"] == 90_000
+    assert (
+        client.post(f"{API}/allocations/999/close", headers=auth("tok-spawner")).status_code == 404
+    )
+    # The owner sees it; another user does not.
+    assert (
+        client.get(f"{API}/allocations/{alloc['id']}", headers=auth("tok-ann")).status_code == 200
+    )
+    assert (
+        client.get(f"{API}/allocations/{alloc['id']}", headers=auth("tok-bob")).status_code == 403
+    )
+    # Usage per server and per day, JSON and CSV; 403 for someone else's.
+    by_server = client.get(f"{API}/usage", headers=auth("tok-ann")).json()
+    assert by_server["rows"] == [
+        {"server": "gpu", "allocations": 1, "gpu_hours": 0.025, "charged": 90_000}
+    ]
+    csv = client.get(f"{API}/usage?by=day&format=csv", headers=auth("tok-ann"))
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert csv.text == (
+        "day,server,allocations,gpu_hours,charged_micro_credits\n2026-03-01,gpu,1,0.025,90000\n"
+    )
+    assert client.get(f"{API}/usage?user=ann", headers=auth("tok-bob")).status_code == 403
+    assert client.get(f"{API}/balance?user=ann", headers=auth("tok-bob")).status_code == 403
+    assert client.get(f"{API}/usage?user=ann", headers=auth("tok-admin")).status_code == 200
+
+
+def test_authorize_refuses_with_a_sentence(client: TestClient, clock: Clock) -> None:
+    client.post(
+        f"{API}/credits/grants", json={"user": "ann", "amount": 300_000}, headers=auth("tok-admin")
+    )
+    ask = {"user": "ann", "gpu_count": 1, "price_per_gpu_hour": 3_600_000}
+    refused = client.post(f"{API}/authorize", json=ask, headers=auth("tok-spawner"))
+    assert refused.status_code == 402
+    assert refused.json()["error"]["code"] == "payment_required"
+    assert "covers 5 min" in error(refused) and "at least 15 min" in error(refused)
+    cheaper = client.post(
+        f"{API}/authorize", json={**ask, "price_per_gpu_hour": 1_000_000}, headers=auth("tok-ann")
+    )
+    assert cheaper.status_code == 200 and cheaper.json()["allowed"] is True
+    assert client.post(f"{API}/authorize", json=ask, headers=auth("tok-bob")).status_code == 403
+
+
+def test_meter_stops_a_server_through_the_hub(
+    client: TestClient, portal: Portal, clock: Clock
+) -> None:
+    import asyncio
+
+    from gpuportal.hub import metering
+
+    client.post(
+        f"{API}/credits/grants", json={"user": "ann", "amount": 30_000}, headers=auth("tok-admin")
+    )
+    client.post(
+        f"{API}/allocations",
+        headers=auth("tok-spawner"),
+        json={
+            "user": "ann",
+            "server": "",
+            "gpu_count": 1,
+            "price_per_gpu_hour": 3_600_000,
+            "platform_fee_bps": 0,
+        },
+    )
+    clock.advance(30)
+    asyncio.run(metering.run_once(portal, clock.now))
+    balance = client.get(f"{API}/balance", headers=auth("tok-ann")).json()
+    assert balance["warning"].startswith("Out of credits: your servers stop at")
+    clock.advance(portal.settings.grace_seconds)
+    asyncio.run(metering.run_once(portal, clock.now))
+    assert portal.hub.stopped == [("ann", "")]  # type: ignore[attr-defined]
+    listed = client.get(f"{API}/allocations", headers=auth("tok-ann")).json()
+    assert listed[0]["status"] == "closed" and listed[0]["charged"] == 150_000
+
+
+def send_sol(chain: deposits.LiteSVMChain, to: Pubkey, lamports: int) -> str:
+    payer = Keypair()
+    chain.svm.airdrop(payer.pubkey(), 5 * 10**9)
+    ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=to, lamports=lamports))
+    message = Message.new_with_blockhash([ix], payer.pubkey(), chain.svm.latest_blockhash())
+    return chain.send(VersionedTransaction(message, [payer]))
+
+
+def test_solana_deposit_is_credited_once(client: TestClient, chain: deposits.LiteSVMChain) -> None:
+    signature = send_sol(chain, DEPOSIT.pubkey(), 250_000_000)  # 0.25 SOL
+    body = {"signature": signature, "lamports": 250_000_000}
+    first = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-ann"))
+    assert first.status_code == 201, first.text
+    assert (first.json()["credited"], first.json()["balance"]) == (25 * CREDIT, 25 * CREDIT)
+    replay = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-ann"))
+    assert (replay.status_code, replay.json()["created"], replay.json()["balance"]) == (
+        200,
+        False,
+        25 * CREDIT,
+    )
+    stolen = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-bob"))
+    assert stolen.status_code == 409
+    assert "already credited to another account" in error(stolen)
+    assert client.get(f"{API}/balance", headers=auth("tok-bob")).json()["balance"] == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "words"),
+    [
+        ("wrong recipient", 400, "sends no SOL to the platform's deposit address"),
+        ("wrong amount", 400, "sent 250000000 lamports to the deposit address, not 999"),
+        ("unknown", 404, "has no confirmed transaction"),
+        ("not a signature", 400, "is not a Solana transaction signature"),
+        ("zero", 400, "Lamports must be more than zero"),
+    ],
+)
+def test_bad_deposits_credit_nothing(
+    client: TestClient, chain: deposits.LiteSVMChain, case: str, status: int, words: str
+) -> None:
+    to = Pubkey.new_unique() if case == "wrong recipient" else DEPOSIT.pubkey()
+    signature = send_sol(chain, to, 250_000_000)
+    lamports = {"wrong amount": 999, "zero": 0}.get(case, 250_000_000)
+    if case == "unknown":
+        signature = str(Keypair().sign_message(b"never sent"))
+    if case == "not a signature":
+        signature = "0OIl-not-base58"
+    reply = client.post(
+        f"{API}/deposits/solana",
+        json={"signature": signature, "lamports": lamports},
+        headers=auth("tok-ann"),
+    )
+    assert reply.status_code == status, reply.text
+    assert words in error(reply)
+    assert client.get(f"{API}/balance", headers=auth("tok-ann")).json()["balance"] == 0
+
+
+def test_deposit_address_is_published(client: TestClient) -> None:
+    info = client.get(f"{API}/deposits/solana", headers=auth("tok-ann")).json()
+    assert info == {
+        "address": str(DEPOSIT.pubkey()),
+        "chain": "litesvm",
+        "micro_credits_per_sol": 100 * CREDIT,
+        "currency": "credits",
+    }
