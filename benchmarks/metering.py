@@ -19,13 +19,14 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from sqlalchemy import BigInteger, Engine, Integer, MetaData, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import ledger, metering
 from gpuportal.hub.ledger_models import Allocation
 from gpuportal.hub.models import Account, Base, UTCDateTime
 from gpuportal.hub.settings import load_settings
-from sqlalchemy import BigInteger, Engine, Integer, MetaData, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 

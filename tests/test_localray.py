@@ -8,6 +8,7 @@ import time
 
 import psutil
 import pytest
+
 from gpuportal.hub.localray import LocalRayHead, plan_gpus, stop_process_group
 from gpuportal.hub.raystatus import cluster_status, summarize_nodes
 from gpuportal.provider import nvml

@@ -11,14 +11,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import ledger, timeutil
 from gpuportal.hub.allocations import OpenRequest, open_allocation
 from gpuportal.hub.ledger_models import Allocation
 from gpuportal.hub.models import Account, Team, TeamMembership
 from gpuportal.hub.settings import Settings, load_settings
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CREDIT = ledger.MICRO

@@ -12,16 +12,17 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from gpuportal.hub import deposits
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.settings import load_settings
 from solders.keypair import Keypair
 from solders.message import Message
 from solders.pubkey import Pubkey
 from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
+
+from gpuportal.hub import deposits
+from gpuportal.hub.app import Portal, create_app
+from gpuportal.hub.cache import MemoryCache
+from gpuportal.hub.hubapi import HubAPI
+from gpuportal.hub.settings import load_settings
 
 from .conftest import CREDIT, Clock
 

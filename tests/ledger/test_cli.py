@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.cli import main
 from gpuportal.hub.settings import load_settings

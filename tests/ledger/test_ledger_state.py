@@ -5,13 +5,14 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import ledger
 from gpuportal.hub.models import Account
 from gpuportal.hub.settings import load_settings
-from hypothesis import settings as hsettings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 USERS = ("a", "b", "c")
 KEYS = st.sampled_from([f"k{i}" for i in range(6)])

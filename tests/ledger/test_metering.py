@@ -6,12 +6,13 @@ import threading
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session, sessionmaker
+
 from gpuportal.hub import allocations, ledger, metering, quotas
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.ledger_models import LedgerTransaction
 from gpuportal.hub.settings import Settings
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session, sessionmaker
 
 from .conftest import (
     CREDIT,

@@ -6,6 +6,7 @@ from datetime import timedelta
 from itertools import pairwise
 
 import pytest
+
 from gpuportal.hub import deposits, ledger, metering, quotas
 from gpuportal.hub.ledger_models import Allocation
 
