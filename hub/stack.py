@@ -28,7 +28,9 @@ from . import db
 from .admin import ensure_admin
 from .cache import check_redis
 from .errors import ConfigError
+from .house import house_node_id, register_house
 from .localray import LocalRayHead, plan_gpus, port_in_use, ray_env, stop_process_group
+from .placement import credits
 from .settings import Settings
 
 Echo = Callable[[str], None]
@@ -152,15 +154,28 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
         else:
             plan = plan_gpus(settings)
             echo(f"[2/4] GPUs: {plan.describe()}")
+            node_id = house_node_id(settings)
             reused = head.running()
             if reused:
                 ray_pid = int(str(reused["pid"]))
                 echo(f"      Ray: reusing the local head (pid {ray_pid}) at {reused['jobs_url']}")
+                if reused.get("node_id") != node_id:
+                    echo("      Ray: that head does not declare this house node; stop it "
+                         "with `gpuportal down` so the next start can.")
             else:
                 echo("      Ray: starting a local head on 127.0.0.1 ...")
-                started = head.start(plan)
+                started = head.start(plan, node_id=node_id)
                 ray_pid = int(str(started["pid"]))
                 echo(f"      Ray: up (pid {ray_pid}), Jobs API at {started['jobs_url']}")
+            engine = db.make_engine(settings.database_url)
+            try:
+                house = register_house(settings, engine, plan, node_id, head.jobs_url,
+                                       f"127.0.0.1:{settings.ray_port}")
+            finally:
+                engine.dispose()
+            echo(f"      house provider: node {house['node_id']}, {house['gpus']} GPU(s) at "
+                 f"{credits(house['price'])}/h in {settings.region}"
+                 f"{' (DEMO)' if house['demo'] else ''}")
         if stop_event.is_set():
             return 130
 
