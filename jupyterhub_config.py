@@ -142,6 +142,11 @@ _portal_env = {
     "GPUPORTAL_RELIABILITY_START": str(gp.reliability_start),
     "GPUPORTAL_RELIABILITY_DELIST": str(gp.reliability_delist),
     "GPUPORTAL_ADMIN_USER": gp.admin_user,
+    "GPUPORTAL_HEARTBEAT_SECONDS": str(gp.heartbeat_seconds),
+    "GPUPORTAL_HEARTBEAT_MISSED": str(gp.heartbeat_missed),
+    "GPUPORTAL_VERIFICATION_INTERVAL_SECONDS": str(gp.verification_interval_seconds),
+    "GPUPORTAL_CHALLENGE_DEADLINE_SECONDS": str(gp.challenge_deadline_seconds),
+    "GPUPORTAL_NODE_CLOCK_SKEW_SECONDS": str(gp.node_clock_skew_seconds),
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 c.JupyterHub.services = [

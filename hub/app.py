@@ -84,17 +84,27 @@ class Portal:
                 log.exception("hub sync failed")
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
 
-    async def marketplace_loop(self, interval: float = 30.0) -> None:
-        """Expire held reservations (their GPUs go back) every ``interval`` s; never dies."""
+    async def marketplace_loop(self) -> None:
+        """Marketplace housekeeping every heartbeat interval (at most 30 s); never dies:
+        expire held reservations (their GPUs go back), mark nodes that missed
+        heartbeats offline, refresh reliability scores."""
         from .marketplace import expire_held
+        from .nodes import mark_offline, refresh_reliability
+        from .provider_routes import node_rules
 
-        def expire() -> int:
+        rules = node_rules(self.settings)
+        interval = float(min(30, self.settings.heartbeat_seconds))
+
+        def housekeeping() -> None:
             with db.transaction(self.sessions) as session:
-                return expire_held(session, utcnow())
+                now = utcnow()
+                expire_held(session, now)
+                mark_offline(session, rules, now)
+                refresh_reliability(session, rules, now)
 
         while True:
             try:
-                await run_in_threadpool(expire)
+                await run_in_threadpool(housekeeping)
             except Exception:
                 log.exception("marketplace housekeeping failed")
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
@@ -119,6 +129,7 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
                background: bool = True) -> FastAPI:
     """Build the app. ``background=False`` skips the hub sync loop (unit tests)."""
     from .marketplace_routes import router as marketplace_router
+    from .provider_routes import router as provider_router
     from .routes import router
 
     prefix = settings.service_prefix
@@ -187,6 +198,7 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
 
     app.include_router(router, prefix=prefix.rstrip("/"))
     app.include_router(marketplace_router, prefix=prefix.rstrip("/"))
+    app.include_router(provider_router, prefix=prefix.rstrip("/"))
     return app
 
 

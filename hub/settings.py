@@ -120,6 +120,23 @@ class Settings(BaseSettings):
         0.5,
         description="Nodes whose reliability score falls below this (0..1) are not placed.",
     )
+    heartbeat_seconds: int = Field(
+        10, description="How often provider agents send a signed heartbeat, in seconds."
+    )
+    heartbeat_missed: int = Field(
+        3, description="Missed heartbeats after which a node is offline and unschedulable."
+    )
+    verification_interval_seconds: int = Field(
+        3600, description="How often a node must pass a fresh verification challenge, seconds."
+    )
+    challenge_deadline_seconds: int = Field(
+        300, description="How long a node has to answer a verification challenge, seconds."
+    )
+    node_clock_skew_seconds: int = Field(
+        60,
+        description="Largest difference between a signed request's timestamp and the "
+        "portal's clock, seconds; older or newer requests are rejected as stale.",
+    )
     platform_fee_bps: int = Field(
         1000,
         description="Platform fee in basis points of each charge (1000 = 10%), locked "
@@ -154,7 +171,9 @@ class Settings(BaseSettings):
             raise ValueError("must be a positive integer")
         return value
 
-    @field_validator("reservation_hold_seconds", "house_price", "min_price", "max_price")
+    @field_validator("reservation_hold_seconds", "house_price", "min_price", "max_price",
+                     "heartbeat_seconds", "heartbeat_missed", "verification_interval_seconds",
+                     "challenge_deadline_seconds", "node_clock_skew_seconds")
     @classmethod
     def _positive_money(cls, value: int) -> int:
         if value < 1:

@@ -9,6 +9,9 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
 from gpuportal.hub import accounts
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.marketplace import Rules
@@ -18,8 +21,6 @@ from gpuportal.hub.providers import (
     upsert_cluster,
     upsert_provider,
 )
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session, sessionmaker
 
 
 @dataclass

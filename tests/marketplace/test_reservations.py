@@ -6,14 +6,15 @@ import threading
 from datetime import timedelta
 
 import pytest
+from seed import Market, market_fixture  # noqa: F401  (the market fixture)
+from sqlalchemy import func, select
+
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import marketplace
 from gpuportal.hub.marketplace import Conflict, Invalid, NoCapacity
 from gpuportal.hub.marketplace_models import GpuAllocation, Provider, Reservation
 from gpuportal.hub.placement import Request
 from gpuportal.hub.timeutil import utcnow
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
-from sqlalchemy import func, select
 
 
 def reserve(market: Market, user: str, server: str = "", count: int = 1, **kw: object) -> dict:
