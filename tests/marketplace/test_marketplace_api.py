@@ -6,6 +6,7 @@ default) and an untrusted one are added through GPUPORTAL_HUB_EXTRA_CONFIG.
 
 from __future__ import annotations
 
+import json
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,13 +89,15 @@ def test_unauthenticated_is_401(market_stack: Any) -> None:
 
 
 def test_house_node_is_declared_to_ray(market_stack: Any) -> None:
-    node_id = (Path(market_stack.data_dir) / "house-node-id").read_text().strip()
+    node_id = json.loads((Path(market_stack.data_dir) / "house-node" / "node.json").read_text())[
+        "node_id"
+    ]
     jobs = f"http://127.0.0.1:{market_stack.env['GPUPORTAL_RAY_DASHBOARD_PORT']}"
     nodes = httpx.get(f"{jobs}/api/v0/nodes", params={"detail": "1"}, timeout=30).json()
     resources = nodes["data"]["result"]["result"][0]["resources_total"]
     assert resources[f"gpuportal/node:{node_id}"] == 2
     assert resources["GPU"] == 2
-    assert "up" in market_stack.read_output()
+    assert f"house node {node_id}: verified" in market_stack.read_output()
 
 
 def test_offers_show_the_house_demo_gpus(users: dict[str, Portal]) -> None:
