@@ -48,6 +48,8 @@ def resources(node_id: str, models: dict[str, int], demo: bool) -> dict[str, flo
 def ray_env() -> dict[str, str]:
     env = dict(os.environ)
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Stopping should be quick: nothing of ours to drain.
+    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
     return env
 
 
@@ -137,16 +139,13 @@ class RayNode:
         raise RayStartError(f"Ray did not answer within {timeout:.0f}s; see {log_path}")
 
     def stop(self, timeout: float = 30.0) -> None:
-        """SIGTERM the process group we started, then SIGKILL it if it lingers."""
-        if self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
+        """Stop the ``ray start --block`` we started: SIGTERM to it (it takes its Ray
+        processes down), then SIGKILL to its process group if anything lingers."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # only our group: we made it
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(10)
