@@ -23,7 +23,7 @@ from pydantic import AwareDatetime, BaseModel, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from . import allocations, credits, deposits, ledger, metering, quotas, timeutil, usage
-from .auth import CurrentUser, PortalDep, PortalUser
+from .auth import CurrentCaller, PortalDep, PortalUser
 from .ledger import LedgerError
 from .ledger_models import OPEN_STATES, Allocation
 
@@ -33,14 +33,14 @@ T = TypeVar("T")
 MAX_PRICE = 10**15  # micro-credits per GPU-hour; far above any real price, far below overflow
 
 
-async def trusted(user: CurrentUser) -> PortalUser:
+async def trusted(user: CurrentCaller) -> PortalUser:
     """Admins and trusted hub services (the spawner)."""
     if user.role not in ("admin", "service"):
         raise HTTPException(403, "Only admins and the spawner service may do this.")
     return user
 
 
-async def admin_only(user: CurrentUser) -> PortalUser:
+async def admin_only(user: CurrentCaller) -> PortalUser:
     if user.role != "admin":
         raise HTTPException(403, f"This needs the admin role; you are a {user.role}.")
     return user
@@ -193,7 +193,7 @@ async def close_allocation(
 @router.get("/allocations", response_model=list[AllocationPublic], tags=["metering"])
 async def list_allocations(
     portal: PortalDep,
-    caller: CurrentUser,
+    caller: CurrentCaller,
     user: Annotated[str | None, Query(max_length=255)] = None,
     server: Annotated[str | None, Query(max_length=255)] = None,
     open_only: bool = False,
@@ -217,7 +217,7 @@ async def list_allocations(
 
 
 @router.get("/allocations/{allocation_id}", response_model=AllocationPublic, tags=["metering"])
-async def get_allocation(allocation_id: int, portal: PortalDep, caller: CurrentUser) -> Any:
+async def get_allocation(allocation_id: int, portal: PortalDep, caller: CurrentCaller) -> Any:
     def work(session: Any) -> dict[str, Any]:
         alloc = allocations.get_allocation(session, allocation_id)
         may_see(caller, alloc.user_name)
@@ -246,7 +246,7 @@ class BalancePublic(BaseModel):
 @router.get("/balance", response_model=BalancePublic, tags=["billing"])
 async def get_balance(
     portal: PortalDep,
-    caller: CurrentUser,
+    caller: CurrentCaller,
     user: Annotated[str | None, Query(max_length=255)] = None,
 ) -> Any:
     """A wallet's balance, burn rate and runway (yourself by default)."""
@@ -379,7 +379,7 @@ def chain_of(portal: Any) -> deposits.Chain:
 
 
 @router.get("/deposits/solana", response_model=DepositInfo, tags=["billing"])
-async def deposit_info(portal: PortalDep, caller: CurrentUser) -> Any:
+async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
     """Where to send SOL, and what it is worth."""
     try:
         address = await run_in_threadpool(deposits.deposit_address, portal.settings)
@@ -396,7 +396,7 @@ async def deposit_info(portal: PortalDep, caller: CurrentUser) -> Any:
 
 @router.post("/deposits/solana", response_model=DepositPublic, status_code=201, tags=["billing"])
 async def deposit(
-    body: DepositCreate, portal: PortalDep, caller: CurrentUser, response: Response
+    body: DepositCreate, portal: PortalDep, caller: CurrentCaller, response: Response
 ) -> Any:
     """Credit a SOL transfer to the deposit address, once (yourself only)."""
     if caller.kind != "user":
@@ -476,7 +476,7 @@ async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
 @router.get("/quotas", response_model=QuotaPublic | None, tags=["quotas"])
 async def get_quota(
     portal: PortalDep,
-    caller: CurrentUser,
+    caller: CurrentCaller,
     user: Annotated[str | None, Query(max_length=255)] = None,
 ) -> Any:
     """Your quota (or a user's, for admins); null when there is none."""
@@ -511,7 +511,7 @@ class AuthorizePublic(BaseModel):
 
 
 @router.post("/authorize", response_model=AuthorizePublic, tags=["quotas"])
-async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentUser) -> Any:
+async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentCaller) -> Any:
     """May ``user`` launch this now? 402 or 403 with the reason and what to do.
 
     The spawner calls it before it submits; a user may ask about themselves.
@@ -549,7 +549,7 @@ async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentUs
 @router.get("/usage", tags=["billing"], response_model=None)
 async def get_usage(
     portal: PortalDep,
-    caller: CurrentUser,
+    caller: CurrentCaller,
     user: Annotated[str | None, Query(max_length=255)] = None,
     by: Annotated[Literal["server", "day"], Query()] = "server",
     format: Annotated[Literal["json", "csv"], Query()] = "json",
