@@ -131,6 +131,25 @@ def ray_env() -> dict[str, str]:
     return env
 
 
+def _end_group(pgid: int, wait: float = 10.0) -> None:
+    """End the process group we started (``start_new_session``), leader already gone."""
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
+    with suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class _HeadExited(Exception):
+    """The ``ray start`` process ended before the head was up (carries its exit code)."""
+
+
 class LocalRayHead:
     """Start, find and stop the house Ray head whose pid lives in the data dir."""
 
@@ -163,7 +182,24 @@ class LocalRayHead:
         """Start ``ray start --head --block`` and wait until the Jobs API answers.
 
         ``node_id``: the marketplace node id the head declares as a resource.
+        Ray gives its raylet a fixed 30 s to register; on a busy small machine
+        that can run out, so a head that exits while starting is tried once more.
         """
+        try:
+            return self._start_once(plan, timeout, node_id)
+        except _HeadExited as exc:
+            with open(self.log_file, "a") as log:
+                log.write(
+                    f"\ngpuportal: the Ray head exited while starting ({exc}); retrying once\n"
+                )
+            try:
+                return self._start_once(plan, timeout, node_id)
+            except _HeadExited as again:
+                raise ConfigError(
+                    f"the local Ray head exited with code {again}; see {self.log_file}"
+                ) from None
+
+    def _start_once(self, plan: GpuPlan, timeout: float, node_id: str | None) -> dict[str, object]:
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise ConfigError(
@@ -225,9 +261,8 @@ class LocalRayHead:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise ConfigError(
-                    f"the local Ray head exited with code {proc.returncode}; see {self.log_file}"
-                )
+                _end_group(proc.pid)  # what it left behind (a GCS server, say)
+                raise _HeadExited(proc.returncode)
             # Ready once the head's raylet has registered, so GPUs show at once.
             try:
                 reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", timeout=2)
