@@ -166,11 +166,11 @@ class GpuPortalExtension(ExtensionApp):
             server=self.server_name,
         )
         self.log.info(
-            "gpuportal: user %s server %r, portal %s, idle timeout %s s",
+            "gpuportal: user %s server %r, portal %s, idle timeout %s",
             self.hub_user,
             self.server_name,
             self.portal_url or "(not configured)",
-            self.idle_timeout_seconds or "off",
+            f"{self.idle_timeout_seconds} s" if self.idle_timeout_seconds else "off",
         )
         if self.idle_timeout_seconds > 0:
             self._idle_callback = PeriodicCallback(
