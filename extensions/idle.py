@@ -2,7 +2,7 @@
 
 Unlike jupyter-server's ``shutdown_no_activity_timeout`` (which waits for zero
 kernels) and the hub's idle culler (which sees only HTTP activity), this counts
-a server as active while any kernel is busy or starting, while any kernel's
+a server as active while any kernel is busy, while any kernel's
 last activity is recent, or while any of its GPUs (or any process of its
 kernels) computes. A kernel busy on the GPU is therefore never culled, even
 when the notebook looks idle. Stopping goes through ``ServerApp.stop()``, the
@@ -20,7 +20,10 @@ from typing import Any
 
 from .gpuuse import GpuSample, KernelState
 
-BUSY_KERNEL_STATES = frozenset({"busy", "starting"})
+#: "starting" is not busy: jupyter-server leaves a kernel "starting" until a client
+#: connects, so a kernel nobody opened would otherwise keep a GPU server forever.
+#: Its start time is its last activity, which the timeout already counts from.
+BUSY_KERNEL_STATES = frozenset({"busy"})
 
 log = logging.getLogger(__name__)
 

@@ -145,7 +145,7 @@ def observe(c: IdleCuller, at: datetime, kernels: list[gpuuse.KernelState], raw:
         ("nothing runs", [], "idle", True),
         ("idle kernel, idle GPUs", ["idle"], "idle", True),
         ("kernel busy without GPU", ["busy"], "idle", False),
-        ("kernel starting", ["starting"], "idle", False),
+        ("kernel left starting (nobody connected)", ["starting"], "idle", True),
         ("kernel looks idle but computes on the GPU", ["idle"], "busy", False),
     ],
 )
