@@ -24,29 +24,53 @@ def render(report: dict[str, Any]) -> bytes:
     def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
         return Gauge(name, doc, labels, registry=registry)
 
-    portal = gauge("gpuportal_portal_reachable_bool", "1 when the portal answered the last read.")
-    price = gauge(
+    def put(name: str, doc: str, value: float | None) -> None:
+        """A plain gauge only when its value is known: an absent series, never a false 0."""
+        if value is not None:
+            gauge(name, doc).set(value)
+
+    put(
+        "gpuportal_portal_reachable_bool",
+        "1 when the portal answered the last read.",
+        1 if report["portal"]["reachable"] else 0,
+    )
+    put(
         "gpuportal_price_locked_microcredits_per_hour",
         "Price of this server's allocation per hour (all its GPUs), locked at start.",
+        report.get("price_per_hour"),
     )
-    spent = gauge(
+    put(
         "gpuportal_session_spent_microcredits",
         "What this session has cost so far by the portal's rounding rule (information).",
+        report.get("spent"),
     )
-    charged = gauge(
-        "gpuportal_session_charged_microcredits", "What the portal's ledger has charged so far."
+    put(
+        "gpuportal_session_charged_microcredits",
+        "What the portal's ledger has charged so far.",
+        report.get("charged"),
     )
-    balance = gauge("gpuportal_balance_held_microcredits", "The owner's wallet balance.")
-    available = gauge(
+    put("gpuportal_balance_held_microcredits", "The owner's wallet balance.", report.get("balance"))
+    put(
         "gpuportal_balance_available_microcredits",
         "Balance less what running servers owe since their last charge.",
+        report.get("available"),
     )
-    runway = gauge("gpuportal_runway_remaining_seconds", "Seconds until the credit runs out.")
-    stopping = gauge(
+    put(
+        "gpuportal_runway_remaining_seconds",
+        "Seconds until the credit runs out.",
+        report.get("runway_seconds"),
+    )
+    stop_at = parse_time(report.get("stopping_at"))
+    put(
         "gpuportal_stop_scheduled_timestamp_seconds",
         "When the portal stops this server for lack of credit (Unix time).",
+        stop_at.timestamp() if stop_at else None,
     )
-    idle = gauge("gpuportal_server_idle_seconds", "Seconds this server's GPUs and kernels idled.")
+    put(
+        "gpuportal_server_idle_seconds",
+        "Seconds this server's GPUs and kernels have idled.",
+        report["idle"].get("idle_seconds"),
+    )
     gpu_util = gauge("gpuportal_gpu_utilized_ratio", "GPU utilisation, 0-1.", ("gpu",))
     gpu_mem = gauge("gpuportal_gpu_memory_used_bytes", "GPU memory in use.", ("gpu",))
     k_util = gauge(
@@ -60,22 +84,6 @@ def render(report: dict[str, Any]) -> bytes:
         ("kernel_id", "gpu"),
     )
 
-    portal.set(1 if report["portal"]["reachable"] else 0)
-    for metric, key in (
-        (price, "price_per_hour"),
-        (spent, "spent"),
-        (charged, "charged"),
-        (balance, "balance"),
-        (available, "available"),
-        (runway, "runway_seconds"),
-    ):
-        if report.get(key) is not None:
-            metric.set(report[key])
-    stop_at = parse_time(report.get("stopping_at"))
-    if stop_at is not None:
-        stopping.set(stop_at.timestamp())
-    if report["idle"].get("idle_seconds") is not None:
-        idle.set(report["idle"]["idle_seconds"])
     for gpu in report["gpus"]:
         gpu_util.labels(gpu=str(gpu["index"])).set(gpu["utilization_pct"] / 100)
         gpu_mem.labels(gpu=str(gpu["index"])).set(gpu["memory_used_mib"] * MIB)

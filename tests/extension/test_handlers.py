@@ -58,6 +58,9 @@ def test_portal_unreachable_is_200_with_a_clear_field(jp_fetch: Any, jp_asyncio_
     assert metrics.code == 200
     families = {f.name: f for f in text_string_to_metric_families(metrics.body.decode())}
     assert families["gpuportal_portal_reachable_bool"].samples[0].value == 0
+    # Unknown numbers are absent series, never a false zero.
+    assert "gpuportal_balance_available_microcredits" not in families
+    assert "gpuportal_session_spent_microcredits" not in families
 
 
 @pytest.mark.parametrize("endpoint", ["usage", "metrics"])
