@@ -11,6 +11,7 @@ started. No GPU is involved (NVML is unavailable or unused here).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -188,3 +189,34 @@ def test_portal_takes_a_server_token_read_only(world: dict[str, Any]) -> None:
     refused = call("POST", "/authorize", "meg-server", json=ask)
     assert refused.status_code == 403 and "can only read" in refused.text
     assert call("POST", "/authorize", "meg", json=ask).status_code == 200
+
+
+def test_spawned_server_shows_its_cost_through_the_proxy(world: dict[str, Any]) -> None:
+    """A server the hub spawns (local process) loads the extension from the installed
+    enabling file and reads the portal with its own JUPYTERHUB_API_TOKEN."""
+    base, token = world["base"], world["tokens"]["meg"]
+    headers = {"Authorization": f"token {token}"}
+    spawned = httpx.post(f"{base}/hub/api/users/meg/server", headers=headers, timeout=60)
+    assert spawned.status_code in (201, 202), spawned.text
+    try:
+        for _ in range(120):  # bounded: a local server starts in seconds
+            model = httpx.get(f"{base}/hub/api/users/meg", headers=headers, timeout=30).json()
+            if model["servers"].get("", {}).get("ready"):
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError("meg's server never became ready")
+        reply = httpx.get(f"{base}/user/meg/api/gpuportal/usage", headers=headers, timeout=30)
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["portal"]["reachable"] is True, body["portal"]
+        assert (body["allocation"]["id"], body["price_per_hour"]) == (
+            world["allocation"]["id"],
+            2_469_134,
+        )
+        assert body["balance"] == 10_000_000 and body["spent"] > 0
+        ned = {"Authorization": f"token {world['tokens']['ned-server']}"}
+        other = httpx.get(f"{base}/user/meg/api/gpuportal/usage", headers=ned, timeout=30)
+        assert other.status_code in (403, 404)  # the hub refuses ned's token on meg's server
+    finally:
+        httpx.delete(f"{base}/hub/api/users/meg/server", headers=headers, timeout=60)
