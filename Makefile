@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# An editable install skips data-files; a wheel install ships this enabling file itself.
+	install -D -m 644 extensions/jupyter-config/jupyter_server_config.d/gpuportal.json \
+		$(VENV)/etc/jupyter/jupyter_server_config.d/gpuportal.json
 	@touch $(STAMP)
 
 run: install
@@ -27,7 +30,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy hub provider
+	$(BIN)/mypy hub provider extensions
 
 format: install
 	$(BIN)/ruff format .

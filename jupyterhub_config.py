@@ -199,6 +199,12 @@ if os.getuid() == 0:
     # jupyter-server refuses root unless told; only then.
     c.Spawner.args = ["--allow-root"]
 c.JupyterHub.cleanup_servers = True
+# What the server extension (gpuportal.extensions, docs/extension.md) needs and
+# JupyterHub does not give: where the portal is, through the public proxy. No
+# secret: the extension calls it with the server's own hub token, read-only.
+# (GPUPORTAL_IDLE_TIMEOUT_SECONDS, the GPU-aware idle limit, is set per profile
+# by the spawner; unset, the extension stops a server idle for 30 minutes.)
+c.Spawner.environment = {"GPUPORTAL_PORTAL_URL": f"http://127.0.0.1:{gp.port}/services/portal/"}
 # GPU time costs money: logging in lands on the hub home page, and a server
 # starts only when the user asks for one.
 c.JupyterHub.redirect_to_server = False

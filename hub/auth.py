@@ -5,6 +5,12 @@ cached for ``GPUPORTAL_AUTH_CACHE_SECONDS``, keyed by a SHA-256 of the token,
 never the token itself. A browser without a cookie is sent through the hub's
 OAuth flow (PKCE) and comes back with an HttpOnly cookie scoped to the
 portal's prefix; an API client without a token gets a 401 JSON error.
+
+A user server's own token (``JUPYTERHUB_API_TOKEN``, the ``server`` role's
+scopes) identifies its owner but lacks ``access:services``; the portal takes
+it as that user, **read-only**: the server extension reads its allocation and
+balance with it, and a provider who copies it off their machine can read, not
+spend.
 """
 
 from __future__ import annotations
@@ -54,6 +60,8 @@ class PortalUser:
     scopes: list[str] = field(default_factory=list)
     #: "user", or "service" for a trusted hub service (no account; acts for users).
     kind: str = "user"
+    #: A token without access to the portal service (a user server's own token): GET only.
+    read_only: bool = False
 
     @property
     def is_service(self) -> bool:
@@ -66,6 +74,30 @@ def token_from(request: Request) -> str | None:
     if scheme.lower() in ("token", "bearer") and value.strip():
         return value.strip()
     return request.cookies.get(TOKEN_COOKIE) or None
+
+
+PORTAL_ACCESS_SCOPES = frozenset({"access:services", "access:services!service=portal"})
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def server_token_only(model: dict[str, Any]) -> bool:
+    """A token that may not access the portal service: a server's ``JUPYTERHUB_API_TOKEN``.
+
+    User tokens, the portal's OAuth tokens and admin tokens all carry
+    ``access:services!service=portal`` (or ``access:services``). The hub always
+    lists the token's scopes in ``GET /hub/api/user``; a model without the
+    list says nothing about them.
+    """
+    scopes = model.get("scopes")
+    return isinstance(scopes, list) and not PORTAL_ACCESS_SCOPES.intersection(scopes)
+
+
+def refuse_writes(request: Request, caller: PortalUser) -> PortalUser:
+    if caller.read_only and request.method not in READ_METHODS:
+        raise HTTPException(
+            403, "A user server's token can only read; use your own hub token to change anything."
+        )
+    return caller
 
 
 def cache_key(token: str) -> str:
@@ -92,7 +124,7 @@ async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
     key = cache_key(token)
     cached = await portal.cache.get(key)
     if cached:
-        return PortalUser(**json.loads(cached))
+        return refuse_writes(request, PortalUser(**json.loads(cached)))
     try:
         model = await portal.hub.user_for_token(token)
     except HubUnavailable as exc:
@@ -122,10 +154,17 @@ async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
     full = model if "groups" in model and "admin" in model else await portal.hub.user(model["name"])
     if full is None:
         raise AuthRequired("Your hub user no longer exists.")
-    user = await run_in_threadpool(_record, portal, full, model.get("scopes") or [])
+    scopes = model.get("scopes") or []
+    user = await run_in_threadpool(_record, portal, full, scopes)
+    user.read_only = server_token_only(model)
     await portal.cache.set(key, json.dumps(asdict(user)), ttl=portal.settings.auth_cache_seconds)
-    log.info("authenticated hub user %s (role %s)", user.name, user.role)
-    return user
+    log.info(
+        "authenticated hub user %s (role %s%s)",
+        user.name,
+        user.role,
+        ", server token: read-only" if user.read_only else "",
+    )
+    return refuse_writes(request, user)
 
 
 def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:

@@ -55,8 +55,28 @@ class GpuMetrics:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class ProcessGpuUse:
+    """One process's use of one GPU, as NVML reports it. Information only.
+
+    ``sm_utilization_pct`` is NVML's latest per-process SM sample, or None when
+    the driver keeps no samples for the process (it has been idle since the
+    last sample window, or the GPU does not support accounting).
+    """
+
+    pid: int
+    gpu_index: int
+    gpu_uuid: str
+    used_memory_mib: int
+    sm_utilization_pct: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 _recording: list[GpuInfo] | None = None
 _recorded_metrics: list[GpuMetrics] | None = None
+_recorded_processes: list[ProcessGpuUse] | None = None
 
 
 @contextmanager
@@ -66,10 +86,11 @@ def use_recording(
     """Serve recorded device data instead of NVML (tests on machines without GPUs).
 
     Accepts a list of inventory entries (:class:`GpuInfo` fields), or a dict
-    ``{"gpus": [...], "metrics": [...]}`` with :class:`GpuMetrics` readings too;
-    a path to a JSON file of either shape also works.
+    ``{"gpus": [...], "metrics": [...], "processes": [...]}`` with
+    :class:`GpuMetrics` readings and :class:`ProcessGpuUse` samples too; a path
+    to a JSON file of either shape also works.
     """
-    global _recording, _recorded_metrics
+    global _recording, _recorded_metrics, _recorded_processes
     raw = (
         json.loads(Path(path_or_gpus).read_text())
         if isinstance(path_or_gpus, Path)
@@ -78,13 +99,15 @@ def use_recording(
     gpus, metrics = (
         (raw.get("gpus", []), raw.get("metrics")) if isinstance(raw, dict) else (raw, None)
     )
-    previous = (_recording, _recorded_metrics)
+    processes = raw.get("processes") if isinstance(raw, dict) else None
+    previous = (_recording, _recorded_metrics, _recorded_processes)
     _recording = [GpuInfo(**gpu) for gpu in gpus]
     _recorded_metrics = None if metrics is None else [GpuMetrics(**m) for m in metrics]
+    _recorded_processes = None if processes is None else [ProcessGpuUse(**p) for p in processes]
     try:
         yield
     finally:
-        _recording, _recorded_metrics = previous
+        _recording, _recorded_metrics, _recorded_processes = previous
 
 
 def marketplace_model(name: str) -> str:
@@ -192,6 +215,65 @@ def read_metrics() -> list[GpuMetrics]:
                 )
             )
         return readings
+    except pynvml.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML query failed: {exc}") from None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def read_process_use() -> list[ProcessGpuUse]:
+    """Every compute process on every GPU, with its memory and latest SM sample.
+
+    The server extension maps these PIDs to its kernels. Raises
+    :class:`NvmlUnavailable` like the other readers. With a recording that has
+    no ``processes``, the processes listed in its metrics are served, with no
+    utilisation sample.
+    """
+    if _recording is not None:
+        if _recorded_processes is not None:
+            return list(_recorded_processes)
+        return [
+            ProcessGpuUse(int(p["pid"]), m.index, m.uuid, int(p["used_memory_mib"]), None)
+            for m in read_metrics()
+            for p in m.processes
+        ]
+    try:
+        import pynvml
+    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
+        raise NvmlUnavailable("nvidia-ml-py is not installed") from exc
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML did not start: {exc}") from None
+    try:
+        found = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            uuid = _text(pynvml.nvmlDeviceGetUUID(handle))
+            latest: dict[int, tuple[int, int]] = {}  # pid -> (timestamp, sm %)
+            try:
+                for sample in pynvml.nvmlDeviceGetProcessUtilization(handle, 0):
+                    seen = latest.get(int(sample.pid))
+                    if seen is None or int(sample.timeStamp) >= seen[0]:
+                        latest[int(sample.pid)] = (int(sample.timeStamp), int(sample.smUtil))
+            except pynvml.NVMLError:
+                pass  # no samples yet (NOT_FOUND), or not supported on this GPU
+            try:
+                running = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except pynvml.NVMLError:
+                running = []
+            for proc in running:
+                sample = latest.get(int(proc.pid))
+                found.append(
+                    ProcessGpuUse(
+                        pid=int(proc.pid),
+                        gpu_index=index,
+                        gpu_uuid=uuid,
+                        used_memory_mib=int((proc.usedGpuMemory or 0) // (1024 * 1024)),
+                        sm_utilization_pct=None if sample is None else sample[1],
+                    )
+                )
+        return found
     except pynvml.NVMLError as exc:
         raise NvmlUnavailable(f"NVML query failed: {exc}") from None
     finally:
