@@ -27,7 +27,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy hub provider
+	$(BIN)/mypy hub provider spawners
 
 format: install
 	$(BIN)/ruff format .
