@@ -278,6 +278,7 @@ class RaySpawner(Spawner):
         self._report: asyncio.Future[tuple[int, str]] | None = None
         self._unreachable_since: float | None = None
         self._config_values: dict[str, Any] = {}
+        self._options_applied = False
         self._portal: PortalClient | None = None
 
     # --- helpers ---------------------------------------------------------------
@@ -332,6 +333,17 @@ class RaySpawner(Spawner):
             spawner.log.warning("offers unavailable for the spawn form: %s", exc.code)
             offers = None
         return form.render(spawner.profile_list, offers, spawner.user_options)
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        # JupyterHub >= 5.3 runs this before start() and before it reads start_timeout,
+        # so a profile may set start_timeout; a SpawnException here is the user's 400.
+        return RaySpawner._apply_user_options_hook
+
+    @staticmethod
+    def _apply_user_options_hook(spawner: RaySpawner, user_options: Any) -> None:
+        spawner._apply_options()
+        spawner._options_applied = True
 
     def _apply_options(self) -> profiles.Selection:
         """Validate user_options against profile_list and apply the chosen overrides.
@@ -393,7 +405,9 @@ class RaySpawner(Spawner):
             self._report = None
 
     async def _start(self) -> str:
-        self._apply_options()
+        if not self._options_applied:  # JupyterHub < 5.3, or a custom apply hook
+            self._apply_options()
+        self._options_applied = False
         self.clear_ids()
         self.job_id = job_submission_id(self.user.name, self.name)
         self._report = asyncio.get_running_loop().create_future()
