@@ -46,7 +46,17 @@ _register_report_handler()
 #: a sliver, so the resource only pins; the GPUs themselves are counted by Ray's GPU resource.
 NODE_RESOURCE_AMOUNT = 0.001
 MICRO = 1_000_000
-STATE_KEYS = ("jobs_url", "cluster_id", "job_id", "reservation_id", "node_id", "url", "gpus")
+#: node_id is the marketplace's node; ray_node_id is Ray's id of the node the job runs on.
+STATE_KEYS = (
+    "jobs_url",
+    "cluster_id",
+    "job_id",
+    "reservation_id",
+    "node_id",
+    "ray_node_id",
+    "url",
+    "gpus",
+)
 
 
 def default_profile_list() -> list[dict[str, Any]]:
@@ -268,6 +278,7 @@ class RaySpawner(Spawner):
     job_id = ""
     reservation_id = ""
     node_id = ""
+    ray_node_id = ""
     url = ""
     gpus = ""
 
@@ -448,7 +459,7 @@ class RaySpawner(Spawner):
             if self.reservation_id:
                 await self._activate()
             shown = f" with CUDA_VISIBLE_DEVICES={gpus}" if gpus else ""
-            self._emit(90, f"Server up on node {self.node_id[:12]}{shown}")
+            self._emit(90, f"Server up on node {(self.node_id or self.ray_node_id)[:12]}{shown}")
             return self.url
         except asyncio.CancelledError:
             self.log.warning(
@@ -528,7 +539,7 @@ class RaySpawner(Spawner):
         unavailable_since: float | None = None
         while time.monotonic() < deadline:
             done, _ = await asyncio.wait({self._report}, timeout=1.0)
-            if done:
+            if done and scheduled:
                 return self._report.result()
             try:
                 state = await jobs.state(self.job_id)
@@ -546,8 +557,6 @@ class RaySpawner(Spawner):
                 continue
             unavailable_since = None
             if state.terminal:
-                if self._report.done():
-                    return self._report.result()
                 tail = await jobs.logs_tail(self.job_id)
                 self.log.warning(
                     "%s: job %s ended %s before the server was ready: %s\n%s",
@@ -565,10 +574,10 @@ class RaySpawner(Spawner):
                 )
             if state.status == "RUNNING" and not scheduled:
                 scheduled = True
-                self.node_id = self.node_id or state.node_id
+                self.ray_node_id = state.node_id
                 self._emit(
                     50,
-                    f"Scheduled on node {(state.node_id or self.node_id)[:12]}; starting Jupyter",
+                    f"Scheduled on Ray node {state.node_id[:12]}; starting Jupyter",
                 )
         raise SpawnException(
             "Your server did not report in time.", reason="timeout", status_code=500
@@ -598,9 +607,9 @@ class RaySpawner(Spawner):
         if self.ip and self.ip not in ("0.0.0.0", "::"):
             return self.ip
         node_ip = None
-        if self.node_id:
+        if self.ray_node_id:
             try:
-                node_ip = await self._jobs().node_ip(self.node_id)
+                node_ip = await self._jobs().node_ip(self.ray_node_id)
             except RayUnavailable:
                 node_ip = None
         if not node_ip:
@@ -716,7 +725,7 @@ class RaySpawner(Spawner):
                 state.message[:300],
             )
             return 0 if state.status == "SUCCEEDED" else 1
-        node_id = self.node_id or state.node_id
+        node_id = state.node_id or self.ray_node_id
         if node_id:
             try:
                 alive = await jobs.node_alive(node_id)

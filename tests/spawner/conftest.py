@@ -70,9 +70,17 @@ class Hub:
         self.log_paths.append(log)
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [str(Path(sys.executable).parent / "jupyterhub"), "-f", str(HERE / "hub_config.py")],
-                cwd=self.data, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True,
+                [
+                    str(Path(sys.executable).parent / "jupyterhub"),
+                    "-f",
+                    str(HERE / "hub_config.py"),
+                ],
+                cwd=self.data,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -96,15 +104,20 @@ class Hub:
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
         headers = {"Authorization": f"token {self.token}"}
-        return httpx.request(method, f"{self.url}/hub/api{path}", headers=headers,
-                             timeout=60, **kwargs)
+        return httpx.request(
+            method, f"{self.url}/hub/api{path}", headers=headers, timeout=60, **kwargs
+        )
 
     def server_path(self, user: str, server: str = "") -> str:
         path = f"/users/{quote(user, safe='')}/server"
         return f"{path}s/{quote(server, safe='')}" if server else path
 
-    def spawn(self, user: str, server: str = "", options: dict[str, Any] | None = None,
-              ) -> httpx.Response:
+    def spawn(
+        self,
+        user: str,
+        server: str = "",
+        options: dict[str, Any] | None = None,
+    ) -> httpx.Response:
         self.api("POST", f"/users/{quote(user, safe='')}")  # 201 or 409 (exists): both fine
         return self.api("POST", self.server_path(user, server), json=options or {})
 
@@ -139,8 +152,9 @@ class Hub:
         self.wait_gone(user, server)
 
     def state(self, user: str, server: str = "") -> dict[str, Any]:
-        reply = self.api("GET", f"/users/{quote(user, safe='')}",
-                         params={"include_stopped_servers": "1"})
+        reply = self.api(
+            "GET", f"/users/{quote(user, safe='')}", params={"include_stopped_servers": "1"}
+        )
         servers = reply.json().get("servers") or {}
         return dict((servers.get(server) or {}).get("state") or {})
 
@@ -168,10 +182,16 @@ def make_hub(tmp: Path, ray_nodes: RayNodes, portal: ContractPortal, **extra: st
 
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory, ray_nodes: RayNodes,
-        portal: ContractPortal) -> Iterator[Hub]:
-    running = make_hub(tmp_path_factory.mktemp("hubmod"), ray_nodes, portal,
-                       TEST_DEAD_AFTER="8", TEST_SPAWN_LIMIT="3")
+def hub(
+    tmp_path_factory: pytest.TempPathFactory, ray_nodes: RayNodes, portal: ContractPortal
+) -> Iterator[Hub]:
+    running = make_hub(
+        tmp_path_factory.mktemp("hubmod"),
+        ray_nodes,
+        portal,
+        TEST_DEAD_AFTER="8",
+        TEST_SPAWN_LIMIT="3",
+    )
     running.start()
     yield running
     # Servers outlive the hub (cleanup_servers=False): stop them through it first.

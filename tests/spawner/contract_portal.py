@@ -41,17 +41,21 @@ class ContractPortal:
     requests: list[tuple[str, str]] = field(default_factory=list)
 
     def used(self, node_id: str) -> list[int]:
-        return [i for r in self.reservations.values()
-                if r["node_id"] == node_id and r["status"] in ("held", "active")
-                for i in r["gpu_indices"]]
+        return [
+            i
+            for r in self.reservations.values()
+            if r["node_id"] == node_id and r["status"] in ("held", "active")
+            for i in r["gpu_indices"]
+        ]
 
     def live(self) -> list[dict[str, Any]]:
         return [r for r in self.reservations.values() if r["status"] in ("held", "active")]
 
 
 def error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "request_id": "test"}},
-                        status_code=status)
+    return JSONResponse(
+        {"error": {"code": code, "message": message, "request_id": "test"}}, status_code=status
+    )
 
 
 def create_app(portal: ContractPortal) -> FastAPI:
@@ -69,11 +73,18 @@ def create_app(portal: ContractPortal) -> FastAPI:
     async def offers() -> Any:
         with portal.lock:
             return [
-                {"gpu_model": n.gpu_model, "vram_gb": n.vram_gb, "region": n.region,
-                 "price_per_gpu_hour": n.price,
-                 "price_per_gpu_hour_display": f"{n.price / 1e6:.2f}",
-                 "free_gpus": n.gpus - len(portal.used(n.node_id)), "total_gpus": n.gpus,
-                 "reliability": 1.0, "demo": True, "provider": "house"}
+                {
+                    "gpu_model": n.gpu_model,
+                    "vram_gb": n.vram_gb,
+                    "region": n.region,
+                    "price_per_gpu_hour": n.price,
+                    "price_per_gpu_hour_display": f"{n.price / 1e6:.2f}",
+                    "free_gpus": n.gpus - len(portal.used(n.node_id)),
+                    "total_gpus": n.gpus,
+                    "reliability": 1.0,
+                    "demo": True,
+                    "provider": "house",
+                }
                 for n in portal.nodes
             ]
 
@@ -100,21 +111,30 @@ def create_app(portal: ContractPortal) -> FastAPI:
                 if len(free) >= count:
                     rid = secrets.token_hex(6)
                     portal.reservations[rid] = {
-                        "id": rid, "status": "held", "user": body["user"],
-                        "server_name": body.get("server_name", ""), "node_id": node.node_id,
-                        "cluster_id": node.cluster_id, "jobs_url": node.jobs_url,
+                        "id": rid,
+                        "status": "held",
+                        "user": body["user"],
+                        "server_name": body.get("server_name", ""),
+                        "node_id": node.node_id,
+                        "cluster_id": node.cluster_id,
+                        "jobs_url": node.jobs_url,
                         "node_resource": f"gpuportal/node:{node.node_id}",
-                        "gpu_indices": free[:count], "gpu_count": count,
-                        "gpu_model": node.gpu_model, "price_per_gpu_hour": node.price,
-                        "region": node.region, "demo": True,
+                        "gpu_indices": free[:count],
+                        "gpu_count": count,
+                        "gpu_model": node.gpu_model,
+                        "price_per_gpu_hour": node.price,
+                        "region": node.region,
+                        "demo": True,
                         "expires_at": time.time() + 300,
                     }
                     return JSONResponse(portal.reservations[rid], status_code=201)
             model = body.get("gpu_model") or "GPU"
             where = f" in {body['region']}" if body.get("region") else ""
-            return error(409, "no_capacity",
-                         f"No {count}x {model} free{where}; {free_elsewhere} GPUs are free "
-                         "elsewhere.")
+            return error(
+                409,
+                "no_capacity",
+                f"No {count}x {model} free{where}; {free_elsewhere} GPUs are free elsewhere.",
+            )
 
     def find(rid: str) -> dict[str, Any] | None:
         return portal.reservations.get(rid)
@@ -151,8 +171,9 @@ class Served:
     """Run the app with uvicorn in a thread on 127.0.0.1."""
 
     def __init__(self, app: FastAPI, port: int) -> None:
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                                    log_level="warning"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Served:

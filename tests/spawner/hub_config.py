@@ -31,9 +31,18 @@ c.JupyterHub.services = [
     {"name": "ray-spawner", "api_token": env["TEST_SPAWNER_TOKEN"]},
 ]
 c.JupyterHub.load_roles = [
-    {"name": "tester", "services": ["tester"],
-     "scopes": ["admin:users", "admin:servers", "access:servers", "list:users", "read:users",
-                "proxy"]},
+    {
+        "name": "tester",
+        "services": ["tester"],
+        "scopes": [
+            "admin:users",
+            "admin:servers",
+            "access:servers",
+            "list:users",
+            "read:users",
+            "proxy",
+        ],
+    },
 ]
 
 c.JupyterHub.spawner_class = "ray"
@@ -54,9 +63,18 @@ c.RaySpawner.stop_timeout = 15
 c.RaySpawner.profile_list = [
     *default_profile_list(),
     # Fault injection: a server that exits at once, and one that never reports.
-    {"display_name": "Broken", "slug": "broken",
-     "spawner_override": {"gpu_count": 1, "entrypoint": ["false"]}},
-    {"display_name": "Never ready", "slug": "never",
-     "spawner_override": {"gpu_count": 1, "entrypoint": ["sh", "-c", "sleep 600", "--"],
-                          "start_timeout": 6}},
+    {
+        "display_name": "Broken",
+        "slug": "broken",
+        "spawner_override": {"gpu_count": 1, "entrypoint": ["false"]},
+    },
+    {
+        "display_name": "Never ready",
+        "slug": "never",
+        "spawner_override": {
+            "gpu_count": 1,
+            "entrypoint": ["sh", "-c", "sleep 600", "--"],
+            "start_timeout": 6,
+        },
+    },
 ]

@@ -9,6 +9,7 @@ node within seconds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -55,7 +56,7 @@ class RayNodes:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     # Ray's socket paths must stay under 107 bytes: a short temp dir, not pytest's.
     temp_dir: Path = field(
-        default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpsp-", dir="/tmp"))  # noqa: S108
+        default_factory=lambda: Path(tempfile.mkdtemp(prefix="gpsp-", dir="/tmp"))
     )
 
     @property
@@ -70,33 +71,70 @@ class RayNodes:
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"ray-{name}.log", "wb")  # noqa: SIM115
         self.procs[name] = subprocess.Popen(
-            [RAY, "start", "--block", "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-             "--object-store-memory=80000000", *args],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=self.env(), start_new_session=True,
+            [
+                RAY,
+                "start",
+                "--block",
+                "--disable-usage-stats",
+                "--node-ip-address=127.0.0.1",
+                "--object-store-memory=80000000",
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=self.env(),
+            start_new_session=True,
         )
         log.close()
 
     def start_head(self) -> None:
-        self._spawn("head", [
-            "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            "--num-cpus=1", "--num-gpus=0", f"--temp-dir={self.temp_dir}",
-            *_ports("ray-client-server-port", "dashboard-agent-listen-port",
-                    "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                    "metrics-export-port", "node-manager-port", "object-manager-port"),
-        ])
+        self._spawn(
+            "head",
+            [
+                "--head",
+                f"--port={self.gcs_port}",
+                "--include-dashboard=true",
+                "--dashboard-host=127.0.0.1",
+                f"--dashboard-port={self.dashboard_port}",
+                "--num-cpus=1",
+                "--num-gpus=0",
+                f"--temp-dir={self.temp_dir}",
+                *_ports(
+                    "ray-client-server-port",
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                ),
+            ],
+        )
 
     def add_gpu_node(self, node_id: str, gpus: int, model: str = "A100-80GB") -> None:
-        resources = {f"gpuportal/node:{node_id}": gpus, f"accelerator_type:{model}": gpus,
-                     "gpuportal/demo": gpus}
-        self._spawn(node_id, [
-            f"--address=127.0.0.1:{self.gcs_port}", "--num-cpus=1", f"--num-gpus={gpus}",
-            f"--resources={json.dumps(resources)}",
-            *_ports("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                    "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
-                    "object-manager-port"),
-        ])
+        resources = {
+            f"gpuportal/node:{node_id}": gpus,
+            f"accelerator_type:{model}": gpus,
+            "gpuportal/demo": gpus,
+        }
+        self._spawn(
+            node_id,
+            [
+                f"--address=127.0.0.1:{self.gcs_port}",
+                "--num-cpus=1",
+                f"--num-gpus={gpus}",
+                f"--resources={json.dumps(resources)}",
+                *_ports(
+                    "dashboard-agent-listen-port",
+                    "dashboard-agent-grpc-port",
+                    "runtime-env-agent-port",
+                    "metrics-export-port",
+                    "node-manager-port",
+                    "object-manager-port",
+                ),
+            ],
+        )
 
     def nodes(self) -> list[dict[str, object]]:
         reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", params={"detail": "1"}, timeout=5)
@@ -129,15 +167,11 @@ class RayNodes:
         """SIGKILL every process of one node at once, as when its machine dies."""
         proc = self.procs.pop(name)
         family = [psutil.Process(proc.pid)]
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             family += family[0].children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
         for member in family:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
         psutil.wait_procs(family, timeout=10)
         proc.wait(10)
 
