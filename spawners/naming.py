@@ -55,3 +55,12 @@ def server_key(user: str, server: str) -> str:
 def job_submission_id(user: str, server: str) -> str:
     """``gpuportal--<user>--<server>--<random>``: one fresh id per spawn."""
     return f"{PREFIX}--{server_key(user, server)}--{secrets.token_hex(4)}"
+
+
+def oauth_client_id(user: str, server: str) -> str:
+    """The server's OAuth client id (also its cookie name), collision-free.
+
+    JupyterHub's own ``jupyterhub-user-<user>[-<server>]`` gives user ``a-b`` and
+    user ``a``'s server ``b`` the same client, and the second spawn fails.
+    """
+    return f"jupyterhub-user-{server_key(user, server)}"

@@ -34,7 +34,7 @@ from traitlets import Dict as TDict
 from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
 from . import form, profiles
-from .naming import job_submission_id
+from .naming import job_submission_id, oauth_client_id
 from .portal_client import PortalClient, PortalError, PortalUnavailable, format_credits
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
 from .report import register as _register_report_handler
@@ -284,6 +284,10 @@ class RaySpawner(Spawner):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        user = getattr(self, "user", None)
+        if user is not None and isinstance(getattr(user, "name", None), str):
+            # Before the hub registers the client: see naming.oauth_client_id.
+            self.oauth_client_id = oauth_client_id(user.name, self.name or "")
         self._events: list[dict[str, Any]] = []
         self._start_done = True
         self._report: asyncio.Future[tuple[int, str]] | None = None
@@ -646,28 +650,7 @@ class RaySpawner(Spawner):
 
     async def _stop_and_release(self) -> None:
         if self.job_id and self.jobs_url:
-            jobs = self._jobs()
-            try:
-                await jobs.stop(self.job_id)
-                deadline = time.monotonic() + self.stop_timeout
-                while time.monotonic() < deadline:
-                    try:
-                        state = await jobs.state(self.job_id)
-                    except JobNotFound:
-                        break
-                    if state.terminal:
-                        break
-                    await asyncio.sleep(0.5)
-                else:
-                    self.log.warning(
-                        "%s: job %s did not end within %ss",
-                        self._log_name,
-                        self.job_id,
-                        self.stop_timeout,
-                    )
-            except RayUnavailable as exc:
-                # The cluster or node is gone; so is the job with it.
-                self.log.warning("%s: could not stop job %s: %s", self._log_name, self.job_id, exc)
+            await self._stop_job()
         if self.reservation_id:
             try:
                 released = await self.portal.release(self.reservation_id)
@@ -688,6 +671,35 @@ class RaySpawner(Spawner):
                 )
         self.clear_ids()
 
+    async def _stop_job(self) -> None:
+        """Stop the job and wait, within stop_timeout, until Ray says it ended.
+
+        A job that already ended (its node died, say) is not stopped again: on a
+        dead node that call would only wait for a timeout while the GPUs stay booked.
+        """
+        jobs = self._jobs()
+        deadline = time.monotonic() + self.stop_timeout
+        try:
+            state = await jobs.state(self.job_id)
+            if state.terminal:
+                return
+            if state.node_id and not await jobs.node_alive(state.node_id):
+                self.log.warning("%s: node of job %s is dead", self._log_name, self.job_id)
+                return
+            await jobs.stop(self.job_id)
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                if (await jobs.state(self.job_id)).terminal:
+                    return
+            self.log.warning(
+                "%s: job %s did not end within %ss", self._log_name, self.job_id, self.stop_timeout
+            )
+        except JobNotFound:
+            return
+        except RayUnavailable as exc:
+            # The cluster or the node is gone, and the job with it.
+            self.log.warning("%s: could not stop job %s: %s", self._log_name, self.job_id, exc)
+
     async def stop(self, now: bool = False) -> None:
         """Stop the job, wait for it within stop_timeout, release the reservation.
 
@@ -703,7 +715,17 @@ class RaySpawner(Spawner):
         An exit status once the job ended (0 only for success), the node is dead or
         unknown, or the server (or cluster) stayed unreachable for the grace
         period. With the defaults the whole bound is ``dead_after`` (30 s).
+
+        A server found gone is cleaned up here, at once: JupyterHub calls stop()
+        only for servers that poll() says are running, so this is where the job
+        of a dead server is stopped and its reservation released.
         """
+        status = await self._poll_status()
+        if status is not None and (self.job_id or self.reservation_id) and self._start_done:
+            await self._cleanup()
+        return status
+
+    async def _poll_status(self) -> int | None:
         if not self._start_done:
             return None
         if not self.job_id or not self.jobs_url:
