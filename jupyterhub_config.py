@@ -131,6 +131,22 @@ _portal_env = {
     "GPUPORTAL_AUTH_CACHE_SECONDS": str(gp.auth_cache_seconds),
     "GPUPORTAL_HUB_SYNC_SECONDS": str(gp.hub_sync_seconds),
     "GPUPORTAL_LOG_LEVEL": gp.log_level,
+    # Marketplace: who may reserve for others, holds, price bounds, fee, reliability.
+    "GPUPORTAL_TRUSTED_SERVICES": gp.trusted_services,
+    "GPUPORTAL_RESERVATION_HOLD_SECONDS": str(gp.reservation_hold_seconds),
+    "GPUPORTAL_REGION": gp.region,
+    "GPUPORTAL_HOUSE_PRICE": str(gp.house_price),
+    "GPUPORTAL_MIN_PRICE": str(gp.min_price),
+    "GPUPORTAL_MAX_PRICE": str(gp.max_price),
+    "GPUPORTAL_PLATFORM_FEE_BPS": str(gp.platform_fee_bps),
+    "GPUPORTAL_RELIABILITY_START": str(gp.reliability_start),
+    "GPUPORTAL_RELIABILITY_DELIST": str(gp.reliability_delist),
+    "GPUPORTAL_ADMIN_USER": gp.admin_user,
+    "GPUPORTAL_HEARTBEAT_SECONDS": str(gp.heartbeat_seconds),
+    "GPUPORTAL_HEARTBEAT_MISSED": str(gp.heartbeat_missed),
+    "GPUPORTAL_VERIFICATION_INTERVAL_SECONDS": str(gp.verification_interval_seconds),
+    "GPUPORTAL_CHALLENGE_DEADLINE_SECONDS": str(gp.challenge_deadline_seconds),
+    "GPUPORTAL_NODE_CLOCK_SKEW_SECONDS": str(gp.node_clock_skew_seconds),
     "RAY_USAGE_STATS_ENABLED": "0",
 }
 c.JupyterHub.services = [

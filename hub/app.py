@@ -29,6 +29,7 @@ from .cache import Cache, make_cache
 from .hubapi import HubAPI, HubUnavailable
 from .reqlog import RequestIdMiddleware, request_id
 from .settings import Settings
+from .timeutil import utcnow
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,31 @@ class Portal:
                 log.exception("hub sync failed")
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
 
+    async def marketplace_loop(self) -> None:
+        """Marketplace housekeeping every heartbeat interval (at most 30 s); never dies:
+        expire held reservations (their GPUs go back), mark nodes that missed
+        heartbeats offline, refresh reliability scores."""
+        from .marketplace import expire_held
+        from .nodes import mark_offline, refresh_reliability
+        from .provider_routes import node_rules
+
+        rules = node_rules(self.settings)
+        interval = float(min(30, self.settings.heartbeat_seconds))
+
+        def housekeeping() -> None:
+            with db.transaction(self.sessions) as session:
+                now = utcnow()
+                expire_held(session, now)
+                mark_offline(session, rules, now)
+                refresh_reliability(session, rules, now)
+
+        while True:
+            try:
+                await run_in_threadpool(housekeeping)
+            except Exception:
+                log.exception("marketplace housekeeping failed")
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
+
     async def close(self) -> None:
         await self.hub.close()
         await self.cache.close()
@@ -102,6 +128,8 @@ def error_body(status: int, message: str, code: str | None = None) -> dict[str, 
 def create_app(settings: Settings, portal: Portal | None = None, *,
                background: bool = True) -> FastAPI:
     """Build the app. ``background=False`` skips the hub sync loop (unit tests)."""
+    from .marketplace_routes import router as marketplace_router
+    from .provider_routes import router as provider_router
     from .routes import router
 
     prefix = settings.service_prefix
@@ -111,13 +139,14 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
         the_portal = portal or Portal(settings)
         await run_in_threadpool(db.upgrade, the_portal.engine)
         app.state.portal = the_portal
-        task = asyncio.create_task(the_portal.sync_loop()) if background else None
+        tasks = [asyncio.create_task(the_portal.sync_loop()),
+                 asyncio.create_task(the_portal.marketplace_loop())] if background else []
         log.info("portal service %s ready at %s (db %s, cache %s)", __version__, prefix,
                  the_portal.engine.url.get_backend_name(), the_portal.cache.backend)
         try:
             yield
         finally:
-            if task is not None:
+            for task in tasks:
                 task.cancel()
                 with suppress(asyncio.CancelledError):
                     await task
@@ -149,8 +178,8 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
             message = f"No such endpoint: {request.method} {request.url.path}"
         if exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        return JSONResponse(error_body(exc.status_code, message), status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+        return JSONResponse(error_body(exc.status_code, message, getattr(exc, "code", None)),
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> Response:
@@ -168,6 +197,8 @@ def create_app(settings: Settings, portal: Portal | None = None, *,
         )
 
     app.include_router(router, prefix=prefix.rstrip("/"))
+    app.include_router(marketplace_router, prefix=prefix.rstrip("/"))
+    app.include_router(provider_router, prefix=prefix.rstrip("/"))
     return app
 
 

@@ -50,6 +50,12 @@ class PortalUser:
     account_id: int
     groups: list[str] = field(default_factory=list)
     scopes: list[str] = field(default_factory=list)
+    #: "user", or "service" for a trusted hub service (no account; acts for users).
+    kind: str = "user"
+
+    @property
+    def is_service(self) -> bool:
+        return self.kind == "service"
 
 
 def token_from(request: Request) -> str | None:
@@ -72,7 +78,12 @@ def get_portal(request: Request) -> Portal:
 PortalDep = Annotated[Any, Depends(get_portal)]
 
 
-async def current_user(request: Request, portal: PortalDep) -> PortalUser:
+async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
+    """A hub user, or a hub service named in ``GPUPORTAL_TRUSTED_SERVICES``.
+
+    Trusted services (the spawner) act on behalf of users; every other service
+    is refused with 403. Both kinds are cached by token hash.
+    """
     token = token_from(request)
     if not token:
         raise AuthRequired()
@@ -87,8 +98,17 @@ async def current_user(request: Request, portal: PortalDep) -> PortalUser:
         raise HTTPException(503, "The hub is not answering; try again in a moment.") from None
     if model is None:
         raise AuthRequired("Your hub token is invalid or has expired; log in again.")
-    if model.get("kind", "user") != "user":
-        raise HTTPException(403, "Only hub users can use this endpoint.")
+    kind = model.get("kind", "user")
+    if kind == "service" and model.get("name") in portal.settings.trusted_service_names:
+        service = PortalUser(name=str(model["name"]), role="service", admin=False,
+                             account_id=0, scopes=sorted(model.get("scopes") or []),
+                             kind="service")
+        await portal.cache.set(key, json.dumps(asdict(service)),
+                               ttl=portal.settings.auth_cache_seconds)
+        log.info("authenticated trusted hub service %s", service.name)
+        return service
+    if kind != "user":
+        raise HTTPException(403, "Only hub users and trusted services can use this endpoint.")
     # The token's own model may lack groups (OAuth tokens carry few scopes), so
     # the portal reads the full model with its service token.
     full = model if "groups" in model and "admin" in model else await portal.hub.user(model["name"])
@@ -113,6 +133,14 @@ def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalU
         )
 
 
+async def current_user(caller: Annotated[PortalUser, Depends(current_caller)]) -> PortalUser:
+    """The calling hub user; services (even trusted ones) are refused with 403."""
+    if caller.is_service:
+        raise HTTPException(403, "Only hub users can use this endpoint.")
+    return caller
+
+
+CurrentCaller = Annotated[PortalUser, Depends(current_caller)]
 CurrentUser = Annotated[PortalUser, Depends(current_user)]
 
 

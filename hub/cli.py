@@ -164,5 +164,15 @@ def version() -> None:
             click.echo(f"  {dist} not installed")
 
 
+def _add_provider_commands() -> None:
+    # Node-side commands live with the agent (they never import the hub).
+    from gpuportal.provider.cli import provider
+
+    main.add_command(provider)
+
+
+_add_provider_commands()
+
+
 if __name__ == "__main__":
     main()

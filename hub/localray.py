@@ -31,6 +31,7 @@ from .settings import Settings
 
 DEFAULT_DEMO_GPUS = "2xA100-80GB"
 DEMO_RESOURCE = "gpuportal/demo"
+NODE_RESOURCE_PREFIX = "gpuportal/node:"
 _DEMO_RE = re.compile(r"^\s*(\d+)\s*[xX×]\s*([A-Za-z0-9][A-Za-z0-9._-]{0,63})\s*$")
 
 
@@ -84,11 +85,17 @@ def plan_gpus(settings: Settings) -> GpuPlan:
     )
 
 
-def ray_resources(plan: GpuPlan) -> dict[str, float]:
-    """Custom resources that tell placement what the GPUs are."""
+def ray_resources(plan: GpuPlan, node_id: str | None = None) -> dict[str, float]:
+    """Custom resources that tell placement what the GPUs are.
+
+    With ``node_id`` the node also declares ``gpuportal/node:<node_id>`` (one
+    unit per GPU), the resource a reservation pins its Ray job to.
+    """
     resources: dict[str, float] = {f"accelerator_type:{m}": float(n) for m, n in plan.models.items()}
     if plan.demo:
         resources[DEMO_RESOURCE] = float(plan.count)
+    if node_id:
+        resources[f"{NODE_RESOURCE_PREFIX}{node_id}"] = float(max(plan.count, 1))
     return resources
 
 
@@ -147,8 +154,12 @@ class LocalRayHead:
             return None
         return dict(state)
 
-    def start(self, plan: GpuPlan, timeout: float = 120.0) -> dict[str, object]:
-        """Start ``ray start --head --block`` and wait until the Jobs API answers."""
+    def start(self, plan: GpuPlan, timeout: float = 120.0,
+              node_id: str | None = None) -> dict[str, object]:
+        """Start ``ray start --head --block`` and wait until the Jobs API answers.
+
+        ``node_id``: the marketplace node id the head declares as a resource.
+        """
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise ConfigError(
@@ -170,7 +181,7 @@ class LocalRayHead:
             f"--dashboard-port={s.ray_dashboard_port}",
             f"--num-cpus={s.ray_num_cpus}",
             f"--num-gpus={plan.count}",
-            f"--resources={json.dumps(ray_resources(plan))}",
+            f"--resources={json.dumps(ray_resources(plan, node_id))}",
             f"--object-store-memory={s.ray_object_store_mb * 1024 * 1024}",
             f"--temp-dir={temp_dir}",
             # Fixed free ports so two stacks on one machine (tests) never collide.
@@ -195,6 +206,7 @@ class LocalRayHead:
             "jobs_url": self.jobs_url,
             "gpus": plan.models,
             "demo": plan.demo,
+            "node_id": node_id,
         }
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

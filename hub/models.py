@@ -109,3 +109,8 @@ class TeamMembership(Base):
 
     team: Mapped[Team] = relationship(back_populates="memberships")
     account: Mapped[Account] = relationship(back_populates="memberships")
+
+
+# The marketplace tables share Base; importing them here puts them in
+# Base.metadata wherever the models are loaded (Alembic's env included).
+from . import marketplace_models  # noqa: E402,F401

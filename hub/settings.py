@@ -12,7 +12,7 @@ import os
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -89,6 +89,60 @@ class Settings(BaseSettings):
     )
     log_level: str = Field("INFO", description="Log level of the portal service.")
 
+    # --- Marketplace -------------------------------------------------------------
+    trusted_services: str = Field(
+        "ray-spawner",
+        description="Comma-separated hub service names that may reserve, activate and "
+        "release GPUs on behalf of any user (the spawner). Empty: none.",
+    )
+    reservation_hold_seconds: int = Field(
+        600,
+        description="How long a held (not yet activated) reservation keeps its GPUs, in "
+        "seconds, before it expires and gives them back.",
+    )
+    region: str = Field("local", description="Region of the house provider's GPUs.")
+    house_price: int = Field(
+        1_000_000,
+        description="Price of the house provider's GPUs, micro-credits per GPU-hour "
+        "(1_000_000 = 1.00 credit/h).",
+    )
+    min_price: int = Field(
+        10_000, description="Lowest price a provider may set, micro-credits per GPU-hour."
+    )
+    max_price: int = Field(
+        1_000_000_000, description="Highest price a provider may set, micro-credits per GPU-hour."
+    )
+    reliability_start: float = Field(
+        0.9,
+        description="Reliability score (0..1) of a new node, before it has any history.",
+    )
+    reliability_delist: float = Field(
+        0.5,
+        description="Nodes whose reliability score falls below this (0..1) are not placed.",
+    )
+    heartbeat_seconds: int = Field(
+        10, description="How often provider agents send a signed heartbeat, in seconds."
+    )
+    heartbeat_missed: int = Field(
+        3, description="Missed heartbeats after which a node is offline and unschedulable."
+    )
+    verification_interval_seconds: int = Field(
+        3600, description="How often a node must pass a fresh verification challenge, seconds."
+    )
+    challenge_deadline_seconds: int = Field(
+        300, description="How long a node has to answer a verification challenge, seconds."
+    )
+    node_clock_skew_seconds: int = Field(
+        60,
+        description="Largest difference between a signed request's timestamp and the "
+        "portal's clock, seconds; older or newer requests are rejected as stale.",
+    )
+    platform_fee_bps: int = Field(
+        1000,
+        description="Platform fee in basis points of each charge (1000 = 10%), locked "
+        "into every reservation.",
+    )
+
     # Set by JupyterHub for a hub-managed service; defaults fit the embedded stack.
     hub_api_url: str = Field(
         "http://127.0.0.1:8081/hub/api", validation_alias="JUPYTERHUB_API_URL"
@@ -117,15 +171,60 @@ class Settings(BaseSettings):
             raise ValueError("must be a positive integer")
         return value
 
+    @field_validator("reservation_hold_seconds", "house_price", "min_price", "max_price",
+                     "heartbeat_seconds", "heartbeat_missed", "verification_interval_seconds",
+                     "challenge_deadline_seconds", "node_clock_skew_seconds")
+    @classmethod
+    def _positive_money(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be a positive integer")
+        return value
+
+    @field_validator("reliability_start", "reliability_delist")
+    @classmethod
+    def _fraction(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError("must be a fraction between 0 and 1")
+        return value
+
+    @field_validator("platform_fee_bps")
+    @classmethod
+    def _basis_points(cls, value: int) -> int:
+        if not 0 <= value <= 10_000:
+            raise ValueError("must be basis points between 0 and 10000")
+        return value
+
+    @field_validator("region")
+    @classmethod
+    def _region_name(cls, value: str) -> str:
+        value = value.strip()
+        if not value or len(value) > 64:
+            raise ValueError("must be a region name of 1 to 64 characters")
+        return value
+
     @field_validator("service_prefix")
     @classmethod
     def _slashes(cls, value: str) -> str:
         return "/" + value.strip("/") + "/"
 
+    @model_validator(mode="after")
+    def _price_bounds(self) -> Settings:
+        if self.min_price > self.max_price:
+            raise ValueError("GPUPORTAL_MIN_PRICE must not exceed GPUPORTAL_MAX_PRICE")
+        if not self.min_price <= self.house_price <= self.max_price:
+            raise ValueError("GPUPORTAL_HOUSE_PRICE must lie between GPUPORTAL_MIN_PRICE and "
+                             "GPUPORTAL_MAX_PRICE")
+        return self
+
     @cached_property
     def database_url(self) -> URL:
         """The portal DB URL, validated; SQLite in the data dir when unset."""
         return parse_db_url(self.db_url, self.data_dir)
+
+    @property
+    def trusted_service_names(self) -> frozenset[str]:
+        """The hub services allowed to act for any user (``trusted_services`` parsed)."""
+        return frozenset(n.strip() for n in self.trusted_services.split(",") if n.strip())
 
     @property
     def sqlite_path(self) -> Path:
@@ -189,7 +288,9 @@ def load_settings(**overrides: object) -> Settings:
         settings.database_url  # noqa: B018  (validate the DB URL eagerly)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0]) if err["loc"] else "?"
+        if not err["loc"]:  # a check across fields names its variables itself
+            raise ConfigError(str(err["msg"]).removeprefix("Value error, ") + ".") from None
+        field = str(err["loc"][0])
         raise ConfigError(
             f"GPUPORTAL_{field.upper()}: {err['msg']} (got {err.get('input')!r})."
         ) from None

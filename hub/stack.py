@@ -28,7 +28,9 @@ from . import db
 from .admin import ensure_admin
 from .cache import check_redis
 from .errors import ConfigError
+from .house import house_dir, house_identity, register_house, verification_of
 from .localray import LocalRayHead, plan_gpus, port_in_use, ray_env, stop_process_group
+from .placement import credits
 from .settings import Settings
 
 Echo = Callable[[str], None]
@@ -146,21 +148,37 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
     head = LocalRayHead(settings)
     ray_pid: int | None = None
     hub: subprocess.Popen[bytes] | None = None
+    agent: subprocess.Popen[bytes] | None = None
+    house: dict[str, Any] | None = None
     try:
         if settings.ray_dashboard_url:
             echo(f"[2/4] Ray: using the cluster at {settings.ray_dashboard_url}")
         else:
             plan = plan_gpus(settings)
             echo(f"[2/4] GPUs: {plan.describe()}")
+            identity = house_identity(settings, plan, f"http://127.0.0.1:{settings.port}")
+            node_id = identity.node_id
             reused = head.running()
             if reused:
                 ray_pid = int(str(reused["pid"]))
                 echo(f"      Ray: reusing the local head (pid {ray_pid}) at {reused['jobs_url']}")
+                if reused.get("node_id") != node_id:
+                    echo("      Ray: that head does not declare this house node; stop it "
+                         "with `gpuportal down` so the next start can.")
             else:
                 echo("      Ray: starting a local head on 127.0.0.1 ...")
-                started = head.start(plan)
+                started = head.start(plan, node_id=node_id)
                 ray_pid = int(str(started["pid"]))
                 echo(f"      Ray: up (pid {ray_pid}), Jobs API at {started['jobs_url']}")
+            engine = db.make_engine(settings.database_url)
+            try:
+                house = register_house(settings, engine, identity, head.jobs_url,
+                                       f"127.0.0.1:{settings.ray_port}")
+            finally:
+                engine.dispose()
+            echo(f"      house provider: node {house['node_id']}, {house['gpus']} GPU(s) at "
+                 f"{credits(house['price'])}/h in {settings.region}"
+                 f"{' (DEMO)' if house['demo'] else ''}")
         if stop_event.is_set():
             return 130
 
@@ -193,6 +211,10 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
         _wait_ready(f"{base}/hub/health", hub, ready_timeout, "JupyterHub", log_path)
         _wait_ready(f"{base}{settings.service_prefix}api/v1/health", hub, ready_timeout,
                     "the portal service", log_path)
+        if house is not None:
+            agent = _start_house_agent(settings, env)
+            outcome = _wait_verified(settings, house["node_id"], agent, ready_timeout)
+            echo(f"      house node {house['node_id']}: {outcome}")
         echo("[4/4] ready.")
         echo("")
         echo(f"  Portal:      {base}/hub/login")
@@ -215,6 +237,8 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
         return 0
     finally:
         echo("stopping ...")
+        if agent is not None:
+            stop_process_group(agent.pid, timeout=15)
         if hub is not None:
             stop_process_group(hub.pid, timeout=30)
         if ray_pid is not None and not settings.ray_dashboard_url:
@@ -223,6 +247,42 @@ def up(settings: Settings, config: Path, echo: Echo, *, hub_output: bool = True,
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         echo("stopped.")
+
+
+def _start_house_agent(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """The house node's provider agent: verification, then signed heartbeats."""
+    log_path = settings.logs_dir / "house-agent.log"
+    # The agent needs none of the control plane's settings; keep them out of it.
+    env = {k: v for k, v in env.items() if not k.startswith("GPUPORTAL_")}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gpuportal.hub.cli", "provider", "run",
+             "--config-dir", str(house_dir(settings)),
+             "--hub", f"http://127.0.0.1:{settings.port}"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+
+
+def _wait_verified(settings: Settings, node_id: str, agent: subprocess.Popen[bytes],
+                   timeout: float) -> str:
+    """Wait until the house node passed (or failed) its challenge; say which."""
+    engine = db.make_engine(settings.database_url)
+    log_path = settings.logs_dir / "house-agent.log"
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = verification_of(engine, node_id)
+            if state == "verified":
+                return "verified; its GPUs are on offer"
+            if state == "failed":
+                return f"FAILED verification, its GPUs are not offered; see {log_path}"
+            if agent.poll() is not None:
+                return f"agent exited with code {agent.returncode}; see {log_path}"
+            time.sleep(0.5)
+        return f"not verified within {timeout:.0f}s; see {log_path}"
+    finally:
+        engine.dispose()
 
 
 def down(settings: Settings, echo: Echo, timeout: float = 90.0) -> int:

@@ -38,23 +38,63 @@ class GpuInfo:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class GpuMetrics:
+    """One GPU's live readings for a heartbeat. Information, never a basis for billing."""
+
+    index: int
+    uuid: str
+    utilization_pct: int
+    memory_used_mib: int
+    memory_total_mib: int
+    temperature_c: int
+    power_w: float | None
+    processes: list[dict[str, int]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 _recording: list[GpuInfo] | None = None
+_recorded_metrics: list[GpuMetrics] | None = None
 
 
 @contextmanager
-def use_recording(path_or_gpus: Path | list[dict[str, Any]]) -> Iterator[None]:
-    """Serve recorded device data instead of NVML (tests on machines without GPUs)."""
-    global _recording
+def use_recording(
+    path_or_gpus: Path | list[dict[str, Any]] | dict[str, Any],
+) -> Iterator[None]:
+    """Serve recorded device data instead of NVML (tests on machines without GPUs).
+
+    Accepts a list of inventory entries (:class:`GpuInfo` fields), or a dict
+    ``{"gpus": [...], "metrics": [...]}`` with :class:`GpuMetrics` readings too;
+    a path to a JSON file of either shape also works.
+    """
+    global _recording, _recorded_metrics
     raw = (
         json.loads(Path(path_or_gpus).read_text())
         if isinstance(path_or_gpus, Path)
         else path_or_gpus
     )
-    previous, _recording = _recording, [GpuInfo(**gpu) for gpu in raw]
+    gpus, metrics = (
+        (raw.get("gpus", []), raw.get("metrics")) if isinstance(raw, dict) else (raw, None)
+    )
+    previous = (_recording, _recorded_metrics)
+    _recording = [GpuInfo(**gpu) for gpu in gpus]
+    _recorded_metrics = None if metrics is None else [GpuMetrics(**m) for m in metrics]
     try:
         yield
     finally:
-        _recording = previous
+        _recording, _recorded_metrics = previous
+
+
+def marketplace_model(name: str) -> str:
+    """The model name offered to customers: NVML's name without the vendor words.
+
+    ``NVIDIA H100 80GB HBM3`` → ``H100-80GB-HBM3``; ``NVIDIA GeForce RTX 4090`` →
+    ``RTX-4090``; ``NVIDIA A100-SXM4-80GB`` → ``A100-SXM4-80GB``.
+    """
+    words = [w for w in name.replace("_", " ").split() if w.upper() not in ("NVIDIA", "GEFORCE")]
+    return "-".join(words) or name
 
 
 def _text(value: Any) -> str:
@@ -96,6 +136,62 @@ def read_inventory() -> list[GpuInfo]:
                 )
             )
         return gpus
+    except pynvml.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML query failed: {exc}") from None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def read_metrics() -> list[GpuMetrics]:
+    """Live readings of every GPU, or raise :class:`NvmlUnavailable`."""
+    if _recording is not None:
+        if _recorded_metrics is not None:
+            return list(_recorded_metrics)
+        return [
+            GpuMetrics(g.index, g.uuid, 0, 0, g.memory_total_mib, 0, None, []) for g in _recording
+        ]
+    try:
+        import pynvml
+    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
+        raise NvmlUnavailable("nvidia-ml-py is not installed") from exc
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML did not start: {exc}") from None
+    try:
+        readings = []
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            try:
+                power: float | None = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000
+            except pynvml.NVMLError:
+                power = None
+            try:
+                procs = [
+                    {
+                        "pid": int(p.pid),
+                        "used_memory_mib": int((p.usedGpuMemory or 0) // (1024 * 1024)),
+                    }
+                    for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                ]
+            except pynvml.NVMLError:
+                procs = []
+            readings.append(
+                GpuMetrics(
+                    index=index,
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(handle)),
+                    utilization_pct=int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu),
+                    memory_used_mib=int(memory.used // (1024 * 1024)),
+                    memory_total_mib=int(memory.total // (1024 * 1024)),
+                    temperature_c=int(
+                        pynvml.nvmlDeviceGetTemperature(handle, pynvml.NVML_TEMPERATURE_GPU)
+                    ),
+                    power_w=power,
+                    processes=procs,
+                )
+            )
+        return readings
     except pynvml.NVMLError as exc:
         raise NvmlUnavailable(f"NVML query failed: {exc}") from None
     finally:

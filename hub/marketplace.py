@@ -1,0 +1,503 @@
+"""Marketplace operations on the portal DB: capacity, offers and reservations.
+
+The HTTP layer (``marketplace_routes``) authenticates and validates; this
+module decides and writes. Its one hard promise is that capacity is never
+double-booked: a reservation inserts one ``gpu_allocations`` row per GPU, whose
+primary key is the GPU, inside the same transaction that chose the GPUs. Two
+racing requests for the last GPU cannot both commit; the loser retries against
+fresh data and then reports no capacity.
+
+On SQLite the first statement of a reservation is a write (releasing expired
+holds), which takes SQLite's single write lock at once, so reservations run one
+after another there; on PostgreSQL they run concurrently and the unique key
+decides.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from . import accounts
+from .db import transaction
+from .marketplace_models import (
+    LIVE_STATUSES,
+    Cluster,
+    Gpu,
+    GpuAllocation,
+    Node,
+    Provider,
+    Reservation,
+)
+from .models import Account
+from .placement import Candidate, Request, choose, credits, explain_no_fit, normalize_model
+from .placement import pick_indices as _pick
+from .timeutil import utcnow
+
+log = logging.getLogger(__name__)
+
+#: How often a reservation is retried after losing a race for the same GPUs.
+RESERVE_ATTEMPTS = 8
+
+#: VRAM of GPU models whose name does not say it, for demo GPUs (MiB).
+KNOWN_VRAM_MIB = {
+    "A100-80GB": 81920,
+    "A100-40GB": 40960,
+    "H100-80GB": 81920,
+    "H100": 81920,
+    "H200": 143360,
+    "L4": 23034,
+    "L40S": 46068,
+    "A10G": 23028,
+    "T4": 15360,
+    "RTX-4090": 24564,
+    "RTX-3090": 24576,
+    "DEMO-GPU": 16384,
+}
+_GB = re.compile(r"(\d+)\s*GB", re.IGNORECASE)
+
+
+class MarketError(Exception):
+    """A refusal with a sentence for the caller; ``status`` is the HTTP status."""
+
+    status = 400
+    code: str | None = None
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NoCapacity(MarketError):
+    status = 409
+    code = "no_capacity"
+
+
+class Invalid(MarketError):
+    status = 422
+
+
+class NotFound(MarketError):
+    status = 404
+
+
+class Conflict(MarketError):
+    status = 409
+
+
+def vram_for(model: str) -> int:
+    """VRAM in MiB for a (demo) model name: known table, else ``NNGB`` in the name, else 0."""
+    known = KNOWN_VRAM_MIB.get(normalize_model(model))
+    if known is not None:
+        return known
+    match = _GB.search(model)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+# --- capacity ---------------------------------------------------------------------
+
+
+def expire_held(session: Session, now: datetime) -> int:
+    """Turn held reservations past their expiry into ``expired`` and free their GPUs.
+
+    Runs first in every reservation (see the module docstring for why a write
+    comes first) and from the portal's background loop.
+    """
+    stale = select(Reservation.id).where(Reservation.status == "held", Reservation.expires_at < now)
+    session.execute(delete(GpuAllocation).where(GpuAllocation.reservation_id.in_(stale)))
+    result = session.execute(
+        update(Reservation)
+        .where(Reservation.status == "held", Reservation.expires_at < now)
+        .values(status="expired", released_at=now)
+        .execution_options(synchronize_session=False)
+    )
+    count = int(getattr(result, "rowcount", 0) or 0)
+    if count:
+        log.info("expired %d held reservation(s)", count)
+    return count
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Marketplace settings that decide schedulability and pricing."""
+
+    delist_below: float = 0.5
+    hold_seconds: int = 600
+    platform_fee_bps: int = 1000
+
+
+def load_candidates(
+    session: Session, rules: Rules, gpu_model: str | None = None, *, schedulable_only: bool = True
+) -> list[Candidate]:
+    """Every (node, GPU model) pair with its free GPU indices, read in one query."""
+    query = (
+        select(
+            Node.id,
+            Node.node_id,
+            Node.status,
+            Node.verification,
+            Node.blocked,
+            Node.demo,
+            Node.reliability,
+            Provider.status,
+            Provider.price_per_gpu_hour,
+            Provider.region,
+            Provider.display_name,
+            Cluster.id,
+            Cluster.jobs_url,
+            Gpu.index,
+            Gpu.model,
+            Gpu.vram_mib,
+            GpuAllocation.gpu_id,
+        )
+        .join(Cluster, Node.cluster_id == Cluster.id)
+        .join(Provider, Cluster.provider_id == Provider.id)
+        .join(Gpu, Gpu.node_id == Node.id)
+        .outerjoin(GpuAllocation, GpuAllocation.gpu_id == Gpu.id)
+    )
+    if schedulable_only:
+        query = query.where(
+            Provider.status == "listed",
+            Node.status == "online",
+            Node.verification == "verified",
+            Node.blocked.is_(False),
+            Node.reliability >= rules.delist_below,
+        )
+    groups: dict[tuple[int, str], dict[str, Any]] = {}
+    for row in session.execute(query):
+        (
+            pk,
+            node_id,
+            status,
+            verification,
+            blocked,
+            demo,
+            reliability,
+            p_status,
+            price,
+            region,
+            provider,
+            cluster_id,
+            jobs_url,
+            index,
+            model,
+            vram,
+            allocated,
+        ) = row
+        g = groups.setdefault(
+            (pk, model),
+            {
+                "node_pk": pk,
+                "node_id": node_id,
+                "model": model,
+                "vram_mib": vram,
+                "region": region,
+                "price": price,
+                "reliability": reliability,
+                "total_gpus": 0,
+                "free": [],
+                "demo": demo,
+                "provider": provider,
+                "cluster_id": cluster_id,
+                "jobs_url": jobs_url,
+                "schedulable": p_status == "listed"
+                and status == "online"
+                and verification == "verified"
+                and not blocked
+                and reliability >= rules.delist_below,
+            },
+        )
+        g["total_gpus"] += 1
+        g["vram_mib"] = min(g["vram_mib"], vram)
+        if allocated is None:
+            g["free"].append(index)
+    candidates = []
+    for g in groups.values():
+        if gpu_model is not None and normalize_model(g["model"]) != normalize_model(gpu_model):
+            continue
+        free = tuple(sorted(g.pop("free")))
+        candidates.append(Candidate(free_indices=free, **g))
+    return candidates
+
+
+def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
+    """Verified, schedulable capacity per (GPU model, region, provider, price, demo)."""
+    expire_held(session, utcnow())
+    rows: dict[tuple[str, str, str, int, bool], dict[str, Any]] = {}
+    for c in load_candidates(session, rules):
+        key = (c.model, c.region, c.provider, c.price, c.demo)
+        offer = rows.setdefault(
+            key,
+            {
+                "gpu_model": c.model,
+                "vram_gb": c.vram_mib // 1024,
+                "region": c.region,
+                "price_per_gpu_hour": c.price,
+                "price_per_gpu_hour_display": credits(c.price),
+                "free_gpus": 0,
+                "total_gpus": 0,
+                "reliability": 0.0,
+                "demo": c.demo,
+                "provider": c.provider,
+            },
+        )
+        offer["free_gpus"] += c.free_gpus
+        offer["total_gpus"] += c.total_gpus
+        offer["vram_gb"] = min(offer["vram_gb"], c.vram_mib // 1024)
+        offer["reliability"] = round(max(offer["reliability"], c.reliability), 3)
+    return sorted(
+        rows.values(),
+        key=lambda o: (o["gpu_model"], o["region"], o["price_per_gpu_hour"], o["provider"]),
+    )
+
+
+def summary(session: Session, rules: Rules) -> list[dict[str, Any]]:
+    """Availability per GPU model and region: free/total and price min/median/max."""
+    by: dict[tuple[str, str], list[Candidate]] = {}
+    expire_held(session, utcnow())
+    for c in load_candidates(session, rules):
+        by.setdefault((c.model, c.region), []).append(c)
+    out = []
+    for (model, region), cands in sorted(by.items()):
+        prices = sorted(c.price for c in cands for _ in range(c.total_gpus))
+        median = (
+            prices[len(prices) // 2]
+            if len(prices) % 2
+            else (prices[len(prices) // 2 - 1] + prices[len(prices) // 2]) // 2
+        )
+        out.append(
+            {
+                "gpu_model": model,
+                "region": region,
+                "vram_gb": min(c.vram_mib for c in cands) // 1024,
+                "free_gpus": sum(c.free_gpus for c in cands),
+                "total_gpus": sum(c.total_gpus for c in cands),
+                "price_min": prices[0],
+                "price_median": median,
+                "price_max": prices[-1],
+                "reliability_max": round(max(c.reliability for c in cands), 3),
+                "demo": all(c.demo for c in cands),
+            }
+        )
+    return out
+
+
+# --- reservations -----------------------------------------------------------------
+
+
+def public(res: Reservation, node: Node | None = None) -> dict[str, Any]:
+    """The API shape of a reservation (the contract the spawner relies on)."""
+    node = node or res.node
+    cluster = node.cluster
+    return {
+        "id": res.id,
+        "status": res.status,
+        "user": res.user_name,
+        "server_name": res.server_name,
+        "node_id": node.node_id,
+        "cluster_id": cluster.id,
+        "jobs_url": cluster.jobs_url,
+        "node_resource": node.resource,
+        "gpu_indices": list(res.gpu_indices),
+        "gpu_count": res.gpu_count,
+        "gpu_model": res.gpu_model,
+        "price_per_gpu_hour": res.price_per_gpu_hour,
+        "price_per_gpu_hour_display": credits(res.price_per_gpu_hour),
+        "platform_fee_bps": res.platform_fee_bps,
+        "region": cluster.provider.region,
+        "demo": node.demo,
+        "created_at": res.created_at,
+        "expires_at": res.expires_at,
+        "activated_at": res.activated_at,
+        "released_at": res.released_at,
+    }
+
+
+def _live_for_server(session: Session, account_id: int, server_name: str) -> Reservation | None:
+    return session.scalar(
+        select(Reservation).where(
+            Reservation.account_id == account_id,
+            Reservation.server_name == server_name,
+            Reservation.status.in_(LIVE_STATUSES),
+        )
+    )
+
+
+def _validate(session: Session, request: Request, candidates: list[Candidate]) -> None:
+    """Refuse requests that can never fit (unknown model, more GPUs than any node)."""
+    if request.gpu_model is not None:
+        known = sorted(set(session.scalars(select(Gpu.model).distinct())))
+        if not any(normalize_model(m) == normalize_model(request.gpu_model) for m in known):
+            listing = ", ".join(known) if known else "none yet"
+            raise Invalid(
+                f"unknown GPU model {request.gpu_model!r}; the marketplace has: {listing}."
+            )
+    largest = max((c.total_gpus for c in candidates), default=0)
+    if largest and request.gpu_count > largest:
+        raise Invalid(
+            f"gpu_count {request.gpu_count} is more than the largest node offers "
+            f"({largest} GPUs); ask for at most {largest}."
+        )
+
+
+def reserve(
+    sessions: sessionmaker[Session],
+    request: Request,
+    *,
+    account_id: int,
+    user_name: str,
+    server_name: str,
+    rules: Rules,
+) -> tuple[dict[str, Any], bool]:
+    """Hold GPUs for ``user_name``'s server. Returns (reservation, created).
+
+    Idempotent per server: a live reservation of the same server is returned
+    (``created`` False) when it has the same GPU count, refused otherwise.
+    """
+    for attempt in range(RESERVE_ATTEMPTS):
+        try:
+            with transaction(sessions) as session:
+                now = utcnow()
+                expire_held(session, now)
+                existing = _live_for_server(session, account_id, server_name)
+                if existing is not None:
+                    if existing.gpu_count != request.gpu_count:
+                        raise Conflict(
+                            f"server {server_name or '(default)'!r} of {user_name} already "
+                            f"holds reservation {existing.id} with {existing.gpu_count} GPU(s); "
+                            "release it first."
+                        )
+                    return public(existing), False
+                candidates = load_candidates(session, rules, request.gpu_model)
+                chosen = choose(request, candidates)
+                if chosen is None:
+                    _validate(session, request, candidates)
+                    everything = (
+                        candidates if request.gpu_model else load_candidates(session, rules)
+                    )
+                    raise NoCapacity(explain_no_fit(request, everything) + ".")
+                indices = _pick(chosen, request.gpu_count)
+                res = Reservation(
+                    id=secrets.token_hex(12),
+                    account_id=account_id,
+                    node_id=chosen.node_pk,
+                    gpu_count=request.gpu_count,
+                    gpu_indices=indices,
+                    gpu_model=chosen.model,
+                    price_per_gpu_hour=chosen.price,
+                    platform_fee_bps=rules.platform_fee_bps,
+                    user_name=user_name,
+                    server_name=server_name,
+                    status="held",
+                    created_at=now,
+                    expires_at=now + timedelta(seconds=rules.hold_seconds),
+                )
+                session.add(res)
+                session.flush()
+                gpu_ids = session.scalars(
+                    select(Gpu.id).where(Gpu.node_id == chosen.node_pk, Gpu.index.in_(indices))
+                ).all()
+                session.add_all(
+                    GpuAllocation(gpu_id=g, reservation_id=res.id, created_at=now) for g in gpu_ids
+                )
+                session.flush()
+                answer = public(res, session.get(Node, chosen.node_pk))
+            log.info(
+                "reserved %s: %d x %s on node %s for user %s server %r at %s/h",
+                answer["id"],
+                request.gpu_count,
+                chosen.model,
+                chosen.node_id,
+                user_name,
+                server_name,
+                credits(chosen.price),
+            )
+            return answer, True
+        except IntegrityError:
+            # Another transaction took these GPUs (or this server's slot) first.
+            log.debug("reservation race lost (attempt %d); retrying", attempt + 1)
+        except OperationalError as exc:
+            # SQLite under heavy contention can still report a busy database.
+            if "locked" not in str(exc).lower():
+                raise
+            log.debug("database busy (attempt %d); retrying", attempt + 1)
+    raise Conflict("the marketplace is busy; try the reservation again in a moment.")
+
+
+def _locked(session: Session, reservation_id: str) -> Reservation:
+    res = session.scalar(
+        select(Reservation).where(Reservation.id == reservation_id).with_for_update()
+    )
+    if res is None:
+        raise NotFound(f"no reservation {reservation_id!r}.")
+    return res
+
+
+def get(session: Session, reservation_id: str) -> Reservation:
+    res = session.get(Reservation, reservation_id)
+    if res is None:
+        raise NotFound(f"no reservation {reservation_id!r}.")
+    return res
+
+
+def _free(session: Session, res: Reservation) -> None:
+    session.execute(delete(GpuAllocation).where(GpuAllocation.reservation_id == res.id))
+
+
+def activate(session: Session, reservation_id: str) -> dict[str, Any]:
+    """held → active (idempotent: active stays active). Expired or released: Conflict."""
+    res = _locked(session, reservation_id)
+    now = utcnow()
+    if res.status == "held" and res.expires_at is not None and res.expires_at < now:
+        res.status, res.released_at = "expired", now
+        _free(session, res)
+        session.flush()
+        raise Conflict(
+            f"reservation {res.id} expired at {res.expires_at.isoformat()}; reserve again."
+        )
+    if res.status in ("released", "expired"):
+        raise Conflict(f"reservation {res.id} was {res.status}; reserve again.")
+    if res.status == "held":
+        res.status, res.activated_at, res.expires_at = "active", now, None
+        session.flush()
+        log.info(
+            "activated reservation %s for user %s server %r", res.id, res.user_name, res.server_name
+        )
+    return public(res)
+
+
+def release(session: Session, reservation_id: str) -> dict[str, Any]:
+    """held/active → released, GPUs freed. Releasing again changes nothing."""
+    res = _locked(session, reservation_id)
+    if res.status in LIVE_STATUSES:
+        res.status, res.released_at = "released", utcnow()
+        _free(session, res)
+        session.flush()
+        log.info(
+            "released reservation %s for user %s server %r", res.id, res.user_name, res.server_name
+        )
+    return public(res)
+
+
+def account_id_for(session: Session, name: str) -> int | None:
+    return session.scalar(select(Account.id).where(Account.hub_name == name))
+
+
+def ensure_account(session: Session, model: dict[str, Any]) -> int:
+    return accounts.upsert_account(session, model).id
+
+
+def live_reservations(session: Session, account_id: int | None = None) -> Iterable[Reservation]:
+    query = select(Reservation).where(Reservation.status.in_(LIVE_STATUSES))
+    if account_id is not None:
+        query = query.where(Reservation.account_id == account_id)
+    return session.scalars(query.order_by(Reservation.created_at))

@@ -1,0 +1,302 @@
+"""Marketplace API v1: offers and reservations, mounted under the service prefix.
+
+Who may do what:
+
+- a hub user reserves only for themselves and sees, activates and releases
+  only their own reservations (admins may see and release any);
+- a hub service named in ``GPUPORTAL_TRUSTED_SERVICES`` (the spawner) acts on
+  behalf of any user, because it starts servers for them.
+
+Refusals carry a sentence in the standard error shape; "nothing fits" is a 409
+with the code ``no_capacity`` and the nearest alternative.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from . import db, marketplace
+from .auth import CurrentCaller, PortalDep, PortalUser
+from .hubapi import HubUnavailable
+from .marketplace import MarketError, Rules
+from .placement import Request as PlacementRequest
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["marketplace"])
+
+#: Request bodies larger than this are refused before they are parsed.
+MAX_BODY_BYTES = 16 * 1024
+_NAME = r"^[^\s/\\?#%]*$"
+
+
+class ApiError(HTTPException):
+    """An HTTP error with its own machine-readable code (see app.error_body)."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(status_code=status, detail=message)
+        self.code = code
+
+
+def market_error(exc: MarketError) -> ApiError:
+    return ApiError(exc.status, exc.message, exc.code)
+
+
+async def small_body(request: Request) -> None:
+    """Refuse oversized bodies by their declared length, before parsing them."""
+    length = request.headers.get("content-length", "0")
+    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", "too_large")
+
+
+def rules_of(settings: Settings) -> Rules:
+    return Rules(
+        delist_below=settings.reliability_delist,
+        hold_seconds=settings.reservation_hold_seconds,
+        platform_fee_bps=settings.platform_fee_bps,
+    )
+
+
+class Offer(BaseModel):
+    gpu_model: str
+    vram_gb: int
+    region: str
+    price_per_gpu_hour: int = Field(description="Micro-credits per GPU-hour.")
+    price_per_gpu_hour_display: str = Field(description="Credits per GPU-hour, e.g. 1.20.")
+    free_gpus: int
+    total_gpus: int
+    reliability: float
+    demo: bool
+    provider: str
+
+
+class OfferSummary(BaseModel):
+    gpu_model: str
+    region: str
+    vram_gb: int
+    free_gpus: int
+    total_gpus: int
+    price_min: int
+    price_median: int
+    price_max: int
+    reliability_max: float
+    demo: bool
+
+
+class ReservationCreate(BaseModel):
+    """A request for GPUs on one node. Prices are micro-credits per GPU-hour."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    gpu_model: str | None = Field(None, min_length=1, max_length=64)
+    gpu_count: int = Field(ge=1, le=1024)
+    min_vram_gb: int | None = Field(None, ge=0, le=100_000)
+    region: str | None = Field(None, min_length=1, max_length=64)
+    max_price: int | None = Field(None, ge=1)
+    min_reliability: float | None = Field(None, ge=0, le=1)
+    user: str = Field(min_length=1, max_length=255, pattern=_NAME)
+    server_name: str = Field("", max_length=255, pattern=_NAME)
+
+
+class ReservationPublic(BaseModel):
+    id: str
+    status: str
+    user: str
+    server_name: str
+    node_id: str
+    cluster_id: int
+    jobs_url: str
+    node_resource: str
+    gpu_indices: list[int]
+    gpu_count: int
+    gpu_model: str
+    price_per_gpu_hour: int
+    price_per_gpu_hour_display: str
+    platform_fee_bps: int
+    region: str
+    demo: bool
+    created_at: datetime
+    expires_at: datetime | None
+    activated_at: datetime | None
+    released_at: datetime | None
+
+
+@router.get("/api/v1/offers", response_model=list[Offer])
+async def list_offers(caller: CurrentCaller, portal: PortalDep) -> Any:
+    """Verified, schedulable GPUs per model, region, provider and price: what the spawn
+    form shows. Prices are integer micro-credits per GPU-hour."""
+    rules = rules_of(portal.settings)
+
+    def load() -> list[dict[str, Any]]:
+        with db.transaction(portal.sessions) as session:
+            return marketplace.offers(session, rules)
+
+    return await run_in_threadpool(load)
+
+
+@router.get("/api/v1/offers/summary", response_model=list[OfferSummary])
+async def offers_summary(caller: CurrentCaller, portal: PortalDep) -> Any:
+    """Availability per GPU model and region with price min/median/max."""
+    rules = rules_of(portal.settings)
+
+    def load() -> list[dict[str, Any]]:
+        with db.transaction(portal.sessions) as session:
+            return marketplace.summary(session, rules)
+
+    return await run_in_threadpool(load)
+
+
+async def _account_for(portal: Any, caller: PortalUser, user: str) -> int:
+    """The account the reservation is for; a user only for themselves."""
+    if not caller.is_service:
+        if user != caller.name:
+            raise ApiError(
+                403, f"You may reserve GPUs only for yourself ({caller.name}), not for {user!r}."
+            )
+        return caller.account_id
+
+    def lookup() -> int | None:
+        with db.transaction(portal.sessions) as session:
+            return marketplace.account_id_for(session, user)
+
+    account_id = await run_in_threadpool(lookup)
+    if account_id is not None:
+        return account_id
+    try:
+        model = await portal.hub.user(user)
+    except HubUnavailable:
+        raise ApiError(503, "The hub is not answering; try again in a moment.") from None
+    if model is None:
+        raise ApiError(422, f"There is no hub user named {user!r}.")
+
+    def create() -> int:
+        with db.transaction(portal.sessions) as session:
+            return marketplace.ensure_account(session, model)
+
+    return await run_in_threadpool(create)
+
+
+@router.post(
+    "/api/v1/reservations",
+    response_model=ReservationPublic,
+    status_code=201,
+    dependencies=[Depends(small_body)],
+    responses={
+        200: {"description": "This server already holds this reservation."},
+        409: {"description": "No capacity fits (code no_capacity)."},
+    },
+)
+async def create_reservation(
+    body: ReservationCreate, caller: CurrentCaller, portal: PortalDep
+) -> Any:
+    """Hold GPUs on one verified node for a user's server, at a locked price.
+
+    The answer names the node, its Ray resource, the GPU indices, the cluster's
+    Jobs API and when the hold expires unless activated. Retrying for the same
+    server returns its live reservation (200) instead of holding more GPUs.
+    """
+    account_id = await _account_for(portal, caller, body.user)
+    request = PlacementRequest(
+        gpu_count=body.gpu_count,
+        gpu_model=body.gpu_model,
+        min_vram_mib=(body.min_vram_gb or 0) * 1024,
+        region=body.region,
+        max_price=body.max_price,
+        min_reliability=body.min_reliability or 0.0,
+    )
+    rules = rules_of(portal.settings)
+    try:
+        answer, created = await run_in_threadpool(
+            marketplace.reserve,
+            portal.sessions,
+            request,
+            account_id=account_id,
+            user_name=body.user,
+            server_name=body.server_name,
+            rules=rules,
+        )
+    except MarketError as exc:
+        log.info(
+            "reservation refused for user %s server %r: %s",
+            body.user,
+            body.server_name,
+            exc.message,
+        )
+        raise market_error(exc) from None
+    if created:
+        return JSONResponse(ReservationPublic(**answer).model_dump(mode="json"), status_code=201)
+    return JSONResponse(ReservationPublic(**answer).model_dump(mode="json"), status_code=200)
+
+
+@router.get("/api/v1/reservations", response_model=list[ReservationPublic])
+async def list_reservations(
+    caller: CurrentCaller,
+    portal: PortalDep,
+    user: Annotated[str | None, Query(max_length=255)] = None,
+) -> Any:
+    """Live (held or active) reservations: your own, or a user's for services and admins."""
+    name = user or caller.name
+    if name != caller.name and not (caller.is_service or caller.admin):
+        raise ApiError(403, "You may list only your own reservations.")
+
+    def load() -> list[dict[str, Any]]:
+        with db.transaction(portal.sessions) as session:
+            account_id = marketplace.account_id_for(session, name)
+            if account_id is None:
+                return []
+            return [
+                marketplace.public(r) for r in marketplace.live_reservations(session, account_id)
+            ]
+
+    return await run_in_threadpool(load)
+
+
+def _check_owner(caller: PortalUser, owner: str, *, admin_ok: bool) -> None:
+    if caller.is_service or caller.name == owner or (admin_ok and caller.admin):
+        return
+    raise ApiError(403, "This reservation belongs to another user.")
+
+
+async def _act(portal: Any, caller: PortalUser, reservation_id: str, action: str) -> Any:
+    def run() -> dict[str, Any]:
+        with db.transaction(portal.sessions) as session:
+            res = marketplace.get(session, reservation_id)
+            _check_owner(caller, res.user_name, admin_ok=action != "activate")
+            if action == "activate":
+                return marketplace.activate(session, reservation_id)
+            if action == "release":
+                return marketplace.release(session, reservation_id)
+            return marketplace.public(res)
+
+    try:
+        return await run_in_threadpool(run)
+    except MarketError as exc:
+        raise market_error(exc) from None
+
+
+@router.get("/api/v1/reservations/{reservation_id}", response_model=ReservationPublic)
+async def get_reservation(reservation_id: str, caller: CurrentCaller, portal: PortalDep) -> Any:
+    """One reservation (its owner, an admin, or a trusted service)."""
+    return await _act(portal, caller, reservation_id, "get")
+
+
+@router.post("/api/v1/reservations/{reservation_id}/activate", response_model=ReservationPublic)
+async def activate_reservation(
+    reservation_id: str, caller: CurrentCaller, portal: PortalDep
+) -> Any:
+    """Held → active: the server is starting on the node. Idempotent; an expired or
+    released reservation answers 409."""
+    return await _act(portal, caller, reservation_id, "activate")
+
+
+@router.delete("/api/v1/reservations/{reservation_id}", response_model=ReservationPublic)
+async def release_reservation(reservation_id: str, caller: CurrentCaller, portal: PortalDep) -> Any:
+    """Give the GPUs back. Idempotent: releasing a released reservation is fine."""
+    return await _act(portal, caller, reservation_id, "release")

@@ -1,0 +1,258 @@
+"""Offers and reservations through the real stack: `gpuportal up` with 2 demo A100-80GB.
+
+One stack for the whole module. A hub service named ``ray-spawner`` (trusted by
+default) and an untrusted one are added through GPUPORTAL_HUB_EXTRA_CONFIG.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from seed import root_conftest
+
+pytestmark = [pytest.mark.slow, pytest.mark.ray]
+
+API = "/services/portal/api/v1"
+SPAWNER_TOKEN = secrets.token_hex(16)
+OTHER_TOKEN = secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def market_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    helpers = root_conftest()
+    home = tmp_path_factory.mktemp("market-stack")
+    extra = home / "extra_config.py"
+    extra.write_text(
+        "c.JupyterHub.services.append("
+        f"{{'name': 'ray-spawner', 'api_token': {SPAWNER_TOKEN!r}}})\n"
+        "c.JupyterHub.services.append("
+        f"{{'name': 'other-service', 'api_token': {OTHER_TOKEN!r}}})\n"
+    )
+    stack = helpers.start_stack(
+        home / "data", GPUPORTAL_DEMO_GPUS="2xA100-80GB", GPUPORTAL_HUB_EXTRA_CONFIG=str(extra)
+    )
+    yield stack
+    helpers.stop_stack(stack)
+
+
+class Portal:
+    """An API client for one identity (a hub user's token or a service token)."""
+
+    def __init__(self, base_url: str, token: str | None) -> None:
+        headers = {"Authorization": f"token {token}"} if token else {}
+        self.client = httpx.Client(base_url=base_url + API, headers=headers, timeout=30)
+
+    def get(self, path: str) -> httpx.Response:
+        return self.client.get(path)
+
+    def post(self, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        return self.client.post(path, json=body)
+
+    def delete(self, path: str) -> httpx.Response:
+        return self.client.delete(path)
+
+
+def as_user(stack: Any, name: str) -> Portal:
+    helpers = root_conftest()
+    password = f"pw-{name}-12345"
+    browser = helpers.hub_login(stack.base_url, name, password)
+    try:
+        token = helpers.hub_token(browser, name)
+    finally:
+        browser.close()
+    return Portal(stack.base_url, token)
+
+
+@pytest.fixture(scope="module")
+def users(market_stack: Any) -> dict[str, Portal]:
+    return {name: as_user(market_stack, name) for name in ("ann", "bob", "cy")}
+
+
+def error(reply: httpx.Response) -> tuple[str, str]:
+    body = reply.json()["error"]
+    return body["code"], body["message"]
+
+
+def test_unauthenticated_is_401(market_stack: Any) -> None:
+    anonymous = Portal(market_stack.base_url, None)
+    assert anonymous.get("/offers").status_code == 401
+    reply = anonymous.post("/reservations", {"gpu_count": 1, "user": "ann"})
+    assert reply.status_code == 401
+    assert error(reply)[0] == "unauthenticated"
+    assert Portal(market_stack.base_url, "not-a-token").get("/offers").status_code == 401
+
+
+def test_house_node_is_declared_to_ray(market_stack: Any) -> None:
+    node_id = json.loads((Path(market_stack.data_dir) / "house-node" / "node.json").read_text())[
+        "node_id"
+    ]
+    jobs = f"http://127.0.0.1:{market_stack.env['GPUPORTAL_RAY_DASHBOARD_PORT']}"
+    nodes = httpx.get(f"{jobs}/api/v0/nodes", params={"detail": "1"}, timeout=30).json()
+    resources = nodes["data"]["result"]["result"][0]["resources_total"]
+    assert resources[f"gpuportal/node:{node_id}"] == 2
+    assert resources["GPU"] == 2
+    assert f"house node {node_id}: verified" in market_stack.read_output()
+
+
+def test_offers_show_the_house_demo_gpus(users: dict[str, Portal]) -> None:
+    reply = users["ann"].get("/offers")
+    assert reply.status_code == 200
+    assert reply.json() == [
+        {
+            "gpu_model": "A100-80GB",
+            "vram_gb": 80,
+            "region": "local",
+            "price_per_gpu_hour": 1_000_000,
+            "price_per_gpu_hour_display": "1.00",
+            "free_gpus": 2,
+            "total_gpus": 2,
+            "reliability": 0.9,
+            "demo": True,
+            "provider": "house",
+        }
+    ]
+
+
+def test_reserve_until_full_then_release(users: dict[str, Portal]) -> None:
+    ann, bob, cy = users["ann"], users["bob"], users["cy"]
+    first = ann.post(
+        "/reservations",
+        {"gpu_model": "A100-80GB", "gpu_count": 1, "user": "ann", "server_name": ""},
+    )
+    assert first.status_code == 201, first.text
+    held = first.json()
+    assert held["status"] == "held"
+    assert held["node_resource"] == f"gpuportal/node:{held['node_id']}"
+    assert held["gpu_count"] == 1 and held["gpu_model"] == "A100-80GB"
+    assert held["jobs_url"].startswith("http://127.0.0.1:")
+    assert held["price_per_gpu_hour"] == 1_000_000 and held["demo"] is True
+    assert held["region"] == "local" and held["expires_at"]
+
+    second = bob.post("/reservations", {"gpu_count": 1, "user": "bob", "server_name": "x"})
+    assert second.status_code == 201, second.text
+    assert sorted(held["gpu_indices"] + second.json()["gpu_indices"]) == [0, 1]
+
+    third = cy.post(
+        "/reservations",
+        {
+            "gpu_model": "A100-80GB",
+            "gpu_count": 1,
+            "user": "cy",
+            "region": "local",
+            "max_price": 2_000_000,
+        },
+    )
+    assert third.status_code == 409
+    assert error(third) == ("no_capacity", "no A100-80GB free in local under 2.00/h.")
+    assert ann.get("/offers").json()[0]["free_gpus"] == 0
+
+    # Another user can neither see nor release ann's reservation.
+    assert bob.delete(f"/reservations/{held['id']}").status_code == 403
+    assert bob.get(f"/reservations/{held['id']}").status_code == 403
+    assert bob.post(f"/reservations/{held['id']}/activate").status_code == 403
+
+    released = ann.delete(f"/reservations/{held['id']}")
+    assert released.status_code == 200 and released.json()["status"] == "released"
+    again = ann.delete(f"/reservations/{held['id']}")
+    assert again.status_code == 200 and again.json()["status"] == "released"
+    assert ann.get("/offers").json()[0]["free_gpus"] == 1
+
+    now = cy.post("/reservations", {"gpu_count": 1, "user": "cy"})
+    assert now.status_code == 201
+    assert now.json()["gpu_indices"] == held["gpu_indices"]
+    for who, res in ((bob, second.json()), (cy, now.json())):
+        assert who.delete(f"/reservations/{res['id']}").status_code == 200
+
+
+def test_users_reserve_only_for_themselves(users: dict[str, Portal]) -> None:
+    reply = users["bob"].post("/reservations", {"gpu_count": 1, "user": "ann"})
+    assert reply.status_code == 403
+    assert error(reply) == (
+        "forbidden",
+        "You may reserve GPUs only for yourself (bob), not for 'ann'.",
+    )
+
+
+def test_trusted_service_acts_for_users(market_stack: Any, users: dict[str, Portal]) -> None:
+    spawner = Portal(market_stack.base_url, SPAWNER_TOKEN)
+    reply = spawner.post("/reservations", {"gpu_count": 2, "user": "ann", "server_name": "big"})
+    assert reply.status_code == 201, reply.text
+    res = reply.json()
+    assert res["user"] == "ann" and res["gpu_indices"] == [0, 1]
+    # A retried spawn gets the same reservation back.
+    retry = spawner.post("/reservations", {"gpu_count": 2, "user": "ann", "server_name": "big"})
+    assert retry.status_code == 200 and retry.json()["id"] == res["id"]
+    active = spawner.post(f"/reservations/{res['id']}/activate")
+    assert active.status_code == 200 and active.json()["status"] == "active"
+    assert spawner.post(f"/reservations/{res['id']}/activate").json()["status"] == "active"
+    # The owner sees it too; the service releases it.
+    assert users["ann"].get(f"/reservations/{res['id']}").json()["status"] == "active"
+    assert [r["id"] for r in users["ann"].get("/reservations").json()] == [res["id"]]
+    assert spawner.delete(f"/reservations/{res['id']}").json()["status"] == "released"
+    assert spawner.post(f"/reservations/{res['id']}/activate").status_code == 409
+
+    ghost = spawner.post("/reservations", {"gpu_count": 1, "user": "nobody-here"})
+    assert ghost.status_code == 422
+    assert error(ghost)[1] == "There is no hub user named 'nobody-here'."
+
+
+def test_untrusted_service_is_refused(market_stack: Any) -> None:
+    other = Portal(market_stack.base_url, OTHER_TOKEN)
+    reply = other.post("/reservations", {"gpu_count": 1, "user": "ann"})
+    assert reply.status_code == 403
+    assert other.get("/offers").status_code == 403
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        (
+            {"gpu_count": 0, "user": "ann"},
+            422,
+            "gpu_count: Input should be greater than or equal to 1",
+        ),
+        (
+            {"gpu_count": 3, "user": "ann"},
+            422,
+            "gpu_count 3 is more than the largest node offers (2 GPUs); ask for at most 2.",
+        ),
+        (
+            {"gpu_count": 1, "gpu_model": "B200", "user": "ann"},
+            422,
+            "unknown GPU model 'B200'; the marketplace has: A100-80GB.",
+        ),
+        (
+            {"gpu_count": 1, "user": "ann", "max_price": -5},
+            422,
+            "max_price: Input should be greater than or equal to 1",
+        ),
+        (
+            {"gpu_count": 1, "user": "ann", "colour": "red"},
+            422,
+            "colour: Extra inputs are not permitted",
+        ),
+        (
+            {"gpu_count": 1, "user": "ann", "server_name": "x" * 20_000},
+            413,
+            "The request body is larger than 16384 bytes.",
+        ),
+    ],
+)
+def test_bad_requests_get_sentences(
+    users: dict[str, Portal], body: dict[str, Any], status: int, message: str
+) -> None:
+    reply = users["ann"].post("/reservations", body)
+    assert reply.status_code == status, reply.text
+    assert error(reply)[1] == message
+
+
+def test_unknown_reservation_is_404(users: dict[str, Portal]) -> None:
+    reply = users["ann"].get("/reservations/does-not-exist")
+    assert reply.status_code == 404
+    assert error(reply) == ("not_found", "no reservation 'does-not-exist'.")
