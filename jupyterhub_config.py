@@ -7,9 +7,10 @@
 # validated by gpuportal.hub.settings (the README's configuration table lists
 # them all). The default is given next to each. Nothing here listens on
 # anything but 127.0.0.1.
-# ruff: noqa: F821  (`c` is injected by JupyterHub's config loader)
+
 
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -149,6 +150,20 @@ _portal_env = {
     "GPUPORTAL_NODE_CLOCK_SKEW_SECONDS": str(gp.node_clock_skew_seconds),
     "RAY_USAGE_STATS_ENABLED": "0",
 }
+
+
+# The RaySpawner reserves GPUs for users as the hub service "ray-spawner", which
+# the portal trusts (GPUPORTAL_TRUSTED_SERVICES). Its token is generated once
+# and kept 0600 in the data dir, like the cookie secret; it never leaves the hub.
+def _service_token(path: Path) -> str:
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+_spawner_token = _service_token(data / "ray-spawner-token")
 c.JupyterHub.services = [
     {
         "name": "portal",
@@ -158,20 +173,39 @@ c.JupyterHub.services = [
         "environment": _portal_env,
         "oauth_no_confirm": True,
     },
+    # No URL: an identity with a token, and no hub scopes at all.
+    {"name": "ray-spawner", "api_token": _spawner_token},
 ]
 
 # --- User servers --------------------------------------------------------------
-# Until RaySpawner lands, servers run on this machine through JupyterHub's own
-# local-process spawner (its simple variant: no system account per user), each
-# in its own folder of the data dir.
-c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
-c.SimpleLocalProcessSpawner.home_dir_template = str(data / "users" / "{username}")
+# RaySpawner: each server is a Ray job on a GPU node reserved through the portal's
+# marketplace (docs/spawner.md). The house cluster (the local Ray head) also runs
+# CPU-only servers. The wrapper on the node (gpuportal-singleuser) binds 127.0.0.1,
+# which the hub reaches because the house node is this machine.
+import gpuportal.spawners.report  # noqa: E402,F401  (registers the hub's report handler)
+from gpuportal.hub.localray import plan_gpus  # noqa: E402
+from gpuportal.spawners.spawner import default_profile_list  # noqa: E402
+
+c.JupyterHub.spawner_class = "ray"
+c.RaySpawner.portal_url = f"http://127.0.0.1:{gp.portal_port}{gp.service_prefix}"
+c.RaySpawner.portal_token = _spawner_token
+c.RaySpawner.cpu_jobs_url = gp.ray_jobs_url
+# The node runs this same environment: name its wrapper by path, since a Ray
+# job's PATH is the Ray head's, not this virtualenv's.
+_wrapper = Path(sys.executable).parent / "gpuportal-singleuser"
+if _wrapper.exists():
+    c.RaySpawner.entrypoint = [str(_wrapper)]
+# The GPU profile offers the common models plus the house node's own.
+c.RaySpawner.profile_list = default_profile_list(models=plan_gpus(gp).models)
+c.Spawner.notebook_dir = str(data / "users" / "{user_key}")
 c.Spawner.default_url = "/lab"
 c.Spawner.ip = "127.0.0.1"
 if os.getuid() == 0:
     # jupyter-server refuses root unless told; only then.
     c.Spawner.args = ["--allow-root"]
-c.JupyterHub.cleanup_servers = True
+# Servers are Ray jobs, not children of the hub: a hub restart keeps them
+# (spawner state holds cluster, job and reservation ids).
+c.JupyterHub.cleanup_servers = False
 # GPU time costs money: logging in lands on the hub home page, and a server
 # starts only when the user asks for one.
 c.JupyterHub.redirect_to_server = False

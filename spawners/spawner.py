@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
@@ -34,7 +35,7 @@ from traitlets import Dict as TDict
 from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
 from . import form, profiles
-from .naming import job_submission_id, oauth_client_id
+from .naming import escape, job_submission_id, oauth_client_id
 from .portal_client import PortalClient, PortalError, PortalUnavailable, format_credits
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
 from .report import register as _register_report_handler
@@ -59,8 +60,31 @@ STATE_KEYS = (
 )
 
 
-def default_profile_list() -> list[dict[str, Any]]:
-    """A CPU profile and a GPU profile (model, count, region, max price)."""
+COMMON_MODELS = {
+    "A100-80GB": "NVIDIA A100 80GB",
+    "H100-80GB": "NVIDIA H100 80GB",
+    "L4": "NVIDIA L4",
+}
+
+
+def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """A CPU profile and a GPU profile (model, count, region, max price).
+
+    ``models``: GPU model names to offer besides the common ones (e.g. the house
+    node's), as the marketplace spells them.
+    """
+    names = dict(COMMON_MODELS)
+    for model in models:
+        names.setdefault(model, model.replace("-", " "))
+    model_choices: dict[str, Any] = {
+        "any": {
+            "display_name": "Any model",
+            "default": True,
+            "spawner_override": {"gpu_model": ""},
+        },
+    }
+    for model, label in names.items():
+        model_choices[model] = {"display_name": label, "spawner_override": {"gpu_model": model}}
     return [
         {
             "display_name": "CPU only",
@@ -75,28 +99,7 @@ def default_profile_list() -> list[dict[str, Any]]:
             "at the price shown.",
             "default": True,
             "profile_options": {
-                "gpu_model": {
-                    "display_name": "GPU model",
-                    "choices": {
-                        "any": {
-                            "display_name": "Any model",
-                            "default": True,
-                            "spawner_override": {"gpu_model": ""},
-                        },
-                        "A100-80GB": {
-                            "display_name": "NVIDIA A100 80GB",
-                            "spawner_override": {"gpu_model": "A100-80GB"},
-                        },
-                        "H100-80GB": {
-                            "display_name": "NVIDIA H100 80GB",
-                            "spawner_override": {"gpu_model": "H100-80GB"},
-                        },
-                        "L4": {
-                            "display_name": "NVIDIA L4",
-                            "spawner_override": {"gpu_model": "L4"},
-                        },
-                    },
-                },
+                "gpu_model": {"display_name": "GPU model", "choices": model_choices},
                 "gpu_count": {
                     "display_name": "GPUs",
                     "choices": {
@@ -797,6 +800,12 @@ class RaySpawner(Spawner):
         if self.url and self.server:
             return f"{self.url}{self.server.base_url}"
         return str(await super().get_url())
+
+    def template_namespace(self) -> dict[str, Any]:
+        """Adds ``{user_key}``: the user name escaped to ``[a-z0-9_]``, safe in paths."""
+        namespace: dict[str, Any] = super().template_namespace()
+        namespace["user_key"] = escape(self.user.name)
+        return namespace
 
     # --- state ---------------------------------------------------------------------
     def clear_ids(self) -> None:
