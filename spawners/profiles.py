@@ -128,8 +128,10 @@ def options_from_form(form_data: Mapping[str, list[str]]) -> dict[str, Any]:
     """
 
     def first(key: str) -> str | None:
-        values = form_data.get(key) or []
-        value = values[0] if values else None
+        values: Any = form_data.get(key) or []
+        if isinstance(values, str):
+            return values
+        value = values[0] if isinstance(values, list) and values else None
         return value if isinstance(value, str) else None
 
     profile = first("profile")

@@ -332,8 +332,17 @@ class RaySpawner(Spawner):
         # Form fields to the same flat options the REST API takes; no side effects.
         return profiles.options_from_form
 
-    def options_from_query(self, query_data: dict[str, list[str]]) -> dict[str, Any]:
-        return profiles.options_from_form(query_data)
+    def options_from_query(self, query_data: dict[str, Any]) -> dict[str, Any]:
+        """``/hub/spawn?opt-profile=gpu&opt-gpu_count=2``: the flat REST options, as text."""
+        options: dict[str, Any] = {}
+        for key, value in query_data.items():
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, bytes):
+                value = value.decode(errors="replace")
+            if isinstance(value, str):
+                options[key] = value
+        return options
 
     @default("options_form")
     def _default_options_form(self) -> Any:

@@ -339,3 +339,11 @@ def test_portal_client_reserve_refuse_release() -> None:
 
     with Served(create_app(portal), port):
         asyncio.run(run())
+
+
+def test_query_options_are_flat_text() -> None:
+    spawner = make_spawner()
+    assert spawner.options_from_query(
+        {"profile": ["gpu"], "gpu_count": [b"2"], "junk": [], "n": 3}
+    ) == {"profile": "gpu", "gpu_count": "2"}
+    assert profiles.options_from_form({"profile": "cpu"}) == {"profile": "cpu"}  # type: ignore[dict-item]
