@@ -198,6 +198,9 @@ if _wrapper.exists():
 # The GPU profile offers the common models plus the house node's own.
 c.RaySpawner.profile_list = default_profile_list(models=plan_gpus(gp).models)
 c.Spawner.notebook_dir = str(data / "users" / "{user_key}")
+# A spawn is a reservation, a Ray job (a new Ray worker for its supervisor) and a
+# Jupyter server; a burst of them on a small machine takes more than the default 60 s.
+c.Spawner.start_timeout = 120
 c.Spawner.default_url = "/lab"
 c.Spawner.ip = "127.0.0.1"
 if os.getuid() == 0:

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import statistics
@@ -102,11 +103,22 @@ def measure(hub: Hub, prefix: str, sequential: int, burst: int) -> dict[str, lis
     for name in names[:sequential]:
         seq.append(hub.spawn_to_ready(name))
         hub.stop(name)
+    failures: list[str] = []
+
+    def attempt(name: str) -> float | None:
+        try:
+            return hub.spawn_to_ready(name)
+        except RuntimeError as exc:
+            failures.append(str(exc))
+            return None
+
     with ThreadPoolExecutor(burst) as pool:
-        bursts = list(pool.map(hub.spawn_to_ready, names[sequential:]))
+        bursts = [t for t in pool.map(attempt, names[sequential:]) if t is not None]
     with ThreadPoolExecutor(burst) as pool:
         list(pool.map(hub.stop, names[sequential:]))
-    return {"sequential": seq, "burst": bursts}
+    if failures:
+        print(f"{prefix}: {len(failures)} burst spawn(s) failed: {failures}", file=sys.stderr)
+    return {"sequential": seq, "burst": bursts, "failures": [float(len(failures))]}
 
 
 def wait_http(
@@ -259,10 +271,12 @@ def main() -> int:
     parser.add_argument("--sequential", type=int, default=5)
     parser.add_argument("--burst", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "spawn.json")
+    parser.add_argument("--keep", action="store_true", help="keep the logs and data dirs")
     args = parser.parse_args()
     results: dict[str, dict[str, list[float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="gp-bench-") as tmp:
-        work = Path(tmp)
+    work = Path(tempfile.mkdtemp(prefix="gp-bench-"))
+    print(f"work dir: {work}", file=sys.stderr)
+    try:
         local_proc, local_hub = start_local_hub(work)
         try:
             results["local"] = measure(local_hub, "l", args.sequential, args.burst)
@@ -273,6 +287,9 @@ def main() -> int:
             results["ray"] = measure(ray_hub, "r", args.sequential, args.burst)
         finally:
             stop(ray_proc, group=False)
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
     report: dict[str, Any] = {
         "cpus": os.cpu_count(),
         "sequential": args.sequential,
@@ -295,6 +312,8 @@ def main() -> int:
             f"{kind + ' ray/local':22}{report[kind]['ratio_p50']:8.2f}"
             f"{report[kind]['ratio_p95']:8.2f}"
         )
+    for name in ("local", "ray"):
+        print(f"failed burst spawns, {name}: {int(results[name]['failures'][0])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")
