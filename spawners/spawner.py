@@ -471,7 +471,7 @@ class RaySpawner(Spawner):
             port, gpus = await self._wait_for_report()
             self.gpus = gpus
             host = await self._connect_host()
-            self.url = f"http://{host}:{port}"
+            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
             if self.reservation_id:
                 await self._activate()
             shown = f" with CUDA_VISIBLE_DEVICES={gpus}" if gpus else ""
