@@ -118,3 +118,15 @@ def test_invalid_options_are_refused_with_a_sentence(
     assert "Traceback" not in reply.text
     assert len(portal.reservations) == before
     assert hub.server_model("olga") is None
+
+
+def test_report_endpoint_needs_a_server_token(hub: Hub) -> None:
+    url = f"{hub.url}/hub/api/gpuportal/report"
+    body = {"job_id": "x", "port": 1234}
+    anonymous = httpx.post(url, json=body, timeout=10)
+    assert anonymous.status_code == 403
+    as_service = httpx.post(
+        url, json=body, headers={"Authorization": f"token {hub.token}"}, timeout=10
+    )
+    assert as_service.status_code == 403
+    assert "Only a user server's own token can report." in as_service.json()["message"]
