@@ -7,7 +7,7 @@
 # validated by gpuportal.hub.settings (the README's configuration table lists
 # them all). The default is given next to each. Nothing here listens on
 # anything but 127.0.0.1.
-
+# ruff: noqa: F821  (`c` is injected by JupyterHub's config loader)
 
 import os
 import secrets
