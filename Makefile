@@ -30,7 +30,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy hub provider extensions
+	$(BIN)/mypy hub provider spawners extensions
 
 format: install
 	$(BIN)/ruff format .

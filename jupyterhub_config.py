@@ -10,6 +10,7 @@
 # (`c` and `load_subconfig` are injected by JupyterHub's config loader.)
 
 import os
+import secrets
 import shutil
 import sys
 from pathlib import Path
@@ -176,6 +177,20 @@ _portal_env = {
         )
     },
 }
+
+
+# The RaySpawner reserves GPUs for users as the hub service "ray-spawner", which
+# the portal trusts (GPUPORTAL_TRUSTED_SERVICES). Its token is generated once
+# and kept 0600 in the data dir, like the cookie secret; it never leaves the hub.
+def _service_token(path: Path) -> str:
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    return path.read_text().strip()
+
+
+_spawner_token = _service_token(data / "ray-spawner-token")
 c.JupyterHub.services = [
     {
         "name": "portal",
@@ -185,20 +200,42 @@ c.JupyterHub.services = [
         "environment": _portal_env,
         "oauth_no_confirm": True,
     },
+    # No URL: an identity with a token, and no hub scopes at all.
+    {"name": "ray-spawner", "api_token": _spawner_token},
 ]
 
 # --- User servers --------------------------------------------------------------
-# Until RaySpawner lands, servers run on this machine through JupyterHub's own
-# local-process spawner (its simple variant: no system account per user), each
-# in its own folder of the data dir.
-c.JupyterHub.spawner_class = "jupyterhub.spawner.SimpleLocalProcessSpawner"
-c.SimpleLocalProcessSpawner.home_dir_template = str(data / "users" / "{username}")
+# RaySpawner: each server is a Ray job on a GPU node reserved through the portal's
+# marketplace (docs/spawner.md). The house cluster (the local Ray head) also runs
+# CPU-only servers. The wrapper on the node (gpuportal-singleuser) binds 127.0.0.1,
+# which the hub reaches because the house node is this machine.
+import gpuportal.spawners.report  # noqa: E402,F401  (registers the hub's report handler)
+from gpuportal.hub.localray import plan_gpus  # noqa: E402
+from gpuportal.spawners.spawner import default_profile_list  # noqa: E402
+
+c.JupyterHub.spawner_class = "ray"
+c.RaySpawner.portal_url = f"http://127.0.0.1:{gp.portal_port}{gp.service_prefix}"
+c.RaySpawner.portal_token = _spawner_token
+c.RaySpawner.cpu_jobs_url = gp.ray_jobs_url
+# The node runs this same environment: name its wrapper by path, since a Ray
+# job's PATH is the Ray head's, not this virtualenv's.
+_wrapper = Path(sys.executable).parent / "gpuportal-singleuser"
+if _wrapper.exists():
+    c.RaySpawner.entrypoint = [str(_wrapper)]
+# The GPU profile offers the common models plus the house node's own.
+c.RaySpawner.profile_list = default_profile_list(models=plan_gpus(gp).models)
+c.Spawner.notebook_dir = str(data / "users" / "{user_key}")
+# A spawn is a reservation, a Ray job (a new Ray worker for its supervisor) and a
+# Jupyter server; a burst of them on a small machine takes more than the default 60 s.
+c.Spawner.start_timeout = 120
 c.Spawner.default_url = "/lab"
 c.Spawner.ip = "127.0.0.1"
 if os.getuid() == 0:
     # jupyter-server refuses root unless told; only then.
     c.Spawner.args = ["--allow-root"]
-c.JupyterHub.cleanup_servers = True
+# Servers are Ray jobs, not children of the hub: a hub restart keeps them
+# (spawner state holds cluster, job and reservation ids).
+c.JupyterHub.cleanup_servers = False
 # What the server extension (gpuportal.extensions, docs/extension.md) needs and
 # JupyterHub does not give: where the portal is, through the public proxy. No
 # secret: the extension calls it with the server's own hub token, read-only.

@@ -1,0 +1,843 @@
+"""RaySpawner: each user server is a Ray job on a reserved provider GPU node.
+
+The flow of a spawn (``start``):
+
+1. the user's options are checked against ``profile_list`` (never trusted);
+2. the marketplace reserves GPUs on one node (fail fast with a sentence);
+3. a Ray job is submitted to that node's cluster through its Jobs API:
+   entrypoint ``gpuportal-singleuser``, ``entrypoint_num_gpus``, and the
+   reservation's custom resource ``gpuportal/node:<id>`` pinning it to the node;
+   its runtime env carries only this server's ``JUPYTERHUB_*`` variables;
+4. the wrapper on the node starts ``jupyterhub-singleuser`` on a free port and
+   reports the port to the hub (``report.py``), authenticated with this
+   server's token;
+5. the reservation is activated and ``start`` returns the URL.
+
+Any failure on the way stops the job and releases the reservation before a
+``SpawnException`` with a sentence reaches the user. ``poll`` follows the job,
+its node and the server's HTTP liveness; ``stop`` stops the job and releases
+the reservation, idempotently. The ids live in the spawner state, so a hub
+restart resumes running servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import time
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import httpx
+from jupyterhub.spawner import Spawner, SpawnException
+from traitlets import Dict as TDict
+from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
+
+from . import form, profiles
+from .naming import escape, job_submission_id, oauth_client_id
+from .portal_client import PortalClient, PortalError, PortalUnavailable, format_credits
+from .rayjobs import JobNotFound, RayJobs, RayUnavailable
+from .report import register as _register_report_handler
+from .singleuser import ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
+
+_register_report_handler()
+
+#: How much of the node's ``gpuportal/node:<id>`` resource one server takes:
+#: a sliver, so the resource only pins; the GPUs themselves are counted by Ray's GPU resource.
+NODE_RESOURCE_AMOUNT = 0.001
+MICRO = 1_000_000
+#: node_id is the marketplace's node; ray_node_id is Ray's id of the node the job runs on.
+STATE_KEYS = (
+    "jobs_url",
+    "cluster_id",
+    "job_id",
+    "reservation_id",
+    "node_id",
+    "ray_node_id",
+    "url",
+    "gpus",
+)
+
+
+COMMON_MODELS = {
+    "A100-80GB": "NVIDIA A100 80GB",
+    "H100-80GB": "NVIDIA H100 80GB",
+    "L4": "NVIDIA L4",
+}
+
+
+def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """A CPU profile and a GPU profile (model, count, region, max price).
+
+    ``models``: GPU model names to offer besides the common ones (e.g. the house
+    node's), as the marketplace spells them.
+    """
+    names = dict(COMMON_MODELS)
+    for model in models:
+        names.setdefault(model, model.replace("-", " "))
+    model_choices: dict[str, Any] = {
+        "any": {
+            "display_name": "Any model",
+            "default": True,
+            "spawner_override": {"gpu_model": ""},
+        },
+    }
+    for model, label in names.items():
+        model_choices[model] = {"display_name": label, "spawner_override": {"gpu_model": model}}
+    return [
+        {
+            "display_name": "CPU only",
+            "slug": "cpu",
+            "description": "A notebook server without a GPU, for editing and light work. Free.",
+            "spawner_override": {"gpu_count": 0},
+        },
+        {
+            "display_name": "GPU",
+            "slug": "gpu",
+            "description": "A notebook server on a provider's GPU, billed per second "
+            "at the price shown.",
+            "default": True,
+            "profile_options": {
+                "gpu_model": {"display_name": "GPU model", "choices": model_choices},
+                "gpu_count": {
+                    "display_name": "GPUs",
+                    "choices": {
+                        str(n): {
+                            "display_name": str(n),
+                            "default": n == 1,
+                            "spawner_override": {"gpu_count": n},
+                        }
+                        for n in (1, 2, 4, 8)
+                    },
+                },
+                "region": {
+                    "display_name": "Region",
+                    "choices": {
+                        "any": {
+                            "display_name": "Any region",
+                            "default": True,
+                            "spawner_override": {"region": ""},
+                        }
+                    },
+                    "unlisted_choice": {
+                        "enabled": True,
+                        "display_name": "Region name",
+                        "validation_regex": r"^[a-z0-9][a-z0-9-]{0,31}$",
+                        "validation_message": "use lower-case letters, digits and dashes",
+                        "spawner_override": {"region": "{value}"},
+                    },
+                },
+                "max_price": {
+                    "display_name": "Max price per GPU-hour (credits)",
+                    "choices": {
+                        "any": {
+                            "display_name": "No limit",
+                            "default": True,
+                            "spawner_override": {"max_price": ""},
+                        }
+                    },
+                    "unlisted_choice": {
+                        "enabled": True,
+                        "display_name": "Max credits per GPU-hour, e.g. 2.00",
+                        "validation_regex": r"^\d{1,6}(\.\d{1,6})?$",
+                        "validation_message": "give a number of credits such as 2 or 1.50",
+                        "spawner_override": {"max_price": "{value}"},
+                    },
+                },
+            },
+        },
+    ]
+
+
+class RaySpawner(Spawner):
+    """Place each single-user server in a Ray job on a reserved provider GPU node.
+
+    Configure in ``jupyterhub_config.py``::
+
+        c.JupyterHub.spawner_class = "ray"
+        c.RaySpawner.portal_url = "http://127.0.0.1:8002/services/portal"
+        c.RaySpawner.portal_token = open("ray-spawner-token").read().strip()
+        c.RaySpawner.cpu_jobs_url = "http://127.0.0.1:8265"
+    """
+
+    # --- configuration ---------------------------------------------------------
+    profile_list = List(
+        TDict(),
+        help="""Profiles offered in the spawn form and the REST API, in KubeSpawner's schema:
+        display_name, slug, description, default, spawner_override (or kubespawner_override)
+        and profile_options with choices / unlisted_choice. Example::
+
+            c.RaySpawner.profile_list = [
+                {"display_name": "1x A100", "slug": "a100",
+                 "spawner_override": {"gpu_model": "A100-80GB", "gpu_count": 1}},
+            ]
+        """,
+    ).tag(config=True)
+
+    portal_url = Unicode(
+        "http://127.0.0.1:8002/services/portal",
+        help="Base URL of the portal service (its marketplace API lives under api/v1). "
+        "Example: c.RaySpawner.portal_url = 'http://127.0.0.1:8002/services/portal'",
+    ).tag(config=True)
+
+    portal_token = Unicode(
+        "",
+        help="API token of the hub service the portal trusts to reserve for users "
+        "(ray-spawner). Never logged, never sent to a node.",
+    ).tag(config=True)
+
+    portal_timeout = Float(10.0, help="Seconds one portal request may take.").tag(config=True)
+
+    cpu_jobs_url = Unicode(
+        "",
+        help="Jobs API URL of the cluster that runs CPU-only servers (profiles with "
+        "gpu_count 0). Empty: CPU-only servers are refused. "
+        "Example: c.RaySpawner.cpu_jobs_url = 'http://127.0.0.1:8265'",
+    ).tag(config=True)
+
+    entrypoint = List(
+        Unicode(),
+        ["gpuportal-singleuser"],
+        help="Command of the Ray job, run on the node; Spawner.args are appended. "
+        "Example: c.RaySpawner.entrypoint = ['/opt/conda/bin/gpuportal-singleuser']",
+    ).tag(config=True)
+
+    connect_ip = Unicode(
+        "",
+        help="Host the hub connects to. Empty: Spawner.ip when it is a concrete address, "
+        "else the node's IP as Ray reports it. The node never chooses it.",
+    ).tag(config=True)
+
+    env_allow = List(
+        Unicode(),
+        ["GPUPORTAL_PORTAL_URL", "GPUPORTAL_IDLE_TIMEOUT_SECONDS"],
+        help="Names of extra environment variables (from Spawner.environment) that may "
+        "reach the node. This server's JUPYTERHUB_* variables always do; nothing else. "
+        "The defaults are what the server extension needs, and hold no secret: where "
+        "the portal is and the GPU-aware idle limit.",
+    ).tag(config=True)
+
+    gpu_model = Unicode("", help="GPU model to reserve; empty: any.").tag(config=True)
+    gpu_count = Integer(1, min=0, max=1024, help="GPUs to reserve; 0: a CPU-only server.").tag(
+        config=True
+    )
+    min_vram_gb = Integer(0, min=0, help="Least VRAM per GPU, GiB; 0: any.").tag(config=True)
+    region = Unicode("", help="Region to place in; empty: any.").tag(config=True)
+    max_price = Unicode(
+        "",
+        help="Highest price per GPU-hour in credits, as a decimal string such as '2.00'; "
+        "empty: no limit. Sent to the marketplace as integer micro-credits.",
+    ).tag(config=True)
+    min_reliability = Float(0.0, min=0.0, max=1.0, help="Least node reliability, 0..1.").tag(
+        config=True
+    )
+    num_cpus = Float(
+        0.0,
+        min=0.0,
+        help="CPUs the job reserves on the node (Ray's entrypoint_num_cpus); 0: none reserved.",
+    ).tag(config=True)
+
+    dead_after = Float(
+        30.0,
+        help="Bound, in seconds, from a server's node dying, its job failing or its server "
+        "going silent to poll() reporting it gone. The poll interval defaults to a third "
+        "of it. Example: c.RaySpawner.dead_after = 60",
+    ).tag(config=True)
+
+    ray_timeout = Float(10.0, help="Seconds one Ray Jobs API request may take.").tag(config=True)
+    stop_timeout = Float(20.0, help="Seconds stop() waits for the job to end.").tag(config=True)
+    liveness_timeout = Float(3.0, help="Seconds the HTTP liveness check may take.").tag(config=True)
+
+    @default("poll_interval")
+    def _default_poll_interval(self) -> int:
+        return max(1, int(self.dead_after / 3))
+
+    @default("profile_list")
+    def _default_profile_list(self) -> list[dict[str, Any]]:
+        return default_profile_list()
+
+    @validate("profile_list")
+    def _check_profile_list(self, proposal: Any) -> list[dict[str, Any]]:
+        try:
+            return profiles.check_profile_list(list(proposal.value))
+        except profiles.InvalidProfileList as exc:
+            raise TraitError(f"RaySpawner.profile_list: {exc}") from None
+
+    @validate("max_price")
+    def _check_max_price(self, proposal: Any) -> str:
+        value = str(proposal.value).strip()
+        if value in ("", "any"):
+            return ""
+        try:
+            price = Decimal(value)
+        except InvalidOperation:
+            raise TraitError(f"{value[:32]!r} is not a price such as 2.00") from None
+        if price <= 0 or price * MICRO != int(price * MICRO) or price > 10**6:
+            raise TraitError(f"{value[:32]!r} is not a positive price with at most 6 decimals")
+        return value
+
+    # --- runtime state (get_state/load_state) -----------------------------------
+    jobs_url = ""
+    cluster_id = ""
+    job_id = ""
+    reservation_id = ""
+    node_id = ""
+    ray_node_id = ""
+    url = ""
+    gpus = ""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        user = getattr(self, "user", None)
+        if user is not None and isinstance(getattr(user, "name", None), str):
+            # Before the hub registers the client: see naming.oauth_client_id.
+            self.oauth_client_id = oauth_client_id(user.name, self.name or "")
+        self._events: list[dict[str, Any]] = []
+        self._start_done = True
+        self._report: asyncio.Future[tuple[int, str]] | None = None
+        self._unreachable_since: float | None = None
+        self._config_values: dict[str, Any] = {}
+        self._options_applied = False
+        self._portal: PortalClient | None = None
+
+    # --- helpers ---------------------------------------------------------------
+    @property
+    def portal(self) -> PortalClient:
+        if self._portal is None or self._portal.base_url.rstrip("/") != self.portal_url.rstrip("/"):
+            self._portal = PortalClient(
+                self.portal_url, self.portal_token, timeout=self.portal_timeout
+            )
+        return self._portal
+
+    def _jobs(self) -> RayJobs:
+        return RayJobs(self.jobs_url, timeout=self.ray_timeout)
+
+    @property
+    def max_price_micro(self) -> int | None:
+        return int(Decimal(self.max_price) * MICRO) if self.max_price else None
+
+    @property
+    def _unreachable_grace(self) -> float:
+        """How long the server may stay unreachable before poll() calls it gone,
+        so that grace + one jittered poll interval + one check fit in dead_after."""
+        spent = self.poll_interval * (1 + self.poll_jitter) + self.liveness_timeout
+        return max(1.0, self.dead_after - spent)
+
+    def _emit(self, progress: int, message: str) -> None:
+        self.log.info("%s: %s", self._log_name, message)
+        self._events.append({"progress": progress, "message": message})
+
+    # --- user options -------------------------------------------------------------
+    @default("options_from_form")
+    def _default_options_from_form(self) -> Any:
+        # Form fields to the same flat options the REST API takes; no side effects.
+        return profiles.options_from_form
+
+    def options_from_query(self, query_data: dict[str, Any]) -> dict[str, Any]:
+        """``/hub/spawn?opt-profile=gpu&opt-gpu_count=2``: the flat REST options, as text."""
+        options: dict[str, Any] = {}
+        for key, value in query_data.items():
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, bytes):
+                value = value.decode(errors="replace")
+            if isinstance(value, str):
+                options[key] = value
+        return options
+
+    @default("options_form")
+    def _default_options_form(self) -> Any:
+        return RaySpawner._render_options_form
+
+    @staticmethod
+    async def _render_options_form(spawner: RaySpawner) -> str:
+        if len(spawner.profile_list) <= 1 and not any(
+            p.get("profile_options") for p in spawner.profile_list
+        ):
+            return ""
+        try:
+            offers: list[dict[str, Any]] | None = await spawner.portal.offers()
+        except PortalError as exc:
+            spawner.log.warning("offers unavailable for the spawn form: %s", exc.code)
+            offers = None
+        return form.render(spawner.profile_list, offers, spawner.user_options)
+
+    @default("apply_user_options")
+    def _default_apply_user_options(self) -> Any:
+        # JupyterHub >= 5.3 runs this before start() and before it reads start_timeout,
+        # so a profile may set start_timeout; a SpawnException here is the user's 400.
+        return RaySpawner._apply_user_options_hook
+
+    @staticmethod
+    def _apply_user_options_hook(spawner: RaySpawner, user_options: Any) -> None:
+        spawner._apply_options()
+        spawner._options_applied = True
+
+    def _apply_options(self) -> profiles.Selection:
+        """Validate user_options against profile_list and apply the chosen overrides.
+
+        Overrides of an earlier spawn are undone first: the spawner object lives on
+        between spawns of the same server.
+        """
+        for name, value in self._config_values.items():
+            setattr(self, name, value)
+        self._config_values = {}
+        try:
+            selection = profiles.select(self.profile_list, self.user_options)
+        except profiles.InvalidOptions as exc:
+            raise SpawnException(str(exc), reason="invalid_options", status_code=400) from None
+        traits = self.traits(config=True)
+        for name, value in selection.overrides.items():
+            trait = traits.get(name)
+            if trait is None:
+                self.log.error(
+                    "profile %s overrides unknown RaySpawner trait %s", selection.profile, name
+                )
+                raise SpawnException(
+                    "This profile is misconfigured; tell the administrator.",
+                    reason="bad_profile",
+                    status_code=500,
+                )
+            self._config_values.setdefault(name, getattr(self, name))
+            try:
+                if isinstance(value, str) and not isinstance(trait, Unicode):
+                    value = trait.from_string(value)
+                setattr(self, name, value)
+            except (TraitError, ValueError) as exc:
+                raise SpawnException(
+                    f"{str(value)[:64]!r} is not a valid {name}: {str(exc)[:200]}",
+                    reason="invalid_options",
+                    status_code=400,
+                ) from None
+        return selection
+
+    def job_env(self) -> dict[str, str]:
+        """The job's env: this server's JUPYTERHUB_* plus the admin's allow-list. Nothing else."""
+        env = self.get_env()
+        allowed = {
+            k: str(v) for k, v in env.items() if k.startswith("JUPYTERHUB_") or k in self.env_allow
+        }
+        allowed[ENV_IP] = self.ip or "0.0.0.0"
+        allowed[ENV_JOB_ID] = self.job_id
+        allowed[ENV_READY_TIMEOUT] = str(int(self.start_timeout))
+        return allowed
+
+    # --- the spawner contract ------------------------------------------------------
+    async def start(self) -> str:
+        self._events = []
+        self._start_done = False
+        try:
+            return await self._start()
+        finally:
+            self._start_done = True
+            self._report = None
+
+    async def _start(self) -> str:
+        if not self._options_applied:  # JupyterHub < 5.3, or a custom apply hook
+            self._apply_options()
+        self._options_applied = False
+        self.clear_ids()
+        self.job_id = job_submission_id(self.user.name, self.name)
+        self._report = asyncio.get_running_loop().create_future()
+        self._unreachable_since = None
+        try:
+            resources: dict[str, float] = {}
+            if self.gpu_count > 0:
+                reservation = await self._reserve()
+                self.reservation_id = reservation.id
+                self.jobs_url = reservation.jobs_url
+                self.cluster_id = reservation.cluster_id
+                self.node_id = reservation.node_id
+                resources[reservation.node_resource] = NODE_RESOURCE_AMOUNT
+                demo = " (demo GPU)" if reservation.demo else ""
+                self._emit(
+                    10,
+                    f"Reserved {reservation.gpu_count}x {reservation.gpu_model}"
+                    f"{demo} on node {reservation.node_id[:12]} in "
+                    f"{reservation.region} at "
+                    f"{format_credits(reservation.price_per_gpu_hour)} "
+                    "credits per GPU-hour",
+                )
+            else:
+                if not self.cpu_jobs_url:
+                    raise SpawnException(
+                        "CPU-only servers are not offered here; choose a GPU profile.",
+                        reason="no_cpu_cluster",
+                    )
+                self.jobs_url = self.cpu_jobs_url
+                self.cluster_id = "cpu"
+                self._emit(10, "No GPU requested: placing a CPU-only server")
+            await self._submit(resources)
+            self._emit(30, f"Submitted Ray job {self.job_id}")
+            port, gpus = await self._wait_for_report()
+            self.gpus = gpus
+            host = await self._connect_host()
+            self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+            if self.reservation_id:
+                await self._activate()
+            shown = f" with CUDA_VISIBLE_DEVICES={gpus}" if gpus else ""
+            self._emit(90, f"Server up on node {(self.node_id or self.ray_node_id)[:12]}{shown}")
+            return self.url
+        except asyncio.CancelledError:
+            self.log.warning(
+                "%s: start cancelled (start_timeout %ss?); cleaning up",
+                self._log_name,
+                self.start_timeout,
+            )
+            await self._cleanup()
+            raise
+        except SpawnException:
+            await self._cleanup()
+            raise
+        except Exception:
+            self.log.exception("%s: start failed", self._log_name)
+            await self._cleanup()
+            raise SpawnException(
+                "Your server could not be started because of an internal error; it has been "
+                "logged. Try again in a minute.",
+                reason="error",
+                status_code=500,
+            ) from None
+
+    async def _reserve(self) -> Any:
+        try:
+            return await self.portal.reserve(
+                user=self.user.name,
+                server_name=self.name,
+                gpu_count=self.gpu_count,
+                gpu_model=self.gpu_model or None,
+                min_vram_gb=self.min_vram_gb or None,
+                region=self.region or None,
+                max_price=self.max_price_micro,
+                min_reliability=self.min_reliability or None,
+            )
+        except PortalUnavailable as exc:
+            raise SpawnException(
+                exc.message, reason="portal_unavailable", status_code=503
+            ) from None
+        except PortalError as exc:
+            status = exc.status if 400 <= exc.status < 500 else 500
+            raise SpawnException(
+                exc.message, reason=exc.code or "refused", status_code=status
+            ) from None
+
+    async def _submit(self, resources: dict[str, float]) -> None:
+        entrypoint = shlex.join([*self.entrypoint, *self.get_args()])
+        try:
+            await self._jobs().submit(
+                submission_id=self.job_id,
+                entrypoint=entrypoint,
+                num_cpus=self.num_cpus,
+                num_gpus=float(self.gpu_count),
+                resources=resources,
+                env_vars=self.job_env(),
+                metadata={
+                    "gpuportal_user": self.user.name[:255],
+                    "gpuportal_server": self.name[:255],
+                    "gpuportal_reservation": self.reservation_id,
+                },
+            )
+        except RayUnavailable as exc:
+            self.log.warning("%s: submit failed: %s", self._log_name, exc)
+            raise SpawnException(
+                "The GPU provider's cluster is not answering; try again "
+                "in a minute or choose another GPU.",
+                reason="ray_unavailable",
+                status_code=503,
+            ) from None
+
+    async def _wait_for_report(self) -> tuple[int, str]:
+        """Wait for the wrapper's report while following the job; bounded by start_timeout
+        (the hub cancels start() then) and by our own deadline as a backstop."""
+        assert self._report is not None
+        jobs = self._jobs()
+        deadline = time.monotonic() + self.start_timeout + 5
+        scheduled = False
+        unavailable_since: float | None = None
+        while time.monotonic() < deadline:
+            done, _ = await asyncio.wait({self._report}, timeout=1.0)
+            if done and scheduled:
+                return self._report.result()
+            try:
+                state = await jobs.state(self.job_id)
+            except (RayUnavailable, JobNotFound) as exc:
+                now = time.monotonic()
+                unavailable_since = unavailable_since or now
+                if now - unavailable_since > self.dead_after:
+                    self.log.warning("%s: cluster lost while starting: %s", self._log_name, exc)
+                    raise SpawnException(
+                        "The GPU provider's cluster stopped answering while "
+                        "your server was starting; try again.",
+                        reason="ray_unavailable",
+                        status_code=503,
+                    ) from None
+                continue
+            unavailable_since = None
+            if state.terminal:
+                tail = await jobs.logs_tail(self.job_id)
+                self.log.warning(
+                    "%s: job %s ended %s before the server was ready: %s\n%s",
+                    self._log_name,
+                    self.job_id,
+                    state.status,
+                    state.message[:300],
+                    tail,
+                )
+                raise SpawnException(
+                    f"Your server exited before it was ready (Ray job {state.status.lower()}). "
+                    "The details are in the hub log; try again or choose another GPU.",
+                    reason="job_failed",
+                    status_code=500,
+                )
+            if state.status == "RUNNING" and not scheduled:
+                scheduled = True
+                self.ray_node_id = state.node_id
+                self._emit(
+                    50,
+                    f"Scheduled on Ray node {state.node_id[:12]}; starting Jupyter",
+                )
+        raise SpawnException(
+            "Your server did not report in time.", reason="timeout", status_code=500
+        )
+
+    def accept_report(self, body: dict[str, Any]) -> None:
+        """Called by the report handler for this server's token; ValueError → 400."""
+        if self._report is None or self._report.done():
+            raise ValueError("This server is not waiting for a report.")
+        if body.get("job_id") != self.job_id:
+            raise ValueError("The report names another job.")
+        port = body.get("port")
+        if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+            raise ValueError("port must be an integer between 1 and 65535.")
+        gpus = body.get("gpus", "")
+        if (
+            not isinstance(gpus, str)
+            or len(gpus) > 512
+            or not all(c.isalnum() or c in ",-" for c in gpus)
+        ):
+            raise ValueError("gpus must be a CUDA_VISIBLE_DEVICES value.")
+        self._report.set_result((port, gpus))
+
+    async def _connect_host(self) -> str:
+        if self.connect_ip:
+            return self.connect_ip
+        if self.ip and self.ip not in ("0.0.0.0", "::"):
+            return self.ip
+        node_ip = None
+        if self.ray_node_id:
+            try:
+                node_ip = await self._jobs().node_ip(self.ray_node_id)
+            except RayUnavailable:
+                node_ip = None
+        if not node_ip:
+            raise SpawnException(
+                "The server's node has no address the hub can reach.",
+                reason="no_address",
+                status_code=500,
+            )
+        return node_ip
+
+    async def _activate(self) -> None:
+        try:
+            await self.portal.activate(self.reservation_id)
+        except PortalError as exc:
+            self.log.warning(
+                "%s: activating reservation %s failed: %s",
+                self._log_name,
+                self.reservation_id,
+                exc.code,
+            )
+            raise SpawnException(
+                "The marketplace could not confirm your GPUs; the server was stopped. "
+                + exc.message,
+                reason="activate_failed",
+                status_code=503,
+            ) from None
+
+    async def _cleanup(self) -> None:
+        """Stop the job and release the reservation; each step bounded and logged."""
+        try:
+            await asyncio.wait_for(self._stop_and_release(), self.stop_timeout + 30)
+        except Exception:
+            self.log.exception("%s: cleanup after a failed start was incomplete", self._log_name)
+
+    async def _stop_and_release(self) -> None:
+        if self.job_id and self.jobs_url:
+            await self._stop_job()
+        if self.reservation_id:
+            try:
+                released = await self.portal.release(self.reservation_id)
+                self.log.info(
+                    "%s: reservation %s %s",
+                    self._log_name,
+                    self.reservation_id,
+                    "released" if released else "was already released",
+                )
+            except PortalError as exc:
+                # Logged loudly for the operator; the hub must still be able to
+                # forget the server, and a retry of stop() would not know the id.
+                self.log.error(
+                    "%s: could not release reservation %s: %s",
+                    self._log_name,
+                    self.reservation_id,
+                    exc.code,
+                )
+        self.clear_ids()
+
+    async def _stop_job(self) -> None:
+        """Stop the job and wait, within stop_timeout, until Ray says it ended.
+
+        A job that already ended (its node died, say) is not stopped again: on a
+        dead node that call would only wait for a timeout while the GPUs stay booked.
+        """
+        jobs = self._jobs()
+        deadline = time.monotonic() + self.stop_timeout
+        try:
+            state = await jobs.state(self.job_id)
+            if state.terminal:
+                return
+            if state.node_id and not await jobs.node_alive(state.node_id):
+                self.log.warning("%s: node of job %s is dead", self._log_name, self.job_id)
+                return
+            await jobs.stop(self.job_id)
+            while time.monotonic() < deadline:
+                await asyncio.sleep(0.5)
+                if (await jobs.state(self.job_id)).terminal:
+                    return
+            self.log.warning(
+                "%s: job %s did not end within %ss", self._log_name, self.job_id, self.stop_timeout
+            )
+        except JobNotFound:
+            return
+        except RayUnavailable as exc:
+            # The cluster or the node is gone, and the job with it.
+            self.log.warning("%s: could not stop job %s: %s", self._log_name, self.job_id, exc)
+
+    async def stop(self, now: bool = False) -> None:
+        """Stop the job, wait for it within stop_timeout, release the reservation.
+
+        Idempotent: a second call finds nothing left to do.
+        """
+        if self._report is not None and not self._report.done():
+            self._report.cancel()
+        await self._stop_and_release()
+
+    async def poll(self) -> int | None:
+        """None while the job runs, its node is alive and the server answers.
+
+        An exit status once the job ended (0 only for success), the node is dead or
+        unknown, or the server (or cluster) stayed unreachable for the grace
+        period. With the defaults the whole bound is ``dead_after`` (30 s).
+
+        A server found gone is cleaned up here, at once: JupyterHub calls stop()
+        only for servers that poll() says are running, so this is where the job
+        of a dead server is stopped and its reservation released.
+        """
+        status = await self._poll_status()
+        if status is not None and (self.job_id or self.reservation_id) and self._start_done:
+            await self._cleanup()
+        return status
+
+    async def _poll_status(self) -> int | None:
+        if not self._start_done:
+            return None
+        if not self.job_id or not self.jobs_url:
+            return 0
+        jobs = self._jobs()
+        try:
+            state = await jobs.state(self.job_id)
+        except JobNotFound:
+            self.log.warning("%s: job %s is unknown to its cluster", self._log_name, self.job_id)
+            return 1
+        except RayUnavailable:
+            return self._unknown("the cluster's Jobs API is not answering")
+        if state.terminal:
+            self.log.warning(
+                "%s: job %s is %s: %s",
+                self._log_name,
+                self.job_id,
+                state.status,
+                state.message[:300],
+            )
+            return 0 if state.status == "SUCCEEDED" else 1
+        node_id = state.node_id or self.ray_node_id
+        if node_id:
+            try:
+                alive = await jobs.node_alive(node_id)
+            except RayUnavailable:
+                return self._unknown("the cluster's state API is not answering")
+            if not alive:
+                self.log.warning("%s: node %s is dead", self._log_name, node_id)
+                return 1
+        if self.url and not await self._answers():
+            return self._unknown("the server does not answer")
+        self._unreachable_since = None
+        return None
+
+    def _unknown(self, why: str) -> int | None:
+        now = time.monotonic()
+        if self._unreachable_since is None:
+            self._unreachable_since = now
+        silent = now - self._unreachable_since
+        if silent >= self._unreachable_grace:
+            self.log.warning("%s: gone: %s for %.0fs", self._log_name, why, silent)
+            return 1
+        self.log.info("%s: %s (%.0fs so far)", self._log_name, why, silent)
+        return None
+
+    async def _answers(self) -> bool:
+        base = self.server.base_url if self.server else "/"
+        try:
+            async with httpx.AsyncClient(timeout=self.liveness_timeout) as client:
+                await client.get(f"{self.url}{base}api")
+        except httpx.HTTPError:
+            return False
+        return True
+
+    async def progress(self) -> Any:
+        """Yield reserved → submitted → scheduled → server up, as they happen."""
+        seen = 0
+        deadline = time.monotonic() + self.start_timeout + 10
+        while time.monotonic() < deadline:
+            while seen < len(self._events):
+                yield self._events[seen]
+                seen += 1
+            if self._start_done:
+                break
+            await asyncio.sleep(0.25)
+
+    async def get_url(self) -> str:
+        if self.url and self.server:
+            return f"{self.url}{self.server.base_url}"
+        return str(await super().get_url())
+
+    def template_namespace(self) -> dict[str, Any]:
+        """Adds ``{user_key}``: the user name escaped to ``[a-z0-9_]``, safe in paths."""
+        namespace: dict[str, Any] = super().template_namespace()
+        namespace["user_key"] = escape(self.user.name)
+        return namespace
+
+    # --- state ---------------------------------------------------------------------
+    def clear_ids(self) -> None:
+        for key in STATE_KEYS:
+            setattr(self, key, "")
+
+    def get_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = super().get_state()
+        for key in STATE_KEYS:
+            value = getattr(self, key)
+            if value:
+                state[key] = value
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
+        for key in STATE_KEYS:
+            if key in state:
+                setattr(self, key, str(state[key]))
+
+    def clear_state(self) -> None:
+        super().clear_state()
+        self.clear_ids()
+        self._unreachable_since = None

@@ -1,0 +1,132 @@
+"""The spawner contract through a real hub on real Ray nodes (logical GPUs)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any
+
+import httpx
+import pytest
+from ray.job_submission import JobSubmissionClient
+
+from .conftest import Hub
+from .contract_portal import ContractPortal
+from .kernel import run_code
+from .raynodes import RayNodes
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def read_progress(hub: Hub, user: str, events: list[dict[str, Any]]) -> None:
+    """Collect the progress event stream (server-sent events) until ready or failed."""
+    url = f"{hub.url}/hub/api/users/{user}/server/progress"
+    with httpx.stream(
+        "GET", url, headers={"Authorization": f"token {hub.token}"}, timeout=90
+    ) as reply:
+        for line in reply.iter_lines():
+            if line.startswith("data:"):
+                event = json.loads(line[5:])
+                events.append(event)
+                if event.get("ready") or event.get("failed") or len(events) > 50:
+                    return
+
+
+def test_gpu_server_lifecycle(hub: Hub, ray_nodes: RayNodes, portal: ContractPortal) -> None:
+    hub.api("POST", "/users/alice")
+    events: list[dict[str, Any]] = []
+    replies: list[httpx.Response] = []
+    spawn = threading.Thread(
+        target=lambda: replies.append(
+            hub.spawn("alice", options={"profile": "gpu", "gpu_model": "A100-80GB", "gpu_count": 1})
+        )
+    )
+    spawn.start()
+    # The progress stream exists once the spawn is pending.
+    for _ in range(100):
+        model = hub.server_model("alice")
+        if model and model.get("pending"):
+            break
+        threading.Event().wait(0.05)
+    read_progress(hub, "alice", events)
+    spawn.join(90)
+    assert replies and replies[0].status_code in (201, 202), replies and replies[0].text
+    hub.wait_ready("alice")
+    messages = [e.get("message", "") for e in events]
+    for step in (
+        "Reserved 1x A100-80GB",
+        "Submitted Ray job",
+        "Scheduled on Ray node",
+        "Server ready",
+    ):
+        assert any(step in m for m in messages), messages
+    assert events[-1].get("ready") is True
+
+    state = hub.state("alice")
+    assert set(state) >= {"jobs_url", "job_id", "reservation_id", "url", "node_id", "gpus"}
+    jobs = JobSubmissionClient(ray_nodes.jobs_url)
+    info = jobs.get_job_info(state["job_id"])
+    assert str(info.status) == "RUNNING"
+    # Pinned to the reserved node, holding one of its GPUs.
+    assert info.driver_node_id == ray_nodes.ray_node_id("n1")
+    env = info.runtime_env["env_vars"]
+    assert all(k.startswith(("JUPYTERHUB_", "GPUPORTAL_SINGLEUSER_")) for k in env), env
+    assert "hub-secret" not in repr(info.runtime_env)
+    assert "LEAKY_SECRET" not in env
+    assert portal.reservations[state["reservation_id"]]["status"] == "active"
+
+    # Inside the server (a process of the Ray job), a kernel sees exactly the job's GPU.
+    out = run_code(
+        f"{hub.url}/user/alice/",
+        hub.token,
+        "import os; print(os.environ.get('CUDA_VISIBLE_DEVICES'), "
+        "os.environ.get('JUPYTERHUB_USER'), 'LEAKY_SECRET' in os.environ)",
+    )
+    visible, user, leaked = out.split()
+    assert visible == state["gpus"] and len(visible.split(",")) == 1
+    assert visible in {"0", "1"}
+    assert (user, leaked) == ("alice", "False")
+
+    hub.stop_server("alice")
+    assert str(jobs.get_job_info(state["job_id"]).status) == "STOPPED"
+    assert portal.reservations[state["reservation_id"]]["status"] == "released"
+    # Stopping again is harmless.
+    again = hub.api("DELETE", hub.server_path("alice"))
+    assert again.status_code in (204, 400, 404), again.text
+    assert hub.server_model("alice") is None
+
+
+@pytest.mark.parametrize(
+    ("options", "fragment"),
+    [
+        ({"profile": "tpu"}, "There is no profile 'tpu'"),
+        ({"profile": "gpu", "gpu_count": 3}, "'3' is not a valid GPUs"),
+        ({"profile": "gpu", "gpu_model": "<script>"}, "is not a valid GPU model"),
+        ({"profile": "gpu", "image": "evil/image"}, "does not take image"),
+        ({"profile": "gpu", "max_price": "cheap"}, "is not a valid Max price"),
+        ({"profile": "cpu", "gpu_count": 1}, "does not take gpu_count"),
+        ({"profile": ["gpu"]}, "profile must be a string or a number"),
+    ],
+)
+def test_invalid_options_are_refused_with_a_sentence(
+    hub: Hub, portal: ContractPortal, options: dict[str, Any], fragment: str
+) -> None:
+    before = len(portal.reservations)
+    reply = hub.spawn("olga", options=options)
+    assert reply.status_code == 400, reply.text
+    assert fragment in reply.json()["message"]
+    assert "Traceback" not in reply.text
+    assert len(portal.reservations) == before
+    assert hub.server_model("olga") is None
+
+
+def test_report_endpoint_needs_a_server_token(hub: Hub) -> None:
+    url = f"{hub.url}/hub/api/gpuportal/report"
+    body = {"job_id": "x", "port": 1234}
+    anonymous = httpx.post(url, json=body, timeout=10)
+    assert anonymous.status_code == 403
+    as_service = httpx.post(
+        url, json=body, headers={"Authorization": f"token {hub.token}"}, timeout=10
+    )
+    assert as_service.status_code == 403
+    assert "Only a user server's own token can report." in as_service.json()["message"]

@@ -1,0 +1,349 @@
+"""Pure logic of the spawner package: names, profiles, the form, state, reports, env."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from jupyterhub.spawner import SpawnException
+
+from gpuportal.spawners import form, naming, profiles
+from gpuportal.spawners.portal_client import PortalClient, PortalError, format_credits
+from gpuportal.spawners.spawner import RaySpawner, default_profile_list
+
+from .contract_portal import ContractPortal, Node, Served, create_app
+from .raynodes import free_port
+
+PROFILES = profiles.check_profile_list(default_profile_list(models=["RTX-4090"]))
+
+# --- names ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        (("a-b", ""), ("a", "b")),
+        (("a", "b-c"), ("a-b", "c")),
+        (("a--b", ""), ("a", "-b")),
+        (("user-has-dash", ""), ("user-has", "dash")),
+        (("x_2d_", ""), ("x-", "")),
+        (("Ü", ""), ("ü", "")),
+        (("a" * 300, "x"), ("a" * 300, "y")),
+        (("a" * 300, ""), ("a" * 299, "a")),
+    ],
+)
+def test_server_keys_never_collide(a: tuple[str, str], b: tuple[str, str]) -> None:
+    assert naming.server_key(*a) != naming.server_key(*b)
+    assert naming.oauth_client_id(*a) != naming.oauth_client_id(*b)
+
+
+@pytest.mark.parametrize("name", ["a-b", "ünï-çødé", "x_y", "🙂", "A B/C", "", "a" * 255])
+def test_escape_round_trips_and_is_ray_safe(name: str) -> None:
+    escaped = naming.escape(name)
+    assert naming.unescape(escaped) == name
+    assert set(escaped) <= set("abcdefghijklmnopqrstuvwxyz0123456789_")
+    job = naming.job_submission_id(name, "srv")
+    assert set(job) <= set("abcdefghijklmnopqrstuvwxyz0123456789_-")
+    assert len(job) <= 120
+
+
+def test_job_ids_are_fresh_per_spawn() -> None:
+    assert naming.job_submission_id("a", "") != naming.job_submission_id("a", "")
+
+
+# --- profiles and user options --------------------------------------------------------
+
+
+def test_empty_options_select_the_default_profile_and_choices() -> None:
+    chosen = profiles.select(PROFILES, {})
+    assert chosen.profile == "gpu"
+    assert chosen.choices == {
+        "gpu_model": "any",
+        "gpu_count": "1",
+        "region": "any",
+        "max_price": "any",
+    }
+    assert chosen.overrides == {"gpu_model": "", "gpu_count": 1, "region": "", "max_price": ""}
+
+
+def test_rest_options_with_numbers_and_unlisted_choices() -> None:
+    chosen = profiles.select(
+        PROFILES,
+        {
+            "profile": "gpu",
+            "gpu_model": "RTX-4090",
+            "gpu_count": 2,
+            "region": "eu-west",
+            "max_price": 2.5,
+        },
+    )
+    assert chosen.overrides == {
+        "gpu_model": "RTX-4090",
+        "gpu_count": 2,
+        "region": "eu-west",
+        "max_price": "2.5",
+    }
+
+
+def test_cpu_profile_has_no_gpu() -> None:
+    assert profiles.select(PROFILES, {"profile": "cpu"}).overrides == {"gpu_count": 0}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ([], "Server options must be a JSON object."),
+        ({"profile": "x"}, "There is no profile 'x'; choose one of: cpu, gpu."),
+        ({"gpu_count": True}, "gpu_count must be a string or a number."),
+        ({"gpu_count": "16"}, "'16' is not a valid GPUs; choose one of: 1, 2, 4, 8."),
+        (
+            {"region": "EU WEST"},
+            "'EU WEST' is not a valid Region: use lower-case letters, digits and dashes.",
+        ),
+        (
+            {"env": {"A": "b"}},
+            "The gpu profile does not take env; it accepts: gpu_model, "
+            "gpu_count, region, max_price.",
+        ),
+        (
+            {"profile": "cpu", "region": "x"},
+            "The cpu profile does not take region; it accepts: no options.",
+        ),
+    ],
+)
+def test_invalid_options(options: Any, message: str) -> None:
+    with pytest.raises(profiles.InvalidOptions) as caught:
+        profiles.select(PROFILES, options)
+    assert str(caught.value) == message
+
+
+def test_form_fields_become_flat_options_for_the_chosen_profile_only() -> None:
+    data = {
+        "profile": ["gpu"],
+        "profile-option-gpu--gpu_count": ["2"],
+        "profile-option-gpu--region": ["unlisted-choice"],
+        "profile-option-gpu--region--unlisted-choice": ["us-east"],
+        "profile-option-cpu--ignored": ["x"],
+        "junk": ["y"],
+    }
+    assert profiles.options_from_form(data) == {
+        "profile": "gpu",
+        "gpu_count": "2",
+        "region": "us-east",
+    }
+    assert profiles.options_from_form({}) == {}
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ([{"slug": "x"}], "profile #1 needs a display_name"),
+        ([{"display_name": "A"}, {"display_name": "A"}], "two profiles have the slug 'a'"),
+        (
+            [{"display_name": "A", "default": True}, {"display_name": "B", "default": True}],
+            "more than one profile is marked default",
+        ),
+        (
+            [{"display_name": "A", "profile_options": {"o": {"choices": {}}}}],
+            "profile 'a' option 'o' has no choices and no unlisted_choice",
+        ),
+    ],
+)
+def test_bad_profile_lists_fail_at_start(bad: list[dict[str, Any]], message: str) -> None:
+    with pytest.raises(profiles.InvalidProfileList) as caught:
+        profiles.check_profile_list(bad)
+    assert str(caught.value) == message
+
+
+# --- the form --------------------------------------------------------------------------
+
+
+def test_form_shows_offers_and_escapes_everything() -> None:
+    hostile = [
+        {
+            "display_name": "<b>x</b>",
+            "slug": "x",
+            "description": "<script>",
+            "profile_options": {
+                "gpu_model": {
+                    "display_name": "M",
+                    "choices": {"A100-80GB": {"display_name": "A100"}},
+                },
+                "gpu_count": {"display_name": "N", "choices": {"1": {}}},
+            },
+        }
+    ]
+    offers = [
+        {"gpu_model": "A100-80GB", "free_gpus": 3, "price_per_gpu_hour": 2_000_000},
+        {"gpu_model": "A100-80GB", "free_gpus": 1, "price_per_gpu_hour": 1_500_000},
+        {"gpu_model": "<img>", "free_gpus": "x"},
+    ]
+    html = form.render(profiles.check_profile_list(hostile), offers)
+    assert "<script>" not in html.replace("<script>\n(function", "")
+    assert "&lt;b&gt;x&lt;/b&gt;" in html and "&lt;script&gt;" in html
+    assert "A100 (4 free, from 1.50/GPU-hour)" in html
+    assert 'data-price="1500000"' in html
+
+
+def test_form_without_marketplace_says_so() -> None:
+    html = form.render(PROFILES, None)
+    assert "availability unknown" in html and "not available right now" in html
+
+
+@pytest.mark.parametrize(
+    ("micro", "text"), [(0, "0.00"), (1_500_000, "1.50"), (1_234_567, "1.23"), (-10_000, "-0.01")]
+)
+def test_format_credits(micro: int, text: str) -> None:
+    assert format_credits(micro) == text
+
+
+# --- the spawner object --------------------------------------------------------------
+
+
+class FakeUser:
+    name = "a-b"
+    url = "/user/a-b/"
+
+
+def make_spawner(**config: Any) -> RaySpawner:
+    spawner = RaySpawner(user=FakeUser(), **config)  # type: ignore[arg-type]
+    return spawner
+
+
+def test_state_round_trip_and_clear() -> None:
+    spawner = make_spawner()
+    spawner.job_id, spawner.jobs_url, spawner.reservation_id = "j", "http://r", "res"
+    spawner.url, spawner.node_id, spawner.ray_node_id, spawner.gpus = "http://h:1", "n", "rn", "0"
+    spawner.cluster_id = "c"
+    state = spawner.get_state()
+    assert {
+        k: state[k]
+        for k in (
+            "job_id",
+            "jobs_url",
+            "reservation_id",
+            "url",
+            "node_id",
+            "ray_node_id",
+            "gpus",
+            "cluster_id",
+        )
+    } == {
+        "job_id": "j",
+        "jobs_url": "http://r",
+        "reservation_id": "res",
+        "url": "http://h:1",
+        "node_id": "n",
+        "ray_node_id": "rn",
+        "gpus": "0",
+        "cluster_id": "c",
+    }
+    fresh = make_spawner()
+    fresh.load_state(state)
+    assert fresh.get_state() == state
+    fresh.clear_state()
+    assert not any(getattr(fresh, k) for k in ("job_id", "reservation_id", "url"))
+    assert asyncio.run(fresh.poll()) == 0
+
+
+def test_oauth_client_id_is_collision_free() -> None:
+    assert make_spawner().oauth_client_id == naming.oauth_client_id("a-b", "")
+
+
+def test_options_are_applied_and_undone_between_spawns() -> None:
+    spawner = make_spawner(profile_list=default_profile_list())
+    spawner.user_options = {"profile": "gpu", "gpu_count": 4, "max_price": "2.5"}
+    spawner._apply_options()
+    assert (spawner.gpu_count, spawner.max_price_micro) == (4, 2_500_000)
+    spawner.user_options = {"profile": "cpu"}
+    spawner._apply_options()
+    assert (spawner.gpu_count, spawner.max_price) == (0, "")
+    spawner.user_options = {"profile": "gpu", "gpu_count": 3}
+    with pytest.raises(SpawnException) as caught:
+        spawner._apply_options()
+    assert caught.value.status_code == 400
+    assert "'3' is not a valid GPUs" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ({"job_id": "other", "port": 8888}, "The report names another job."),
+        ({"job_id": "j1", "port": 0}, "port must be an integer between 1 and 65535."),
+        ({"job_id": "j1", "port": True}, "port must be an integer between 1 and 65535."),
+        ({"job_id": "j1", "port": "8888"}, "port must be an integer between 1 and 65535."),
+        (
+            {"job_id": "j1", "port": 8888, "gpus": "0;rm -rf"},
+            "gpus must be a CUDA_VISIBLE_DEVICES value.",
+        ),
+    ],
+)
+def test_reports_are_checked(body: dict[str, Any], message: str) -> None:
+    async def run() -> None:
+        spawner = make_spawner()
+        spawner.job_id = "j1"
+        spawner._report = asyncio.get_running_loop().create_future()
+        with pytest.raises(ValueError, match="^" + message.replace("(", r"\(")):
+            spawner.accept_report(body)
+        spawner.accept_report({"job_id": "j1", "port": 8888, "gpus": "0,1"})
+        assert spawner._report.result() == (8888, "0,1")
+        with pytest.raises(ValueError, match="not waiting"):
+            spawner.accept_report({"job_id": "j1", "port": 8888})
+
+    asyncio.run(run())
+
+
+def test_no_report_accepted_when_not_starting() -> None:
+    with pytest.raises(ValueError, match="not waiting"):
+        make_spawner().accept_report({"job_id": "", "port": 1})
+
+
+@pytest.mark.parametrize("price", ["0", "-1", "abc", "1.0000001", "10000000"])
+def test_bad_max_price_is_refused(price: str) -> None:
+    with pytest.raises(Exception, match="price"):
+        make_spawner(max_price=price)
+
+
+# --- the portal client against the marketplace contract --------------------------------
+
+
+def test_portal_client_reserve_refuse_release() -> None:
+    portal = ContractPortal(token="t0k3n")
+    portal.nodes.append(Node("n9", 1, "L4", "eu", 700_000, "http://ray"))
+    port = free_port()
+
+    async def run() -> None:
+        client = PortalClient(f"http://127.0.0.1:{port}/services/portal", "t0k3n", timeout=5)
+        offers = await client.offers()
+        assert offers[0]["free_gpus"] == 1
+        held = await client.reserve(user="u", server_name="", gpu_count=1, gpu_model="L4")
+        assert (held.node_resource, held.gpu_indices, held.status) == (
+            "gpuportal/node:n9",
+            [0],
+            "held",
+        )
+        with pytest.raises(PortalError) as caught:
+            await client.reserve(user="v", server_name="", gpu_count=1)
+        assert (caught.value.status, caught.value.code) == (409, "no_capacity")
+        assert "No 1x GPU free" in caught.value.message
+        assert (await client.activate(held.id)).status == "active"
+        assert await client.release(held.id) is True
+        assert await client.release("missing") is False
+        bad = PortalClient(f"http://127.0.0.1:{port}/services/portal", "wrong", timeout=5)
+        with pytest.raises(PortalError) as caught:
+            await bad.offers()
+        assert caught.value.status == 401
+        await client.close()
+        await bad.close()
+
+    with Served(create_app(portal), port):
+        asyncio.run(run())
+
+
+def test_query_options_are_flat_text() -> None:
+    spawner = make_spawner()
+    assert spawner.options_from_query(
+        {"profile": ["gpu"], "gpu_count": [b"2"], "junk": [], "n": 3}
+    ) == {"profile": "gpu", "gpu_count": "2"}
+    assert profiles.options_from_form({"profile": "cpu"}) == {"profile": "cpu"}  # type: ignore[dict-item]
