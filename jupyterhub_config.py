@@ -135,48 +135,18 @@ c.JupyterHub.load_roles = [
 
 # --- The portal service (FastAPI) --------------------------------------------
 # Only the control plane sees these settings; nothing here reaches a user server.
+# Every portal setting as resolved here (data dir made absolute, DB URL
+# validated), except the admin's password, which the portal never needs.
 _portal_env = {
-    "GPUPORTAL_DATA_DIR": str(data),
-    "GPUPORTAL_DB_URL": gp.database_url.render_as_string(hide_password=False),
-    "GPUPORTAL_REDIS_URL": gp.redis_url,
-    "GPUPORTAL_RAY_DASHBOARD_URL": gp.ray_jobs_url,
-    "GPUPORTAL_AUTH_CACHE_SECONDS": str(gp.auth_cache_seconds),
-    "GPUPORTAL_HUB_SYNC_SECONDS": str(gp.hub_sync_seconds),
-    "GPUPORTAL_LOG_LEVEL": gp.log_level,
-    # Marketplace: who may reserve for others, holds, price bounds, fee, reliability.
-    "GPUPORTAL_TRUSTED_SERVICES": gp.trusted_services,
-    "GPUPORTAL_RESERVATION_HOLD_SECONDS": str(gp.reservation_hold_seconds),
-    "GPUPORTAL_REGION": gp.region,
-    "GPUPORTAL_HOUSE_PRICE": str(gp.house_price),
-    "GPUPORTAL_MIN_PRICE": str(gp.min_price),
-    "GPUPORTAL_MAX_PRICE": str(gp.max_price),
-    "GPUPORTAL_PLATFORM_FEE_BPS": str(gp.platform_fee_bps),
-    "GPUPORTAL_RELIABILITY_START": str(gp.reliability_start),
-    "GPUPORTAL_RELIABILITY_DELIST": str(gp.reliability_delist),
-    "GPUPORTAL_ADMIN_USER": gp.admin_user,
-    "GPUPORTAL_HEARTBEAT_SECONDS": str(gp.heartbeat_seconds),
-    "GPUPORTAL_HEARTBEAT_MISSED": str(gp.heartbeat_missed),
-    "GPUPORTAL_VERIFICATION_INTERVAL_SECONDS": str(gp.verification_interval_seconds),
-    "GPUPORTAL_CHALLENGE_DEADLINE_SECONDS": str(gp.challenge_deadline_seconds),
-    "GPUPORTAL_NODE_CLOCK_SKEW_SECONDS": str(gp.node_clock_skew_seconds),
-    "RAY_USAGE_STATS_ENABLED": "0",
-    # Billing (docs/billing.md): metering, runway, trusted services, deposits.
-    **{
-        f"GPUPORTAL_{name.upper()}": str(getattr(gp, name))
-        for name in (
-            "admin_user",
-            "currency_name",
-            "meter_interval_seconds",
-            "min_billable_seconds",
-            "runway_warning_seconds",
-            "grace_seconds",
-            "trusted_services",
-            "solana_rpc_url",
-            "solana_deposit_address",
-            "solana_micro_credits_per_sol",
-        )
-    },
+    f"GPUPORTAL_{name.upper()}": str(getattr(gp, name))
+    for name, field in type(gp).model_fields.items()
+    if field.validation_alias is None and name != "admin_password"
 }
+_portal_env.update(
+    GPUPORTAL_DB_URL=gp.database_url.render_as_string(hide_password=False),
+    GPUPORTAL_RAY_DASHBOARD_URL=gp.ray_jobs_url,
+    RAY_USAGE_STATS_ENABLED="0",
+)
 
 
 # The RaySpawner reserves GPUs for users as the hub service "ray-spawner", which

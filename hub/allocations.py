@@ -43,7 +43,7 @@ class OpenRequest:
     price_per_gpu_hour: int
     platform_fee_bps: int
     started_at: datetime
-    reservation_id: int | None = None
+    reservation_id: str | None = None
     provider: str | None = None
     team: str | None = None
 

@@ -168,8 +168,11 @@ async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
 
 
 def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:
+    from .credits import welcome
+
     with transaction(portal.sessions) as session:
         account = accounts.upsert_account(session, model)
+        welcome(session, portal.settings.signup_credits, account.id)
         return PortalUser(
             name=account.hub_name,
             role=account.role,

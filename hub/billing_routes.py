@@ -81,7 +81,7 @@ class AllocationCreate(BaseModel):
     )
     platform_fee_bps: StrictInt = Field(ge=0, le=10_000, description="Locked fee, basis points.")
     started_at: AwareDatetime | None = Field(None, description="When the server became ready.")
-    reservation_id: StrictInt | None = None
+    reservation_id: str | None = Field(None, max_length=32)
     provider: str | None = Field(None, description="Provider's hub name; default: the house.")
     team: str | None = Field(None, description="Team (hub group) that pays, if not the user.")
 
@@ -99,7 +99,7 @@ class AllocationPublic(BaseModel):
     gpu_count: int
     price_per_gpu_hour: int
     platform_fee_bps: int
-    reservation_id: int | None
+    reservation_id: str | None
     status: str
     started_at: datetime
     last_charged_at: datetime

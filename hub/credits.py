@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from . import ledger
@@ -48,5 +49,29 @@ def grant(
         [ledger.Leg(target.id, amount), ledger.Leg(origin.id, -amount)],
         memo=memo or f"{source} by {by}",
         created_by=by,
+        extra={"target": target.key},
+    )
+
+
+def welcome(session: Session, amount: int, account_id: int) -> None:
+    """Grant the sign-up credit (``GPUPORTAL_SIGNUP_CREDITS``) once per account.
+
+    Idempotent by its key, so every place that meets a new account may call it:
+    the first call credits, later calls find the same transaction.
+    """
+    if amount <= 0:
+        return
+    key = f"signup:{account_id}"
+    if session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == key)):
+        return  # already welcomed (perhaps with another amount, before a change)
+    target = ledger.wallet(session, account_id)
+    origin = ledger.external(session, "promo")
+    ledger.post(
+        session,
+        key,
+        "promo",
+        [ledger.Leg(target.id, amount), ledger.Leg(origin.id, -amount)],
+        memo="sign-up credit",
+        created_by="gpuportal",
         extra={"target": target.key},
     )

@@ -126,9 +126,10 @@ class Posting(Base):
 class Allocation(Base):
     """One running server's billing period, from ready to stop, at a locked price.
 
-    ``reservation_id`` will point at the marketplace's reservation once that
-    lands; the price and fee are copied here when the allocation opens so
-    a later price change never reaches a running server.
+    ``reservation_id`` names the marketplace reservation it bills (activating
+    a reservation opens its allocation, releasing it closes it); the price and
+    fee are copied here when the allocation opens so a later price change never
+    reaches a running server.
     """
 
     __tablename__ = "allocations"
@@ -149,7 +150,7 @@ class Allocation(Base):
     provider_account_id: Mapped[int | None] = mapped_column(
         ForeignKey("accounts.id", ondelete="RESTRICT")
     )
-    reservation_id: Mapped[int | None] = mapped_column(Integer)
+    reservation_id: Mapped[str | None] = mapped_column(String(32), index=True)
     user_name: Mapped[str] = mapped_column(String(255))
     server_name: Mapped[str] = mapped_column(String(255), default="")
     gpu_count: Mapped[int] = mapped_column(Integer)

@@ -22,9 +22,10 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from . import db, marketplace
+from . import db, marketplace, reservation_billing, timeutil
 from .auth import CurrentCaller, PortalDep, PortalUser
 from .hubapi import HubUnavailable
+from .ledger import LedgerError
 from .marketplace import MarketError, Rules
 from .placement import Request as PlacementRequest
 from .settings import Settings
@@ -47,6 +48,12 @@ class ApiError(HTTPException):
 
 def market_error(exc: MarketError) -> ApiError:
     return ApiError(exc.status, exc.message, exc.code)
+
+
+def billing_error(exc: LedgerError) -> ApiError:
+    text = str(exc)
+    codes = {402: "payment_required", 403: "quota_exceeded"}
+    return ApiError(exc.status, text[:1].upper() + text[1:], codes.get(exc.status))
 
 
 async def small_body(request: Request) -> None:
@@ -231,6 +238,13 @@ async def create_reservation(
         )
         raise market_error(exc) from None
     if created:
+        # The user must afford the minimum billable period at the locked price
+        # (and stay within quotas); otherwise the GPUs go straight back.
+        try:
+            await run_in_threadpool(_authorize_or_release, portal, str(answer["id"]))
+        except LedgerError as exc:
+            log.info("reservation refused for user %s: %s", body.user, exc)
+            raise billing_error(exc) from None
         return JSONResponse(ReservationPublic(**answer).model_dump(mode="json"), status_code=201)
     return JSONResponse(ReservationPublic(**answer).model_dump(mode="json"), status_code=200)
 
@@ -258,6 +272,17 @@ async def list_reservations(
     return await run_in_threadpool(load)
 
 
+def _authorize_or_release(portal: Any, reservation_id: str) -> None:
+    try:
+        with db.transaction(portal.sessions) as session:
+            res = marketplace.get(session, reservation_id)
+            reservation_billing.authorize(session, portal.settings, res, timeutil.utcnow())
+    except LedgerError:
+        with db.transaction(portal.sessions) as session:
+            marketplace.release(session, reservation_id)
+        raise
+
+
 def _check_owner(caller: PortalUser, owner: str, *, admin_ok: bool) -> None:
     if caller.is_service or caller.name == owner or (admin_ok and caller.admin):
         return
@@ -269,16 +294,26 @@ async def _act(portal: Any, caller: PortalUser, reservation_id: str, action: str
         with db.transaction(portal.sessions) as session:
             res = marketplace.get(session, reservation_id)
             _check_owner(caller, res.user_name, admin_ok=action != "activate")
+            # The bill follows the reservation in the same transaction: the
+            # server is ready when it is activated, gone when it is released.
             if action == "activate":
-                return marketplace.activate(session, reservation_id)
+                answer = marketplace.activate(session, reservation_id)
+                reservation_billing.open_for(session, portal.settings, res, timeutil.utcnow())
+                return answer
             if action == "release":
-                return marketplace.release(session, reservation_id)
+                answer = marketplace.release(session, reservation_id)
+                reservation_billing.close_for(
+                    session, portal.settings, reservation_id, timeutil.utcnow()
+                )
+                return answer
             return marketplace.public(res)
 
     try:
         return await run_in_threadpool(run)
     except MarketError as exc:
         raise market_error(exc) from None
+    except LedgerError as exc:
+        raise billing_error(exc) from None
 
 
 @router.get("/api/v1/reservations/{reservation_id}", response_model=ReservationPublic)

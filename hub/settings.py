@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     grace_seconds: int = Field(
         120, description="Seconds between running out of credit and the server being stopped."
     )
+    signup_credits: int = Field(
+        10_000_000,
+        description="Credit every new account gets once, in micro-credits (10_000_000 = 10 "
+        "credits); 0 turns it off.",
+    )
     solana_rpc_url: str = Field(
         "", description="Solana RPC endpoint for deposits. Empty: the in-process LiteSVM chain."
     )

@@ -137,7 +137,7 @@ def test_spawner_opens_and_closes(client: TestClient, portal: Portal, clock: Clo
         "gpu_count": 1,
         "price_per_gpu_hour": 3_600_000,
         "platform_fee_bps": 1000,
-        "reservation_id": 7,
+        "reservation_id": "r7",
     }
     for token in ("tok-ann", "tok-other-svc"):
         assert client.post(f"{API}/allocations", json=terms, headers=auth(token)).status_code == 403
