@@ -58,7 +58,7 @@ def open_for(session: Session, settings: Settings, res: Reservation, now: dateti
             gpu_count=res.gpu_count,
             price_per_gpu_hour=res.price_per_gpu_hour,
             platform_fee_bps=res.platform_fee_bps,
-            started_at=res.activated_at or now,
+            started_at=now,
             reservation_id=res.id,
             provider=provider_name(session, res),
         ),

@@ -9,7 +9,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import Stack, hub_login, hub_token
+
+from tests.portal_stack import Stack, hub_login, hub_token
 
 from .kernel import run_code
 
