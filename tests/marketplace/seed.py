@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -70,18 +68,9 @@ def market_fixture(db: Engine) -> Market:
 
 
 def root_conftest() -> ModuleType:
-    """tests/conftest.py as a module, for its stack and login helpers.
+    """The shared stack helpers (``tests/portal_stack.py``): start/stop the stack, log in.
 
-    Loaded by path: several conftest.py files share the module name
-    ``conftest``, so ``from conftest import ...`` depends on collection order.
+    Imported as ``tests.portal_stack``, the same module the root conftest uses,
+    so this folder's tests (which import ``seed`` by its bare name) share it.
     """
-    name = "gpuportal_tests_root_conftest"
-    if name in sys.modules:
-        return sys.modules[name]
-    path = Path(__file__).resolve().parent.parent / "conftest.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("tests.portal_stack")
