@@ -37,16 +37,18 @@ class Market:
         region: str = "eu-west",
         verified: bool = True,
         reliability: float = 0.9,
+        jobs_url: str = "http://127.0.0.1:1",
+        cluster: str = "main",
     ) -> None:
         with portal_db.transaction(self.sessions) as session:
             account = accounts.upsert_account(session, {"name": provider, "groups": ["providers"]})
             p = upsert_provider(
                 session, account.id, display_name=provider, region=region, price=price
             )
-            cluster = upsert_cluster(session, p, name="main", jobs_url="http://127.0.0.1:1")
+            cluster_ = upsert_cluster(session, p, name=cluster, jobs_url=jobs_url)
             register_node(
                 session,
-                cluster,
+                cluster_,
                 node_id,
                 demo_claims(node_id, gpus),
                 demo=True,
