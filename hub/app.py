@@ -236,6 +236,8 @@ class Portal:
         return await run_in_threadpool(apply)
 
     async def close(self) -> None:
+        if self._tasks:  # offers invalidations still in flight: let them finish (bounded)
+            await asyncio.wait(set(self._tasks), timeout=5)
         await self.hub.close()
         await self.cache.close()
         self.engine.dispose()
