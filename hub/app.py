@@ -16,22 +16,30 @@ from contextlib import asynccontextmanager, suppress
 from functools import cached_property
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from jupyterhub.services.auth import HubOAuth
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, accounts, db
+from . import __version__, accounts, db, raystatus
 from .auth import STATE_COOKIE, AuthRequired, oauth_redirect_url
 from .cache import Cache, make_cache
+from .capacity import CapacityIndex
 from .hubapi import HubAPI, HubUnavailable
+from .marketplace import OFFERS_CACHE_KEY, SUMMARY_CACHE_KEY, rules_of
 from .reqlog import RequestIdMiddleware, request_id
 from .settings import Settings
 from .timeutil import utcnow
 
 log = logging.getLogger(__name__)
+
+#: Seconds one Ray dashboard may take to list its nodes, and how many are asked at once.
+RAY_CHECK_TIMEOUT = 5.0
+RAY_CHECK_CONCURRENCY = 16
 
 ERROR_CODES = {
     400: "bad_request",
@@ -64,6 +72,41 @@ class Portal:
         self.hub = hub or HubAPI(settings.hub_api_url, settings.api_token.get_secret_value())
         #: The Solana chain deposits are verified on (hub.deposits); made on first use.
         self.chain = chain
+        #: This process's placement index, following every commit made through
+        #: ``sessions``; loaded by ``start`` (see hub.capacity).
+        self.capacity = CapacityIndex(rules_of(settings))
+        self.capacity.attach(self.sessions)
+        self.capacity.on_change(self._capacity_changed)
+        #: Unanswered Ray dashboard checks in a row, per cluster pk.
+        self.ray_misses: dict[int, int] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def start(self) -> None:
+        """Once the schema is migrated: load the placement index."""
+        self._loop = asyncio.get_running_loop()
+        await run_in_threadpool(self.capacity.load)
+
+    def _capacity_changed(self) -> None:
+        """From the committing thread: drop the cached offers, for every portal process
+        sharing the cache (this one already ignores entries older than the change)."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        with suppress(RuntimeError):  # the loop is shutting down
+            loop.call_soon_threadsafe(self._drop_offers)
+
+    def _drop_offers(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._delete_offers())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _delete_offers(self) -> None:
+        try:
+            for key in (OFFERS_CACHE_KEY, SUMMARY_CACHE_KEY):
+                await self.cache.delete(key)
+        except (RedisError, OSError) as exc:
+            log.warning("could not drop the cached offers: %s", exc)
 
     @cached_property
     def oauth(self) -> HubOAuth:
@@ -99,15 +142,23 @@ class Portal:
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
 
     async def marketplace_loop(self) -> None:
-        """Marketplace housekeeping every heartbeat interval (at most 30 s); never dies:
-        expire held reservations (their GPUs go back), mark nodes that missed
-        heartbeats offline, refresh reliability scores."""
+        """Marketplace housekeeping every heartbeat interval (at most 30 s), with jitter;
+        never dies."""
+        interval = float(min(30, self.settings.heartbeat_seconds))
+        while True:
+            await self.marketplace_housekeeping()
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
+
+    async def marketplace_housekeeping(self) -> None:
+        """One round: expire held reservations (their GPUs go back), mark nodes that
+        missed heartbeats offline, refresh reliability scores, cross-check Ray's
+        own node state, and rebuild the placement index from SQL when due. Each
+        step is guarded, so one failing never skips the others."""
         from .marketplace import expire_held
         from .nodes import mark_offline, refresh_reliability
         from .provider_routes import node_rules
 
         rules = node_rules(self.settings)
-        interval = float(min(30, self.settings.heartbeat_seconds))
 
         def housekeeping() -> None:
             with db.transaction(self.sessions) as session:
@@ -116,17 +167,89 @@ class Portal:
                 mark_offline(session, rules, now)
                 refresh_reliability(session, rules, now)
 
-        while True:
+        try:
+            await run_in_threadpool(housekeeping)
+        except Exception:
+            log.exception("marketplace housekeeping failed")
+        try:
+            await self.check_ray()
+        except Exception:
+            log.exception("Ray cross-check failed")
+        if self.capacity.rebuild_due():
             try:
-                await run_in_threadpool(housekeeping)
+                await run_in_threadpool(self.capacity.load)
             except Exception:
-                log.exception("marketplace housekeeping failed")
-            await asyncio.sleep(interval * random.uniform(0.8, 1.2))  # noqa: S311
+                log.exception("placement index rebuild failed")
+
+    async def check_ray(self) -> list[str]:
+        """Ask each cluster's dashboard which marketplace nodes its Ray runs, and take
+        offline those it does not (``nodes.apply_ray_view``). Every call is bounded
+        by ``RAY_CHECK_TIMEOUT``; a dashboard that does not answer is logged and
+        counts as a missed check. Returns the node ids whose status changed."""
+        from . import nodes
+        from .provider_routes import node_rules
+
+        rules = node_rules(self.settings)
+
+        def targets() -> dict[int, tuple[str, list[str]]]:
+            with db.transaction(self.sessions) as session:
+                return nodes.clusters_to_check(session)
+
+        clusters = await run_in_threadpool(targets)
+        if not clusters:
+            return []
+        gate = asyncio.Semaphore(RAY_CHECK_CONCURRENCY)
+
+        async def ask(client: httpx.AsyncClient, url: str) -> dict[str, str] | None:
+            async with gate:
+                try:
+                    return await raystatus.node_states(client, url, RAY_CHECK_TIMEOUT)
+                except raystatus.RayUnreachable as exc:
+                    log.debug("Ray dashboard %s: %s", _host(url), exc)
+                    return None
+
+        async with httpx.AsyncClient() as client:
+            answers = await asyncio.gather(*(ask(client, url) for url, _ in clusters.values()))
+        views: dict[int, tuple[dict[str, str] | None, int]] = {}
+        for pk, states in zip(clusters, answers, strict=True):
+            if states is None:
+                misses = self.ray_misses[pk] = self.ray_misses.get(pk, 0) + 1
+                log.warning(
+                    "Ray dashboard of cluster %d at %s did not answer (%d missed checks in a row)",
+                    pk,
+                    _host(clusters[pk][0]),
+                    misses,
+                )
+            else:
+                self.ray_misses.pop(pk, None)
+                misses = 0
+            views[pk] = (states, misses)
+
+        def apply() -> list[str]:
+            changed: list[str] = []
+            with db.transaction(self.sessions) as session:
+                now = utcnow()
+                for pk, (states, misses) in views.items():
+                    changed += nodes.apply_ray_view(session, pk, states, misses, rules, now)
+            return changed
+
+        return await run_in_threadpool(apply)
 
     async def close(self) -> None:
+        if self._tasks:  # offers invalidations still in flight: let them finish (bounded)
+            await asyncio.wait(set(self._tasks), timeout=5)
         await self.hub.close()
         await self.cache.close()
         self.engine.dispose()
+
+
+def _host(url: str) -> str:
+    """Host and port of a URL, for logs (never its credentials or path)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return "?"
+    return f"{parsed.host}:{parsed.port}" if parsed.port else parsed.host
 
 
 def error_body(status: int, message: str, code: str | None = None) -> dict[str, Any]:
@@ -155,6 +278,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         the_portal = portal or Portal(settings)
         await run_in_threadpool(db.upgrade, the_portal.engine)
+        await the_portal.start()
         app.state.portal = the_portal
         tasks = (
             [

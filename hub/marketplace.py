@@ -19,34 +19,42 @@ import logging
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import accounts
+from . import accounts, capacity
+from .capacity import CapacityIndex, Rules, load_candidates
 from .db import transaction
 from .marketplace_models import (
     LIVE_STATUSES,
-    Cluster,
     Gpu,
     GpuAllocation,
     Node,
-    Provider,
     Reservation,
 )
 from .models import Account
+from .nodes import score, uptime
 from .placement import Candidate, Request, choose, credits, explain_no_fit, normalize_model
 from .placement import pick_indices as _pick
 from .timeutil import utcnow
+
+if TYPE_CHECKING:
+    from .settings import Settings
+
 
 log = logging.getLogger(__name__)
 
 #: How often a reservation is retried after losing a race for the same GPUs.
 RESERVE_ATTEMPTS = 8
+#: Cache keys and lifetime (seconds) of ``GET /offers`` and ``/offers/summary``; a
+#: capacity change invalidates them sooner (see ``marketplace_routes._cached``).
+OFFERS_CACHE_KEY = "marketplace:offers"
+SUMMARY_CACHE_KEY = "marketplace:offers-summary"
+OFFERS_CACHE_SECONDS = 5.0
 
 #: VRAM of GPU models whose name does not say it, for demo GPUs (MiB).
 KNOWN_VRAM_MIB = {
@@ -114,6 +122,15 @@ def expire_held(session: Session, now: datetime) -> int:
     """
     stale = select(Reservation.id).where(Reservation.status == "held", Reservation.expires_at < now)
     session.execute(delete(GpuAllocation).where(GpuAllocation.reservation_id.in_(stale)))
+    # Read which nodes get GPUs back only after the write above took the lock.
+    capacity.touch(
+        session,
+        session.scalars(
+            select(Reservation.node_id)
+            .where(Reservation.status == "held", Reservation.expires_at < now)
+            .distinct()
+        ),
+    )
     result = session.execute(
         update(Reservation)
         .where(Reservation.status == "held", Reservation.expires_at < now)
@@ -126,107 +143,13 @@ def expire_held(session: Session, now: datetime) -> int:
     return count
 
 
-@dataclass(frozen=True)
-class Rules:
-    """Marketplace settings that decide schedulability and pricing."""
-
-    delist_below: float = 0.5
-    hold_seconds: int = 600
-    platform_fee_bps: int = 1000
-
-
-def load_candidates(
-    session: Session, rules: Rules, gpu_model: str | None = None, *, schedulable_only: bool = True
-) -> list[Candidate]:
-    """Every (node, GPU model) pair with its free GPU indices, read in one query."""
-    query = (
-        select(
-            Node.id,
-            Node.node_id,
-            Node.status,
-            Node.verification,
-            Node.blocked,
-            Node.demo,
-            Node.reliability,
-            Provider.status,
-            Provider.price_per_gpu_hour,
-            Provider.region,
-            Provider.display_name,
-            Cluster.id,
-            Cluster.jobs_url,
-            Gpu.index,
-            Gpu.model,
-            Gpu.vram_mib,
-            GpuAllocation.gpu_id,
-        )
-        .join(Cluster, Node.cluster_id == Cluster.id)
-        .join(Provider, Cluster.provider_id == Provider.id)
-        .join(Gpu, Gpu.node_id == Node.id)
-        .outerjoin(GpuAllocation, GpuAllocation.gpu_id == Gpu.id)
+def rules_of(settings: Settings) -> Rules:
+    """The marketplace rules a portal's settings define."""
+    return Rules(
+        delist_below=settings.reliability_delist,
+        hold_seconds=settings.reservation_hold_seconds,
+        platform_fee_bps=settings.platform_fee_bps,
     )
-    if schedulable_only:
-        query = query.where(
-            Provider.status == "listed",
-            Node.status == "online",
-            Node.verification == "verified",
-            Node.blocked.is_(False),
-            Node.reliability >= rules.delist_below,
-        )
-    groups: dict[tuple[int, str], dict[str, Any]] = {}
-    for row in session.execute(query):
-        (
-            pk,
-            node_id,
-            status,
-            verification,
-            blocked,
-            demo,
-            reliability,
-            p_status,
-            price,
-            region,
-            provider,
-            cluster_id,
-            jobs_url,
-            index,
-            model,
-            vram,
-            allocated,
-        ) = row
-        g = groups.setdefault(
-            (pk, model),
-            {
-                "node_pk": pk,
-                "node_id": node_id,
-                "model": model,
-                "vram_mib": vram,
-                "region": region,
-                "price": price,
-                "reliability": reliability,
-                "total_gpus": 0,
-                "free": [],
-                "demo": demo,
-                "provider": provider,
-                "cluster_id": cluster_id,
-                "jobs_url": jobs_url,
-                "schedulable": p_status == "listed"
-                and status == "online"
-                and verification == "verified"
-                and not blocked
-                and reliability >= rules.delist_below,
-            },
-        )
-        g["total_gpus"] += 1
-        g["vram_mib"] = min(g["vram_mib"], vram)
-        if allocated is None:
-            g["free"].append(index)
-    candidates = []
-    for g in groups.values():
-        if gpu_model is not None and normalize_model(g["model"]) != normalize_model(gpu_model):
-            continue
-        free = tuple(sorted(g.pop("free")))
-        candidates.append(Candidate(free_indices=free, **g))
-    return candidates
 
 
 def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
@@ -319,6 +242,8 @@ def public(res: Reservation, node: Node | None = None) -> dict[str, Any]:
         "expires_at": res.expires_at,
         "activated_at": res.activated_at,
         "released_at": res.released_at,
+        "failed_at": res.failed_at,
+        "failure_reason": res.failure_reason,
     }
 
 
@@ -349,6 +274,57 @@ def _validate(session: Session, request: Request, candidates: list[Candidate]) -
         )
 
 
+class _StalePick(Exception):
+    """The index picked a node whose fresh row no longer fits: refresh it, try again."""
+
+    def __init__(self, node_pk: int) -> None:
+        super().__init__(node_pk)
+        self.node_pk = node_pk
+
+
+def _place(
+    session: Session, request: Request, rules: Rules, index: CapacityIndex | None
+) -> Candidate:
+    """The node to reserve on, as fresh as the transaction sees it, or a refusal.
+
+    The index decides in microseconds; its pick is then read again from SQL
+    inside this transaction, and refused (:class:`_StalePick`) unless it still
+    fits with the same price and reliability, so the locked price is always
+    the DB's. When the index finds nothing, a SQL scan confirms it: capacity the
+    index has not seen yet is still placed, and a refusal is always the DB's.
+    """
+    if index is not None and index.ready:
+        pick = index.choose(request)
+        if pick is not None:
+            fresh = next(
+                (
+                    c
+                    for c in load_candidates(
+                        session, rules, schedulable_only=False, node_pks=[pick.node_pk]
+                    )
+                    if c.model == pick.model
+                ),
+                None,
+            )
+            if (
+                fresh is None
+                or not request.matches(fresh)
+                or (fresh.price, fresh.reliability) != (pick.price, pick.reliability)
+            ):
+                raise _StalePick(pick.node_pk)
+            return fresh
+    candidates = load_candidates(session, rules, request.gpu_model)
+    chosen = choose(request, candidates)
+    if chosen is None:
+        _validate(session, request, candidates)
+        everything = candidates if request.gpu_model else load_candidates(session, rules)
+        raise NoCapacity(explain_no_fit(request, everything) + ".")
+    if index is not None and index.ready:
+        log.debug("placement index lacked node %s; the DB scan found it", chosen.node_id)
+        capacity.touch(session, [chosen.node_pk])
+    return chosen
+
+
 def reserve(
     sessions: sessionmaker[Session],
     request: Request,
@@ -357,13 +333,17 @@ def reserve(
     user_name: str,
     server_name: str,
     rules: Rules,
+    index: CapacityIndex | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Hold GPUs for ``user_name``'s server. Returns (reservation, created).
 
     Idempotent per server: a live reservation of the same server is returned
     (``created`` False) when it has the same GPU count, refused otherwise.
+    ``index``: the portal's live placement index (see :mod:`.capacity`); without
+    it every decision scans SQL.
     """
     for attempt in range(RESERVE_ATTEMPTS):
+        stale: int | None = None
         try:
             with transaction(sessions) as session:
                 now = utcnow()
@@ -377,14 +357,8 @@ def reserve(
                             "release it first."
                         )
                     return public(existing), False
-                candidates = load_candidates(session, rules, request.gpu_model)
-                chosen = choose(request, candidates)
-                if chosen is None:
-                    _validate(session, request, candidates)
-                    everything = (
-                        candidates if request.gpu_model else load_candidates(session, rules)
-                    )
-                    raise NoCapacity(explain_no_fit(request, everything) + ".")
+                chosen = _place(session, request, rules, index)
+                stale = chosen.node_pk  # until the allocation rows commit
                 indices = _pick(chosen, request.gpu_count)
                 res = Reservation(
                     id=secrets.token_hex(12),
@@ -422,6 +396,9 @@ def reserve(
                 credits(chosen.price),
             )
             return answer, True
+        except _StalePick as exc:
+            stale = exc.node_pk
+            log.debug("placement index pick on node %d was stale (attempt %d)", stale, attempt + 1)
         except IntegrityError:
             # Another transaction took these GPUs (or this server's slot) first.
             log.debug("reservation race lost (attempt %d); retrying", attempt + 1)
@@ -430,6 +407,8 @@ def reserve(
             if "locked" not in str(exc).lower():
                 raise
             log.debug("database busy (attempt %d); retrying", attempt + 1)
+        if index is not None and stale is not None:
+            index.refresh_nodes([stale])  # retry with fresh data
     raise Conflict("the marketplace is busy; try the reservation again in a moment.")
 
 
@@ -451,6 +430,7 @@ def get(session: Session, reservation_id: str) -> Reservation:
 
 def _free(session: Session, res: Reservation) -> None:
     session.execute(delete(GpuAllocation).where(GpuAllocation.reservation_id == res.id))
+    capacity.touch(session, [res.node_id])
 
 
 def activate(session: Session, reservation_id: str) -> dict[str, Any]:
@@ -486,6 +466,44 @@ def release(session: Session, reservation_id: str) -> dict[str, Any]:
             "released reservation %s for user %s server %r", res.id, res.user_name, res.server_name
         )
     return public(res)
+
+
+def record_failed_start(
+    session: Session, reservation_id: str, reason: str, reliability_start: float
+) -> dict[str, Any]:
+    """The server of this reservation failed to start on its node: count it against
+    the node's reliability and give the GPUs back.
+
+    Idempotent: a reservation's failure counts once, however often it is
+    reported, and releasing a released reservation changes nothing. Reported
+    only by the control plane (the spawner, an admin): a customer saying so
+    must not lower a provider's score.
+    """
+    res = _locked(session, reservation_id)
+    if res.failed_at is not None:
+        return public(res)
+    now = utcnow()
+    res.failed_at, res.failure_reason = now, reason.strip()[:500]
+    node = session.get(Node, res.node_id, with_for_update=True)
+    assert node is not None  # a foreign key
+    node.failed_starts += 1
+    node.reliability = score(node, uptime(session, node, now), reliability_start)
+    if res.status in LIVE_STATUSES:
+        res.status, res.released_at = "released", now
+        _free(session, res)
+    session.flush()
+    log.warning(
+        "failed start of reservation %s on node %s for user %s server %r: %s "
+        "(%d failed starts, reliability %.3f)",
+        res.id,
+        node.node_id,
+        res.user_name,
+        res.server_name,
+        res.failure_reason,
+        node.failed_starts,
+        node.reliability,
+    )
+    return public(res, node)
 
 
 def account_id_for(session: Session, name: str) -> int | None:

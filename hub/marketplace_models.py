@@ -36,6 +36,11 @@ PROVIDER_STATUSES = ("listed", "paused", "delisted")
 NODE_STATUSES = ("pending", "online", "offline", "left")
 VERIFICATION_STATUSES = ("unverified", "verified", "failed", "changed")
 RESERVATION_STATUSES = ("held", "active", "released", "expired")
+#: Why a node is offline: it missed heartbeats; its Ray cluster reports its Ray
+#: node dead or without it; its cluster's dashboard stopped answering.
+OFFLINE_REASONS = ("heartbeats", "ray", "ray-unreachable")
+#: Offline reasons only the Ray cross-check may clear (heartbeats do not).
+RAY_OFFLINE_REASONS = ("ray", "ray-unreachable")
 CHALLENGE_STATUSES = ("pending", "passed", "failed", "expired")
 #: Reservations that still hold their GPUs.
 LIVE_STATUSES = ("held", "active")
@@ -118,6 +123,10 @@ class Node(Base):
     #: Highest heartbeat counter accepted so far: a replay carries one not above it.
     heartbeat_counter: Mapped[int] = mapped_column(BigInteger, default=0)
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Why an offline node is offline (see OFFLINE_REASONS); None while online. A node
+    #: that Ray reports dead or missing stays offline, despite heartbeats, until Ray
+    #: reports it alive again.
+    offline_reason: Mapped[str | None] = mapped_column(String(32), nullable=True)
     driver_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failed_starts: Mapped[int] = mapped_column(Integer, default=0)
     failed_verifications: Mapped[int] = mapped_column(Integer, default=0)
@@ -197,6 +206,10 @@ class Reservation(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: Set once when the spawner (or an admin) reports that the server failed to
+    #: start; it counts against the node's reliability exactly once.
+    failed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    failure_reason: Mapped[str | None] = mapped_column(String(512), nullable=True)
 
     node: Mapped[Node] = relationship()
 

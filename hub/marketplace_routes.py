@@ -13,22 +13,31 @@ with the code ``no_capacity`` and the nearest alternative.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from . import db, marketplace, reservation_billing, timeutil
 from .auth import CurrentCaller, PortalDep, PortalUser
 from .hubapi import HubUnavailable
 from .ledger import LedgerError
-from .marketplace import MarketError, Rules
+from .marketplace import (
+    OFFERS_CACHE_KEY,
+    OFFERS_CACHE_SECONDS,
+    SUMMARY_CACHE_KEY,
+    MarketError,
+    rules_of,
+)
 from .placement import Request as PlacementRequest
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["marketplace"])
@@ -61,14 +70,6 @@ async def small_body(request: Request) -> None:
     length = request.headers.get("content-length", "0")
     if not length.isdigit() or int(length) > MAX_BODY_BYTES:
         raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", "too_large")
-
-
-def rules_of(settings: Settings) -> Rules:
-    return Rules(
-        delist_below=settings.reliability_delist,
-        hold_seconds=settings.reservation_hold_seconds,
-        platform_fee_bps=settings.platform_fee_bps,
-    )
 
 
 class Offer(BaseModel):
@@ -133,31 +134,74 @@ class ReservationPublic(BaseModel):
     expires_at: datetime | None
     activated_at: datetime | None
     released_at: datetime | None
+    failed_at: datetime | None = Field(
+        None, description="When the spawner reported that the server failed to start."
+    )
+    failure_reason: str | None = None
+
+
+class FailedStart(BaseModel):
+    """Why the server of a reservation did not start (for the logs and the provider)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field(min_length=1, max_length=500)
+
+
+async def _cached(portal: Any, key: str, compute: Callable[[], list[dict[str, Any]]]) -> Any:
+    """``compute()`` (in a thread), served from the cache until it expires or capacity changes.
+
+    An entry counts only if it was computed after this process last saw a
+    capacity change (``portal.capacity.changed_at``), so a reservation shows in
+    the very next answer; other processes' changes delete the entry (see
+    ``Portal``) or outlive it by at most the TTL. A cache that fails is
+    skipped, never fatal.
+    """
+    try:
+        raw = await portal.cache.get(key)
+    except (RedisError, OSError) as exc:
+        log.warning("offers cache unavailable: %s", exc)
+        raw = None
+    if raw:
+        entry = json.loads(raw)
+        if entry.get("at", 0.0) > portal.capacity.changed_at:
+            return entry["data"]
+    started = time.time()
+    data = await run_in_threadpool(compute)
+    try:
+        await portal.cache.set(
+            key, json.dumps({"at": started, "data": data}), ttl=OFFERS_CACHE_SECONDS
+        )
+    except (RedisError, OSError) as exc:
+        log.warning("offers cache unavailable: %s", exc)
+    return data
 
 
 @router.get("/api/v1/offers", response_model=list[Offer])
 async def list_offers(caller: CurrentCaller, portal: PortalDep) -> Any:
     """Verified, schedulable GPUs per model, region, provider and price: what the spawn
-    form shows. Prices are integer micro-credits per GPU-hour."""
+    form shows. Prices are integer micro-credits per GPU-hour. Cached for a few
+    seconds, and invalidated by every capacity change."""
     rules = rules_of(portal.settings)
 
     def load() -> list[dict[str, Any]]:
         with db.transaction(portal.sessions) as session:
             return marketplace.offers(session, rules)
 
-    return await run_in_threadpool(load)
+    return await _cached(portal, OFFERS_CACHE_KEY, load)
 
 
 @router.get("/api/v1/offers/summary", response_model=list[OfferSummary])
 async def offers_summary(caller: CurrentCaller, portal: PortalDep) -> Any:
-    """Availability per GPU model and region with price min/median/max."""
+    """Availability per GPU model and region with price min/median/max (cached like
+    the offers)."""
     rules = rules_of(portal.settings)
 
     def load() -> list[dict[str, Any]]:
         with db.transaction(portal.sessions) as session:
             return marketplace.summary(session, rules)
 
-    return await run_in_threadpool(load)
+    return await _cached(portal, SUMMARY_CACHE_KEY, load)
 
 
 async def _account_for(portal: Any, caller: PortalUser, user: str) -> int:
@@ -228,6 +272,7 @@ async def create_reservation(
             user_name=body.user,
             server_name=body.server_name,
             rules=rules,
+            index=portal.capacity,
         )
     except MarketError as exc:
         log.info(
@@ -335,3 +380,31 @@ async def activate_reservation(
 async def release_reservation(reservation_id: str, caller: CurrentCaller, portal: PortalDep) -> Any:
     """Give the GPUs back. Idempotent: releasing a released reservation is fine."""
     return await _act(portal, caller, reservation_id, "release")
+
+
+@router.post(
+    "/api/v1/reservations/{reservation_id}/failed",
+    response_model=ReservationPublic,
+    dependencies=[Depends(small_body)],
+)
+async def failed_start(
+    reservation_id: str, body: FailedStart, caller: CurrentCaller, portal: PortalDep
+) -> Any:
+    """The server of this reservation failed to start on its node (trusted services and
+    admins only): the failure lowers the node's reliability score and the GPUs
+    are released. Idempotent: reporting the same reservation again changes
+    nothing and answers the same."""
+    if not (caller.is_service or caller.admin):
+        raise ApiError(
+            403, "Only the spawner (a trusted hub service) or an admin may report a failed start."
+        )
+    start = portal.settings.reliability_start
+
+    def run() -> dict[str, Any]:
+        with db.transaction(portal.sessions) as session:
+            return marketplace.record_failed_start(session, reservation_id, body.reason, start)
+
+    try:
+        return await run_in_threadpool(run)
+    except MarketError as exc:
+        raise market_error(exc) from None

@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session
 from gpuportal.provider import signing, workload
 from gpuportal.provider.nvml import marketplace_model
 
-from .marketplace_models import HeartbeatRollup, Node, NodeChallenge
+from .marketplace_models import RAY_OFFLINE_REASONS, Cluster, HeartbeatRollup, Node, NodeChallenge
 from .placement import normalize_model
 from .timeutil import utcnow
 
@@ -270,10 +270,12 @@ def record_heartbeat(
 ) -> dict[str, Any]:
     """Liveness, the per-minute rollup, and a GPU-change check. Returns the cache value."""
     node.last_heartbeat_at = now
-    if node.status in ("pending", "offline"):
+    if node.status == "offline" and node.offline_reason in RAY_OFFLINE_REASONS:
+        pass  # only the Ray cross-check brings it back (see check_ray)
+    elif node.status in ("pending", "offline"):
         if node.status == "offline":
             log.info("node %s is back online", node.node_id)
-        node.status = "online"
+        node.status, node.offline_reason = "online", None
     uuids = sorted(str(g.get("uuid", "")) for g in gpus)
     if node.verification == "verified" and uuids != sorted(g.uuid for g in node.gpus):
         node.verification = "changed"
@@ -337,7 +339,7 @@ def mark_offline(session: Session, rules: NodeRules, now: datetime) -> list[str]
         )
     ).all()
     for node in stale:
-        node.status = "offline"
+        node.status, node.offline_reason = "offline", "heartbeats"
         log.warning("node %s missed %d heartbeats: offline", node.node_id, rules.heartbeat_missed)
     session.flush()
     return [n.node_id for n in stale]
@@ -377,3 +379,98 @@ def refresh_reliability(session: Session, rules: NodeRules, now: datetime) -> No
         if value != node.reliability:
             node.reliability = value
     session.flush()
+
+
+# --- Ray's own view -------------------------------------------------------------------
+
+#: A node's state in its Ray cluster: one of its Ray nodes declaring
+#: ``gpuportal/node:<id>`` is ALIVE; all such Ray nodes are DEAD; none declares it.
+RAY_ALIVE, RAY_DEAD, RAY_MISSING = "ALIVE", "DEAD", "MISSING"
+
+
+def clusters_to_check(session: Session) -> dict[int, tuple[str, list[str]]]:
+    """Clusters with nodes Ray should be asked about: ``{cluster pk: (jobs_url, node ids)}``.
+
+    Online nodes (is Ray still running them?) and nodes the cross-check itself
+    took offline (has Ray brought them back?).
+    """
+    rows = session.execute(
+        select(Cluster.id, Cluster.jobs_url, Node.node_id)
+        .join(Node, Node.cluster_id == Cluster.id)
+        .where(
+            (Node.status == "online")
+            | ((Node.status == "offline") & Node.offline_reason.in_(RAY_OFFLINE_REASONS))
+        )
+        .order_by(Cluster.id, Node.node_id)
+    )
+    out: dict[int, tuple[str, list[str]]] = {}
+    for cluster_pk, jobs_url, node_id in rows:
+        out.setdefault(cluster_pk, (jobs_url, []))[1].append(node_id)
+    return out
+
+
+def apply_ray_view(
+    session: Session,
+    cluster_pk: int,
+    states: dict[str, str] | None,
+    misses: int,
+    rules: NodeRules,
+    now: datetime,
+) -> list[str]:
+    """Reconcile one cluster's nodes with what its Ray dashboard says.
+
+    ``states`` maps node ids to :data:`RAY_ALIVE` or :data:`RAY_DEAD` (absent:
+    missing), or is None when the dashboard did not answer; ``misses`` counts
+    such unanswered checks in a row. A node Ray does not run is taken offline
+    even if its agent still sends heartbeats (a spawn there would fail); after
+    ``heartbeat_missed`` unanswered checks the cluster's nodes go offline too,
+    as the spawner could not reach its Jobs API either. A node Ray reports alive
+    again is online once its heartbeats are fresh. Returns the node ids whose
+    status changed.
+    """
+    cutoff = now - timedelta(seconds=rules.heartbeat_seconds * rules.heartbeat_missed)
+    changed = []
+    for node in session.scalars(
+        select(Node).where(Node.cluster_id == cluster_pk, Node.status.in_(("online", "offline")))
+    ):
+        ray_held = node.status == "offline" and node.offline_reason in RAY_OFFLINE_REASONS
+        if node.status != "online" and not ray_held:
+            continue
+        if states is None:
+            if node.status == "online" and misses >= rules.heartbeat_missed:
+                node.status, node.offline_reason = "offline", "ray-unreachable"
+                changed.append(node.node_id)
+                log.warning(
+                    "node %s: its Ray dashboard missed %d checks in a row; offline",
+                    node.node_id,
+                    misses,
+                )
+            continue
+        state = states.get(node.node_id, RAY_MISSING)
+        if state == RAY_ALIVE:
+            if ray_held:
+                node.offline_reason = None
+                fresh = node.last_heartbeat_at is not None and node.last_heartbeat_at >= cutoff
+                if fresh:
+                    node.status = "online"
+                else:
+                    node.offline_reason = "heartbeats"
+                changed.append(node.node_id)
+                log.info(
+                    "node %s: Ray reports it alive again; %s",
+                    node.node_id,
+                    "online" if fresh else "offline until it sends heartbeats",
+                )
+        elif node.status == "online" or node.offline_reason == "ray-unreachable":
+            beating = node.last_heartbeat_at is not None and node.last_heartbeat_at >= cutoff
+            node.status, node.offline_reason = "offline", "ray"
+            changed.append(node.node_id)
+            log.warning(
+                "node %s: Ray reports its resource %s %s%s; offline",
+                node.node_id,
+                node.resource,
+                "on a DEAD Ray node" if state == RAY_DEAD else "missing from its cluster",
+                " although heartbeats still arrive" if beating else "",
+            )
+    session.flush()
+    return changed

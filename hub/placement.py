@@ -14,11 +14,13 @@ marketplace):
 
 :class:`PlacementIndex` keeps candidates bucketed by GPU model so a decision
 over 100k nodes looks only at the nodes of the requested model; :func:`choose`
-is the plain scan it must always agree with.
+is the plain scan it must always agree with. The live index, kept consistent
+with the DB, is :mod:`gpuportal.hub.capacity`.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -156,16 +158,24 @@ def explain_no_fit(request: Request, candidates: Iterable[Candidate]) -> str:
     return sentence
 
 
+def _order(c: Candidate) -> tuple[int, float, str, str]:
+    """Bucket order: price first (``choose`` stops at the first dearer one), then a
+    unique tail so one candidate can be found again by bisection."""
+    return (c.price, -c.reliability, c.node_id, c.model)
+
+
 @dataclass
 class PlacementIndex:
-    """Candidates bucketed by normalised GPU model, each bucket sorted by price.
+    """Schedulable candidates bucketed by normalised GPU model, each bucket sorted by price.
 
-    The portal keeps one in memory next to the DB (rebuilt from SQL when the
-    marketplace changes); the DB's allocation rows stay the truth, so a stale
-    index can only cause a retry, never a double booking.
+    Not thread-safe by itself: the portal's :class:`~gpuportal.hub.capacity.CapacityIndex`
+    guards it and keeps it consistent with the DB. Replacing one node costs a
+    bisection and a list insert per GPU model it has, so the index follows every
+    reservation without being rebuilt.
     """
 
     buckets: dict[str, list[Candidate]] = field(default_factory=dict)
+    by_node: dict[int, list[Candidate]] = field(default_factory=dict)
 
     @classmethod
     def build(cls, candidates: Iterable[Candidate]) -> PlacementIndex:
@@ -173,9 +183,45 @@ class PlacementIndex:
         for c in candidates:
             if c.schedulable:
                 index.buckets.setdefault(normalize_model(c.model), []).append(c)
+                index.by_node.setdefault(c.node_pk, []).append(c)
         for bucket in index.buckets.values():
-            bucket.sort(key=lambda c: (c.price, -c.reliability, c.node_id))
+            bucket.sort(key=_order)
         return index
+
+    def add(self, c: Candidate) -> None:
+        """Insert one candidate (ignored unless schedulable)."""
+        if not c.schedulable:
+            return
+        insort(self.buckets.setdefault(normalize_model(c.model), []), c, key=_order)
+        self.by_node.setdefault(c.node_pk, []).append(c)
+
+    def remove_node(self, node_pk: int) -> None:
+        """Drop every candidate of one node (no-op when it has none)."""
+        for c in self.by_node.pop(node_pk, []):
+            name = normalize_model(c.model)
+            bucket = self.buckets[name]
+            at = bisect_left(bucket, _order(c), key=_order)
+            while bucket[at] is not c:
+                at += 1
+            del bucket[at]
+            if not bucket:
+                del self.buckets[name]
+
+    def replace(self, node_pks: Iterable[int], candidates: Iterable[Candidate]) -> None:
+        """The nodes ``node_pks`` now have exactly ``candidates`` (schedulable ones kept)."""
+        for pk in set(node_pks):
+            self.remove_node(pk)
+        for c in candidates:
+            self.add(c)
+
+    def candidates(self, gpu_model: str | None = None) -> list[Candidate]:
+        """Every indexed candidate, or those of one GPU model."""
+        if gpu_model is not None:
+            return list(self.buckets.get(normalize_model(gpu_model), []))
+        return [c for bucket in self.buckets.values() for c in bucket]
+
+    def __len__(self) -> int:
+        return len(self.by_node)
 
     def choose(self, request: Request) -> Candidate | None:
         """Same answer as :func:`choose`, looking only at the requested model's bucket.

@@ -226,11 +226,13 @@ def node_summary(node: Node) -> dict[str, Any]:
     return {
         "node_id": node.node_id,
         "status": node.status,
+        "offline_reason": node.offline_reason,
         "verification": node.verification,
         "verified_at": node.verified_at,
         "demo": node.demo,
         "blocked": node.blocked,
         "reliability": round(node.reliability, 3),
+        "failed_starts": node.failed_starts,
         "last_heartbeat_at": node.last_heartbeat_at,
         "gpus": [
             {"index": g.index, "uuid": g.uuid, "model": g.model, "vram_mib": g.vram_mib}

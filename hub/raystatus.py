@@ -7,12 +7,20 @@ the cluster's HTTP endpoint what it has. Demo GPUs carry the custom resource
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 
 DEMO_RESOURCE = "gpuportal/demo"
 ACCELERATOR_PREFIX = "accelerator_type:"
+NODE_RESOURCE_PREFIX = "gpuportal/node:"
+#: Most Ray nodes one state API answer lists (the API's default is 100).
+NODES_LIMIT = 10_000
+
+
+class RayUnreachable(Exception):
+    """The cluster's dashboard did not answer, or answered something unreadable."""
 
 
 def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,3 +63,42 @@ async def cluster_status(jobs_url: str, timeout: float = 5.0) -> dict[str, Any]:
         "ray_version": version.get("ray_version"),
         **summarize_nodes(nodes),
     }
+
+
+def marketplace_node_states(nodes: list[dict[str, Any]]) -> dict[str, str]:
+    """``{marketplace node id: "ALIVE" | "DEAD"}`` from the state API's node list.
+
+    A marketplace node is the Ray node(s) declaring ``gpuportal/node:<id>``.
+    A restarted node leaves its old Ray node behind as DEAD next to the new
+    ALIVE one, so ALIVE wins.
+    """
+    states: dict[str, str] = {}
+    for node in nodes:
+        alive = node.get("state") == "ALIVE"
+        for name in node.get("resources_total") or {}:
+            if name.startswith(NODE_RESOURCE_PREFIX):
+                node_id = name[len(NODE_RESOURCE_PREFIX) :]
+                if alive or states.get(node_id) != "ALIVE":
+                    states[node_id] = "ALIVE" if alive else "DEAD"
+    return states
+
+
+async def node_states(
+    client: httpx.AsyncClient, jobs_url: str, timeout: float = 5.0
+) -> dict[str, str]:
+    """Ask one cluster which marketplace nodes its Ray runs; :class:`RayUnreachable` if it
+    cannot say. Bounded by ``timeout`` seconds in all."""
+    try:
+        reply = await asyncio.wait_for(
+            client.get(
+                f"{jobs_url.rstrip('/')}/api/v0/nodes",
+                params={"detail": "1", "limit": str(NODES_LIMIT)},
+                timeout=timeout,
+            ),
+            timeout=timeout,
+        )
+        reply.raise_for_status()
+        nodes = reply.json()["data"]["result"]["result"]
+        return marketplace_node_states(list(nodes))
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, TimeoutError) as exc:
+        raise RayUnreachable(f"{type(exc).__name__}: {str(exc)[:200]}") from None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -36,16 +37,18 @@ class Market:
         region: str = "eu-west",
         verified: bool = True,
         reliability: float = 0.9,
+        jobs_url: str = "http://127.0.0.1:1",
+        cluster: str = "main",
     ) -> None:
         with portal_db.transaction(self.sessions) as session:
             account = accounts.upsert_account(session, {"name": provider, "groups": ["providers"]})
             p = upsert_provider(
                 session, account.id, display_name=provider, region=region, price=price
             )
-            cluster = upsert_cluster(session, p, name="main", jobs_url="http://127.0.0.1:1")
+            cluster_ = upsert_cluster(session, p, name=cluster, jobs_url=jobs_url)
             register_node(
                 session,
-                cluster,
+                cluster_,
                 node_id,
                 demo_claims(node_id, gpus),
                 demo=True,
@@ -67,7 +70,9 @@ def market_fixture(db: Engine) -> Market:
 
 
 def root_conftest() -> ModuleType:
-    """The shared stack and login helpers (tests/portal_stack.py)."""
-    from tests import portal_stack
+    """The shared stack helpers (``tests/portal_stack.py``): start/stop the stack, log in.
 
-    return portal_stack
+    Imported as ``tests.portal_stack``, the same module the root conftest uses,
+    so this folder's tests (which import ``seed`` by its bare name) share it.
+    """
+    return importlib.import_module("tests.portal_stack")

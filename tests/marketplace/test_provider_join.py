@@ -99,59 +99,71 @@ def wait_for(check: Any, what: str, timeout: float = 60) -> None:
 
 
 @pytest.fixture(scope="module")
-def joined(site: dict[str, Any]) -> Identity:
+def joined_agent(site: dict[str, Any]) -> Iterator[tuple[Identity, subprocess.Popen[bytes]]]:
+    """``gpuportal provider join`` left running, as a provider runs it: its Ray head
+    stays up (the portal cross-checks Ray's own node state) and it heartbeats."""
     config = site["home"] / "prov-node"
-    result = gpuportal(
-        "provider",
-        "join",
-        "--demo",
-        "--demo-gpus",
-        "1xL4",
-        "--hub",
-        site["stack"].base_url,
-        "--token",
-        site["tokens"]["prov"],
-        "--region",
-        "eu-west",
-        "--price",
-        "0.50",
-        "--name",
-        "Prov GPUs",
-        "--config-dir",
-        str(config),
-        "--once",
-    )
-    assert result.returncode == 0, result.stderr + result.stdout
-    assert "verification: passed" in result.stdout
-    return Identity.load(config)
-
-
-@pytest.fixture(scope="module")
-def agent(site: dict[str, Any], joined: Identity) -> Iterator[subprocess.Popen[bytes]]:
-    """The joined node's agent, heartbeating (``join --once`` exited after one)."""
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gpuportal.hub.cli",
-            "provider",
-            "run",
-            "--config-dir",
-            str(joined.config_dir),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    output = site["home"] / "prov-join.log"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "gpuportal.hub.cli",
+                "provider",
+                "join",
+                "--demo",
+                "--demo-gpus",
+                "1xL4",
+                "--hub",
+                site["stack"].base_url,
+                "--token",
+                site["tokens"]["prov"],
+                "--region",
+                "eu-west",
+                "--price",
+                "0.50",
+                "--name",
+                "Prov GPUs",
+                "--config-dir",
+                str(config),
+            ],
+            cwd=ROOT,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**root_conftest().stack_env(Path("/nonexistent")), "RAY_USAGE_STATS_ENABLED": "0"},
+        )
     try:
         wait_for(
-            lambda: node_view(site, joined.node_id)["status"] == "online", "the agent's heartbeats"
+            lambda: "sending heartbeats" in output.read_text() or proc.poll() is not None,
+            "the node to join and verify",
+            timeout=180,
         )
-        yield proc
+        text = output.read_text()
+        assert proc.poll() is None and "verification: passed" in text, text
+        yield Identity.load(config), proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(30)
+            proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def joined(joined_agent: tuple[Identity, subprocess.Popen[bytes]]) -> Identity:
+    return joined_agent[0]
+
+
+@pytest.fixture(scope="module")
+def agent(
+    site: dict[str, Any], joined_agent: tuple[Identity, subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """The joined node's agent (the running ``join``), heartbeating."""
+    identity, proc = joined_agent
+    wait_for(
+        lambda: node_view(site, identity.node_id)["status"] == "online", "the agent's heartbeats"
+    )
+    return proc
 
 
 def test_join_needs_nvml_or_demo(site: dict[str, Any]) -> None:

@@ -11,21 +11,30 @@ from sqlalchemy import func, select
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import marketplace
+from gpuportal.hub.capacity import CapacityIndex
 from gpuportal.hub.marketplace import Conflict, Invalid, NoCapacity
 from gpuportal.hub.marketplace_models import GpuAllocation, Provider, Reservation
 from gpuportal.hub.placement import Request
 from gpuportal.hub.timeutil import utcnow
 
 
-def reserve(market: Market, user: str, server: str = "", count: int = 1, **kw: object) -> dict:
+def reserve(
+    market: Market,
+    user: str,
+    server: str = "",
+    count: int = 1,
+    index: CapacityIndex | None = None,
+    **kw: object,
+) -> dict:
     account = market.accounts.get(user) or market.customer(user)
     answer, _created = marketplace.reserve(
         market.sessions,
-        Request(count, **kw),
-        account_id=account,  # type: ignore[arg-type]
+        Request(count, **kw),  # type: ignore[arg-type]
+        account_id=account,
         user_name=user,
         server_name=server,
         rules=market.rules,
+        index=index,
     )
     return answer
 
@@ -159,10 +168,20 @@ def test_refusals_are_sentences(market: Market, kwargs: dict, error: type, messa
     assert message in info.value.message
 
 
+@pytest.mark.parametrize("indexed", [True, False], ids=["live-index", "sql-scan"])
 @pytest.mark.parametrize("racers", [50])
-def test_racing_for_the_last_gpu_exactly_one_wins(market: Market, racers: int) -> None:
+def test_racing_for_the_last_gpu_exactly_one_wins(
+    market: Market, racers: int, indexed: bool
+) -> None:
+    """The portal's path (the live index) and the plain SQL scan alike: the index may
+    offer all 50 the same GPU, the DB lets exactly one have it."""
+    index = None
+    if indexed:
+        index = CapacityIndex(market.rules)
+        index.attach(market.sessions)
+        index.load()
     market.add_node("acme", "n1", {"A100-80GB": 2})
-    reserve(market, "early", "x")  # one of two GPUs is taken: one left
+    reserve(market, "early", "x", index=index)  # one of two GPUs is taken: one left
     names = [f"user{i}" for i in range(racers)]
     for name in names:
         market.customer(name)
@@ -174,7 +193,7 @@ def test_racing_for_the_last_gpu_exactly_one_wins(market: Market, racers: int) -
     def race(name: str) -> None:
         barrier.wait(timeout=60)
         try:
-            wins.append(reserve(market, name, "lab"))
+            wins.append(reserve(market, name, "lab", index=index))
         except NoCapacity as exc:
             refusals.append(exc.message)
         except BaseException as exc:  # reported below
@@ -196,3 +215,5 @@ def test_racing_for_the_last_gpu_exactly_one_wins(market: Market, racers: int) -
             select(func.count()).select_from(Reservation).where(Reservation.status == "held")
         )
     assert live == 2
+    if index is not None:  # and the index agrees: nothing left
+        assert [c.free_gpus for c in index.candidates()] == [0]

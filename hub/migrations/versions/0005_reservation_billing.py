@@ -4,16 +4,16 @@ Reservation ids are strings, so ``allocations.reservation_id`` becomes a
 String(32) with an index: activating a reservation opens its allocation and
 releasing it closes it.
 
-Revision ID: 0004
-Revises: 0002, 0003
+Revision ID: 0005
+Revises: 0003, 0004_market
 Create Date: 2026-11-29
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0004"
-down_revision = ("0002", "0003")
+revision = "0005"
+down_revision = ("0003", "0004_market")
 branch_labels = None
 depends_on = None
 
