@@ -202,6 +202,20 @@ class PortalClient:
             raise self._error(reply)
         return Reservation.from_json(reply.json())
 
+    async def failed(self, reservation_id: str, reason: str) -> bool:
+        """Report a failed start (lowers the node's reliability) and release. Idempotent."""
+        reply = await self._request(
+            "POST",
+            f"reservations/{reservation_id}/failed",
+            json={"reason": reason[:500]},
+            retry=True,
+        )
+        if reply.status_code == 404:
+            return False
+        if reply.status_code != 200:
+            raise self._error(reply)
+        return True
+
     async def release(self, reservation_id: str) -> bool:
         """Release; True if it was held or active, False if already gone. Idempotent."""
         reply = await self._request("DELETE", f"reservations/{reservation_id}", retry=True)

@@ -487,12 +487,12 @@ class RaySpawner(Spawner):
             )
             await self._cleanup()
             raise
-        except SpawnException:
-            await self._cleanup()
+        except SpawnException as exc:
+            await self._cleanup(failed=getattr(exc, "reason", None) or "start failed")
             raise
         except Exception:
             self.log.exception("%s: start failed", self._log_name)
-            await self._cleanup()
+            await self._cleanup(failed="internal error while starting")
             raise SpawnException(
                 "Your server could not be started because of an internal error; it has been "
                 "logged. Try again in a minute.",
@@ -655,16 +655,30 @@ class RaySpawner(Spawner):
                 status_code=503,
             ) from None
 
-    async def _cleanup(self) -> None:
-        """Stop the job and release the reservation; each step bounded and logged."""
+    async def _cleanup(self, failed: str | None = None) -> None:
+        """Stop the job and release the reservation; each step bounded and logged.
+
+        ``failed``: the start failed after a reservation was made, so the node is
+        told about it (``/failed``), which counts against its reliability.
+        """
         try:
-            await asyncio.wait_for(self._stop_and_release(), self.stop_timeout + 30)
+            await asyncio.wait_for(self._stop_and_release(failed), self.stop_timeout + 30)
         except Exception:
             self.log.exception("%s: cleanup after a failed start was incomplete", self._log_name)
 
-    async def _stop_and_release(self) -> None:
+    async def _stop_and_release(self, failed: str | None = None) -> None:
         if self.job_id and self.jobs_url:
             await self._stop_job()
+        if self.reservation_id and failed:
+            try:
+                await self.portal.failed(self.reservation_id, failed)
+            except PortalError as exc:
+                self.log.warning(
+                    "%s: could not report the failed start of reservation %s: %s",
+                    self._log_name,
+                    self.reservation_id,
+                    exc.code,
+                )
         if self.reservation_id:
             try:
                 released = await self.portal.release(self.reservation_id)
