@@ -36,6 +36,7 @@ def hourly_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         Path(tmp_path_factory.mktemp("ext")) / "data",
         GPUPORTAL_DEMO_GPUS="2xA100-80GB",
         GPUPORTAL_METER_INTERVAL_SECONDS="3600",
+        GPUPORTAL_SIGNUP_CREDITS="0",  # exact balances
     )
     yield running
     stop_stack(running)
@@ -192,11 +193,15 @@ def test_portal_takes_a_server_token_read_only(world: dict[str, Any]) -> None:
 
 
 def test_spawned_server_shows_its_cost_through_the_proxy(world: dict[str, Any]) -> None:
-    """A server the hub spawns (local process) loads the extension from the installed
+    """A server the hub spawns (a Ray job of the CPU profile) loads the extension from the installed
     enabling file and reads the portal with its own JUPYTERHUB_API_TOKEN."""
     base, token = world["base"], world["tokens"]["meg"]
     headers = {"Authorization": f"token {token}"}
-    spawned = httpx.post(f"{base}/hub/api/users/meg/server", headers=headers, timeout=60)
+    # The CPU profile: no reservation, so the allocation opened by hand above is
+    # the one the server shows (a GPU spawn would open its own from its reservation).
+    spawned = httpx.post(
+        f"{base}/hub/api/users/meg/server", headers=headers, json={"profile": "cpu"}, timeout=60
+    )
     assert spawned.status_code in (201, 202), spawned.text
     try:
         for _ in range(120):  # bounded: a local server starts in seconds

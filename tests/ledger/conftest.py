@@ -53,7 +53,12 @@ def sessions(db: Engine) -> sessionmaker[Session]:
 
 @pytest.fixture
 def settings(tmp_path: Path, db_url: str) -> Settings:
-    return load_settings(data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9")
+    return load_settings(
+        data_dir=tmp_path,
+        db_url=db_url,
+        ray_dashboard_url="http://127.0.0.1:9",
+        signup_credits=0,  # exact balances: no sign-up credit here
+    )
 
 
 def add_account(sessions: sessionmaker[Session], name: str, role: str = "customer") -> int:

@@ -70,6 +70,7 @@ def portal(tmp_path: Path, db_url: str, chain: deposits.LiteSVMChain) -> Portal:
         ray_dashboard_url="http://127.0.0.1:9",
         solana_deposit_address=str(DEPOSIT.pubkey()),
         solana_micro_credits_per_sol=100 * CREDIT,
+        signup_credits=0,  # exact balances: no sign-up credit here
     )
     return Portal(settings, cache=MemoryCache(), hub=FakeHub(), chain=chain)
 

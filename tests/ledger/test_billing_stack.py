@@ -23,6 +23,7 @@ def billing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         Path(tmp_path_factory.mktemp("billing")) / "data",
         GPUPORTAL_DEMO_GPUS="2xA100-80GB",
         GPUPORTAL_METER_INTERVAL_SECONDS="1",
+        GPUPORTAL_SIGNUP_CREDITS="0",  # exact balances
     )
     yield running
     stop_stack(running)
