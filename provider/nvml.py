@@ -124,10 +124,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-def read_inventory() -> list[GpuInfo]:
-    """List this machine's GPUs, or raise :class:`NvmlUnavailable`."""
-    if _recording is not None:
-        return list(_recording)
+@contextmanager
+def _nvml() -> Iterator[Any]:
+    """NVML, initialised for one reading and shut down after it.
+
+    Every NVML failure (no library, no driver, a query error) becomes
+    :class:`NvmlUnavailable`, so callers handle one exception.
+    """
     try:
         import pynvml
     except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
@@ -137,6 +140,18 @@ def read_inventory() -> list[GpuInfo]:
     except pynvml.NVMLError as exc:
         raise NvmlUnavailable(f"NVML did not start: {exc}") from None
     try:
+        yield pynvml
+    except pynvml.NVMLError as exc:
+        raise NvmlUnavailable(f"NVML query failed: {exc}") from None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def read_inventory() -> list[GpuInfo]:
+    """List this machine's GPUs, or raise :class:`NvmlUnavailable`."""
+    if _recording is not None:
+        return list(_recording)
+    with _nvml() as pynvml:
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
         gpus = []
         for index in range(pynvml.nvmlDeviceGetCount()):
@@ -159,10 +174,6 @@ def read_inventory() -> list[GpuInfo]:
                 )
             )
         return gpus
-    except pynvml.NVMLError as exc:
-        raise NvmlUnavailable(f"NVML query failed: {exc}") from None
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def read_metrics() -> list[GpuMetrics]:
@@ -173,15 +184,7 @@ def read_metrics() -> list[GpuMetrics]:
         return [
             GpuMetrics(g.index, g.uuid, 0, 0, g.memory_total_mib, 0, None, []) for g in _recording
         ]
-    try:
-        import pynvml
-    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
-        raise NvmlUnavailable("nvidia-ml-py is not installed") from exc
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        raise NvmlUnavailable(f"NVML did not start: {exc}") from None
-    try:
+    with _nvml() as pynvml:
         readings = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -215,10 +218,6 @@ def read_metrics() -> list[GpuMetrics]:
                 )
             )
         return readings
-    except pynvml.NVMLError as exc:
-        raise NvmlUnavailable(f"NVML query failed: {exc}") from None
-    finally:
-        pynvml.nvmlShutdown()
 
 
 def read_process_use() -> list[ProcessGpuUse]:
@@ -237,15 +236,7 @@ def read_process_use() -> list[ProcessGpuUse]:
             for m in read_metrics()
             for p in m.processes
         ]
-    try:
-        import pynvml
-    except ImportError as exc:  # pragma: no cover - nvidia-ml-py is a dependency
-        raise NvmlUnavailable("nvidia-ml-py is not installed") from exc
-    try:
-        pynvml.nvmlInit()
-    except pynvml.NVMLError as exc:
-        raise NvmlUnavailable(f"NVML did not start: {exc}") from None
-    try:
+    with _nvml() as pynvml:
         found = []
         for index in range(pynvml.nvmlDeviceGetCount()):
             handle = pynvml.nvmlDeviceGetHandleByIndex(index)
@@ -274,7 +265,3 @@ def read_process_use() -> list[ProcessGpuUse]:
                     )
                 )
         return found
-    except pynvml.NVMLError as exc:
-        raise NvmlUnavailable(f"NVML query failed: {exc}") from None
-    finally:
-        pynvml.nvmlShutdown()
