@@ -15,6 +15,7 @@ from datetime import datetime
 from typing import Any
 
 import httpx
+import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
@@ -170,3 +171,101 @@ def test_spawn_without_runway_is_refused_with_the_reason(stack: Stack) -> None:
     assert "Traceback" not in message
     assert server_of(stack, rae, "rae") is None or not server_of(stack, rae, "rae").get("ready")
     wait_free_gpus(stack, rae, 2)  # nothing stays reserved
+
+
+def spawn_and_wait(stack: Stack, token: str, user: str) -> None:
+    spawned = call(
+        stack,
+        token,
+        "POST",
+        f"/hub/api/users/{user}/server",
+        json={"profile": "gpu", "gpu_count": 1},
+    )
+    assert spawned.status_code in (201, 202), spawned.text
+    for _ in range(300):  # bounded
+        server = server_of(stack, token, user)
+        if server and server.get("ready"):
+            return
+        assert server is not None, stack.read_output()[-3000:]
+        time.sleep(0.5)
+    raise AssertionError(f"{user}'s server never became ready")
+
+
+def stop_and_wait(stack: Stack, token: str, user: str) -> None:
+    call(stack, token, "DELETE", f"/hub/api/users/{user}/server")
+    for _ in range(240):
+        if server_of(stack, token, user) is None:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{user}'s server did not stop")
+
+
+def portal_process(stack: Stack) -> psutil.Process:
+    for proc in stack.descendants():
+        try:
+            if "gpuportal.hub.service" in " ".join(proc.cmdline()):
+                return proc
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no portal service process")
+
+
+def test_killing_the_portal_mid_session_charges_every_second_once(stack: Stack) -> None:
+    """Crash recovery: SIGKILL the portal service while a server is billed; the hub
+    restarts it, the meter resumes from the last charged moment."""
+    admin = token_for(stack, "admin")
+    sam = token_for(stack, "sam")
+    grant(stack, admin, "sam", 10_000_000)
+    wait_free_gpus(stack, sam, 2)
+    spawn_and_wait(stack, sam, "sam")
+    time.sleep(2.5)  # a few one-second charges
+    victim = portal_process(stack)
+    victim.kill()
+    victim.wait(30)
+    for _ in range(240):  # bounded: JupyterHub restarts a managed service that died
+        try:
+            health = httpx.get(f"{stack.base_url}{PORTAL}/health", timeout=5)
+            if health.status_code == 200 and portal_process(stack).pid != victim.pid:
+                break
+        except (httpx.HTTPError, AssertionError):
+            pass
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the portal service did not come back")
+    time.sleep(2.5)  # charged again by the restarted meter
+    stop_and_wait(stack, sam, "sam")
+
+    (alloc,) = call(stack, sam, "GET", f"{PORTAL}/allocations").json()
+    started = datetime.fromisoformat(alloc["started_at"])
+    ended = datetime.fromisoformat(alloc["ended_at"])
+    billed = accrued(1, HOUSE_PRICE, started, ended)
+    assert alloc["status"] == "closed"
+    assert alloc["charged"] == billed, "no second charged twice or missed"
+    balance = call(stack, sam, "GET", f"{PORTAL}/balance").json()
+    assert balance["balance"] == 10_000_000 - billed
+
+
+@pytest.mark.browser
+def test_a_person_spawns_a_gpu_from_the_form(stack: Stack, browser_page: Any) -> None:
+    """In Chromium: log in, pick the GPU profile and 1 GPU, watch progress, land in
+    JupyterLab; stopping gives the GPU back."""
+    admin = token_for(stack, "admin")
+    ivy = token_for(stack, "ivy")
+    grant(stack, admin, "ivy", 10_000_000)
+    wait_free_gpus(stack, ivy, 2)
+    page = browser_page
+    page.goto(f"{stack.base_url}/hub/login")
+    page.fill("input[name=username]", "ivy")
+    page.fill("input[name=password]", "pw-ivy-12345")
+    page.click("input[type=submit], button[type=submit]")
+    page.wait_for_url("**/hub/home", timeout=30_000)
+    page.goto(f"{stack.base_url}/hub/spawn")
+    form = page.content()
+    assert "free" in form and "GPU-hour" in form, "the form shows availability and price"
+    page.check("input[type=radio][value=gpu]")
+    page.click("input[type=submit], button[type=submit]")
+    page.wait_for_url("**/user/ivy/lab**", timeout=150_000)
+    page.wait_for_selector(".jp-LabShell, #jp-main-dock-panel", timeout=60_000)
+    wait_free_gpus(stack, ivy, 1)
+    stop_and_wait(stack, ivy, "ivy")
+    wait_free_gpus(stack, ivy, 2)
