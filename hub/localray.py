@@ -102,10 +102,16 @@ def ray_resources(plan: GpuPlan, node_id: str | None = None) -> dict[str, float]
     return resources
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_port(avoid: frozenset[int] = frozenset()) -> int:
+    """A port nobody listens on now, never one of ``avoid`` (ports the stack will
+    bind later, which are free until then)."""
+    for _ in range(100):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
+    raise ConfigError("no free TCP port on 127.0.0.1")
 
 
 def port_in_use(port: int) -> bool:
@@ -214,6 +220,10 @@ class LocalRayHead:
             if port_in_use(port):
                 raise ConfigError(f"port {port} ({name}) is already in use; choose another.")
         temp_dir = Path("/tmp") / f"gpuportal-ray-{os.getuid()}-{s.ray_port}"  # noqa: S108
+        # The stack's own ports are free until it binds them: never hand them to Ray.
+        avoid = frozenset(
+            {s.port, s.hub_port, s.proxy_api_port, s.portal_port, s.ray_port, s.ray_dashboard_port}
+        )
         cmd = [
             ray,
             "start",
@@ -231,13 +241,13 @@ class LocalRayHead:
             f"--object-store-memory={s.ray_object_store_mb * 1024 * 1024}",
             f"--temp-dir={temp_dir}",
             # Fixed free ports so two stacks on one machine (tests) never collide.
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
+            f"--node-manager-port={free_port(avoid)}",
+            f"--object-manager-port={free_port(avoid)}",
+            f"--ray-client-server-port={free_port(avoid)}",
+            f"--dashboard-agent-listen-port={free_port(avoid)}",
+            f"--dashboard-agent-grpc-port={free_port(avoid)}",
+            f"--runtime-env-agent-port={free_port(avoid)}",
+            f"--metrics-export-port={free_port(avoid)}",
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.state_file.parent.mkdir(parents=True, exist_ok=True)

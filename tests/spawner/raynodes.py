@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,9 +36,9 @@ FAST_HEALTH = {
 
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    from tests.portal_stack import free_port as below_ephemeral
+
+    return below_ephemeral()
 
 
 def _ports(*names: str) -> list[str]:
