@@ -369,6 +369,26 @@ class DepositInfo(BaseModel):
     chain: str
     micro_credits_per_sol: int
     currency: str
+    usdc_mint: str | None = Field(
+        None, description="The USDC mint; null when USDC deposits are not configured."
+    )
+    usdc_token_account: str | None = Field(
+        None, description="Send USDC here: the deposit address's associated token account."
+    )
+    micro_credits_per_usdc: int
+
+
+class UsdcDepositCreate(BaseModel):
+    signature: str = Field(min_length=1, max_length=120)
+    amount: StrictInt = Field(description="USDC base units (10^-6 USDC) sent to the token account.")
+
+
+class UsdcDepositPublic(BaseModel):
+    signature: str
+    amount: int
+    credited: int
+    created: bool
+    balance: int
 
 
 def chain_of(portal: Any) -> deposits.Chain:
@@ -386,11 +406,18 @@ async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
         chain = chain_of(portal)
     except LedgerError as exc:
         raise HTTPException(503, _sentence(str(exc))) from None
+    try:  # SOL deposits work without a USDC mint, so its absence only blanks these two
+        mint: str | None = await run_in_threadpool(deposits.usdc_mint, portal.settings, chain)
+    except LedgerError:
+        mint = None
     return {
         "address": address,
         "chain": chain.name,
         "micro_credits_per_sol": portal.settings.solana_micro_credits_per_sol,
         "currency": portal.settings.currency_name,
+        "usdc_mint": mint,
+        "usdc_token_account": deposits.associated_token_account(address, mint) if mint else None,
+        "micro_credits_per_usdc": portal.settings.micro_credits_per_usdc,
     }
 
 
@@ -425,6 +452,53 @@ async def deposit(
         return {
             "signature": signature,
             "lamports": lamports,
+            "credited": micro,
+            "created": created,
+            "balance": ledger.balance(session, ledger.wallet(session, caller.account_id).id),
+        }
+
+    result = await in_db(portal, work)
+    if not result["created"]:
+        response.status_code = 200
+    return result
+
+
+@router.post("/deposits/usdc", response_model=UsdcDepositPublic, status_code=201, tags=["billing"])
+async def deposit_usdc(
+    body: UsdcDepositCreate, portal: PortalDep, caller: CurrentCaller, response: Response
+) -> Any:
+    """Credit a USDC transfer to the platform's USDC token account, once (yourself only)."""
+    if caller.kind != "user":
+        raise HTTPException(403, "Deposits are credited to the hub user who submits them.")
+    try:
+        ledger.positive_amount(body.amount, "amount")
+        signature = deposits.check_signature(body.signature)
+        address = await run_in_threadpool(deposits.deposit_address, portal.settings)
+        chain = chain_of(portal)
+        mint = await run_in_threadpool(deposits.usdc_mint, portal.settings, chain)
+        found = await run_in_threadpool(chain.lookup, signature)
+        amount = deposits.verify_usdc(
+            found,
+            signature=signature,
+            token_account=deposits.associated_token_account(address, mint),
+            mint=mint,
+            amount=body.amount,
+        )
+    except LedgerError as exc:
+        raise HTTPException(exc.status, _sentence(str(exc))) from None
+
+    def work(session: Any) -> dict[str, Any]:
+        micro, created = deposits.credit_usdc(
+            session,
+            portal.settings,
+            account_id=caller.account_id,
+            signature=signature,
+            amount=amount,
+            by=caller.name,
+        )
+        return {
+            "signature": signature,
+            "amount": amount,
             "credited": micro,
             "created": created,
             "balance": ledger.balance(session, ledger.wallet(session, caller.account_id).id),

@@ -1,4 +1,4 @@
-"""Solana deposits: a customer sends SOL to the platform's address; the portal credits it once.
+"""Solana deposits: a customer sends SOL or USDC to the platform; the portal credits it once.
 
 The portal never takes the customer's word for a deposit. It looks the
 transaction up on the chain by its signature and checks that it succeeded
@@ -12,6 +12,17 @@ Chains: :class:`LiteSVMChain` is the embedded default, solders' in-process
 Solana runtime (transactions reach it through :meth:`LiteSVMChain.send`);
 :class:`RpcChain` reads a real cluster through solana-py (``pip install
 solana``), with ``finalized`` commitment.
+
+USDC is an SPL token, so it is not sent to the deposit address itself but to
+the deposit address's associated token account (ATA) for the USDC mint. The
+portal derives that account from (deposit address, token program, mint) and
+credits only SPL Token ``Transfer``/``TransferChecked`` instructions whose
+destination is exactly it: the token program refuses a transfer between
+accounts of different mints, so the destination pins the mint, and a
+``TransferChecked`` naming another mint is refused outright. USDC deposits
+credit ``amount * rate / 10^6`` micro-credits under their own key
+``solana:usdc:<signature>``, so one transaction paying both SOL and USDC can be
+credited for both, each once.
 """
 
 from __future__ import annotations
@@ -29,8 +40,16 @@ from .ledger import LedgerError
 from .settings import Settings
 
 SYSTEM_PROGRAM = "11111111111111111111111111111111"
+TOKEN_PROGRAM = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"
+ASSOCIATED_TOKEN_PROGRAM = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"
 LAMPORTS_PER_SOL = 1_000_000_000
+USDC_DECIMALS = 6
+USDC_UNITS = 10**USDC_DECIMALS  # base units per USDC
 _TRANSFER = 2  # the System Program's Transfer instruction index
+_TOKEN_TRANSFER = 3  # SPL Token Transfer: [3, amount u64]; source, destination, authority
+_TOKEN_TRANSFER_CHECKED = 12  # [12, amount u64, decimals u8]; source, mint, destination, ...
+_TOKEN_INITIALIZE_MINT2 = 20
+_MINT_SIZE = 82
 
 
 class DepositRefused(LedgerError):
@@ -39,6 +58,12 @@ class DepositRefused(LedgerError):
 
 class DepositNotFound(LedgerError):
     status = 404
+
+
+class DepositsUnconfigured(LedgerError):
+    """The platform, not the request, lacks what a deposit needs (e.g. the USDC mint)."""
+
+    status = 503
 
 
 @dataclass(frozen=True)
@@ -50,12 +75,23 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class TokenTransfer:
+    """One SPL Token transfer; ``mint`` is known only for ``TransferChecked``."""
+
+    source: str
+    destination: str
+    amount: int
+    mint: str | None = None
+
+
+@dataclass(frozen=True)
 class ChainTransaction:
     """What the chain says about one signature, reduced to what a deposit needs."""
 
     signature: str
     succeeded: bool
     transfers: list[Transfer] = field(default_factory=list)
+    token_transfers: list[TokenTransfer] = field(default_factory=list)
 
 
 class Chain(Protocol):
@@ -106,6 +142,53 @@ def system_transfers(
     return out
 
 
+def token_transfers(
+    account_keys: list[str], instructions: list[tuple[int, list[int], bytes]]
+) -> list[TokenTransfer]:
+    """Decode SPL Token ``Transfer`` and ``TransferChecked`` from a compiled message.
+
+    Only the classic Token program: the associated account customers are told
+    to pay is derived with it, so a Token-2022 transfer cannot reach it.
+    """
+    out = []
+    for program_index, accounts, data in instructions:
+        if account_keys[program_index] != TOKEN_PROGRAM or not data:
+            continue
+        if data[0] == _TOKEN_TRANSFER and len(data) == 9 and len(accounts) >= 3:
+            out.append(
+                TokenTransfer(
+                    account_keys[accounts[0]],
+                    account_keys[accounts[1]],
+                    int.from_bytes(data[1:9], "little"),
+                )
+            )
+        elif data[0] == _TOKEN_TRANSFER_CHECKED and len(data) == 10 and len(accounts) >= 4:
+            out.append(
+                TokenTransfer(
+                    account_keys[accounts[0]],
+                    account_keys[accounts[2]],
+                    int.from_bytes(data[1:9], "little"),
+                    account_keys[accounts[1]],
+                )
+            )
+    return out
+
+
+def associated_token_account(owner: str, mint: str) -> str:
+    """The ATA wallets send ``mint`` tokens to when told to pay ``owner``."""
+    from solders.pubkey import Pubkey
+
+    ata, _ = Pubkey.find_program_address(
+        [
+            bytes(Pubkey.from_string(owner)),
+            bytes(Pubkey.from_string(TOKEN_PROGRAM)),
+            bytes(Pubkey.from_string(mint)),
+        ],
+        Pubkey.from_string(ASSOCIATED_TOKEN_PROGRAM),
+    )
+    return str(ata)
+
+
 class LiteSVMChain:
     """The embedded chain: solders' in-process LiteSVM.
 
@@ -142,8 +225,56 @@ class LiteSVMChain:
             (ix.program_id_index, list(ix.accounts), bytes(ix.data)) for ix in message.instructions
         ]
         return ChainTransaction(
-            signature, isinstance(meta, TransactionMetadata), system_transfers(keys, instructions)
+            signature,
+            isinstance(meta, TransactionMetadata),
+            system_transfers(keys, instructions),
+            token_transfers(keys, instructions),
         )
+
+    def ensure_mint(self, mint: Any, decimals: int = USDC_DECIMALS) -> None:
+        """Create the demo mint on this chain once (its own key is its mint authority).
+
+        The embedded chain starts empty on every process start, while the demo
+        mint's key lives on in the data dir; so the mint is re-created here
+        when missing, at the same address, and a demo can mint with that key.
+        """
+        from solders.instruction import AccountMeta, Instruction
+        from solders.keypair import Keypair
+        from solders.message import Message
+        from solders.system_program import CreateAccountParams, create_account
+        from solders.transaction import VersionedTransaction
+
+        if self.svm.get_account(mint.pubkey()) is not None:
+            return
+        payer = Keypair()
+        self.svm.airdrop(payer.pubkey(), LAMPORTS_PER_SOL)
+        token_program = _pubkey(TOKEN_PROGRAM)
+        create = create_account(
+            CreateAccountParams(
+                from_pubkey=payer.pubkey(),
+                to_pubkey=mint.pubkey(),
+                lamports=self.svm.minimum_balance_for_rent_exemption(_MINT_SIZE),
+                space=_MINT_SIZE,
+                owner=token_program,
+            )
+        )
+        init = Instruction(
+            token_program,
+            bytes([_TOKEN_INITIALIZE_MINT2, decimals]) + bytes(mint.pubkey()) + bytes([0]),
+            [AccountMeta(mint.pubkey(), is_signer=False, is_writable=True)],
+        )
+        message = Message.new_with_blockhash(
+            [create, init], payer.pubkey(), self.svm.latest_blockhash()
+        )
+        result = self.svm.send_transaction(VersionedTransaction(message, [payer, mint]))
+        if self.svm.get_account(mint.pubkey()) is None:  # pragma: no cover - a LiteSVM bug
+            raise DepositsUnconfigured(f"could not create the demo USDC mint: {result}")
+
+
+def _pubkey(text: str) -> Any:
+    from solders.pubkey import Pubkey
+
+    return Pubkey.from_string(text)
 
 
 class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds is tested
@@ -176,6 +307,7 @@ class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds
         body = json.loads(reply.value.to_json())
         meta = body.get("meta") or {}
         transfers = []
+        tokens: list[TokenTransfer] = []
         for ix in body["transaction"]["message"]["instructions"]:
             parsed = ix.get("parsed") if isinstance(ix, dict) else None
             if (
@@ -187,7 +319,19 @@ class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds
                 transfers.append(
                     Transfer(info["source"], info["destination"], int(info["lamports"]))
                 )
-        return ChainTransaction(signature, meta.get("err") is None, transfers)
+            if (
+                ix.get("programId") == TOKEN_PROGRAM
+                and isinstance(parsed, dict)
+                and parsed.get("type") in ("transfer", "transferChecked")
+            ):
+                info = parsed["info"]
+                amount = info.get("amount") or info.get("tokenAmount", {}).get("amount", 0)
+                tokens.append(
+                    TokenTransfer(
+                        info["source"], info["destination"], int(amount), info.get("mint")
+                    )
+                )
+        return ChainTransaction(signature, meta.get("err") is None, transfers, tokens)
 
 
 def make_chain(settings: Settings) -> Chain:
@@ -204,6 +348,25 @@ def deposit_address(settings: Settings) -> str:
     from solders.keypair import Keypair
 
     return str(Keypair.from_bytes(bytes(json.loads(path.read_text()))).pubkey())
+
+
+def usdc_mint(settings: Settings, chain: Chain) -> str:
+    """The configured USDC mint; on the embedded chain, a demo mint made once per data dir."""
+    if settings.usdc_mint:
+        return check_address(settings.usdc_mint)
+    if not isinstance(chain, LiteSVMChain):
+        raise DepositsUnconfigured(
+            "USDC deposits need GPUPORTAL_USDC_MINT when GPUPORTAL_SOLANA_RPC_URL is set "
+            "(the USDC mint of that cluster)."
+        )
+    path = settings.data_dir / "usdc-demo-mint-keypair.json"
+    if not path.exists():
+        _write_keypair(path)
+    from solders.keypair import Keypair
+
+    mint = Keypair.from_bytes(bytes(json.loads(path.read_text())))
+    chain.ensure_mint(mint)
+    return str(mint.pubkey())
 
 
 def _write_keypair(path: Path) -> None:
@@ -237,6 +400,65 @@ def verify(found: ChainTransaction | None, *, signature: str, address: str, lamp
             f"{lamports}; submit the amount that was sent."
         )
     return received
+
+
+def verify_usdc(
+    found: ChainTransaction | None, *, signature: str, token_account: str, mint: str, amount: int
+) -> int:
+    """Check a USDC deposit against the chain; returns the base units to credit or raises."""
+    if found is None:
+        raise DepositNotFound(
+            f"the chain has no confirmed transaction {signature}; wait for it to be "
+            "finalized and submit it again."
+        )
+    if not found.succeeded:
+        raise DepositRefused(f"transaction {signature} failed on chain, so it moved no USDC.")
+    other = sorted({t.mint for t in found.token_transfers if t.mint and t.mint != mint})
+    if other:
+        raise DepositRefused(
+            f"transaction {signature} moves token {other[0]}, not USDC (mint {mint}); "
+            "only USDC can be credited."
+        )
+    to_us = [t for t in found.token_transfers if t.destination == token_account]
+    if not to_us:
+        raise DepositRefused(
+            f"transaction {signature} sends no USDC to the platform's USDC token account "
+            f"{token_account}; only USDC sent there can be credited."
+        )
+    received = sum(t.amount for t in to_us)
+    if received != amount:
+        raise DepositRefused(
+            f"transaction {signature} sent {received} USDC base units to the platform's "
+            f"token account, not {amount}; submit the amount that was sent."
+        )
+    return received
+
+
+def credit_usdc(
+    session: Session, settings: Settings, *, account_id: int, signature: str, amount: int, by: str
+) -> tuple[int, bool]:
+    """Credit a verified USDC deposit once. Returns ``(micro_credits, created)``."""
+    micro = amount * settings.micro_credits_per_usdc // USDC_UNITS
+    if micro <= 0:
+        raise DepositRefused(f"{amount} USDC base units is worth less than one micro-credit.")
+    wallet = ledger.wallet(session, account_id).id
+    source = ledger.external(session, "usdc").id
+    try:
+        _, created = ledger.post(
+            session,
+            f"solana:usdc:{signature}",
+            "deposit",
+            [ledger.Leg(wallet, micro), ledger.Leg(source, -micro)],
+            reference=signature,
+            memo=f"USDC deposit of {amount} base units",
+            created_by=by,
+            extra={"usdc_base_units": amount, "account": account_id},
+        )
+    except ledger.IdempotencyConflict:
+        raise ledger.IdempotencyConflict(
+            f"deposit {signature} was already credited to another account."
+        ) from None
+    return micro, created
 
 
 def credit(

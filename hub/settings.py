@@ -119,6 +119,17 @@ class Settings(BaseSettings):
     solana_micro_credits_per_sol: int = Field(
         100_000_000, description="Micro-credits credited per SOL deposited (default 100 credits)."
     )
+    usdc_mint: str = Field(
+        "",
+        description="Base58 mint of the USDC (SPL token) customers may deposit; transfers to the "
+        "deposit address's associated token account for it are credited. Empty: on the embedded "
+        "LiteSVM chain a demo mint made once in the data dir; required with an RPC endpoint.",
+    )
+    micro_credits_per_usdc: int = Field(
+        1_000_000,
+        description="Micro-credits credited per USDC deposited (default 1 credit; USDC has 6 "
+        "decimals, so 1 micro-credit per base unit).",
+    )
 
     # --- Marketplace -------------------------------------------------------------
     trusted_services: str = Field(
@@ -201,6 +212,7 @@ class Settings(BaseSettings):
         "meter_interval_seconds",
         "min_billable_seconds",
         "solana_micro_credits_per_sol",
+        "micro_credits_per_usdc",
     )
     @classmethod
     def _positive(cls, value: int) -> int:
