@@ -289,9 +289,14 @@ def test_bad_deposits_credit_nothing(
 
 def test_deposit_address_is_published(client: TestClient) -> None:
     info = client.get(f"{API}/deposits/solana", headers=auth("tok-ann")).json()
+    usdc = {k: info.pop(k) for k in ("usdc_mint", "usdc_token_account")}  # tested with USDC
     assert info == {
         "address": str(DEPOSIT.pubkey()),
         "chain": "litesvm",
         "micro_credits_per_sol": 100 * CREDIT,
         "currency": "credits",
+        "micro_credits_per_usdc": CREDIT,
     }
+    assert usdc["usdc_token_account"] == deposits.associated_token_account(
+        str(DEPOSIT.pubkey()), usdc["usdc_mint"]
+    )
