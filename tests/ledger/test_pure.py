@@ -245,3 +245,58 @@ def test_system_transfer_decoding() -> None:
         deposits.Transfer(SENDER, US, 500_000_000)
     ]
     assert deposits.system_transfers([SENDER, US, "Token1"], [(2, [0, 1], data)]) == []
+
+
+MINT, FAKE = "Mint1", "Fake1"
+
+
+def _tokens(*transfers: deposits.TokenTransfer, ok: bool = True) -> deposits.ChainTransaction:
+    return deposits.ChainTransaction("sig", ok, [], list(transfers))
+
+
+@pytest.mark.parametrize(
+    ("found", "outcome"),
+    [
+        (_tokens(deposits.TokenTransfer(SENDER, US, 500, MINT)), 500),
+        (
+            _tokens(
+                deposits.TokenTransfer(SENDER, US, 200), deposits.TokenTransfer(SENDER, US, 300)
+            ),
+            500,
+        ),
+        (None, deposits.DepositNotFound),
+        (_tokens(deposits.TokenTransfer(SENDER, US, 500, MINT), ok=False), deposits.DepositRefused),
+        (_tokens(deposits.TokenTransfer(SENDER, US, 500, FAKE)), deposits.DepositRefused),
+        (_tokens(deposits.TokenTransfer(SENDER, OTHER, 500, MINT)), deposits.DepositRefused),
+        (_tokens(deposits.TokenTransfer(SENDER, US, 499, MINT)), deposits.DepositRefused),
+        # SOL to the deposit address is no USDC deposit
+        (
+            deposits.ChainTransaction("sig", True, [deposits.Transfer(SENDER, US, 500)]),
+            deposits.DepositRefused,
+        ),
+    ],
+)
+def test_verify_usdc_deposit(found, outcome) -> None:
+    def run() -> int:
+        return deposits.verify_usdc(found, signature="sig", token_account=US, mint=MINT, amount=500)
+
+    if isinstance(outcome, int):
+        assert run() == outcome
+    else:
+        with pytest.raises(outcome):
+            run()
+
+
+def test_token_transfer_decoding() -> None:
+    keys = [SENDER, MINT, US, "Owner1", deposits.TOKEN_PROGRAM, deposits.SYSTEM_PROGRAM]
+    amount = (7).to_bytes(8, "little")
+    instructions = [
+        (4, [0, 2, 3], bytes([3]) + amount),  # Transfer
+        (4, [0, 1, 2, 3], bytes([12]) + amount + bytes([6])),  # TransferChecked
+        (4, [0, 1, 3], bytes([7]) + amount),  # MintTo: not a transfer
+        (5, [0, 2, 3], bytes([3]) + amount),  # not the Token program
+    ]
+    assert deposits.token_transfers(keys, instructions) == [
+        deposits.TokenTransfer(SENDER, US, 7),
+        deposits.TokenTransfer(SENDER, US, 7, MINT),
+    ]
