@@ -421,6 +421,40 @@ async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
     }
 
 
+async def _credit_deposit(
+    portal: Any,
+    caller: PortalUser,
+    response: Response,
+    signature: str,
+    field: str,
+    amount: int,
+    credit: Callable[..., tuple[int, bool]],
+) -> dict[str, Any]:
+    """Credit a verified deposit to the caller once; a replay answers 200, not 201."""
+
+    def work(session: Any) -> dict[str, Any]:
+        micro, created = credit(
+            session,
+            portal.settings,
+            account_id=caller.account_id,
+            signature=signature,
+            by=caller.name,
+            **{field: amount},
+        )
+        return {
+            "signature": signature,
+            field: amount,
+            "credited": micro,
+            "created": created,
+            "balance": ledger.balance(session, ledger.wallet(session, caller.account_id).id),
+        }
+
+    result = await in_db(portal, work)
+    if not result["created"]:
+        response.status_code = 200
+    return result
+
+
 @router.post("/deposits/solana", response_model=DepositPublic, status_code=201, tags=["billing"])
 async def deposit(
     body: DepositCreate, portal: PortalDep, caller: CurrentCaller, response: Response
@@ -440,27 +474,9 @@ async def deposit(
     except LedgerError as exc:
         raise HTTPException(exc.status, _sentence(str(exc))) from None
 
-    def work(session: Any) -> dict[str, Any]:
-        micro, created = deposits.credit(
-            session,
-            portal.settings,
-            account_id=caller.account_id,
-            signature=signature,
-            lamports=lamports,
-            by=caller.name,
-        )
-        return {
-            "signature": signature,
-            "lamports": lamports,
-            "credited": micro,
-            "created": created,
-            "balance": ledger.balance(session, ledger.wallet(session, caller.account_id).id),
-        }
-
-    result = await in_db(portal, work)
-    if not result["created"]:
-        response.status_code = 200
-    return result
+    return await _credit_deposit(
+        portal, caller, response, signature, "lamports", lamports, deposits.credit
+    )
 
 
 @router.post("/deposits/usdc", response_model=UsdcDepositPublic, status_code=201, tags=["billing"])
@@ -487,27 +503,9 @@ async def deposit_usdc(
     except LedgerError as exc:
         raise HTTPException(exc.status, _sentence(str(exc))) from None
 
-    def work(session: Any) -> dict[str, Any]:
-        micro, created = deposits.credit_usdc(
-            session,
-            portal.settings,
-            account_id=caller.account_id,
-            signature=signature,
-            amount=amount,
-            by=caller.name,
-        )
-        return {
-            "signature": signature,
-            "amount": amount,
-            "credited": micro,
-            "created": created,
-            "balance": ledger.balance(session, ledger.wallet(session, caller.account_id).id),
-        }
-
-    result = await in_db(portal, work)
-    if not result["created"]:
-        response.status_code = 200
-    return result
+    return await _credit_deposit(
+        portal, caller, response, signature, "amount", amount, deposits.credit_usdc
+    )
 
 
 # --- quotas and authorize ---------------------------------------------------------------------

@@ -434,6 +434,38 @@ def verify_usdc(
     return received
 
 
+def _post_deposit(
+    session: Session,
+    *,
+    account_id: int,
+    key: str,
+    source: str,
+    micro: int,
+    memo: str,
+    extra: dict[str, object],
+    by: str,
+) -> bool:
+    """Credit ``micro`` once under ``key``; another account claiming it is a 409."""
+    wallet = ledger.wallet(session, account_id).id
+    origin = ledger.external(session, source).id
+    try:
+        _, created = ledger.post(
+            session,
+            key,
+            "deposit",
+            [ledger.Leg(wallet, micro), ledger.Leg(origin, -micro)],
+            reference=key.rsplit(":", 1)[-1],
+            memo=memo,
+            created_by=by,
+            extra={**extra, "account": account_id},
+        )
+    except ledger.IdempotencyConflict:
+        raise ledger.IdempotencyConflict(
+            f"deposit {key.rsplit(':', 1)[-1]} was already credited to another account."
+        ) from None
+    return created
+
+
 def credit_usdc(
     session: Session, settings: Settings, *, account_id: int, signature: str, amount: int, by: str
 ) -> tuple[int, bool]:
@@ -441,48 +473,34 @@ def credit_usdc(
     micro = amount * settings.micro_credits_per_usdc // USDC_UNITS
     if micro <= 0:
         raise DepositRefused(f"{amount} USDC base units is worth less than one micro-credit.")
-    wallet = ledger.wallet(session, account_id).id
-    source = ledger.external(session, "usdc").id
-    try:
-        _, created = ledger.post(
-            session,
-            f"solana:usdc:{signature}",
-            "deposit",
-            [ledger.Leg(wallet, micro), ledger.Leg(source, -micro)],
-            reference=signature,
-            memo=f"USDC deposit of {amount} base units",
-            created_by=by,
-            extra={"usdc_base_units": amount, "account": account_id},
-        )
-    except ledger.IdempotencyConflict:
-        raise ledger.IdempotencyConflict(
-            f"deposit {signature} was already credited to another account."
-        ) from None
+    created = _post_deposit(
+        session,
+        account_id=account_id,
+        key=f"solana:usdc:{signature}",
+        source="usdc",
+        micro=micro,
+        memo=f"USDC deposit of {amount} base units",
+        extra={"usdc_base_units": amount},
+        by=by,
+    )
     return micro, created
 
 
 def credit(
     session: Session, settings: Settings, *, account_id: int, signature: str, lamports: int, by: str
 ) -> tuple[int, bool]:
-    """Credit a verified deposit once. Returns ``(micro_credits, created)``."""
+    """Credit a verified SOL deposit once. Returns ``(micro_credits, created)``."""
     micro = lamports * settings.solana_micro_credits_per_sol // LAMPORTS_PER_SOL
     if micro <= 0:
         raise DepositRefused(f"{lamports} lamports is worth less than one micro-credit.")
-    wallet = ledger.wallet(session, account_id).id
-    source = ledger.external(session, "solana").id
-    try:
-        _, created = ledger.post(
-            session,
-            f"solana:{signature}",
-            "deposit",
-            [ledger.Leg(wallet, micro), ledger.Leg(source, -micro)],
-            reference=signature,
-            memo=f"Solana deposit of {lamports} lamports",
-            created_by=by,
-            extra={"lamports": lamports, "account": account_id},
-        )
-    except ledger.IdempotencyConflict:
-        raise ledger.IdempotencyConflict(
-            f"deposit {signature} was already credited to another account."
-        ) from None
+    created = _post_deposit(
+        session,
+        account_id=account_id,
+        key=f"solana:{signature}",
+        source="solana",
+        micro=micro,
+        memo=f"Solana deposit of {lamports} lamports",
+        extra={"lamports": lamports},
+        by=by,
+    )
     return micro, created

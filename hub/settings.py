@@ -213,14 +213,6 @@ class Settings(BaseSettings):
         "min_billable_seconds",
         "solana_micro_credits_per_sol",
         "micro_credits_per_usdc",
-    )
-    @classmethod
-    def _positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError("must be a positive integer")
-        return value
-
-    @field_validator(
         "reservation_hold_seconds",
         "house_price",
         "min_price",
@@ -232,7 +224,7 @@ class Settings(BaseSettings):
         "node_clock_skew_seconds",
     )
     @classmethod
-    def _positive_money(cls, value: int) -> int:
+    def _positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be a positive integer")
         return value
