@@ -25,14 +25,12 @@ from pathlib import Path
 
 import httpx
 
-from gpuportal.provider import nvml
+from gpuportal.provider import nvml, raynode
 
 from .errors import ConfigError
-from .raystatus import DEMO_RESOURCE
 from .settings import Settings
 
 DEFAULT_DEMO_GPUS = "2xA100-80GB"
-NODE_RESOURCE_PREFIX = "gpuportal/node:"
 _DEMO_RE = re.compile(r"^\s*(\d+)\s*[xX\u00d7]\s*([A-Za-z0-9][A-Za-z0-9._-]{0,63})\s*$")
 
 
@@ -92,14 +90,7 @@ def ray_resources(plan: GpuPlan, node_id: str | None = None) -> dict[str, float]
     With ``node_id`` the node also declares ``gpuportal/node:<node_id>`` (one
     unit per GPU), the resource a reservation pins its Ray job to.
     """
-    resources: dict[str, float] = {
-        f"accelerator_type:{m}": float(n) for m, n in plan.models.items()
-    }
-    if plan.demo:
-        resources[DEMO_RESOURCE] = float(plan.count)
-    if node_id:
-        resources[f"{NODE_RESOURCE_PREFIX}{node_id}"] = float(max(plan.count, 1))
-    return resources
+    return raynode.resources(node_id, plan.models, plan.demo)
 
 
 def free_port(avoid: frozenset[int] = frozenset()) -> int:

@@ -29,6 +29,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from gpuportal.provider.raynode import NODE_RESOURCE_PREFIX
+
 from .models import Account, Base, UTCDateTime
 from .timeutil import utcnow
 
@@ -139,7 +141,7 @@ class Node(Base):
     @property
     def resource(self) -> str:
         """The Ray custom resource that pins a job to this node."""
-        return f"gpuportal/node:{self.node_id}"
+        return f"{NODE_RESOURCE_PREFIX}{self.node_id}"
 
 
 class Gpu(Base):

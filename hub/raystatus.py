@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-DEMO_RESOURCE = "gpuportal/demo"
+from gpuportal.provider.raynode import DEMO_RESOURCE, NODE_RESOURCE_PREFIX
+
 ACCELERATOR_PREFIX = "accelerator_type:"
-NODE_RESOURCE_PREFIX = "gpuportal/node:"
 #: Most Ray nodes one state API answer lists (the API's default is 100).
 NODES_LIMIT = 10_000
 

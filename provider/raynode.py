@@ -35,11 +35,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def resources(node_id: str, models: dict[str, int], demo: bool) -> dict[str, float]:
-    """``gpuportal/node:<id>`` (one unit per GPU), ``accelerator_type:<model>`` and demo."""
+def resources(node_id: str | None, models: dict[str, int], demo: bool) -> dict[str, float]:
+    """``accelerator_type:<model>``, ``gpuportal/node:<id>`` (one unit per GPU; none
+    without a node id) and ``gpuportal/demo``: the one definition of what a
+    gpuportal Ray node declares, for provider nodes and the house head alike."""
     count = sum(models.values())
     out = {f"accelerator_type:{m}": float(n) for m, n in models.items()}
-    out[f"{NODE_RESOURCE_PREFIX}{node_id}"] = float(max(count, 1))
+    if node_id:
+        out[f"{NODE_RESOURCE_PREFIX}{node_id}"] = float(max(count, 1))
     if demo:
         out[DEMO_RESOURCE] = float(count)
     return out
