@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from gpuportal.hub.admin import ensure_admin, extra_admins, passwords_dbm
+from gpuportal.hub.datadir import secure_data_dir
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.settings import load_settings
 
@@ -26,6 +27,9 @@ except ConfigError as exc:  # one clear line, no traceback wall
     sys.exit(2)
 
 data = gp.data_dir  # GPUPORTAL_DATA_DIR, default ./.gpuportal
+# The data dir holds every secret of the control plane: 0700, its files 0600,
+# and this process's umask 0077, whatever the shell's.
+secure_data_dir(data)
 (gp.run_dir).mkdir(parents=True, exist_ok=True)
 (gp.logs_dir).mkdir(parents=True, exist_ok=True)
 
@@ -187,6 +191,11 @@ c.JupyterHub.spawner_class = "ray"
 c.RaySpawner.portal_url = f"http://127.0.0.1:{gp.portal_port}{gp.service_prefix}"
 c.RaySpawner.portal_token = _spawner_token
 c.RaySpawner.cpu_jobs_url = gp.ray_jobs_url
+# Every Ray cluster runs with token authentication; the house cluster's token is
+# in the data dir (GPUPORTAL_RAY_TOKEN_FILE). GPU clusters' tokens come with each
+# reservation. Only the spawner, the portal and the node agent hold them.
+if gp.ray_token_path.exists():
+    c.RaySpawner.cpu_ray_token = gp.ray_token_path.read_text().strip()
 # The node runs this same environment: name its wrapper by path, since a Ray
 # job's PATH is the Ray head's, not this virtualenv's.
 _wrapper = Path(sys.executable).parent / "gpuportal-singleuser"
@@ -194,15 +203,13 @@ if _wrapper.exists():
     c.RaySpawner.entrypoint = [str(_wrapper)]
 # The GPU profile offers the common models plus the house node's own.
 c.RaySpawner.profile_list = default_profile_list(models=plan_gpus(gp).models)
-c.Spawner.notebook_dir = str(data / "users" / "{user_key}")
+# Each server runs as its customer's own OS account, in that account's home
+# (GPUPORTAL_HOMES_DIR on the house node), never inside the data dir.
 # A spawn is a reservation, a Ray job (a new Ray worker for its supervisor) and a
 # Jupyter server; a burst of them on a small machine takes more than the default 60 s.
 c.Spawner.start_timeout = 120
 c.Spawner.default_url = "/lab"
 c.Spawner.ip = "127.0.0.1"
-if os.getuid() == 0:
-    # jupyter-server refuses root unless told; only then.
-    c.Spawner.args = ["--allow-root"]
 # Servers are Ray jobs, not children of the hub: a hub restart keeps them
 # (spawner state holds cluster, job and reservation ids).
 c.JupyterHub.cleanup_servers = False

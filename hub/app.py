@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from jupyterhub.services.auth import HubOAuth
 from redis.exceptions import RedisError
+from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -31,6 +32,7 @@ from .cache import Cache, make_cache
 from .capacity import CapacityIndex
 from .hubapi import HubAPI, HubUnavailable
 from .marketplace import OFFERS_CACHE_KEY, SUMMARY_CACHE_KEY, rules_of
+from .marketplace_models import Cluster
 from .reqlog import RequestIdMiddleware, request_id
 from .settings import Settings
 from .timeutil import utcnow
@@ -191,25 +193,35 @@ class Portal:
 
         rules = node_rules(self.settings)
 
-        def targets() -> dict[int, tuple[str, list[str]]]:
+        def targets() -> tuple[dict[int, tuple[str, list[str]]], dict[int, str | None]]:
             with db.transaction(self.sessions) as session:
-                return nodes.clusters_to_check(session)
+                found = nodes.clusters_to_check(session)
+                tokens = dict(
+                    session.execute(
+                        select(Cluster.id, Cluster.ray_token).where(Cluster.id.in_(list(found)))
+                    ).tuples()
+                )
+                return found, tokens
 
-        clusters = await run_in_threadpool(targets)
+        clusters, tokens = await run_in_threadpool(targets)
         if not clusters:
             return []
         gate = asyncio.Semaphore(RAY_CHECK_CONCURRENCY)
 
-        async def ask(client: httpx.AsyncClient, url: str) -> dict[str, str] | None:
+        async def ask(client: httpx.AsyncClient, pk: int, url: str) -> dict[str, str] | None:
             async with gate:
                 try:
-                    return await raystatus.node_states(client, url, RAY_CHECK_TIMEOUT)
+                    return await raystatus.node_states(
+                        client, url, RAY_CHECK_TIMEOUT, tokens.get(pk)
+                    )
                 except raystatus.RayUnreachable as exc:
                     log.debug("Ray dashboard %s: %s", _host(url), exc)
                     return None
 
         async with httpx.AsyncClient() as client:
-            answers = await asyncio.gather(*(ask(client, url) for url, _ in clusters.values()))
+            answers = await asyncio.gather(
+                *(ask(client, pk, url) for pk, (url, _) in clusters.items())
+            )
         views: dict[int, tuple[dict[str, str] | None, int]] = {}
         for pk, states in zip(clusters, answers, strict=True):
             if states is None:

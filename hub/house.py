@@ -19,6 +19,8 @@ from typing import Any
 
 from gpuportal.provider.agent import inventory
 from gpuportal.provider.identity import Identity
+from gpuportal.provider.isolation import node_isolation
+from gpuportal.provider.raynode import ensure_auth_token
 
 from . import accounts
 from .db import session_factory, transaction
@@ -74,7 +76,12 @@ def register_house(
             house=True,
         )
         cluster = upsert_cluster(
-            session, provider, name=HOUSE_CLUSTER, jobs_url=jobs_url, ray_address=ray_address
+            session,
+            provider,
+            name=HOUSE_CLUSTER,
+            jobs_url=jobs_url,
+            ray_address=ray_address,
+            ray_token=ensure_auth_token(settings.ray_token_path),
         )
         node = register_node(
             session,
@@ -85,6 +92,7 @@ def register_house(
             reliability_start=settings.reliability_start,
             public_key=identity.public_key,
             driver_version=driver,
+            isolation=node_isolation(),
         )
         if node.status == "left":
             node.status = "pending"

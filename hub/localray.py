@@ -25,7 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from gpuportal.provider import nvml, raynode
+from gpuportal.provider import isolation, nvml, raynode
 
 from .errors import ConfigError
 from .settings import Settings
@@ -115,17 +115,17 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def ray_env() -> dict[str, str]:
-    """Environment for every Ray process gpuportal starts."""
-    env = dict(os.environ)
-    env.update(
-        RAY_USAGE_STATS_ENABLED="0",  # never report to Ray's makers
-        # A single-machine head binds loopback rather than the host's public address.
-        RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
-        # `down` should be quick; no Serve replicas to drain in the house cluster.
-        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+def ray_env(settings: Settings) -> dict[str, str]:
+    """The whole environment of the house Ray head: the node-side allow-list
+    (``raynode.ray_env``) with token authentication, and where customers' homes
+    live. Every job inherits it, so no setting of the control plane is on it."""
+    return raynode.ray_env(
+        settings.ray_token_path,
+        {
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            isolation.ENV_HOMES: str(settings.homes_path),
+        },
     )
-    return env
 
 
 def _end_group(pgid: int, wait: float = 10.0) -> None:
@@ -154,6 +154,11 @@ class LocalRayHead:
         self.settings = settings
         self.state_file = settings.run_dir / "ray.json"
         self.log_file = settings.logs_dir / "ray.log"
+        self.token_path = settings.ray_token_path
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return raynode.auth_headers(raynode.ensure_auth_token(self.token_path))
 
     @property
     def jobs_url(self) -> str:
@@ -168,7 +173,9 @@ class LocalRayHead:
         if not _pid_alive(int(state.get("pid", 0))):
             return None
         try:
-            httpx.get(f"{state['jobs_url']}/api/version", timeout=3).raise_for_status()
+            httpx.get(
+                f"{state['jobs_url']}/api/version", timeout=3, headers=self.headers
+            ).raise_for_status()
         except httpx.HTTPError:
             return None
         return dict(state)
@@ -211,6 +218,10 @@ class LocalRayHead:
             if port_in_use(port):
                 raise ConfigError(f"port {port} ({name}) is already in use; choose another.")
         temp_dir = Path("/tmp") / f"gpuportal-ray-{os.getuid()}-{s.ray_port}"  # noqa: S108
+        # Ray's logs and sockets are the control plane's: nobody else may read them.
+        temp_dir.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(temp_dir, 0o700)
+        headers = self.headers  # creates the token before Ray reads it
         # The stack's own ports are free until it binds them: never hand them to Ray.
         avoid = frozenset(
             {s.port, s.hub_port, s.proxy_api_port, s.portal_port, s.ray_port, s.ray_dashboard_port}
@@ -248,7 +259,7 @@ class LocalRayHead:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=ray_env(),
+                env=ray_env(s),
                 start_new_session=True,
             )
         state: dict[str, object] = {
@@ -266,7 +277,7 @@ class LocalRayHead:
                 raise _HeadExited(proc.returncode)
             # Ready once the head's raylet has registered, so GPUs show at once.
             try:
-                reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", timeout=2)
+                reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", timeout=2, headers=headers)
                 ready = reply.status_code == 200 and reply.json()["data"]["result"]["total"] > 0
             except (httpx.HTTPError, ValueError, KeyError, TypeError):
                 ready = False

@@ -244,6 +244,8 @@ def public(res: Reservation, node: Node | None = None) -> dict[str, Any]:
         "released_at": res.released_at,
         "failed_at": res.failed_at,
         "failure_reason": res.failure_reason,
+        # For trusted callers only: response models for customers leave it out.
+        "ray_token": cluster.ray_token,
     }
 
 

@@ -37,6 +37,7 @@ from .timeutil import utcnow
 PROVIDER_STATUSES = ("listed", "paused", "delisted")
 NODE_STATUSES = ("pending", "online", "offline", "left")
 VERIFICATION_STATUSES = ("unverified", "verified", "failed", "changed")
+ISOLATION_MODES = ("user", "exclusive")
 RESERVATION_STATUSES = ("held", "active", "released", "expired")
 #: Why a node is offline: it missed heartbeats; its Ray cluster reports its Ray
 #: node dead or without it; its cluster's dashboard stopped answering.
@@ -92,6 +93,9 @@ class Cluster(Base):
     name: Mapped[str] = mapped_column(String(128))
     jobs_url: Mapped[str] = mapped_column(String(512))
     ray_address: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    #: The cluster's Ray token (Ray's token authentication). Given only to trusted
+    #: callers (the spawner) and used by the portal's Ray cross-check; never shown.
+    ray_token: Mapped[str | None] = mapped_column(String(256), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     provider: Mapped[Provider] = relationship(back_populates="clusters")
@@ -108,6 +112,7 @@ class Node(Base):
         CheckConstraint(_in("verification", VERIFICATION_STATUSES), name="verification_known"),
         CheckConstraint("reliability >= 0 AND reliability <= 1", name="reliability_range"),
         CheckConstraint("length(node_id) > 0", name="node_id_not_empty"),
+        CheckConstraint(_in("isolation", ISOLATION_MODES), name="isolation_known"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -115,6 +120,9 @@ class Node(Base):
     #: The node's own stable id, also the Ray custom resource ``gpuportal/node:<node_id>``.
     node_id: Mapped[str] = mapped_column(String(64), unique=True)
     demo: Mapped[bool] = mapped_column(default=False)
+    #: ``user``: each customer runs under an OS account of their own; ``exclusive``:
+    #: the node cannot make accounts, so it hosts one customer at a time.
+    isolation: Mapped[str] = mapped_column(String(16), default="user", server_default="user")
     status: Mapped[str] = mapped_column(String(16), default="pending")
     blocked: Mapped[bool] = mapped_column(default=False)
     verification: Mapped[str] = mapped_column(String(16), default="unverified")

@@ -80,6 +80,8 @@ class NodeIn(BaseModel):
     public_key: str = Field(pattern=r"^[0-9a-f]{64}$")
     demo: bool = False
     driver_version: str | None = Field(None, max_length=64)
+    #: ``user`` (customers under accounts of their own) or ``exclusive`` (one at a time).
+    isolation: str = Field("exclusive", pattern="^(user|exclusive)$")
     gpus: list[GpuIn] = Field(min_length=1, max_length=64)
 
 
@@ -96,6 +98,8 @@ class Registration(BaseModel):
     cluster_name: str = Field("default", pattern=_ID)
     jobs_url: str = Field(min_length=8, max_length=512, pattern=r"^https?://")
     ray_address: str | None = Field(None, max_length=255)
+    #: The cluster's Ray token, for the spawner (Jobs API) and the Ray cross-check.
+    ray_token: str | None = Field(None, min_length=16, max_length=256, pattern=r"^[\x21-\x7e]+$")
     node: NodeIn
 
 
@@ -209,6 +213,7 @@ async def register(
             name=body.cluster_name,
             jobs_url=body.jobs_url,
             ray_address=body.ray_address,
+            ray_token=body.ray_token,
         )
         claims = [
             GpuClaim(g.index, g.uuid, g.model, g.vram_mib, g.cuda_capability, g.pci_bus_id)
@@ -223,6 +228,7 @@ async def register(
             reliability_start=settings.reliability_start,
             public_key=body.node.public_key,
             driver_version=body.node.driver_version,
+            isolation=body.node.isolation,
         )
         if node.status == "left":
             node.status = "pending"

@@ -129,17 +129,26 @@ def upsert_cluster(
     name: str,
     jobs_url: str,
     ray_address: str | None = None,
+    ray_token: str | None = None,
 ) -> Cluster:
+    """Create or update a provider's cluster. ``ray_token``: its Ray token, kept as
+    given (None leaves a known token in place)."""
     cluster = session.scalar(
         select(Cluster).where(Cluster.provider_id == provider.id, Cluster.name == name)
     )
     if cluster is None:
         cluster = Cluster(
-            provider_id=provider.id, name=name, jobs_url=jobs_url, ray_address=ray_address
+            provider_id=provider.id,
+            name=name,
+            jobs_url=jobs_url,
+            ray_address=ray_address,
+            ray_token=ray_token,
         )
         session.add(cluster)
     else:
         cluster.jobs_url, cluster.ray_address = jobs_url, ray_address
+        if ray_token is not None:
+            cluster.ray_token = ray_token
     session.flush()
     return cluster
 
@@ -155,6 +164,7 @@ def register_node(
     public_key: str | None = None,
     driver_version: str | None = None,
     verified: bool = False,
+    isolation: str = "user",
 ) -> Node:
     """Create or update a node and its GPUs from a claim.
 
@@ -176,6 +186,7 @@ def register_node(
             public_key=public_key,
             driver_version=driver_version,
             heartbeat_counter=0,
+            isolation=isolation,
         )
         session.add(node)
         session.flush()
@@ -185,6 +196,7 @@ def register_node(
             raise Invalid(f"node id {node_id!r} belongs to another provider; choose another.")
         node.cluster_id = cluster.id
         node.demo = demo
+        node.isolation = isolation
         if public_key is not None:
             node.public_key = public_key
         node.driver_version = driver_version or node.driver_version

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from gpuportal.provider.raynode import DEMO_RESOURCE, NODE_RESOURCE_PREFIX
+from gpuportal.provider.raynode import DEMO_RESOURCE, NODE_RESOURCE_PREFIX, auth_headers
 
 ACCELERATOR_PREFIX = "accelerator_type:"
 #: Most Ray nodes one state API answer lists (the API's default is 100).
@@ -47,10 +47,13 @@ def summarize_nodes(nodes: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-async def cluster_status(jobs_url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """``{"status": "ok", ...summary}`` or ``{"status": "unreachable", "detail": ...}``."""
+async def cluster_status(
+    jobs_url: str, timeout: float = 5.0, token: str | None = None
+) -> dict[str, Any]:
+    """``{"status": "ok", ...summary}`` or ``{"status": "unreachable", "detail": ...}``.
+    ``token``: the cluster's Ray token."""
     try:
-        async with httpx.AsyncClient(timeout=timeout) as client:
+        async with httpx.AsyncClient(timeout=timeout, headers=auth_headers(token)) as client:
             version = (await client.get(f"{jobs_url}/api/version")).json()
             reply = await client.get(f"{jobs_url}/api/v0/nodes", params={"detail": "1"})
             reply.raise_for_status()
@@ -84,16 +87,17 @@ def marketplace_node_states(nodes: list[dict[str, Any]]) -> dict[str, str]:
 
 
 async def node_states(
-    client: httpx.AsyncClient, jobs_url: str, timeout: float = 5.0
+    client: httpx.AsyncClient, jobs_url: str, timeout: float = 5.0, token: str | None = None
 ) -> dict[str, str]:
     """Ask one cluster which marketplace nodes its Ray runs; :class:`RayUnreachable` if it
-    cannot say. Bounded by ``timeout`` seconds in all."""
+    cannot say. Bounded by ``timeout`` seconds in all. ``token``: the cluster's Ray token."""
     try:
         reply = await asyncio.wait_for(
             client.get(
                 f"{jobs_url.rstrip('/')}/api/v0/nodes",
                 params={"detail": "1", "limit": str(NODES_LIMIT)},
                 timeout=timeout,
+                headers=auth_headers(token),
             ),
             timeout=timeout,
         )

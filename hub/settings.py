@@ -79,6 +79,18 @@ class Settings(BaseSettings):
         description="Jobs API URL of an already running Ray cluster to use instead of "
         "starting a local head.",
     )
+    ray_token_file: str = Field(
+        "",
+        description="File holding the Ray token of the house cluster (or of the cluster at "
+        "GPUPORTAL_RAY_DASHBOARD_URL). Empty: ray-auth-token in the data dir, made 0600 on "
+        "first start. Only the spawner, the portal and the node agent read it.",
+    )
+    homes_dir: str = Field(
+        "",
+        description="Where the house node keeps customers' home directories (one per "
+        "customer, mode 0700, owned by the customer's own OS user). Empty: a folder "
+        "named after the data dir with -homes appended, beside it.",
+    )
     ray_num_cpus: int = Field(default_factory=_default_cpus, description="CPUs Ray may use.")
     ray_object_store_mb: int = Field(200, description="Ray object store size, in MiB.")
     auth_cache_seconds: float = Field(
@@ -294,6 +306,20 @@ class Settings(BaseSettings):
     @property
     def run_dir(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def ray_token_path(self) -> Path:
+        """The house cluster's Ray token file."""
+        if self.ray_token_file:
+            return Path(self.ray_token_file).expanduser().resolve()
+        return self.data_dir / "ray-auth-token"
+
+    @property
+    def homes_path(self) -> Path:
+        """Customers' homes on the house node: outside the data dir, which is 0700."""
+        if self.homes_dir:
+            return Path(self.homes_dir).expanduser().resolve()
+        return self.data_dir.parent / f"{self.data_dir.name}-homes"
 
     @property
     def ray_jobs_url(self) -> str:

@@ -24,12 +24,15 @@ from typing import IO, Any
 import httpx
 import psutil
 
+from gpuportal.provider import raynode
+
 from . import db
 from .admin import ensure_admin
 from .cache import check_redis
+from .datadir import secure_data_dir
 from .errors import ConfigError
 from .house import house_dir, house_identity, register_house, verification_of
-from .localray import LocalRayHead, plan_gpus, port_in_use, ray_env, stop_process_group
+from .localray import LocalRayHead, plan_gpus, port_in_use, stop_process_group
 from .placement import credits
 from .settings import Settings
 
@@ -138,6 +141,7 @@ def up(
 ) -> int:
     """Run the stack in the foreground until SIGINT/SIGTERM. Returns the exit code."""
     preflight(settings, config)
+    secure_data_dir(settings.data_dir)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
 
@@ -206,7 +210,8 @@ def up(
             )
 
         echo(f"[3/4] JupyterHub: starting on http://127.0.0.1:{settings.port} ...")
-        env = ray_env()
+        # The hub and the portal are the control plane: they get our environment.
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
         env["GPUPORTAL_DATA_DIR"] = str(settings.data_dir)
         env["PATH"] = _path_with_venv()
         log_path = settings.logs_dir / "jupyterhub.log"
@@ -288,8 +293,9 @@ def up(
 def _start_house_agent(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes]:
     """The house node's provider agent: verification, then signed heartbeats."""
     log_path = settings.logs_dir / "house-agent.log"
-    # The agent needs none of the control plane's settings; keep them out of it.
-    env = {k: v for k, v in env.items() if not k.startswith("GPUPORTAL_")}
+    # The agent is node-side: the node's allow-list, none of the control plane's settings.
+    env = raynode.ray_env(None, {"PATH": env["PATH"]})
+    env.pop("RAY_AUTH_MODE", None)
     with open(log_path, "ab") as log:
         return subprocess.Popen(
             [

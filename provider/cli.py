@@ -22,7 +22,8 @@ import click
 
 from .agent import Agent, AgentError, Portal, inventory, models_of
 from .identity import Identity, IdentityError, default_config_dir
-from .raynode import RayNode, RayStartError
+from .isolation import node_isolation
+from .raynode import AUTH_TOKEN_FILE, RayNode, RayStartError, ensure_auth_token
 
 F = TypeVar("F", bound=Callable[..., Any])
 MICRO = 1_000_000
@@ -177,6 +178,14 @@ def join(
         f"{' (DEMO, logical GPUs)' if demo else ''}"
     )
     ray: RayNode | None = None
+    # The cluster's Ray token: made here for a new head; a worker joining a cluster
+    # finds the head's token in this file (and so may a node whose Ray runs already).
+    token_path = identity.config_dir / AUTH_TOKEN_FILE
+    if ray_address and not no_ray and not token_path.exists():
+        raise AgentError(
+            f"put the cluster's Ray token (the head's {AUTH_TOKEN_FILE}) in {token_path} "
+            "first: every gpuportal Ray cluster runs with token authentication."
+        )
     if not no_ray:
         ray = RayNode.start(
             identity.node_id,
@@ -185,12 +194,14 @@ def join(
             identity.config_dir / "ray.log",
             address=ray_address,
             num_cpus=num_cpus,
+            token_path=token_path,
         )
         jobs_url = jobs_url or ray.jobs_url
         click.echo(
             f"Ray: {'joined ' + ray_address if ray_address else 'head'} "
             f"(pid {ray.proc.pid}), Jobs API {jobs_url}"
         )
+    ray_token = ensure_auth_token(token_path) if ray or token_path.exists() else None
     portal = Portal(hub_url, identity, token)
     try:
         reply = portal.call(
@@ -204,10 +215,12 @@ def join(
                 "price_per_gpu_hour": micro,
                 "jobs_url": jobs_url,
                 "ray_address": ray.address if ray else ray_address,
+                "ray_token": ray_token,
                 "node": {
                     "node_id": identity.node_id,
                     "public_key": identity.public_key,
                     "demo": demo,
+                    "isolation": node_isolation(),
                     "driver_version": driver,
                     "gpus": [g.claim() for g in gpus],
                 },

@@ -4,6 +4,13 @@ Either a new head (the provider's own cluster) or a worker joining the cluster
 at ``--ray-address``. Ray runs as ``ray start --block`` in its own process
 group, so stopping that one process stops what it started and nothing else.
 Usage statistics stay off.
+
+Isolation: Ray gives no isolation inside a cluster, and every job's process
+inherits the environment of the ``ray start`` that started its node. So Ray
+starts from an allow-list of variables (:func:`ray_env`), never from a copy of
+``os.environ``, and with Ray's token authentication on: the token lives in a
+0600 file (:func:`ensure_auth_token`) that only the node's agent and the hub's
+spawner read; a Jobs API or GCS call without it is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -48,21 +56,91 @@ def resources(node_id: str | None, models: dict[str, int], demo: bool) -> dict[s
     return out
 
 
-def ray_env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["RAY_USAGE_STATS_ENABLED"] = "0"
-    # Stopping should be quick: nothing of ours to drain.
-    env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+#: Variables a Ray process we start may inherit from ours: what a Python process
+#: needs to run and find its GPUs. Nothing of the control plane (no GPUPORTAL_*
+#: setting, database or Redis URL, password, or cloud credential) is on it.
+INHERITED_ENV = (
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "LANG",
+    "LC_ALL",
+    "LC_CTYPE",
+    "TZ",
+    "TMPDIR",
+    "LD_LIBRARY_PATH",
+    "CUDA_HOME",
+    "NVIDIA_VISIBLE_DEVICES",
+    "NVIDIA_DRIVER_CAPABILITIES",
+    # Older OpenBLAS builds need these on some CPUs to compute correctly.
+    "OPENBLAS_CORETYPE",
+    "OPENBLAS_L2_SIZE",
+)
+#: Ray tuning knobs that may pass (health-check periods, as tests shorten them).
+INHERITED_PREFIXES = ("RAY_health_check_",)
+AUTH_TOKEN_FILE = "ray-auth-token"  # noqa: S105 (a file name)
+
+
+def ray_env(
+    token_path: Path | None = None,
+    extra: dict[str, str] | None = None,
+    source: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The whole environment of a ``ray start`` we run: an allow-list of ``source``
+    (default ``os.environ``), Ray's switches, and ``extra``. Never a copy.
+
+    ``token_path``: turn on Ray's token authentication with the token in that file.
+    """
+    source = dict(os.environ) if source is None else source
+    env = {
+        k: v for k, v in source.items() if k in INHERITED_ENV or k.startswith(INHERITED_PREFIXES)
+    }
+    env.update(
+        RAY_USAGE_STATS_ENABLED="0",  # never report to Ray's makers
+        # Stopping should be quick: nothing of ours to drain.
+        RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+    )
+    if token_path is not None:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    env.update(extra or {})
     return env
+
+
+def ensure_auth_token(path: Path) -> str:
+    """The cluster's Ray token, created once (0600, random) in ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        pass
+    else:
+        with os.fdopen(fd, "w") as out:
+            out.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    token = path.read_text().strip()
+    if not token:
+        raise RayStartError(f"the Ray token file {path} is empty; delete it to make a new one.")
+    return token
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    """HTTP headers that authenticate to a Ray dashboard / Jobs API with ``token``."""
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 class RayNode:
     """One ``ray start --block`` process this agent started."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], jobs_url: str, address: str) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], jobs_url: str, address: str, token: str = ""
+    ) -> None:
         self.proc = proc
         self.jobs_url = jobs_url
         self.address = address
+        self.token = token
 
     @classmethod
     def start(
@@ -74,10 +152,16 @@ class RayNode:
         address: str | None = None,
         num_cpus: int = 1,
         timeout: float = 120.0,
+        token_path: Path | None = None,
     ) -> RayNode:
+        """``token_path``: the cluster's Ray token (created when missing); default
+        ``ray-auth-token`` beside ``log_path``. A worker joining a cluster needs the
+        head's token there."""
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
             raise RayStartError("the `ray` command is missing; install gpuportal first.")
+        token_path = token_path or log_path.parent / AUTH_TOKEN_FILE
+        token = ensure_auth_token(token_path)
         port, dashboard = free_port(), free_port()
         common = [
             "--block",
@@ -118,10 +202,10 @@ class RayNode:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=ray_env(),
+                env=ray_env(token_path),
                 start_new_session=True,
             )
-        node = cls(proc, jobs_url, addr)
+        node = cls(proc, jobs_url, addr, token)
         if jobs_url:
             node.wait_ready(timeout, log_path)
         return node
@@ -132,7 +216,9 @@ class RayNode:
             if self.proc.poll() is not None:
                 raise RayStartError(f"Ray exited with code {self.proc.returncode}; see {log_path}")
             try:
-                reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", timeout=2)
+                reply = httpx.get(
+                    f"{self.jobs_url}/api/v0/nodes", timeout=2, headers=auth_headers(self.token)
+                )
                 if reply.status_code == 200 and reply.json()["data"]["result"]["total"] > 0:
                     return
             except (httpx.HTTPError, ValueError, KeyError, TypeError):

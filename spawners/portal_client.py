@@ -55,6 +55,11 @@ class Reservation:
     price_per_gpu_hour: int
     region: str
     demo: bool
+    #: The cluster's Ray token (trusted callers only); never logged, never sent to a node.
+    ray_token: str = ""
+
+    def __repr__(self) -> str:  # no token in a log line
+        return f"Reservation(id={self.id!r}, node_id={self.node_id!r}, status={self.status!r})"
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> Reservation:
@@ -71,6 +76,7 @@ class Reservation:
             price_per_gpu_hour=int(body.get("price_per_gpu_hour", 0)),
             region=str(body.get("region", "")),
             demo=bool(body.get("demo", False)),
+            ray_token=str(body.get("ray_token") or ""),
         )
 
 

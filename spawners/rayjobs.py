@@ -53,11 +53,13 @@ class _BoundedClient(JobSubmissionClient):
 
 
 class RayJobs:
-    """Jobs on one cluster, addressed by its Jobs API URL."""
+    """Jobs on one cluster, addressed by its Jobs API URL and authenticated with the
+    cluster's Ray token (every cluster runs with Ray's token authentication)."""
 
-    def __init__(self, jobs_url: str, timeout: float = 10.0) -> None:
+    def __init__(self, jobs_url: str, timeout: float = 10.0, token: str = "") -> None:
         self.jobs_url = jobs_url.rstrip("/")
         self.timeout = timeout
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client: _BoundedClient | None = None
 
     async def _call(self, fn_name: str, *args: Any, **kwargs: Any) -> Any:
@@ -66,7 +68,7 @@ class RayJobs:
                 client = _BoundedClient.__new__(_BoundedClient)
                 client.request_timeout = self.timeout
                 # The constructor itself makes a request (version check).
-                JobSubmissionClient.__init__(client, self.jobs_url)
+                JobSubmissionClient.__init__(client, self.jobs_url, headers=dict(self.headers))
                 self._client = client
             return getattr(self._client, fn_name)(*args, **kwargs)
 
@@ -134,7 +136,7 @@ class RayJobs:
     async def _node(self, node_id: str) -> dict[str, Any] | None:
         """The state API's record of one node; None when unknown. Raises RayUnavailable."""
         try:
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
+            async with httpx.AsyncClient(timeout=self.timeout, headers=self.headers) as client:
                 reply = await client.get(
                     f"{self.jobs_url}/api/v0/nodes",
                     params={

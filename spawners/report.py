@@ -7,21 +7,92 @@ port. The node never chooses the host the hub connects to: the spawner does
 (see ``RaySpawner.connect_ip``), so a provider cannot point a user's route at
 an arbitrary address.
 
-Importing this module registers the handler with JupyterHub (the hub builds
+``POST /hub/api/gpuportal/claim`` is how the wrapper gets that token in the
+first place: the spawner puts a one-time claim (not the token) in the job, and
+registers it here; the first request that presents it gets the token, and the
+claim is gone. A second claim for the same job is refused and fails the spawn,
+since someone else has read the job. The token never travels in the job's
+runtime env, which the Jobs API shows to whoever may list jobs.
+
+Importing this module registers the handlers with JupyterHub (the hub builds
 its handler table from ``jupyterhub.apihandlers.default_handlers`` at start),
 which is what the ``ray`` spawner entry point and ``jupyterhub_config.py`` do.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import weakref
 from typing import Any
 
 from jupyterhub.apihandlers import APIHandler, default_handlers
 from tornado import web
 
 HANDLER_PATH = r"/api/gpuportal/report"
+CLAIM_HANDLER_PATH = r"/api/gpuportal/claim"
 MAX_BODY = 4096
+
+#: job id → (sha256 of the claim, the spawner waiting for it). One hub process.
+_claims: dict[str, tuple[bytes, weakref.ReferenceType[Any]]] = {}
+#: Jobs whose claim was used: a second try is an attack (or a bug) to report.
+_claimed: dict[str, weakref.ReferenceType[Any]] = {}
+
+
+def expect_claim(job_id: str, claim: str, spawner: Any) -> None:
+    """Register the one-time ``claim`` the wrapper of ``job_id`` will present."""
+    _claimed.pop(job_id, None)
+    _claims[job_id] = (hashlib.sha256(claim.encode()).digest(), weakref.ref(spawner))
+
+
+def forget_claim(job_id: str) -> None:
+    """The start is over (ready or failed): its claim, used or not, is void."""
+    _claims.pop(job_id, None)
+    _claimed.pop(job_id, None)
+
+
+def take_claim(job_id: str, claim: str) -> Any | None:
+    """The spawner whose claim this is, once; None for a wrong, unknown or used claim.
+    A second claim of a used job tells its spawner (``claim_conflict``)."""
+    entry = _claims.get(job_id)
+    if entry is None:
+        used = _claimed.get(job_id)
+        spawner = used() if used else None
+        if spawner is not None:
+            spawner.claim_conflict()
+        return None
+    digest, ref = entry
+    if not hmac.compare_digest(digest, hashlib.sha256(claim.encode()).digest()):
+        return None
+    del _claims[job_id]
+    spawner = ref()
+    if spawner is not None:
+        _claimed[job_id] = ref
+    return spawner
+
+
+class ClaimHandler(APIHandler):
+    """Trade a job's one-time claim for its server's token. No other credential:
+    the claim is the credential, and it works once."""
+
+    def check_xsrf_cookie(self) -> None:
+        # No cookie is used or honoured here; the claim in the body authenticates.
+        return None
+
+    async def post(self) -> None:
+        if len(self.request.body or b"") > MAX_BODY:
+            raise web.HTTPError(413, "Claim too large.")
+        body = self.get_json_body()
+        job_id = body.get("job_id") if isinstance(body, dict) else None
+        claim = body.get("claim") if isinstance(body, dict) else None
+        if not isinstance(job_id, str) or not isinstance(claim, str) or not claim:
+            raise web.HTTPError(400, "A claim is a JSON object with job_id and claim.")
+        spawner = take_claim(job_id, claim)
+        token = getattr(spawner, "api_token", None) if spawner is not None else None
+        if not token:
+            raise web.HTTPError(403, "This claim is unknown or was already used.")
+        self.set_header("Cache-Control", "no-store")
+        self.finish({"token": token})
 
 
 class ReportHandler(APIHandler):
@@ -57,9 +128,10 @@ class ReportHandler(APIHandler):
 
 
 def register() -> None:
-    """Add the handler to the hub's API handlers once (idempotent)."""
-    if not any(entry[0] == HANDLER_PATH for entry in default_handlers):
-        default_handlers.append((HANDLER_PATH, ReportHandler))
+    """Add the handlers to the hub's API handlers once (idempotent)."""
+    for path, handler in ((HANDLER_PATH, ReportHandler), (CLAIM_HANDLER_PATH, ClaimHandler)):
+        if not any(entry[0] == path for entry in default_handlers):
+            default_handlers.append((path, handler))
 
 
 register()

@@ -1,10 +1,16 @@
 """``gpuportal-singleuser``: the entrypoint of a user server's Ray job, on the provider node.
 
-It picks a free port, starts ``jupyterhub-singleuser`` (from this same Python
-environment) with the arguments it was given, waits until the port accepts
-connections, and reports the port to the hub with the server's own token, as
-batchspawner's wrapper does. It then waits for the server and exits with its
-status, so the Ray job's status is the server's.
+It claims the server's hub token from the hub with the one-time claim the
+spawner put in the job (the token itself never travels in the job's runtime
+env, which anyone who may list jobs can read), picks a free port, and starts
+``jupyterhub-singleuser`` (from this same Python environment) **as the
+customer**: under the customer's own OS account when the node runs as root,
+inside a bubblewrap sandbox where the node has one (``provider/isolation.py``),
+from a fresh environment built from an allow-list — never a copy of its own,
+which holds Ray's variables and the path of the cluster's Ray token. It waits
+until the port accepts connections and reports the port to the hub with the
+server's token, as batchspawner's wrapper does. It then waits for the server
+and exits with its status, so the Ray job's status is the server's.
 
 Fate sharing: Ray's job supervisor kills the entrypoint's process group when
 it dies; on top of that this wrapper asks Linux to SIGTERM it when its parent
@@ -13,7 +19,8 @@ server running.
 
 Node-side code: it runs next to customer code on a provider's machine, so it
 never imports ``gpuportal.hub`` and reads only the ``JUPYTERHUB_*`` and
-``GPUPORTAL_SINGLEUSER_*`` variables the spawner put in the job's runtime env.
+``GPUPORTAL_SINGLEUSER_*`` variables the spawner put in the job's runtime env
+(and ``GPUPORTAL_NODE_HOMES``, the node's own choice of where homes live).
 """
 
 from __future__ import annotations
@@ -31,12 +38,36 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
+
+from gpuportal.provider import isolation
 
 REPORT_PATH = "gpuportal/report"
+CLAIM_PATH = "gpuportal/claim"
 ENV_IP = "GPUPORTAL_SINGLEUSER_IP"
 ENV_JOB_ID = "GPUPORTAL_SINGLEUSER_JOB_ID"
 ENV_READY_TIMEOUT = "GPUPORTAL_SINGLEUSER_READY_TIMEOUT"
+ENV_CLAIM = "GPUPORTAL_SINGLEUSER_CLAIM"
 _PR_SET_PDEATHSIG = 1
+#: Besides this server's JUPYTERHUB_* variables (and the token it claimed), all a
+#: user server's environment may hold: where the portal is, the idle limit, its
+#: GPUs, locale, and the CPU quirks older OpenBLAS builds need.
+SERVER_ENV_ALLOW = frozenset(
+    {
+        "GPUPORTAL_PORTAL_URL",
+        "GPUPORTAL_IDLE_TIMEOUT_SECONDS",
+        "CUDA_VISIBLE_DEVICES",
+        "NVIDIA_VISIBLE_DEVICES",
+        "NVIDIA_DRIVER_CAPABILITIES",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "OPENBLAS_CORETYPE",
+        "OPENBLAS_L2_SIZE",
+    }
+)
+#: Never passed on, even under an allowed prefix: the token is claimed instead.
+_TOKEN_VARS = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"})
 
 
 def _say(message: str) -> None:
@@ -75,57 +106,151 @@ def wait_listening(ip: str, port: int, child: subprocess.Popen[bytes], timeout: 
     return False
 
 
-def report(api_url: str, token: str, body: dict[str, object], attempts: int = 8) -> None:
-    """POST the report to the hub, retrying with backoff; raises on final failure."""
-    url = f"{api_url.rstrip('/')}/{REPORT_PATH}"
+def _post(
+    api_url: str, path: str, body: dict[str, object], token: str | None, attempts: int
+) -> Any:
+    """POST JSON to the hub API, retrying with backoff on network errors and 5xx;
+    returns the JSON answer; RuntimeError on a 4xx or the final failure."""
+    url = f"{api_url.rstrip('/')}/{path}"
     if not url.startswith(("http://", "https://")):
         raise ValueError("JUPYTERHUB_API_URL is not an http(s) URL")
     data = json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"token {token}"
     delay = 0.25
     for attempt in range(attempts):
         request = urllib.request.Request(  # noqa: S310 (scheme checked above)
-            url,
-            data=data,
-            method="POST",
-            headers={"Authorization": f"token {token}", "Content-Type": "application/json"},
+            url, data=data, method="POST", headers=headers
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as reply:  # noqa: S310
                 if reply.status in (200, 201):
-                    return
+                    raw = reply.read(65536)
+                    return json.loads(raw) if raw else {}
         except urllib.error.HTTPError as exc:
             if 400 <= exc.code < 500:
-                raise RuntimeError(f"the hub refused the report ({exc.code})") from None
-        except OSError:
+                raise RuntimeError(f"the hub refused {path} ({exc.code})") from None
+        except (OSError, ValueError):
             pass
         if attempt + 1 < attempts:
             time.sleep(delay)
             delay = min(delay * 2, 4.0)
-    raise RuntimeError("the hub did not accept the report")
+    raise RuntimeError(f"the hub did not answer {path}")
+
+
+def report(api_url: str, token: str, body: dict[str, object], attempts: int = 8) -> None:
+    """POST the report to the hub with the server's token; raises on final failure."""
+    _post(api_url, REPORT_PATH, body, token, attempts)
+
+
+def claim_token(api_url: str, job_id: str, claim: str, attempts: int = 8) -> str:
+    """Trade the job's one-time claim for the server's hub token. The hub answers a
+    claim once; a second try (someone else's, or ours after theirs) is refused."""
+    answer = _post(api_url, CLAIM_PATH, {"job_id": job_id, "claim": claim}, None, attempts)
+    token = answer.get("token") if isinstance(answer, dict) else None
+    if not isinstance(token, str) or not token:
+        raise RuntimeError("the hub's claim answer holds no token")
+    return token
+
+
+def server_env(
+    source: dict[str, str], token: str, account: isolation.Account, service_url: str
+) -> dict[str, str]:
+    """A user server's whole environment: its JUPYTERHUB_* variables, the allow-list
+    and its account's identity. Nothing else of ``source`` (Ray's variables, the
+    Ray token's path, whatever the node's Ray was started with) is passed on."""
+    env = {
+        k: v
+        for k, v in source.items()
+        if (k.startswith("JUPYTERHUB_") or k in SERVER_ENV_ALLOW) and k not in _TOKEN_VARS
+    }
+    bindir = str(Path(sys.executable).parent)
+    env.update(
+        JUPYTERHUB_API_TOKEN=token,
+        JUPYTERHUB_SERVICE_URL=service_url,
+        JUPYTERHUB_ROOT_DIR=str(account.home),
+        HOME=str(account.home),
+        USER=account.name,
+        LOGNAME=account.name,
+        SHELL="/bin/bash",
+        PATH=f"{bindir}:/usr/local/bin:/usr/bin:/bin",
+    )
+    return env
+
+
+def isolate(hub_user: str) -> tuple[isolation.Account, str | None]:
+    """The account the server runs as, and the sandbox to run it in (or None).
+
+    Raises IsolationError when the node can keep customer code neither under an
+    account of its own nor in a sandbox.
+    """
+    homes = isolation.default_homes()
+    bwrap = isolation.bwrap_path()
+    if os.geteuid() == 0:
+        account = isolation.ensure_account(hub_user, homes)
+    else:
+        if bwrap is None:
+            raise isolation.IsolationError(
+                "this node can neither run servers under their own accounts (it does not "
+                "run as root) nor sandbox them (bubblewrap is not installed)"
+            )
+        account = isolation.current_account(hub_user, homes)
+    if bwrap and not isolation.sandbox_works(bwrap, account):
+        _say("bubblewrap is installed but cannot start a sandbox here (user namespaces?)")
+        if os.geteuid() != 0:
+            raise isolation.IsolationError("the sandbox, required on this node, does not start")
+        bwrap = None
+    return account, bwrap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     die_with_parent()
-    env = dict(os.environ)
-    api_url = env.get("JUPYTERHUB_API_URL", "")
-    token = env.get("JUPYTERHUB_API_TOKEN", "")
-    if not api_url or not token:
-        _say("JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN must be set (start me from the hub).")
+    source = dict(os.environ)
+    api_url = source.get("JUPYTERHUB_API_URL", "")
+    claim = source.get(ENV_CLAIM, "")
+    user = source.get("JUPYTERHUB_USER", "")
+    job_id = source.get(ENV_JOB_ID, "")
+    if not api_url or not claim or not user:
+        _say(
+            f"JUPYTERHUB_API_URL, JUPYTERHUB_USER and {ENV_CLAIM} must be set "
+            "(start me from the hub)."
+        )
         return 2
-    ip = env.get(ENV_IP, "127.0.0.1")
+    try:
+        account, bwrap = isolate(user)
+    except isolation.IsolationError as exc:
+        _say(f"refusing to start a server: {exc}.")
+        return 5
+    try:
+        token = claim_token(api_url, job_id, claim)
+    except (RuntimeError, ValueError) as exc:
+        _say(f"could not claim the server's token: {exc}; stopping.")
+        return 4
+    ip = source.get(ENV_IP, "127.0.0.1")
     port = free_port(ip)
-    prefix = env.get("JUPYTERHUB_SERVICE_PREFIX", "/")
+    prefix = source.get("JUPYTERHUB_SERVICE_PREFIX", "/")
     host = f"[{ip}]" if ":" in ip else ip
-    env["JUPYTERHUB_SERVICE_URL"] = f"http://{host}:{port}{prefix}"
-    root = env.get("JUPYTERHUB_ROOT_DIR")
-    if root:
-        Path(root).expanduser().mkdir(parents=True, exist_ok=True)
+    env = server_env(source, token, account, f"http://{host}:{port}{prefix}")
     gpus = env.get("CUDA_VISIBLE_DEVICES", "")
-    _say(f"starting jupyterhub-singleuser on {host}:{port} (CUDA_VISIBLE_DEVICES={gpus!r})")
+    command = [sys.executable, "-m", "jupyterhub.singleuser", *args]
+    if bwrap:
+        command = isolation.sandbox_command(command, account.home, bwrap)
+    as_root = os.geteuid() == 0
+    _say(
+        f"starting jupyterhub-singleuser on {host}:{port} as {account.name}"
+        f"{' in a sandbox' if bwrap else ''} (CUDA_VISIBLE_DEVICES={gpus!r})"
+    )
     child = subprocess.Popen(
-        [sys.executable, "-m", "jupyterhub.singleuser", *args],
+        command,
         env=env,
+        cwd=account.home,
+        user=account.uid if as_root else None,
+        group=account.gid if as_root else None,
+        extra_groups=[] if as_root else None,
+        umask=0o077,
+        close_fds=True,
         preexec_fn=lambda: die_with_parent(signal.SIGKILL),
     )
 
@@ -145,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             child.wait(10)
         return 3 if code in (None, 0) else int(code)
     try:
-        report(api_url, token, {"job_id": env.get(ENV_JOB_ID, ""), "port": port, "gpus": gpus})
+        report(api_url, token, {"job_id": job_id, "port": port, "gpus": gpus})
     except (RuntimeError, ValueError) as exc:
         _say(f"could not report to the hub: {exc}; stopping.")
         child.terminate()

@@ -8,9 +8,10 @@ The flow of a spawn (``start``):
    entrypoint ``gpuportal-singleuser``, ``entrypoint_num_gpus``, and the
    reservation's custom resource ``gpuportal/node:<id>`` pinning it to the node;
    its runtime env carries only this server's ``JUPYTERHUB_*`` variables;
-4. the wrapper on the node starts ``jupyterhub-singleuser`` on a free port and
-   reports the port to the hub (``report.py``), authenticated with this
-   server's token;
+4. the wrapper on the node trades the job's one-time claim for this server's
+   hub token (``report.py``: the token is never in the job's runtime env),
+   starts ``jupyterhub-singleuser`` as the customer's own OS user on a free port
+   and reports the port to the hub, authenticated with that token;
 5. the reservation is activated and ``start`` returns the URL.
 
 Any failure on the way stops the job and releases the reservation before a
@@ -23,6 +24,7 @@ restart resumes running servers.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shlex
 import time
 from collections.abc import Iterable
@@ -38,8 +40,9 @@ from . import form, profiles
 from .naming import escape, job_submission_id, oauth_client_id
 from .portal_client import PortalClient, PortalError, PortalUnavailable, format_credits
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
+from .report import expect_claim, forget_claim
 from .report import register as _register_report_handler
-from .singleuser import ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
+from .singleuser import ENV_CLAIM, ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
 
 _register_report_handler()
 
@@ -47,6 +50,10 @@ _register_report_handler()
 #: a sliver, so the resource only pins; the GPUs themselves are counted by Ray's GPU resource.
 NODE_RESOURCE_AMOUNT = 0.001
 MICRO = 1_000_000
+#: The server's hub token never goes into a job's env (the wrapper claims it).
+_TOKEN_VARS = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"})
+#: One Jobs API client per (cluster, token, timeout), shared by every spawner of the hub.
+_JOBS_CLIENTS: dict[tuple[str, str, float], RayJobs] = {}
 #: node_id is the marketplace's node; ray_node_id is Ray's id of the node the job runs on.
 STATE_KEYS = (
     "jobs_url",
@@ -196,6 +203,13 @@ class RaySpawner(Spawner):
         "Example: c.RaySpawner.cpu_jobs_url = 'http://127.0.0.1:8265'",
     ).tag(config=True)
 
+    cpu_ray_token = Unicode(
+        "",
+        help="Ray token of the cpu_jobs_url cluster (Ray's token authentication). The "
+        "tokens of GPU clusters come with each reservation. Never logged, never sent to "
+        "a node. Example: c.RaySpawner.cpu_ray_token = open('ray-auth-token').read().strip()",
+    ).tag(config=True)
+
     entrypoint = List(
         Unicode(),
         ["gpuportal-singleuser"],
@@ -300,6 +314,8 @@ class RaySpawner(Spawner):
         self._config_values: dict[str, Any] = {}
         self._options_applied = False
         self._portal: PortalClient | None = None
+        self._ray_token: str | None = None
+        self._claim_conflict = False
 
     # --- helpers ---------------------------------------------------------------
     @property
@@ -310,8 +326,40 @@ class RaySpawner(Spawner):
             )
         return self._portal
 
-    def _jobs(self) -> RayJobs:
-        return RayJobs(self.jobs_url, timeout=self.ray_timeout)
+    async def _jobs(self) -> RayJobs:
+        """The Jobs API of this server's cluster, with the cluster's Ray token: from the
+        reservation (asked again after a hub restart; the token is never put in the
+        spawner state) or ``cpu_ray_token`` for the CPU cluster."""
+        if self._ray_token is None:
+            if self.reservation_id and self.cluster_id != "cpu":
+                try:
+                    reservation = await self.portal.get(self.reservation_id)
+                except PortalError as exc:
+                    self.log.warning("%s: no Ray token for the cluster: %s", self._log_name, exc)
+                    reservation = None
+                if reservation is not None:
+                    self._ray_token = reservation.ray_token
+                token = self._ray_token or ""
+            else:
+                token = self._ray_token = self.cpu_ray_token
+        else:
+            token = self._ray_token
+        key = (self.jobs_url, token, self.ray_timeout)
+        jobs = _JOBS_CLIENTS.get(key)
+        if jobs is None:
+            # One client per cluster (the SDK's constructor makes a request itself).
+            jobs = _JOBS_CLIENTS[key] = RayJobs(
+                self.jobs_url, timeout=self.ray_timeout, token=token
+            )
+        return jobs
+
+    def claim_conflict(self) -> None:
+        """Someone presented this server's claim after it was used: the job was read
+        by another party. The start fails rather than serve with that token."""
+        self.log.error(
+            "%s: the start-up claim of job %s was presented twice", self._log_name, self.job_id
+        )
+        self._claim_conflict = True
 
     @property
     def max_price_micro(self) -> int | None:
@@ -412,15 +460,21 @@ class RaySpawner(Spawner):
                 ) from None
         return selection
 
-    def job_env(self) -> dict[str, str]:
-        """The job's env: this server's JUPYTERHUB_* plus the admin's allow-list. Nothing else."""
+    def job_env(self, claim: str = "") -> dict[str, str]:
+        """The job's env: this server's JUPYTERHUB_* plus the admin's allow-list, and the
+        one-time claim for its token. Never the token itself: a job's runtime env is
+        shown to whoever may list jobs."""
         env = self.get_env()
         allowed = {
-            k: str(v) for k, v in env.items() if k.startswith("JUPYTERHUB_") or k in self.env_allow
+            k: str(v)
+            for k, v in env.items()
+            if (k.startswith("JUPYTERHUB_") or k in self.env_allow) and k not in _TOKEN_VARS
         }
         allowed[ENV_IP] = self.ip or "0.0.0.0"
         allowed[ENV_JOB_ID] = self.job_id
         allowed[ENV_READY_TIMEOUT] = str(int(self.start_timeout))
+        if claim:
+            allowed[ENV_CLAIM] = claim
         return allowed
 
     # --- the spawner contract ------------------------------------------------------
@@ -432,12 +486,15 @@ class RaySpawner(Spawner):
         finally:
             self._start_done = True
             self._report = None
+            forget_claim(self.job_id)
 
     async def _start(self) -> str:
         if not self._options_applied:  # JupyterHub < 5.3, or a custom apply hook
             self._apply_options()
         self._options_applied = False
         self.clear_ids()
+        self._ray_token = None
+        self._claim_conflict = False
         self.job_id = job_submission_id(self.user.name, self.name)
         self._report = asyncio.get_running_loop().create_future()
         self._unreachable_since = None
@@ -449,6 +506,7 @@ class RaySpawner(Spawner):
                 self.jobs_url = reservation.jobs_url
                 self.cluster_id = reservation.cluster_id
                 self.node_id = reservation.node_id
+                self._ray_token = reservation.ray_token
                 resources[reservation.node_resource] = NODE_RESOURCE_AMOUNT
                 demo = " (demo GPU)" if reservation.demo else ""
                 self._emit(
@@ -524,14 +582,17 @@ class RaySpawner(Spawner):
 
     async def _submit(self, resources: dict[str, float]) -> None:
         entrypoint = shlex.join([*self.entrypoint, *self.get_args()])
+        claim = secrets.token_urlsafe(32)
+        expect_claim(self.job_id, claim, self)
+        jobs = await self._jobs()
         try:
-            await self._jobs().submit(
+            await jobs.submit(
                 submission_id=self.job_id,
                 entrypoint=entrypoint,
                 num_cpus=self.num_cpus,
                 num_gpus=float(self.gpu_count),
                 resources=resources,
-                env_vars=self.job_env(),
+                env_vars=self.job_env(claim),
                 metadata={
                     "gpuportal_user": self.user.name[:255],
                     "gpuportal_server": self.name[:255],
@@ -551,12 +612,19 @@ class RaySpawner(Spawner):
         """Wait for the wrapper's report while following the job; bounded by start_timeout
         (the hub cancels start() then) and by our own deadline as a backstop."""
         assert self._report is not None
-        jobs = self._jobs()
+        jobs = await self._jobs()
         deadline = time.monotonic() + self.start_timeout + 5
         scheduled = False
         unavailable_since: float | None = None
         while time.monotonic() < deadline:
             done, _ = await asyncio.wait({self._report}, timeout=1.0)
+            if self._claim_conflict:
+                raise SpawnException(
+                    "Your server's start-up credentials were requested twice, so it was "
+                    "stopped for your safety; start it again.",
+                    reason="claim_conflict",
+                    status_code=500,
+                )
             if done and scheduled:
                 return self._report.result()
             try:
@@ -627,7 +695,7 @@ class RaySpawner(Spawner):
         node_ip = None
         if self.ray_node_id:
             try:
-                node_ip = await self._jobs().node_ip(self.ray_node_id)
+                node_ip = await (await self._jobs()).node_ip(self.ray_node_id)
             except RayUnavailable:
                 node_ip = None
         if not node_ip:
@@ -705,7 +773,7 @@ class RaySpawner(Spawner):
         A job that already ended (its node died, say) is not stopped again: on a
         dead node that call would only wait for a timeout while the GPUs stay booked.
         """
-        jobs = self._jobs()
+        jobs = await self._jobs()
         deadline = time.monotonic() + self.stop_timeout
         try:
             state = await jobs.state(self.job_id)
@@ -758,7 +826,7 @@ class RaySpawner(Spawner):
             return None
         if not self.job_id or not self.jobs_url:
             return 0
-        jobs = self._jobs()
+        jobs = await self._jobs()
         try:
             state = await jobs.state(self.job_id)
         except JobNotFound:
@@ -836,6 +904,7 @@ class RaySpawner(Spawner):
     def clear_ids(self) -> None:
         for key in STATE_KEYS:
             setattr(self, key, "")
+        self._ray_token = None
 
     def get_state(self) -> dict[str, Any]:
         state: dict[str, Any] = super().get_state()
