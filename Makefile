@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@# jsonschema's optional IRI format check (rfc3987-syntax) builds a Lark parser on
+	@# import: ~4 s of CPU in every process that imports Ray or jupyter_events (each Ray
+	@# agent, every job, every server). Nothing here checks IRIs; without it Ray's
+	@# agents start within Ray's own start-up windows on a small machine.
+	$(BIN)/python -m pip uninstall --quiet --yes rfc3987-syntax lark
 	@# An editable install skips data-files; a wheel install ships this enabling file itself.
 	install -D -m 644 extensions/jupyter-config/jupyter_server_config.d/gpuportal.json \
 		$(VENV)/etc/jupyter/jupyter_server_config.d/gpuportal.json
