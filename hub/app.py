@@ -196,11 +196,10 @@ class Portal:
         def targets() -> tuple[dict[int, tuple[str, list[str]]], dict[int, str | None]]:
             with db.transaction(self.sessions) as session:
                 found = nodes.clusters_to_check(session)
-                tokens = dict(
-                    session.execute(
-                        select(Cluster.id, Cluster.ray_token).where(Cluster.id.in_(list(found)))
-                    ).tuples()
+                rows = session.execute(
+                    select(Cluster.id, Cluster.ray_token).where(Cluster.id.in_(list(found)))
                 )
+                tokens = {pk: token for pk, token in rows}
                 return found, tokens
 
         clusters, tokens = await run_in_threadpool(targets)

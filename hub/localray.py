@@ -217,10 +217,7 @@ class LocalRayHead:
         ):
             if port_in_use(port):
                 raise ConfigError(f"port {port} ({name}) is already in use; choose another.")
-        temp_dir = Path("/tmp") / f"gpuportal-ray-{os.getuid()}-{s.ray_port}"  # noqa: S108
-        # Ray's logs and sockets are the control plane's: nobody else may read them.
-        temp_dir.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(temp_dir, 0o700)
+        temp_dir = raynode.private_temp_dir(f"gpuportal-ray-{os.getuid()}-{s.ray_port}")
         headers = self.headers  # creates the token before Ray reads it
         # The stack's own ports are free until it binds them: never hand them to Ray.
         avoid = frozenset(

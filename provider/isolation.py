@@ -152,15 +152,43 @@ def _package_dirs() -> list[Path]:
         with contextlib.suppress(ImportError, ValueError):
             spec = importlib.util.find_spec(name)
             if spec and spec.submodule_search_locations:
-                dirs += [Path(p) for p in spec.submodule_search_locations]
+                # An editable install lists a path-hook placeholder too: real folders only.
+                dirs += [Path(p) for p in spec.submodule_search_locations if Path(p).is_dir()]
     return dirs
 
 
-def sandbox_command(argv: list[str], home: Path, bwrap: str) -> list[str]:
+def drop_privileges(argv: list[str], account: Account) -> list[str]:
+    """``argv`` run as ``account`` by ``setpriv``: its uid and gid only (no
+    supplementary group), no capability left in any set, and no way to gain one
+    (no_new_privs)."""
+    setpriv = shutil.which("setpriv") or "/usr/bin/setpriv"
+    return [
+        setpriv,
+        f"--reuid={account.uid}",
+        f"--regid={account.gid}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "--no-new-privs",
+        "--",
+        *argv,
+    ]
+
+
+def sandbox_command(
+    argv: list[str], home: Path, bwrap: str, account: Account | None = None
+) -> list[str]:
     """``argv`` inside bubblewrap: its own PID, IPC and UTS namespaces, and a view of
     the filesystem with read-only system paths and Python, the home read-write, a
     private ``/tmp`` and ``/dev`` (plus NVIDIA's device nodes), and nothing else:
-    no data dir, no Ray session files, no other home."""
+    no data dir, no Ray session files, no other home.
+
+    ``account``: bubblewrap runs as root (it can then mount a Python that lives
+    where the customer could not reach it, such as root's home) and the command
+    inside drops to the customer's account before anything of theirs runs.
+    """
+    if account is not None:
+        argv = drop_privileges(argv, account)
     cmd = [
         bwrap,
         "--die-with-parent",
@@ -192,35 +220,60 @@ def sandbox_command(argv: list[str], home: Path, bwrap: str) -> list[str]:
             cmd += ["--symlink", os.readlink(path), top]
         elif path.is_dir():
             cmd += ["--ro-bind", top, top]
-    seen: set[str] = {"/usr", "/etc", "/opt"}
+    mounted: set[str] = {"/usr", "/etc", "/opt", "/sys", "/tmp", "/proc", "/dev"}  # noqa: S108
+    binds: list[tuple[str, str, str]] = []
     for path in [Path(sys.prefix), Path(sys.base_prefix), *_package_dirs()]:
         resolved = str(path.resolve())
-        if any(resolved == s or resolved.startswith(s + "/") for s in seen):
+        if _under(resolved, mounted):
             continue
-        seen.add(resolved)
-        cmd += ["--ro-bind", resolved, resolved]
+        mounted.add(resolved)
+        binds.append(("--ro-bind", resolved, resolved))
         if str(path) != resolved:  # a venv reached through a symlink
-            cmd += ["--ro-bind", resolved, str(path)]
+            binds.append(("--ro-bind", resolved, str(path)))
+    binds.append(("--bind", str(home), str(home)))
+    # The folders above each mount are made 0755 in the sandbox, so the customer can
+    # reach a Python that lives under a folder closed to them outside (root's home).
+    system = {"/usr", "/etc", "/opt", "/sys", "/proc", "/dev"}
+    dests = {dest for _, _, dest in binds}
+    parents = sorted(
+        {
+            str(p)
+            for dest in dests
+            for p in Path(dest).parents
+            if str(p) not in ("/", "/tmp")  # noqa: S108
+            and str(p) not in dests
+            and not _under(str(p), system)
+        },
+        key=lambda p: p.count("/"),
+    )
+    for parent in parents:
+        cmd += ["--perms", "0755", "--dir", parent]
+    for kind, source, dest in binds:
+        cmd += [kind, source, dest]
     for dev in sorted(Path("/dev").glob("nvidia*")):
         cmd += ["--dev-bind", str(dev), str(dev)]
     if Path("/proc/driver/nvidia").exists():
         cmd += ["--ro-bind", "/proc/driver/nvidia", "/proc/driver/nvidia"]
-    cmd += ["--bind", str(home), str(home), "--chdir", str(home), "--", *argv]
+    cmd += ["--chdir", str(home), "--", *argv]
     return cmd
 
 
+def _under(path: str, roots: set[str]) -> bool:
+    return any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots)
+
+
 def sandbox_works(bwrap: str, account: Account) -> bool:
-    """Can ``account`` start a bubblewrap sandbox here (user namespaces allowed)?"""
+    """Can a bubblewrap sandbox start here and run a command as ``account``?"""
     as_root = os.geteuid() == 0
+    probe = ["true"]
+    if as_root:
+        probe = drop_privileges(probe, account)
     try:
         done = subprocess.run(
-            [bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--proc", "/proc", "true"],
+            [bwrap, "--ro-bind", "/", "/", "--unshare-pid", "--proc", "/proc", *probe],
             capture_output=True,
             timeout=20,
             check=False,
-            user=account.uid if as_root else None,
-            group=account.gid if as_root else None,
-            extra_groups=[] if as_root else None,
         )
     except (OSError, subprocess.SubprocessError):
         return False

@@ -100,6 +100,9 @@ def ray_env(
         RAY_USAGE_STATS_ENABLED="0",  # never report to Ray's makers
         # Stopping should be quick: nothing of ours to drain.
         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
+        # On a busy small machine the dashboard agent can take longer than Ray's
+        # default to come up, and the raylet then exits; give it two minutes.
+        RAY_agent_register_timeout_ms="120000",
     )
     if token_path is not None:
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_path))
@@ -124,6 +127,21 @@ def ensure_auth_token(path: Path) -> str:
     if not token:
         raise RayStartError(f"the Ray token file {path} is empty; delete it to make a new one.")
     return token
+
+
+def private_temp_dir(name: str) -> Path:
+    """Ray's temp dir (sessions, logs, sockets) inside a 0700 folder of ours in /tmp.
+
+    Ray makes its own temp dir world-writable and its logs world-readable; they
+    hold every job's output. The folder around it keeps other OS accounts (the
+    customers') out. Short, since Ray's socket paths must stay under 107 bytes.
+    """
+    outer = Path("/tmp") / name  # noqa: S108 (a 0700 folder, checked below)
+    outer.mkdir(mode=0o700, exist_ok=True)
+    if outer.is_symlink() or outer.stat().st_uid != os.getuid():
+        raise RayStartError(f"{outer} exists and is not ours; remove it first.")
+    os.chmod(outer, 0o700)
+    return outer / "r"
 
 
 def auth_headers(token: str | None) -> dict[str, str]:
@@ -177,7 +195,7 @@ class RayNode:
             f"--runtime-env-agent-port={free_port()}",
             f"--metrics-export-port={free_port()}",
             "--object-store-memory=100000000",
-            f"--temp-dir=/tmp/gpuportal-provider-ray-{os.getuid()}-{port}",
+            f"--temp-dir={private_temp_dir(f'gpuportal-provider-ray-{os.getuid()}-{port}')}",
         ]
         if address:
             cmd = [ray, "start", f"--address={address}", *common]

@@ -235,9 +235,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = server_env(source, token, account, f"http://{host}:{port}{prefix}")
     gpus = env.get("CUDA_VISIBLE_DEVICES", "")
     command = [sys.executable, "-m", "jupyterhub.singleuser", *args]
-    if bwrap:
-        command = isolation.sandbox_command(command, account.home, bwrap)
     as_root = os.geteuid() == 0
+    if bwrap:
+        # As root, bubblewrap mounts as root and the command drops to the customer.
+        command = isolation.sandbox_command(
+            command, account.home, bwrap, account if as_root else None
+        )
+    # Without a sandbox, root drops to the customer's account here.
+    switch = as_root and not bwrap
     _say(
         f"starting jupyterhub-singleuser on {host}:{port} as {account.name}"
         f"{' in a sandbox' if bwrap else ''} (CUDA_VISIBLE_DEVICES={gpus!r})"
@@ -246,9 +251,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         command,
         env=env,
         cwd=account.home,
-        user=account.uid if as_root else None,
-        group=account.gid if as_root else None,
-        extra_groups=[] if as_root else None,
+        user=account.uid if switch else None,
+        group=account.gid if switch else None,
+        extra_groups=[] if switch else None,
         umask=0o077,
         close_fds=True,
         preexec_fn=lambda: die_with_parent(signal.SIGKILL),
