@@ -41,7 +41,11 @@ def ray_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayNodes]:
 @pytest.fixture(scope="session")
 def portal(ray_nodes: RayNodes) -> Iterator[ContractPortal]:
     the_portal = ContractPortal(token="spawner-" + secrets.token_hex(16))
-    the_portal.nodes.append(Node("n1", 2, "A100-80GB", "local", 1_500_000, ray_nodes.jobs_url))
+    the_portal.nodes.append(
+        Node(
+            "n1", 2, "A100-80GB", "local", 1_500_000, ray_nodes.jobs_url, ray_token=ray_nodes.token
+        )
+    )
     port = free_port()
     with Served(create_app(the_portal), port):
         the_portal.url = f"http://127.0.0.1:{port}/services/portal"  # type: ignore[attr-defined]
@@ -173,6 +177,7 @@ def make_hub(tmp: Path, ray_nodes: RayNodes, portal: ContractPortal, **extra: st
         TEST_SPAWNER_TOKEN=portal.token,
         TEST_PORTAL_URL=portal.url,  # type: ignore[attr-defined]
         TEST_JOBS_URL=ray_nodes.jobs_url,
+        TEST_RAY_TOKEN=ray_nodes.token,
         RAY_USAGE_STATS_ENABLED="0",
         # A control-plane secret in the hub's own environment: must not reach a node.
         GPUPORTAL_DB_URL="postgresql+psycopg://portal:hub-secret@127.0.0.1/portal",

@@ -30,6 +30,7 @@ class Node:
     jobs_url: str
     cluster_id: int = 1
     vram_gb: int = 80
+    ray_token: str = ""  # the cluster's Ray token: trusted callers get it with a reservation
 
 
 @dataclass
@@ -118,6 +119,7 @@ def create_app(portal: ContractPortal) -> FastAPI:
                         "node_id": node.node_id,
                         "cluster_id": node.cluster_id,
                         "jobs_url": node.jobs_url,
+                        "ray_token": node.ray_token,
                         "node_resource": f"gpuportal/node:{node.node_id}",
                         "gpu_indices": free[:count],
                         "gpu_count": count,

@@ -52,11 +52,10 @@ c.Spawner.http_timeout = 60
 c.Spawner.start_timeout = 90
 # Only JUPYTERHUB_* may reach the node: these must not.
 c.Spawner.environment = {"LEAKY_SECRET": "do-not-ship"}
-if os.getuid() == 0:
-    c.Spawner.args = ["--allow-root"]
 c.RaySpawner.portal_url = env["TEST_PORTAL_URL"]
 c.RaySpawner.portal_token = env["TEST_SPAWNER_TOKEN"]
 c.RaySpawner.cpu_jobs_url = env["TEST_JOBS_URL"]
+c.RaySpawner.cpu_ray_token = env["TEST_RAY_TOKEN"]
 c.RaySpawner.entrypoint = [str(venv_bin / "gpuportal-singleuser")]
 c.RaySpawner.dead_after = float(env.get("TEST_DEAD_AFTER", "30"))
 c.RaySpawner.stop_timeout = 15

@@ -25,6 +25,7 @@ import httpx
 import psutil
 
 from gpuportal.hub.localray import stop_process_group
+from gpuportal.provider import isolation, raynode
 
 RAY = str(Path(sys.executable).parent / "ray")
 FAST_HEALTH = {
@@ -62,10 +63,25 @@ class RayNodes:
     def jobs_url(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
+    @property
+    def token_path(self) -> Path:
+        return self.workdir / raynode.AUTH_TOKEN_FILE
+
+    @property
+    def token(self) -> str:
+        """The cluster's Ray token: it runs with token authentication, as the product's do."""
+        return raynode.ensure_auth_token(self.token_path)
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return raynode.auth_headers(self.token)
+
     def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPORTAL_")}
-        env.update(FAST_HEALTH, RAY_USAGE_STATS_ENABLED="0")
-        return env
+        # The node's allow-list, exactly as the product starts Ray; homes in the test's dir.
+        self.token  # noqa: B018 (made before Ray reads it)
+        return raynode.ray_env(
+            self.token_path, {**FAST_HEALTH, isolation.ENV_HOMES: str(self.workdir / "homes")}
+        )
 
     def _spawn(self, name: str, args: list[str]) -> None:
         log = open(self.workdir / f"ray-{name}.log", "wb")  # noqa: SIM115
@@ -136,7 +152,12 @@ class RayNodes:
         )
 
     def nodes(self) -> list[dict[str, object]]:
-        reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", params={"detail": "1"}, timeout=5)
+        reply = httpx.get(
+            f"{self.jobs_url}/api/v0/nodes",
+            params={"detail": "1"},
+            timeout=5,
+            headers=self.headers,
+        )
         reply.raise_for_status()
         return list(reply.json()["data"]["result"]["result"])
 

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def live_jobs(ray_nodes: RayNodes, user: str) -> list[str]:
-    jobs = JobSubmissionClient(ray_nodes.jobs_url).list_jobs()
+    jobs = JobSubmissionClient(ray_nodes.jobs_url, headers=ray_nodes.headers).list_jobs()
     return [
         str(j.submission_id)
         for j in jobs

@@ -64,7 +64,7 @@ def test_gpu_server_lifecycle(hub: Hub, ray_nodes: RayNodes, portal: ContractPor
 
     state = hub.state("alice")
     assert set(state) >= {"jobs_url", "job_id", "reservation_id", "url", "node_id", "gpus"}
-    jobs = JobSubmissionClient(ray_nodes.jobs_url)
+    jobs = JobSubmissionClient(ray_nodes.jobs_url, headers=ray_nodes.headers)
     info = jobs.get_job_info(state["job_id"])
     assert str(info.status) == "RUNNING"
     # Pinned to the reserved node, holding one of its GPUs.
@@ -73,6 +73,9 @@ def test_gpu_server_lifecycle(hub: Hub, ray_nodes: RayNodes, portal: ContractPor
     assert all(k.startswith(("JUPYTERHUB_", "GPUPORTAL_SINGLEUSER_")) for k in env), env
     assert "hub-secret" not in repr(info.runtime_env)
     assert "LEAKY_SECRET" not in env
+    # The server's hub token is not published in the job: the wrapper claimed it once.
+    assert not {"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"} & set(env)
+    assert "GPUPORTAL_SINGLEUSER_CLAIM" in env
     assert portal.reservations[state["reservation_id"]]["status"] == "active"
 
     # Inside the server (a process of the Ray job), a kernel sees exactly the job's GPU.

@@ -53,7 +53,7 @@ def test_hub_restart_keeps_running_servers(
     assert refused.status_code == 429, refused.text
 
     hub.stop()
-    jobs = JobSubmissionClient(ray_nodes.jobs_url)
+    jobs = JobSubmissionClient(ray_nodes.jobs_url, headers=ray_nodes.headers)
     assert str(jobs.get_job_info(before["job_id"]).status) == "RUNNING"
     hub.start()
     model = hub.server_model("rita")
