@@ -88,6 +88,7 @@ def load_candidates(
             Node.blocked,
             Node.demo,
             Node.reliability,
+            Node.isolation,
             Provider.status,
             Provider.price_per_gpu_hour,
             Provider.region,
@@ -122,6 +123,9 @@ def load_candidates(
             Node.reliability >= rules.delist_below,
         )
     groups: dict[tuple[int, str], dict[str, Any]] = {}
+    #: Exclusive nodes (they cannot give customers accounts of their own) that host
+    #: a customer now: nothing more is placed there until that customer leaves.
+    occupied: set[int] = set()
     for row in session.execute(query):
         (
             pk,
@@ -131,6 +135,7 @@ def load_candidates(
             blocked,
             demo,
             reliability,
+            isolation,
             p_status,
             price,
             region,
@@ -158,6 +163,7 @@ def load_candidates(
                 "provider": provider,
                 "cluster_id": cluster_id,
                 "jobs_url": jobs_url,
+                "exclusive": isolation == "exclusive",
                 "schedulable": p_status == "listed"
                 and status == "online"
                 and verification == "verified"
@@ -169,11 +175,14 @@ def load_candidates(
         g["vram_mib"] = min(g["vram_mib"], vram)
         if allocated is None:
             g["free"].append(index)
+        elif isolation == "exclusive":
+            occupied.add(pk)
     candidates = []
     for g in groups.values():
         if gpu_model is not None and normalize_model(g["model"]) != normalize_model(gpu_model):
             continue
-        free = tuple(sorted(g.pop("free")))
+        free = () if g["node_pk"] in occupied else tuple(sorted(g.pop("free")))
+        g.pop("free", None)
         candidates.append(Candidate(free_indices=free, **g))
     return candidates
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -155,9 +155,9 @@ def rules_of(settings: Settings) -> Rules:
 def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
     """Verified, schedulable capacity per (GPU model, region, provider, price, demo)."""
     expire_held(session, utcnow())
-    rows: dict[tuple[str, str, str, int, bool], dict[str, Any]] = {}
+    rows: dict[tuple[str, str, str, int, bool, bool], dict[str, Any]] = {}
     for c in load_candidates(session, rules):
-        key = (c.model, c.region, c.provider, c.price, c.demo)
+        key = (c.model, c.region, c.provider, c.price, c.demo, c.exclusive)
         offer = rows.setdefault(
             key,
             {
@@ -171,6 +171,7 @@ def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
                 "reliability": 0.0,
                 "demo": c.demo,
                 "provider": c.provider,
+                "exclusive": c.exclusive,
             },
         )
         offer["free_gpus"] += c.free_gpus
@@ -327,6 +328,20 @@ def _place(
     return chosen
 
 
+def _claim_exclusive(session: Session, node_pk: int) -> None:
+    """An exclusive node hosts one customer at a time: lock its row, so a racing
+    reservation for the same node waits, then make sure nobody holds any of its GPUs."""
+    session.execute(select(Node.id).where(Node.id == node_pk).with_for_update())
+    taken = session.scalar(
+        select(func.count())
+        .select_from(GpuAllocation)
+        .join(Gpu, Gpu.id == GpuAllocation.gpu_id)
+        .where(Gpu.node_id == node_pk)
+    )
+    if taken:
+        raise _StalePick(node_pk)
+
+
 def reserve(
     sessions: sessionmaker[Session],
     request: Request,
@@ -361,6 +376,8 @@ def reserve(
                     return public(existing), False
                 chosen = _place(session, request, rules, index)
                 stale = chosen.node_pk  # until the allocation rows commit
+                if chosen.exclusive:
+                    _claim_exclusive(session, chosen.node_pk)
                 indices = _pick(chosen, request.gpu_count)
                 res = Reservation(
                     id=secrets.token_hex(12),

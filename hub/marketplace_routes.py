@@ -83,6 +83,11 @@ class Offer(BaseModel):
     reliability: float
     demo: bool
     provider: str
+    exclusive: bool = Field(
+        False,
+        description="The node hosts one customer at a time: it cannot run each customer "
+        "under an OS account of their own.",
+    )
 
 
 class OfferSummary(BaseModel):

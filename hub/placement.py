@@ -60,6 +60,8 @@ class Candidate:
     cluster_id: int = 0
     jobs_url: str = ""
     schedulable: bool = True  # listed, online, verified, not blocked (decided by the caller)
+    #: The node hosts one customer at a time (it cannot give each an OS account).
+    exclusive: bool = False
 
     @property
     def free_gpus(self) -> int:

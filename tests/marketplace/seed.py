@@ -39,6 +39,7 @@ class Market:
         reliability: float = 0.9,
         jobs_url: str = "http://127.0.0.1:1",
         cluster: str = "main",
+        isolation: str = "user",
     ) -> None:
         with portal_db.transaction(self.sessions) as session:
             account = accounts.upsert_account(session, {"name": provider, "groups": ["providers"]})
@@ -54,6 +55,7 @@ class Market:
                 demo=True,
                 reliability_start=reliability,
                 verified=verified,
+                isolation=isolation,
             )
 
     def customer(self, name: str) -> int:
