@@ -25,7 +25,7 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, accounts, db, raystatus
+from . import __version__, accounts, db, egress, raystatus
 from .auth import STATE_COOKIE, AuthRequired, oauth_redirect_url
 from .cache import Cache, make_cache
 from .capacity import CapacityIndex
@@ -155,7 +155,7 @@ class Portal:
         own node state, and rebuild the placement index from SQL when due. Each
         step is guarded, so one failing never skips the others."""
         from .marketplace import expire_held
-        from .nodes import mark_offline, refresh_reliability
+        from .nodes import lapse_challenges, mark_offline, refresh_reliability
         from .provider_routes import node_rules
 
         rules = node_rules(self.settings)
@@ -165,6 +165,7 @@ class Portal:
                 now = utcnow()
                 expire_held(session, now)
                 mark_offline(session, rules, now)
+                lapse_challenges(session, rules, now)
                 refresh_reliability(session, rules, now)
 
         try:
@@ -191,17 +192,25 @@ class Portal:
 
         rules = node_rules(self.settings)
 
-        def targets() -> dict[int, tuple[str, list[str]]]:
+        def targets() -> tuple[dict[int, tuple[str, list[str]]], set[int]]:
             with db.transaction(self.sessions) as session:
-                return nodes.clusters_to_check(session)
+                return nodes.clusters_to_check(session), nodes.house_clusters(session)
 
-        clusters = await run_in_threadpool(targets)
+        clusters, house = await run_in_threadpool(targets)
         if not clusters:
             return []
         gate = asyncio.Semaphore(RAY_CHECK_CONCURRENCY)
+        allowed = egress.parse_networks(self.settings.provider_networks_allowed)
 
-        async def ask(client: httpx.AsyncClient, url: str) -> dict[str, str] | None:
+        async def ask(client: httpx.AsyncClient, pk: int, url: str) -> dict[str, str] | None:
             async with gate:
+                # A provider's URL is fetched only on an allowed network (hub.egress).
+                refused = (
+                    None if pk in house else await run_in_threadpool(egress.refusal, url, allowed)
+                )
+                if refused:
+                    log.warning("Ray dashboard of cluster %d not fetched: %s", pk, refused)
+                    return None
                 try:
                     return await raystatus.node_states(client, url, RAY_CHECK_TIMEOUT)
                 except raystatus.RayUnreachable as exc:
@@ -209,7 +218,9 @@ class Portal:
                     return None
 
         async with httpx.AsyncClient() as client:
-            answers = await asyncio.gather(*(ask(client, url) for url, _ in clusters.values()))
+            answers = await asyncio.gather(
+                *(ask(client, pk, url) for pk, (url, _) in clusters.items())
+            )
         views: dict[int, tuple[dict[str, str] | None, int]] = {}
         for pk, states in zip(clusters, answers, strict=True):
             if states is None:
