@@ -127,21 +127,23 @@ def authenticate(
 _random = secrets.SystemRandom()
 
 
+def challenge_spec(ch: NodeChallenge) -> workload.Spec:
+    return workload.spec_for(ch.demo)
+
+
 def challenge_public(ch: NodeChallenge) -> dict[str, Any]:
-    """What the node is told: never the sampled rows."""
+    """What the node is told: never the sampled groups."""
+    spec = challenge_spec(ch)
     return {
         "nonce": ch.nonce,
         "seed": ch.seed,
-        "size": ch.size,
-        "steps": ch.steps if ch.steps is not None else workload.spec_for(ch.demo).steps,
+        "rows": spec.rows,
+        "size": spec.size,
+        "steps": spec.steps,
+        "group": workload.GROUP,
         "deadline": ch.deadline.isoformat(),
         "demo": ch.demo,
     }
-
-
-def challenge_spec(ch: NodeChallenge) -> workload.Spec:
-    steps = ch.steps if ch.steps is not None else workload.spec_for(ch.demo).steps
-    return workload.Spec(ch.size, steps, ch.demo)
 
 
 def challenge_seconds(node: Node, spec: workload.Spec, rules: NodeRules) -> float:
@@ -161,7 +163,8 @@ def issue_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChall
     )
     spec = workload.spec_for(node.demo)
     sample = {
-        g.uuid: sorted(_random.sample(range(spec.size), workload.SAMPLED_ROWS)) for g in node.gpus
+        g.uuid: sorted(_random.sample(range(spec.groups), workload.SAMPLED_GROUPS))
+        for g in node.gpus
     }
     ch = NodeChallenge(
         node_id=node.id,
@@ -291,8 +294,8 @@ def check_results(
 ) -> str | None:
     """Why the per-GPU answers (keyed by registered UUID) are wrong, or None.
 
-    ``expected`` holds the portal's own fingerprints of the sampled rows
-    (``workload.expected_rows``). Any other field of a result is ignored.
+    ``expected`` holds the portal's own fingerprints of the sampled groups
+    (``workload.expected_groups``). Any other field of a result is ignored.
     """
     by_uuid: dict[str, str] = {}
     for r in results:
@@ -303,12 +306,13 @@ def check_results(
     for gpu in node.gpus:
         if gpu.uuid not in by_uuid:
             return f"GPU {gpu.index}: no workload result for {gpu.uuid}"
-        prints = workload.decode(by_uuid[gpu.uuid], ch.size)
+        spec = challenge_spec(ch)
+        prints = workload.decode(by_uuid[gpu.uuid], spec)
         if prints is None:
-            return f"GPU {gpu.index}: the result is not {ch.size} row fingerprints"
+            return f"GPU {gpu.index}: the result is not {spec.groups} group fingerprints"
         width = workload.FINGERPRINT_BYTES
-        for row, want in expected.get(gpu.uuid, {}).items():
-            if prints[row * width : (row + 1) * width] != want:
+        for group, want in expected.get(gpu.uuid, {}).items():
+            if prints[group * width : (group + 1) * width] != want:
                 return f"GPU {gpu.index}: the workload result is wrong"
     return None
 

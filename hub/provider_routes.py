@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["providers"])
 
 MAX_NODE_BODY = 64 * 1024
-#: A verification carries up to 64 GPUs' row fingerprints (about 44 KB each).
-MAX_VERIFICATION_BODY = 64 * 48 * 1024 + MAX_NODE_BODY
+#: A verification carries up to 64 GPUs' group fingerprints (about 88 KB each).
+MAX_VERIFICATION_BODY = 64 * 90 * 1024 + MAX_NODE_BODY
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -116,14 +116,15 @@ class Heartbeat(BaseModel):
 
 
 class GpuAnswer(BaseModel):
-    """One GPU's answer: its NVML UUID and the base64 fingerprints of its chain's rows.
+    """One GPU's answer: its NVML UUID and the base64 fingerprints of its chain's groups
+    of rows.
 
     Anything else a node sends (its own timing, its device) is ignored."""
 
     model_config = ConfigDict(extra="ignore")
 
     uuid: str = Field(min_length=1, max_length=96)
-    rows: str = Field(max_length=4 * (4 * workload.GPU_SIZE + 2) // 3 + 4)
+    rows: str = Field(max_length=4 * (4 * workload.GPU_ROWS // workload.GROUP + 2) // 3 + 4)
 
 
 class Verification(BaseModel):
@@ -480,7 +481,7 @@ async def verification(node_id: str, request: Request, portal: PortalDep) -> Any
     expected: dict[str, dict[int, bytes]] = {}
     if failure is None:
         expected = await run_in_threadpool(
-            workload.expected_rows, found["seed"], found["spec"], found["sample"]
+            workload.expected_groups, found["seed"], found["spec"], found["sample"]
         )
 
     def judge(session: Any) -> dict[str, Any]:

@@ -178,7 +178,8 @@ def _verify(
             )
         )
         assert ch is not None
-        want = workload.expected_rows(ch.seed, nodes.challenge_spec(ch), dict(ch.sample or {}))
+        spec = nodes.challenge_spec(ch)
+        want = workload.expected_groups(ch.seed, spec, dict(ch.sample or {}))
         failure = nodes.check_inventory(node, inventory) or nodes.check_results(
             node, ch, results, want
         )
@@ -242,7 +243,7 @@ def test_demo_verification_makes_a_node_schedulable(market: Market, tmp_path: Pa
         ("model", "GPU 0: model 'H100-80GB' differs from the registered 'L4'"),
         ("count", "the node reports GPUs [0] but registered [0, 1]"),
         ("missing", "GPU 1: no workload result for GPU-acme-1"),
-        ("short", "GPU 0: the result is not 128 row fingerprints"),
+        ("short", "GPU 0: the result is not 32 group fingerprints"),
     ],
 )
 def test_failed_verification_is_recorded(
@@ -253,7 +254,8 @@ def test_failed_verification_is_recorded(
     inventory = demo_inventory(identity)
     results = run(ch)
     if tamper == "rows":  # every row wrong (each fingerprint flipped)
-        raw = bytes(b ^ 0xFF for b in workload.decode(results[0]["rows"], ch.size) or b"")
+        spec = nodes.challenge_spec(ch)
+        raw = bytes(b ^ 0xFF for b in workload.decode(results[0]["rows"], spec) or b"")
         results[0]["rows"] = workload.encode(raw)
     elif tamper == "short":
         results[0]["rows"] = results[0]["rows"][:-8]

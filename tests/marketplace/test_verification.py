@@ -176,24 +176,24 @@ def honest_demo_answer(challenge: dict[str, Any], body: dict[str, Any]) -> dict[
     }
 
 
-def sampled_rows_answer(
+def sampled_answer(
     portal: Portal, challenge: dict[str, Any], body: dict[str, Any]
 ) -> dict[str, Any]:
     """A correct answer to a full-size challenge, made cheaply by reading the portal's
-    secret sample from its DB (no real node can): the rows the portal checks are
-    right, the others zero. Computing all 8192 rows on this CPU would take the
-    better part of an hour, which is the point of the challenge."""
+    secret sample from its DB (no real node can): the groups the portal checks are
+    right, the others zero. Computing all of them on this CPU would take hours,
+    which is the point of the challenge."""
     with portal_db.transaction(portal.sessions) as session:
         ch = session.scalar(select(NodeChallenge).where(NodeChallenge.nonce == challenge["nonce"]))
         assert ch is not None and ch.sample is not None
         spec, sample = nodes.challenge_spec(ch), dict(ch.sample)
-    right = workload.expected_rows(int(challenge["seed"]), spec, sample)
+    right = workload.expected_groups(int(challenge["seed"]), spec, sample)
     width = workload.FINGERPRINT_BYTES
     results = []
     for g in body["node"]["gpus"]:
-        prints = bytearray(spec.size * width)
-        for row, value in right[g["uuid"]].items():
-            prints[row * width : (row + 1) * width] = value
+        prints = bytearray(spec.groups * width)
+        for group, value in right[g["uuid"]].items():
+            prints[group * width : (group + 1) * width] = value
         results.append(
             # The node's own claims about its device and timing, ignored by the portal.
             {"uuid": g["uuid"], "rows": workload.encode(bytes(prints)), "device": "cuda:0"}
@@ -245,16 +245,27 @@ def test_a_realistic_cpu_misses_every_models_deadline(model: str, count: int) ->
 
 
 def test_the_node_chain_matches_the_portal_reference() -> None:
-    spec = workload.Spec(size=300, steps=3, demo=True)  # not a multiple of the row block
-    sample = {"GPU-a": [0, 255, 256, 299], "GPU-b": [7]}
-    want = workload.expected_rows(42, spec, sample)
-    for uuid, rows in sample.items():
+    # More rows than one block of S, and not a multiple of it.
+    spec = workload.Spec(rows=workload.ROW_BLOCK + 24, size=48, steps=3, demo=True)
+    sample = {"GPU-a": [0, 511, 512, spec.groups - 1], "GPU-b": [7]}
+    want = workload.expected_groups(42, spec, sample)
+    width = workload.FINGERPRINT_BYTES
+    for uuid, groups in sample.items():
         prints = workload.run_cpu(42, spec, uuid)
-        assert len(prints) == spec.size * workload.FINGERPRINT_BYTES
-        for row in rows:
-            assert prints[row * 4 : row * 4 + 4] == want[uuid][row]
+        assert len(prints) == spec.groups * width
+        for group in groups:
+            assert prints[group * width : (group + 1) * width] == want[uuid][group]
     # Bound to the UUID: another GPU's rows are other rows.
     assert workload.run_cpu(42, spec, "GPU-a") != workload.run_cpu(42, spec, "GPU-b")
+
+
+def test_the_gpu_chain_is_exact_in_fp16() -> None:
+    """The largest sum of one link stays where fp16 holds every integer (2^11)."""
+    spec = workload.spec_for(demo=False)
+    assert workload.SEED_WIDTH < 2**11 and spec.size < 2**24
+    # Sums are of spec.size terms in -1..1; a sum beyond 2^11 is > 40 standard deviations.
+    sigma = (spec.size * 4 / 9) ** 0.5
+    assert 2**11 / sigma > 40
 
 
 # --- a fake H100 node answering from a CPU --------------------------------------------------
@@ -265,8 +276,8 @@ def test_the_node_chain_matches_the_portal_reference() -> None:
     [
         ("this machine's CPU, measured", False),
         ("the documented realistic CPU", False),
-        # Hand-written, not recorded: no GPU here. An H100 runs the 70 TFLOP chain in
-        # about 0.1 s; with drawing and hashing the rows, 4 GPUs answer in about 4 s.
+        # Hand-written, not recorded: no GPU here. An H100 runs the 35 TFLOP chain in
+        # about 0.05 s; with drawing and hashing the rows, 4 GPUs answer in about 4 s.
         ("a real H100 (hand-written timing)", True),
     ],
 )
@@ -276,13 +287,18 @@ def test_a_fake_h100_answering_from_a_cpu_is_never_placed(
     identity = Identity.create_or_load(tmp_path / "mallory")
     body = registration(identity, H100, 4, demo=False)
     challenge = register(client, body)["challenge"]
-    assert (challenge["size"], challenge["steps"], challenge["demo"]) == (8192, 64, False)
-    assert "sample" not in challenge  # the rows the portal checks stay secret
+    assert (challenge["rows"], challenge["size"], challenge["steps"], challenge["demo"]) == (
+        131072,
+        2048,
+        32,
+        False,
+    )
+    assert "sample" not in challenge  # the groups the portal checks stay secret
     spec = workload.spec_for(demo=False)
     allowed = workload.deadline_seconds([H100] * 4, spec)
     assert datetime.fromisoformat(challenge["deadline"]) == clock.now + timedelta(seconds=allowed)
 
-    answer = sampled_rows_answer(portal, challenge, body)  # right where the portal looks
+    answer = sampled_answer(portal, challenge, body)  # right where the portal looks
     took = {
         "this machine's CPU, measured": workload.cpu_seconds(4, spec, measured_cpu_tflops()),
         "the documented realistic CPU": workload.cpu_seconds(4, spec),
@@ -296,7 +312,8 @@ def test_a_fake_h100_answering_from_a_cpu_is_never_placed(
             f"the answer arrived {took:.1f}s after the challenge was issued; "
             f"the claimed GPUs answer within {allowed:.1f}s"
         )
-    node_call(client, identity, "heartbeat", {"gpus": []}, clock)  # online either way
+    beat = {"gpus": [{"uuid": g["uuid"]} for g in body["node"]["gpus"]]}
+    node_call(client, identity, "heartbeat", beat, clock)  # online either way
     placed = reserve_h100(client)
     h100_offers = [o for o in offers(client) if o["gpu_model"] == H100]
     if passed:
@@ -313,7 +330,7 @@ def test_a_wrong_row_or_another_gpus_rows_fail(
     identity = Identity.create_or_load(tmp_path / "mallory")
     body = registration(identity, H100, 2, demo=False)
     challenge = register(client, body)["challenge"]
-    answer = sampled_rows_answer(portal, challenge, body)
+    answer = sampled_answer(portal, challenge, body)
     # GPU 1 answers with GPU 0's rows (one GPU doing the work of two).
     answer["results"][1]["rows"] = answer["results"][0]["rows"]
     verdict = node_call(client, identity, "verification", answer, clock).json()
@@ -334,10 +351,12 @@ def test_any_change_to_a_claim_resets_verification(
     identity = Identity.create_or_load(tmp_path / "mallory")
     body = registration(identity, H100, 2, demo=True)
     challenge = register(client, body)["challenge"]
-    assert (challenge["size"], challenge["demo"]) == (workload.DEMO_SIZE, True)
+    assert (challenge["rows"], challenge["size"], challenge["demo"]) == (256, 64, True)
     verdict = node_call(client, identity, "verification", honest_demo_answer(challenge, body))
     assert verdict.json()["passed"] is True, verdict.text
-    node_call(client, identity, "heartbeat", {"gpus": []})
+    node_call(
+        client, identity, "heartbeat", {"gpus": [{"uuid": g["uuid"]} for g in body["node"]["gpus"]]}
+    )
     # A demo node's GPUs are offered, and placed, only as demo.
     assert [o["demo"] for o in offers(client) if o["gpu_model"] == H100] == [True]
     assert verification_of(portal, identity) == ("verified", True)
@@ -359,7 +378,7 @@ def test_any_change_to_a_claim_resets_verification(
     assert verification_of(portal, identity)[0] == "changed"
     assert offers(client) == []
     if change == "demo":  # now it must pass the full-size GPU challenge
-        assert (again["challenge"]["size"], again["challenge"]["demo"]) == (8192, False)
+        assert (again["challenge"]["rows"], again["challenge"]["demo"]) == (131072, False)
 
 
 def test_a_verified_node_is_challenged_again_at_random_and_silence_fails(
@@ -377,10 +396,11 @@ def test_a_verified_node_is_challenged_again_at_random_and_silence_fails(
         due = (node.next_challenge_at - clock.now).total_seconds()
     assert interval * 0.25 - 1 <= due <= interval
     # Before it is due, heartbeats carry no challenge; after, they do.
-    reply = node_call(client, identity, "heartbeat", {"gpus": []}, clock).json()
+    beat = {"gpus": [{"uuid": body["node"]["gpus"][0]["uuid"]}]}
+    reply = node_call(client, identity, "heartbeat", beat, clock).json()
     assert reply["challenge"] is None
     clock.advance(due + 1)
-    reply = node_call(client, identity, "heartbeat", {"gpus": []}, clock).json()
+    reply = node_call(client, identity, "heartbeat", beat, clock).json()
     assert reply["challenge"] is not None and reply["verification"] == "verified"
     assert [o["free_gpus"] for o in offers(client)] == [1]  # still listed while it runs
     # The node never answers: after the deadline it is not verified, and off offer.
@@ -403,7 +423,7 @@ def test_an_unsigned_verification_is_refused_before_the_work(
     body = registration(identity, H100, 8, demo=False)
     challenge = register(client, body)["challenge"]
     work: list[int] = []
-    monkeypatch.setattr(workload, "expected_rows", lambda *a: work.append(1) or {})
+    monkeypatch.setattr(workload, "expected_groups", lambda *a: work.append(1) or {})
     answer = json.dumps({"nonce": challenge["nonce"], "inventory": inventory(body), "results": []})
     reply = client.post(
         f"{API}/nodes/{identity.node_id}/verification",
