@@ -510,3 +510,16 @@ def test_huge_heartbeat_metrics_are_clamped(client: TestClient, tmp_path: Path) 
     huge = {"uuid": "x", "memory_used_mib": 10**30, "temperature_c": 1e300, "power_w": "nan"}
     reply = node_call(client, identity, "heartbeat", {"gpus": [huge]})
     assert reply.status_code == 200, reply.text
+
+
+def test_the_documented_deadlines_are_the_ones_used() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "providers.md").read_text()
+    spec = workload.spec_for(demo=False)
+    for model, peak in workload.PEAK_FP16_TFLOPS.items():
+        row = (
+            f"| {model} | {peak:.0f} | {workload.gpu_seconds(model, spec):.2f} | "
+            f"{workload.deadline_seconds([model], spec):.1f} | "
+            f"{workload.deadline_seconds([model] * 8, spec):.1f} |"
+        )
+        assert row in doc
+    assert f"{spec.work_per_gpu / 1e12:.1f} TFLOP per GPU" in doc
