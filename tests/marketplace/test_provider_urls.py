@@ -77,7 +77,7 @@ def test_an_allowed_network_is_fetched() -> None:
     assert egress.refusal("http://10.21.3.4:8265", allowed) is not None
     with pytest.raises(ValueError, match="is not a network"):
         egress.parse_networks("10.0.0.0/8, lan")
-    with pytest.raises(ConfigError, match="GPUPORTAL_PROVIDER_NETWORKS_ALLOWED: .*'lan' is not"):
+    with pytest.raises(ConfigError, match=r"GPUPORTAL_PROVIDER_NETWORKS_ALLOWED: .*'lan' is not"):
         load_settings(provider_networks_allowed="lan")
 
 
