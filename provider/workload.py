@@ -251,6 +251,25 @@ def run_gpu(seed: int, spec: Spec, uuid: str, index: int) -> bytes:
     return fingerprints(x.to(torch.int8).cpu().numpy())
 
 
+def warm_up(indices: Sequence[int], demo: bool) -> None:
+    """Load PyTorch and open a CUDA context on each GPU before asking for a challenge:
+    the portal's clock runs from the moment it issues one, and a first CUDA start
+    can take seconds. Does nothing on demo nodes or where CUDA is missing (the
+    answer then says why)."""
+    if demo:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    for index in indices:
+        device = torch.device(f"cuda:{index}")
+        x = torch.ones((256, 256), device=device, dtype=torch.float16)
+        (x @ x).sum().item()
+
+
 def challenge_spec(challenge: dict[str, Any]) -> Spec:
     """The spec a challenge (as the portal sends it) asks for."""
     return Spec(
