@@ -523,3 +523,29 @@ def test_the_documented_deadlines_are_the_ones_used() -> None:
         )
         assert row in doc
     assert f"{spec.work_per_gpu / 1e12:.1f} TFLOP per GPU" in doc
+
+
+def test_the_house_node_passes_its_demo_challenge_through_the_agent(
+    portal: Portal, client: TestClient, tmp_path: Path
+) -> None:
+    """The embedded default without Ray: the control plane registers the house node
+    (demo GPUs, loopback jobs_url), and the real provider agent verifies it over
+    the portal's HTTP API, on this GPU-less machine."""
+    from gpuportal.hub.house import house_identity, register_house
+    from gpuportal.hub.localray import GpuPlan
+    from gpuportal.provider.agent import Agent, inventory
+    from gpuportal.provider.agent import Portal as AgentPortal
+
+    plan = GpuPlan({"A100-80GB": 2}, True, "no NVML here")
+    identity = house_identity(portal.settings, plan, "http://testserver")
+    register_house(portal.settings, portal.engine, identity, "http://127.0.0.1:9", None)
+    gpus, _driver = inventory(True, identity.state.demo_gpus, identity.node_id)
+    agent_portal = AgentPortal("http://testserver", identity)
+    agent_portal.client = client  # the agent's HTTP client, pointed at the app in-process
+    agent = Agent(agent_portal, identity, gpus, True)
+    verdict = agent.verify()
+    assert (verdict["passed"], verdict["demo"]) == (True, True), verdict
+    assert agent.heartbeat()["verification"] == "verified"
+    assert [(o["gpu_model"], o["free_gpus"], o["demo"]) for o in offers(client)] == [
+        ("A100-80GB", 2, True)
+    ]
