@@ -22,7 +22,7 @@ The chain, for each GPU (``m`` rows, width ``n``, ``R`` steps):
 
 Row ``i`` of ``X_R`` depends only on row ``i`` of ``S`` and on ``B0``, ``B``,
 so the portal checks :data:`SAMPLED_GROUPS` secret groups per GPU at
-``GROUP R n^2`` multiply-adds each (milliseconds); the node, not knowing which,
+``GROUP R n^2`` multiply-adds each (0.1-1 s of CPU per GPU); the node, not knowing which,
 must compute all ``2 R m n^2`` (35 TFLOP per GPU). A node that skips a share
 ``1 - f`` of the groups passes with probability ``f^3`` per GPU.
 
