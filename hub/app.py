@@ -26,7 +26,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import __version__, accounts, db, raystatus
+from . import __version__, accounts, db, egress, raystatus
 from .auth import STATE_COOKIE, AuthRequired, oauth_redirect_url
 from .cache import Cache, make_cache
 from .capacity import CapacityIndex
@@ -157,7 +157,7 @@ class Portal:
         own node state, and rebuild the placement index from SQL when due. Each
         step is guarded, so one failing never skips the others."""
         from .marketplace import expire_held
-        from .nodes import mark_offline, refresh_reliability
+        from .nodes import lapse_challenges, mark_offline, refresh_reliability
         from .provider_routes import node_rules
 
         rules = node_rules(self.settings)
@@ -167,6 +167,7 @@ class Portal:
                 now = utcnow()
                 expire_held(session, now)
                 mark_offline(session, rules, now)
+                lapse_challenges(session, rules, now)
                 refresh_reliability(session, rules, now)
 
         try:
@@ -193,22 +194,30 @@ class Portal:
 
         rules = node_rules(self.settings)
 
-        def targets() -> tuple[dict[int, tuple[str, list[str]]], dict[int, str | None]]:
+        def targets() -> tuple[dict[int, tuple[str, list[str]]], dict[int, str | None], set[int]]:
             with db.transaction(self.sessions) as session:
                 found = nodes.clusters_to_check(session)
                 rows = session.execute(
                     select(Cluster.id, Cluster.ray_token).where(Cluster.id.in_(list(found)))
                 )
                 tokens = {pk: token for pk, token in rows}
-                return found, tokens
+                return found, tokens, nodes.house_clusters(session)
 
-        clusters, tokens = await run_in_threadpool(targets)
+        clusters, tokens, house = await run_in_threadpool(targets)
         if not clusters:
             return []
         gate = asyncio.Semaphore(RAY_CHECK_CONCURRENCY)
+        allowed = egress.parse_networks(self.settings.provider_networks_allowed)
 
         async def ask(client: httpx.AsyncClient, pk: int, url: str) -> dict[str, str] | None:
             async with gate:
+                # A provider's URL is fetched only on an allowed network (hub.egress).
+                refused = (
+                    None if pk in house else await run_in_threadpool(egress.refusal, url, allowed)
+                )
+                if refused:
+                    log.warning("Ray dashboard of cluster %d not fetched: %s", pk, refused)
+                    return None
                 try:
                     return await raystatus.node_states(
                         client, url, RAY_CHECK_TIMEOUT, tokens.get(pk)

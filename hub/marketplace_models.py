@@ -127,6 +127,8 @@ class Node(Base):
     blocked: Mapped[bool] = mapped_column(default=False)
     verification: Mapped[str] = mapped_column(String(16), default="unverified")
     verified_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    #: When a verified node is challenged again (drawn at random after each pass).
+    next_challenge_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     reliability: Mapped[float] = mapped_column(Float, default=0.9)
     #: ed25519 public key (hex) that signs heartbeats; None for control-plane-made nodes.
     public_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -247,6 +249,10 @@ class NodeChallenge(Base):
     nonce: Mapped[str] = mapped_column(String(64), unique=True)
     seed: Mapped[int] = mapped_column(BigInteger)
     size: Mapped[int] = mapped_column(Integer)
+    #: Chain length (gpuportal.provider.workload); None for challenges made before it.
+    steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    #: The rows the portal checks, per GPU UUID. Secret: never sent to the node.
+    sample: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
     issued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime())

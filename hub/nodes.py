@@ -34,7 +34,14 @@ from sqlalchemy.orm import Session
 from gpuportal.provider import signing, workload
 from gpuportal.provider.nvml import marketplace_model
 
-from .marketplace_models import RAY_OFFLINE_REASONS, Cluster, HeartbeatRollup, Node, NodeChallenge
+from .marketplace_models import (
+    RAY_OFFLINE_REASONS,
+    Cluster,
+    HeartbeatRollup,
+    Node,
+    NodeChallenge,
+    Provider,
+)
 from .placement import normalize_model
 from .timeutil import utcnow
 
@@ -110,36 +117,65 @@ def authenticate(
 
 
 # --- challenges ---------------------------------------------------------------------
+#
+# The portal times every challenge itself: from ``issued_at`` to the moment the
+# answer's body has arrived. The deadline is what the claimed GPUs need
+# (``workload.deadline_seconds``); a demo node, which claims no real GPU, gets the
+# small CPU chain and ``challenge_deadline_seconds``. What the node reports about
+# its device and its timing is never read.
+
+_random = secrets.SystemRandom()
+
+
+def challenge_spec(ch: NodeChallenge) -> workload.Spec:
+    return workload.spec_for(ch.demo)
 
 
 def challenge_public(ch: NodeChallenge) -> dict[str, Any]:
-    repeats = workload.DEMO_REPEATS if ch.demo else workload.GPU_REPEATS
+    """What the node is told: never the sampled groups."""
+    spec = challenge_spec(ch)
     return {
         "nonce": ch.nonce,
         "seed": ch.seed,
-        "size": ch.size,
-        "repeats": repeats,
+        "rows": spec.rows,
+        "size": spec.size,
+        "steps": spec.steps,
+        "group": workload.GROUP,
         "deadline": ch.deadline.isoformat(),
         "demo": ch.demo,
     }
 
 
+def challenge_seconds(node: Node, spec: workload.Spec, rules: NodeRules) -> float:
+    """The time the node's claimed GPUs get (the demo chain: the configured deadline)."""
+    if spec.demo:
+        return float(rules.challenge_deadline_seconds)
+    return workload.deadline_seconds([g.model for g in node.gpus], spec)
+
+
 def issue_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChallenge:
-    """A fresh challenge (earlier pending ones of the node lapse)."""
+    """A fresh challenge (earlier pending ones of the node lapse), sized to its claim."""
     now = utcnow()
     session.execute(
         update(NodeChallenge)
         .where(NodeChallenge.node_id == node.id, NodeChallenge.status == "pending")
         .values(status="expired", completed_at=now)
     )
+    spec = workload.spec_for(node.demo)
+    sample = {
+        g.uuid: sorted(_random.sample(range(spec.groups), workload.SAMPLED_GROUPS))
+        for g in node.gpus
+    }
     ch = NodeChallenge(
         node_id=node.id,
         nonce=secrets.token_hex(16),
         seed=secrets.randbits(62),
-        size=workload.DEMO_SIZE if node.demo else workload.GPU_SIZE,
+        size=spec.size,
+        steps=spec.steps,
+        sample=sample,
         status="pending",
         issued_at=now,
-        deadline=now + timedelta(seconds=rules.challenge_deadline_seconds),
+        deadline=now + timedelta(seconds=challenge_seconds(node, spec, rules)),
         demo=node.demo,
     )
     session.add(ch)
@@ -148,9 +184,51 @@ def issue_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChall
     return ch
 
 
+def lapse(session: Session, node: Node, rules: NodeRules, now: datetime) -> bool:
+    """Pending challenges of ``node`` past their deadline: expired; a verified node
+    that did not answer fails (off offer). Returns whether any lapsed."""
+    late = session.scalars(
+        select(NodeChallenge).where(
+            NodeChallenge.node_id == node.id,
+            NodeChallenge.status == "pending",
+            NodeChallenge.deadline <= now,
+        )
+    ).all()
+    for ch in late:
+        ch.status, ch.completed_at = "expired", now
+        ch.detail = "no answer before the deadline"
+    if late and node.verification == "verified":
+        node.verification = "failed"
+        node.failed_verifications += 1
+        node.reliability = score(node, None, rules.reliability_start)
+        log.warning("node %s did not answer its challenge in time: not verified", node.node_id)
+    session.flush()
+    return bool(late)
+
+
+def lapse_challenges(session: Session, rules: NodeRules, now: datetime) -> list[str]:
+    """Every node whose pending challenge passed its deadline unanswered (housekeeping)."""
+    node_pks = session.scalars(
+        select(NodeChallenge.node_id)
+        .where(NodeChallenge.status == "pending", NodeChallenge.deadline <= now)
+        .distinct()
+    ).all()
+    lapsed = []
+    for pk in node_pks:
+        node = session.get(Node, pk)
+        if node is not None and lapse(session, node, rules, now):
+            lapsed.append(node.node_id)
+    return lapsed
+
+
 def due_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChallenge | None:
-    """The challenge a node should answer now, if any: pending, or newly due."""
+    """The challenge a node should answer now, if any: pending, or newly due.
+
+    A verified node is challenged again at a random moment (``next_challenge_at``,
+    drawn at each pass), so it cannot prepare for it.
+    """
     now = utcnow()
+    lapse(session, node, rules, now)
     pending = session.scalar(
         select(NodeChallenge)
         .where(
@@ -162,22 +240,28 @@ def due_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChallen
     )
     if pending is not None:
         return pending
-    stale = node.verified_at is None or node.verified_at < now - timedelta(
-        seconds=rules.verification_interval_seconds
-    )
-    if node.verification != "verified" or stale:
+    due = node.next_challenge_at
+    if due is None and node.verified_at is not None:
+        due = node.verified_at + timedelta(seconds=rules.verification_interval_seconds)
+    if node.verification != "verified" or due is None or due <= now:
         return issue_challenge(session, node, rules)
     return None
 
 
-def check_results(
-    node: Node,
-    ch: NodeChallenge,
-    inventory: list[dict[str, Any]],
-    results: list[dict[str, Any]],
-    expected: str,
-) -> str | None:
-    """Why the node fails the challenge, or None when it passes."""
+def received_in_time(ch: NodeChallenge, received_at: datetime) -> str | None:
+    """Why an answer that arrived at ``received_at`` is too late, or None."""
+    if received_at <= ch.deadline:
+        return None
+    took = (received_at - ch.issued_at).total_seconds()
+    allowed = (ch.deadline - ch.issued_at).total_seconds()
+    return (
+        f"the answer arrived {took:.1f}s after the challenge was issued; "
+        f"the claimed GPUs answer within {allowed:.1f}s"
+    )
+
+
+def check_inventory(node: Node, inventory: list[dict[str, Any]]) -> str | None:
+    """Why the node's NVML inventory differs from its registered claim, or None."""
     claimed = {g.index: g for g in node.gpus}
     seen = {}
     for item in inventory:
@@ -187,7 +271,7 @@ def check_results(
                 str(item["model"]),
                 int(item["memory_total_mib"]),
             )
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             return "the inventory is malformed"
     if set(seen) != set(claimed):
         return f"the node reports GPUs {sorted(seen)} but registered {sorted(claimed)}"
@@ -199,29 +283,37 @@ def check_results(
             return f"GPU {index}: model {model[:64]!r} differs from the registered {gpu.model!r}"
         if abs(vram - gpu.vram_mib) > max(256, gpu.vram_mib // 50):
             return f"GPU {index}: {vram} MiB differs from the registered {gpu.vram_mib} MiB"
-    by_index = {}
+    return None
+
+
+def check_results(
+    node: Node,
+    ch: NodeChallenge,
+    results: list[dict[str, Any]],
+    expected: dict[str, dict[int, bytes]],
+) -> str | None:
+    """Why the per-GPU answers (keyed by registered UUID) are wrong, or None.
+
+    ``expected`` holds the portal's own fingerprints of the sampled groups
+    (``workload.expected_groups``). Any other field of a result is ignored.
+    """
+    by_uuid: dict[str, str] = {}
     for r in results:
-        try:
-            by_index[int(r["index"])] = (str(r["digest"]), float(r["seconds"]), str(r["device"]))
-        except (KeyError, TypeError, ValueError):
-            return "the results are malformed"
-    repeats = workload.DEMO_REPEATS if ch.demo else workload.GPU_REPEATS
-    for index, gpu in claimed.items():
-        if index not in by_index:
-            return f"GPU {index}: no workload result"
-        digest, seconds, device = by_index[index]
-        if digest != expected:
-            return f"GPU {index}: the workload result is wrong"
-        if ch.demo:
-            continue
-        if not device.startswith("cuda"):
-            return f"GPU {index}: the workload ran on {device[:32]!r}, not a GPU"
-        window = workload.timing_range(gpu.model, ch.size, repeats)
-        if window is not None and not window[0] <= seconds <= window[1]:
-            return (
-                f"GPU {index}: {seconds:.4f}s is outside the {window[0]:.4f}s.."
-                f"{window[1]:.4f}s a {gpu.model} takes"
-            )
+        if not isinstance(r, dict) or not isinstance(r.get("uuid"), str):
+            return "the results are malformed: each needs a GPU uuid and its rows"
+        rows = r.get("rows")
+        by_uuid[r["uuid"]] = rows if isinstance(rows, str) else ""
+    for gpu in node.gpus:
+        if gpu.uuid not in by_uuid:
+            return f"GPU {gpu.index}: no workload result for {gpu.uuid}"
+        spec = challenge_spec(ch)
+        prints = workload.decode(by_uuid[gpu.uuid], spec)
+        if prints is None:
+            return f"GPU {gpu.index}: the result is not {spec.groups} group fingerprints"
+        width = workload.FINGERPRINT_BYTES
+        for group, want in expected.get(gpu.uuid, {}).items():
+            if prints[group * width : (group + 1) * width] != want:
+                return f"GPU {gpu.index}: the workload result is wrong"
     return None
 
 
@@ -230,16 +322,20 @@ def record_verification(
     node: Node,
     ch: NodeChallenge,
     failure: str | None,
-    results: list[dict[str, Any]],
     rules: NodeRules,
+    received_at: datetime | None = None,
 ) -> dict[str, Any]:
     now = utcnow()
+    took = None if received_at is None else (received_at - ch.issued_at).total_seconds()
     ch.completed_at = now
-    ch.result = {"results": results[:64], "passed": failure is None}
+    ch.result = {"passed": failure is None, "seconds": took}
     ch.detail = None if failure is None else failure[:500]
     if failure is None:
         ch.status = "passed"
         node.verification, node.verified_at = "verified", now
+        # The next check comes at a random moment within the interval.
+        interval = rules.verification_interval_seconds
+        node.next_challenge_at = now + timedelta(seconds=interval * _random.uniform(0.25, 1.0))
         if node.status == "pending":
             node.status = "online"
         log.info("node %s passed verification%s", node.node_id, " (demo, CPU)" if ch.demo else "")
@@ -310,11 +406,17 @@ def record_heartbeat(
     return {"node_id": node.node_id, "received_at": now.isoformat(), "gpus": gpus}
 
 
+#: Heartbeat metrics are clamped to this (they are information; a huge one must not
+#: overflow a column).
+MAX_METRIC = 1_000_000_000.0
+
+
 def _num(value: Any) -> float:
     try:
-        return max(0.0, float(value))
-    except (TypeError, ValueError):
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
         return 0.0
+    return min(MAX_METRIC, number) if number > 0 else 0.0
 
 
 def cache_key(node_id: str) -> str:
@@ -407,6 +509,17 @@ def clusters_to_check(session: Session) -> dict[int, tuple[str, list[str]]]:
     for cluster_pk, jobs_url, node_id in rows:
         out.setdefault(cluster_pk, (jobs_url, []))[1].append(node_id)
     return out
+
+
+def house_clusters(session: Session) -> set[int]:
+    """Clusters of the house provider: the control plane's own, fetched on loopback."""
+    return set(
+        session.scalars(
+            select(Cluster.id)
+            .join(Provider, Cluster.provider_id == Provider.id)
+            .where(Provider.house.is_(True))
+        )
+    )
 
 
 def apply_ray_view(

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from gpuportal.provider import signing, workload
 
-from . import db, nodes
+from . import db, egress, nodes
 from .auth import CurrentUser, PortalDep, PortalUser, require_role
 from .marketplace import MarketError
 from .marketplace_models import Cluster, Node, NodeChallenge, Provider
@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["providers"])
 
 MAX_NODE_BODY = 64 * 1024
+#: A verification carries up to 64 GPUs' group fingerprints (about 88 KB each).
+MAX_VERIFICATION_BODY = 64 * 90 * 1024 + MAX_NODE_BODY
 _ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
@@ -117,12 +119,24 @@ class Heartbeat(BaseModel):
     gpus: list[dict[str, Any]] = Field(default_factory=list, max_length=64)
 
 
+class GpuAnswer(BaseModel):
+    """One GPU's answer: its NVML UUID and the base64 fingerprints of its chain's groups
+    of rows.
+
+    Anything else a node sends (its own timing, its device) is ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    uuid: str = Field(min_length=1, max_length=96)
+    rows: str = Field(max_length=4 * (4 * workload.GPU_ROWS // workload.GROUP + 2) // 3 + 4)
+
+
 class Verification(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     nonce: str = Field(min_length=1, max_length=64)
     inventory: list[dict[str, Any]] = Field(max_length=64)
-    results: list[dict[str, Any]] = Field(max_length=64)
+    results: list[GpuAnswer] = Field(max_length=64)
 
 
 def _run(portal: Any, fn: Any) -> Any:
@@ -196,6 +210,10 @@ async def register(
     )
     if body.payout_wallet:
         validate_or_raise(lambda: validate_wallet(body.payout_wallet or ""))
+    # Resolved outside the transaction; only the house provider may ignore the answer.
+    url_refusal = await run_in_threadpool(
+        egress.refusal, body.jobs_url, egress.parse_networks(settings.provider_networks_allowed)
+    )
 
     def write(session: Any) -> dict[str, Any]:
         provider = upsert_provider(
@@ -207,6 +225,10 @@ async def register(
             country=body.country.upper() if body.country else None,
             wallet=body.payout_wallet or None,
         )
+        if url_refusal and not provider.house:
+            raise ApiError(
+                422, f"jobs_url: the portal will not fetch it: {url_refusal}.", "jobs_url_refused"
+            )
         cluster = upsert_cluster(
             session,
             provider,
@@ -324,12 +346,32 @@ async def leave(node_id: str, user: CurrentUser, portal: PortalDep) -> Any:
 # --- signed node calls ----------------------------------------------------------------
 
 
-async def _signed(request: Request, portal: Any, node_id: str, handle: Any) -> Any:
-    """Authenticate a node's signed request, then run ``handle(session, node, body)``."""
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_NODE_BODY:
-        raise ApiError(413, f"The request body is larger than {MAX_NODE_BODY} bytes.", "too_large")
-    body = await request.body()
+async def read_capped(request: Request, cap: int) -> bytes:
+    """The request body, refused with 413 before it is read when its declared length
+    is over ``cap``, and as soon as more than ``cap`` bytes arrive when it declares none."""
+    too_large = ApiError(413, f"The request body is larger than {cap} bytes.", "too_large")
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or len(length) > 12 or int(length) > cap):
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _signed(
+    request: Request, portal: Any, node_id: str, handle: Any, cap: int = MAX_NODE_BODY
+) -> Any:
+    """Authenticate a node's signed request, then run ``handle(session, node, body)``.
+
+    The body's size is checked before it is read and its signature before
+    ``handle`` does anything.
+    """
+    body = await read_capped(request, cap)
+    request.state.received_at = utcnow()
     settings: Settings = portal.settings
 
     def run(session: Any) -> Any:
@@ -412,40 +454,54 @@ async def new_challenge(node_id: str, request: Request, portal: PortalDep) -> An
 
 @router.post("/api/v1/nodes/{node_id}/verification")
 async def verification(node_id: str, request: Request, portal: PortalDep) -> Any:
-    """A node answers its challenge. Passing makes its GPUs schedulable."""
+    """A node answers its challenge. Passing makes its GPUs schedulable.
+
+    In this order, so an unsigned or oversized request costs nothing: the body's
+    size, the signature (which also loads the challenge), the arrival time
+    against the deadline, then the portal's own chain for the sampled rows
+    (outside any DB transaction), then the verdict.
+    """
     rules = node_rules(portal.settings)
-    # The expected product is computed outside the DB transaction (it takes CPU time).
-    body = await request.body()
-    try:
+    arrived: dict[str, Any] = {}
+
+    def load(session: Any, node: Node, body: bytes) -> dict[str, Any]:
+        arrived["at"] = request.state.received_at  # the portal's clock stopped here
         data = Verification.model_validate_json(body or b"{}")
-    except ValidationError as exc:
-        first: dict[str, Any] = dict(exc.errors()[0]) if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        raise ApiError(422, f"{where}: {first.get('msg', 'invalid value')}") from None
-
-    def lookup(session: Any) -> tuple[int, int] | None:
         ch = session.scalar(select(NodeChallenge).where(NodeChallenge.nonce == data.nonce))
-        return None if ch is None else (ch.seed, ch.size)
-
-    found = await _run(portal, lookup)
-    expected = await run_in_threadpool(workload.expected_digest, *found) if found else ""
-
-    def handle(session: Any, node: Node, _body: bytes) -> dict[str, Any]:
-        ch = session.scalar(
-            select(NodeChallenge).where(NodeChallenge.nonce == data.nonce).with_for_update()
-        )
         if ch is None or ch.node_id != node.id:
             raise ApiError(422, "This nonce was not issued to this node.")
         if ch.status != "pending":
             raise ApiError(409, f"This challenge was already {ch.status}; ask for a new one.")
-        failure = None
-        if utcnow() > ch.deadline:
-            failure = "the answer came after the challenge's deadline"
-        else:
-            failure = nodes.check_results(node, ch, data.inventory, data.results, expected)
-        return nodes.record_verification(session, node, ch, failure, data.results, rules)
+        return {
+            "data": data,
+            "challenge": ch.id,
+            "seed": ch.seed,
+            "spec": nodes.challenge_spec(ch),
+            "sample": dict(ch.sample or {}),
+            "late": nodes.received_in_time(ch, arrived["at"]),
+            "inventory": nodes.check_inventory(node, data.inventory),
+        }
 
-    return await _signed(request, portal, node_id, handle)
+    found = await _signed(request, portal, node_id, load, MAX_VERIFICATION_BODY)
+    failure = found["late"] or found["inventory"]
+    expected: dict[str, dict[int, bytes]] = {}
+    if failure is None:
+        expected = await run_in_threadpool(
+            workload.expected_groups, found["seed"], found["spec"], found["sample"]
+        )
+
+    def judge(session: Any) -> dict[str, Any]:
+        ch = session.scalar(
+            select(NodeChallenge).where(NodeChallenge.id == found["challenge"]).with_for_update()
+        )
+        node = session.get(Node, ch.node_id)
+        if ch.status != "pending":
+            raise ApiError(409, f"This challenge was already {ch.status}; ask for a new one.")
+        results = [r.model_dump() for r in found["data"].results]
+        verdict = failure or nodes.check_results(node, ch, results, expected)
+        return nodes.record_verification(session, node, ch, verdict, rules, arrived["at"])
+
+    return await _guarded(portal, judge)
 
 
 # --- admin ------------------------------------------------------------------------------

@@ -1,14 +1,17 @@
 """The provider registry: providers, their clusters, nodes and GPUs.
 
 Registration stores *claims*. A node's GPUs become schedulable only when a
-verification passes (``verification == "verified"``); a registration whose GPU
-inventory differs from what was verified marks the node ``changed`` and so
-unschedulable until it passes again. The house provider of the embedded stack
-is registered the same way, by the control plane itself.
+verification passes (``verification == "verified"``); a registration that
+changes anything a verified node claims (its GPUs' count, models, memory or
+UUIDs, its demo flag, its cluster or that cluster's ``jobs_url``) marks the
+node ``changed`` and so unschedulable until it passes a fresh challenge. The
+house provider of the embedded stack is registered the same way, by the
+control plane itself.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +26,8 @@ from .timeutil import utcnow
 
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 COUNTRY = re.compile(r"^[A-Z]{2}$")
+
+log = logging.getLogger(__name__)
 
 
 def validate_wallet(wallet: str) -> str:
@@ -146,11 +151,24 @@ def upsert_cluster(
         )
         session.add(cluster)
     else:
+        if cluster.jobs_url != jobs_url:
+            # Where the portal and the spawner reach the nodes changed: claims again.
+            for node in session.scalars(select(Node).where(Node.cluster_id == cluster.id)):
+                unverify(node, "its cluster's jobs_url changed")
         cluster.jobs_url, cluster.ray_address = jobs_url, ray_address
         if ray_token is not None:
             cluster.ray_token = ray_token
     session.flush()
     return cluster
+
+
+def unverify(node: Node, why: str) -> None:
+    """A change to what a verified node claims makes it a claim again (``changed``):
+    unschedulable until it passes a fresh challenge, which is due at once."""
+    if node.verification == "verified":
+        node.verification = "changed"
+        log.warning("node %s: %s; unverified until it passes a new challenge", node.node_id, why)
+    node.next_challenge_at = None
 
 
 def register_node(
@@ -194,7 +212,11 @@ def register_node(
         owner = session.get(Cluster, node.cluster_id)
         if owner is None or owner.provider_id != cluster.provider_id:
             raise Invalid(f"node id {node_id!r} belongs to another provider; choose another.")
+        if node.cluster_id != cluster.id:
+            unverify(node, "it moved to another cluster")
         node.cluster_id = cluster.id
+        if node.demo != demo:
+            unverify(node, "its demo flag changed")
         node.demo = demo
         node.isolation = isolation
         if public_key is not None:
@@ -223,9 +245,8 @@ def register_node(
                 gpu.cuda_capability, gpu.pci_bus_id = claim.cuda_capability, claim.pci_bus_id
         for gone in current.values():
             session.delete(gone)
-        if node.verification == "verified":
-            # GPUs changed since they were verified: a claim again until re-verified.
-            node.verification = "changed"
+        # GPUs (count, model, memory, UUID) changed since they were verified.
+        unverify(node, "its GPUs changed")
     if verified:
         node.verification, node.verified_at, node.status = "verified", now, "online"
         node.last_heartbeat_at = now

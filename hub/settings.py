@@ -184,7 +184,16 @@ class Settings(BaseSettings):
         3600, description="How often a node must pass a fresh verification challenge, seconds."
     )
     challenge_deadline_seconds: int = Field(
-        300, description="How long a node has to answer a verification challenge, seconds."
+        300,
+        description="How long a demo node has to answer its (CPU) verification challenge, "
+        "seconds. Real GPUs get the deadline of their claimed model (docs/providers.md).",
+    )
+    provider_networks_allowed: str = Field(
+        "",
+        description="Comma-separated networks (CIDR) where the portal may fetch a "
+        "provider's jobs_url although they are not public, e.g. 10.20.0.0/16 for a "
+        "private provider site. Loopback, private and link-local addresses are refused "
+        "otherwise; the house node is always allowed.",
     )
     node_clock_skew_seconds: int = Field(
         60,
@@ -239,6 +248,14 @@ class Settings(BaseSettings):
     def _positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError("must be a positive integer")
+        return value
+
+    @field_validator("provider_networks_allowed")
+    @classmethod
+    def _networks(cls, value: str) -> str:
+        from .egress import parse_networks
+
+        parse_networks(value)  # ValueError with the bad part
         return value
 
     @field_validator("reliability_start", "reliability_delist")

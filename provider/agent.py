@@ -216,23 +216,12 @@ class Agent:
             "running the verification challenge (%s)",
             "demo: on the CPU" if self.demo else "on the GPUs",
         )
-        indices = [g.index for g in self.gpus]
+        gpus = [(g.index, g.uuid) for g in self.gpus]
         try:
-            results = [
-                r.as_dict()
-                for r in workload.run_challenge(
-                    int(challenge["seed"]),
-                    int(challenge["size"]),
-                    int(challenge["repeats"]),
-                    indices,
-                    self.demo,
-                )
-            ]
+            results = workload.run_challenge(challenge, gpus)
         except workload.WorkloadUnavailable as exc:
             log.error("cannot run the GPU workload: %s", exc)
-            results = [
-                {"index": i, "digest": "", "seconds": 0.0, "device": "none"} for i in indices
-            ]
+            results = [{"index": i, "uuid": u, "rows": ""} for i, u in gpus]
         verdict: dict[str, Any] = self.portal.signed(
             f"{self.node_path}/verification",
             {

@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from . import workload
 from .agent import Agent, AgentError, Portal, inventory, models_of
 from .identity import Identity, IdentityError, default_config_dir
 from .isolation import node_isolation
@@ -202,6 +203,8 @@ def join(
             f"(pid {ray.proc.pid}), Jobs API {jobs_url}"
         )
     ray_token = ensure_auth_token(token_path) if ray or token_path.exists() else None
+    # The challenge in the registration reply is timed from the moment it is issued.
+    workload.warm_up([g.index for g in gpus], demo)
     portal = Portal(hub_url, identity, token)
     try:
         reply = portal.call(
@@ -284,6 +287,7 @@ def run(hub_url: str | None, once: bool, config_dir: Path | None) -> None:
     if not hub:
         raise AgentError("this node has not joined a hub yet; run `gpuportal provider join`.")
     gpus, _driver = inventory(identity.state.demo, identity.state.demo_gpus, identity.node_id)
+    workload.warm_up([g.index for g in gpus], identity.state.demo)
     portal = Portal(hub, identity)
     try:
         agent = Agent(portal, identity, gpus, identity.state.demo)

@@ -25,6 +25,9 @@ TIMESTAMP = "X-Gpuportal-Timestamp"
 COUNTER = "X-Gpuportal-Counter"
 SIGNATURE = "X-Gpuportal-Signature"
 HEADERS = (NODE, TIMESTAMP, COUNTER, SIGNATURE)
+#: Counters are stored as signed 64-bit integers; timestamps are Unix seconds.
+MAX_COUNTER = 2**63 - 1
+MAX_TIMESTAMP = 2**40
 
 
 class BadSignature(Exception):
@@ -91,11 +94,18 @@ def read_headers(headers: Mapping[str, str]) -> tuple[str, int, int, bytes]:
             "unsigned request: X-Gpuportal-Node, -Timestamp, -Counter and -Signature are required"
         )
     node_id, ts, counter, sig = values
+    if len(node_id) > 64 or len(ts) > 32 or len(counter) > 32 or len(sig) > 256:
+        raise BadSignature("the signature headers are too long")
     try:
         signature = bytes.fromhex(sig)
-        return node_id, int(ts), int(counter), signature
+        timestamp, count = int(ts), int(counter)
     except ValueError:
         raise BadSignature("malformed signature headers") from None
+    if not 0 < count <= MAX_COUNTER:
+        raise BadSignature(f"the counter must be an integer from 1 to {MAX_COUNTER}")
+    if not 0 < timestamp < MAX_TIMESTAMP:
+        raise BadSignature("the timestamp must be Unix seconds")
+    return node_id, timestamp, count, signature
 
 
 def verify(

@@ -34,6 +34,8 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         GPUPORTAL_DEMO_GPUS="1xA100-80GB",
         GPUPORTAL_HEARTBEAT_SECONDS="2",
         GPUPORTAL_HEARTBEAT_MISSED="3",
+        # The joining providers' Ray heads run on this machine's loopback.
+        GPUPORTAL_PROVIDER_NETWORKS_ALLOWED="127.0.0.0/8",
     )
     try:
         admin = _login(stack, "admin", stack.admin_password)

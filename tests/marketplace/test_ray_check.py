@@ -136,7 +136,12 @@ def statuses(portal: Portal) -> dict[str, tuple[str, str | None]]:
 async def test_ray_dead_or_missing_nodes_go_offline_despite_heartbeats(
     ray_pair: RayPair, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = load_settings(data_dir=tmp_path, heartbeat_seconds=10, heartbeat_missed=3)
+    settings = load_settings(
+        data_dir=tmp_path,
+        heartbeat_seconds=10,
+        heartbeat_missed=3,
+        provider_networks_allowed="127.0.0.0/8",  # these test clusters are on loopback
+    )
     portal = Portal(settings, cache=MemoryCache(), hub=NoHub())
     portal_db.upgrade(portal.engine)
     await portal.start()
