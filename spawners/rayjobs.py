@@ -82,6 +82,10 @@ class RayJobs:
                 raise JobNotFound(text[:200]) from None
             if "status code 5" in text:
                 raise RayUnavailable(text[:200]) from None
+            if "status code 401" in text or "status code 403" in text:
+                # Every cluster runs with Ray's token auth: a wrong or missing token.
+                log.error("the cluster at %s refused the spawner's Ray token", self.jobs_url)
+                raise RayUnavailable("the cluster refused the Ray token") from None
             raise
         except Exception as exc:  # requests' own exceptions, without importing requests
             if type(exc).__module__.startswith(("requests", "urllib3")):

@@ -130,7 +130,11 @@ def test_node_death_is_noticed_and_the_reservation_released(
     """TEST_DEAD_AFTER=8: the hub notices within its bound (no timing asserted here)."""
     ray_nodes.add_gpu_node("n2", 1)
     ray_nodes.wait_alive(3)
-    portal.nodes.append(Node("n2", 1, "A100-80GB", "doomed", 1_000_000, ray_nodes.jobs_url))
+    portal.nodes.append(
+        Node(
+            "n2", 1, "A100-80GB", "doomed", 1_000_000, ray_nodes.jobs_url, ray_token=ray_nodes.token
+        )
+    )
     try:
         reply = hub.spawn("nora", options={"profile": "gpu", "region": "doomed"})
         assert reply.status_code in (201, 202), reply.text
