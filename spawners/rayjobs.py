@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,10 @@ class RayJobs:
             return await asyncio.wait_for(asyncio.to_thread(run), timeout=self.timeout * 2)
         except (TimeoutError, ConnectionError, OSError) as exc:
             raise RayUnavailable(f"{type(exc).__name__} from {self.jobs_url}") from None
+        except AuthenticationError:
+            # Every cluster runs with Ray's token auth: a wrong or missing token.
+            log.error("the cluster at %s refused the spawner's Ray token", self.jobs_url)
+            raise RayUnavailable("the cluster refused the Ray token") from None
         except RuntimeError as exc:
             text = str(exc)
             if "status code 404" in text or "does not exist" in text:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import httpx
 import pytest
 from ray.job_submission import JobSubmissionClient
+
+from gpuportal.spawners.rayjobs import RayJobs, RayUnavailable
 
 from .conftest import Hub
 from .contract_portal import ContractPortal
@@ -133,3 +136,24 @@ def test_report_endpoint_needs_a_server_token(hub: Hub) -> None:
     )
     assert as_service.status_code == 403
     assert "Only a user server's own token can report." in as_service.json()["message"]
+
+
+def test_the_jobs_api_refuses_whoever_lacks_the_clusters_token(ray_nodes: RayNodes) -> None:
+    """The cluster runs with Ray's token auth: without the token nobody lists jobs
+    (and reads their runtime envs) or submits one; the spawner's client has it."""
+    listed = httpx.get(f"{ray_nodes.jobs_url}/api/jobs/", timeout=30)
+    assert listed.status_code == 401, listed.text
+    submitted = httpx.post(
+        f"{ray_nodes.jobs_url}/api/jobs/",
+        json={"entrypoint": "echo unbilled", "entrypoint_num_gpus": 1},
+        timeout=30,
+    )
+    assert submitted.status_code == 401, submitted.text
+    wrong = httpx.get(
+        f"{ray_nodes.jobs_url}/api/jobs/", headers={"Authorization": "Bearer guess"}, timeout=30
+    )
+    assert wrong.status_code in (401, 403), wrong.text
+    with pytest.raises(RayUnavailable):
+        asyncio.run(RayJobs(ray_nodes.jobs_url).state("no-such-job"))
+    trusted = RayJobs(ray_nodes.jobs_url, token=ray_nodes.token)
+    assert asyncio.run(trusted.stop("no-such-job")) is False  # authenticated; job unknown
