@@ -151,6 +151,8 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
         ray_num_cpus=2,
     )
     head = LocalRayHead(settings)
+    # A marker of the control plane's environment that must not reach Ray.
+    os.environ["GPUPORTAL_TEST_MARKER"] = "control-plane-only"
     state = head.start(plan_gpus(settings))
     leader = psutil.Process(int(str(state["pid"])))
     cluster = RayCluster(

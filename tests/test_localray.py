@@ -18,7 +18,8 @@ from .conftest import RayCluster
 
 @pytest.mark.ray
 async def test_status_shows_the_demo_gpus(ray_cluster: RayCluster) -> None:
-    status = await cluster_status(ray_cluster.jobs_url)
+    token = ray_cluster.settings.ray_token_path.read_text().strip()
+    status = await cluster_status(ray_cluster.jobs_url, token=token)
     assert status["status"] == "ok"
     assert (status["nodes_alive"], status["gpus"], status["gpu_models"], status["demo"]) == (
         1,
@@ -26,6 +27,36 @@ async def test_status_shows_the_demo_gpus(ray_cluster: RayCluster) -> None:
         {"A100-80GB": 2},
         True,
     )
+
+
+@pytest.mark.ray
+async def test_the_house_head_runs_with_token_auth(ray_cluster: RayCluster) -> None:
+    """Without the house cluster's token (0600 in the data dir) its dashboard refuses."""
+    path = ray_cluster.settings.ray_token_path
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert (await cluster_status(ray_cluster.jobs_url))["status"] == "unreachable"
+    assert (await cluster_status(ray_cluster.jobs_url, token="guess"))["status"] == "unreachable"
+
+
+@pytest.mark.ray
+def test_the_house_head_inherits_no_secret_of_ours(ray_cluster: RayCluster) -> None:
+    """The head was started from the allow-list: a variable of this (control-plane)
+    process that is not on it is absent from every process of the head."""
+    import os
+
+    assert "GPUPORTAL_TEST_MARKER" in os.environ  # set by the fixture before the start
+    seen = 0
+    for pid in ray_cluster.pids:
+        try:
+            environ = psutil.Process(pid).environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if not environ:  # gone, or a zombie: nothing to read
+            continue
+        seen += 1
+        assert "GPUPORTAL_TEST_MARKER" not in environ
+        assert environ.get("RAY_AUTH_MODE") == "token"
+    assert seen > 0
 
 
 @pytest.mark.ray
