@@ -63,7 +63,8 @@ async def index(request: Request) -> Response:
 async def health(portal: PortalDep) -> Any:
     """Is the portal able to serve? DB, cache and the house Ray cluster (with its GPUs).
 
-    Public, like a load balancer's health check; it reveals no user data.
+    Public, like a load balancer's health check; it reveals no user data and no
+    internal URL (the Ray cluster's address stays out of the answer).
     """
 
     def db_status() -> dict[str, Any]:
@@ -80,6 +81,7 @@ async def health(portal: PortalDep) -> Any:
     db_info = await run_in_threadpool(db_status)
     cache_ok = await portal.cache.ping()
     ray = await cluster_status(portal.settings.ray_jobs_url)
+    ray.pop("address", None)
     overall = (
         "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" else "degraded"
     )
