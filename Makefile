@@ -52,6 +52,8 @@ mutate: install
 		print(toml.dumps({"cosmic-ray": cfg}))' "$(MUTATE_MODULES)" > $(MUTATE)/tree/cosmic-ray.toml
 	cd $(MUTATE)/tree && export PATH="$(CURDIR)/$(BIN):$$PATH" PYTHONPATH="$(CURDIR)/$(MUTATE)/tree/.shim" && \
 		cosmic-ray init cosmic-ray.toml session.sqlite && \
+		cr-filter-operators session.sqlite cosmic-ray.toml && \
+		cr-filter-pragma session.sqlite && \
 		cosmic-ray --verbosity ERROR baseline cosmic-ray.toml && \
 		cosmic-ray exec cosmic-ray.toml session.sqlite
 	$(BIN)/cr-report --show-diff --surviving-only $(MUTATE)/tree/session.sqlite | tee $(MUTATE)/report.txt
