@@ -5,7 +5,11 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from .test_billing_api import API, auth, chain, client, error, portal  # noqa: F401  (fixtures)
+from . import test_billing_api as billing
+from .test_billing_api import API, auth, error
+
+# The billing API's fixtures: a portal app with the hub double and accounts made.
+chain, portal, client = billing.chain, billing.portal, billing.client
 
 
 def test_an_admin_sets_a_users_quota_and_the_user_reads_it(client: TestClient) -> None:
