@@ -535,3 +535,39 @@ def test_rpc_lookup_of_an_unknown_signature_is_none(
 ) -> None:
     chain, _ = rpc(json.dumps({"jsonrpc": "2.0", "id": 1, "result": None}))
     assert chain.lookup(SIGNATURE) is None
+
+
+# --- reservation_billing.close_for: which bill a release closes --------------------------------
+
+
+def test_releasing_a_reservation_closes_its_own_bill_and_no_other(
+    sessions: sessionmaker[Session], settings: Settings, ann: int
+) -> None:
+    """Survivor of ``make mutate`` (``reservation_id == ...`` became ``>=``): with one
+    reservation every comparison finds the right bill. Three open bills, opened in the
+    order b, a, c: releasing a, then c, closes exactly that one each time."""
+    from gpuportal.hub import reservation_billing
+
+    grant(sessions, ann, 100 * CREDIT, "g-ann")
+    ids = {}
+    for rid in ("b", "a", "c"):
+        request = allocations.OpenRequest(
+            user="ann",
+            server=rid,
+            gpu_count=1,
+            price_per_gpu_hour=PRICE,
+            platform_fee_bps=1000,
+            started_at=T0,
+            reservation_id=rid,
+        )
+        with portal_db.transaction(sessions) as session:
+            ids[rid] = allocations.open_allocation(session, settings, request, T0)[0].id
+    later = T0 + timedelta(seconds=60)
+    for released, still_open in (("a", {"b", "c"}), ("c", {"b"})):
+        with portal_db.transaction(sessions) as session:
+            closed = reservation_billing.close_for(session, settings, released, later)
+            assert closed is not None and closed.id == ids[released]
+        running = {rid for rid, aid in ids.items() if allocation(sessions, aid).status == "running"}
+        assert running == still_open
+    with portal_db.transaction(sessions) as session:
+        assert reservation_billing.close_for(session, settings, "a", later) is None
