@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: install run test lint format clean
+.PHONY: install run test lint format clean mutate
 
 install: $(STAMP)
 
@@ -37,9 +37,35 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy hub provider spawners extensions
 
+# Mutation testing of the money modules ([tool.cosmic-ray] in pyproject.toml; see
+# docs/testing.md). cosmic-ray rewrites each module on disk, one mutant at a time, so
+# this runs in a copy of the tree (tracked and untracked, not ignored, files) whose
+# gpuportal package is put first on PYTHONPATH; your checkout is never edited.
+# MUTATE_MODULES="hub/quotas.py hub/reservation_billing.py" narrows the run. The
+# report, with the diff of every surviving mutant, is .mutate/report.txt.
+MUTATE := .mutate
+MUTATE_MODULES ?=
+
+mutate: install
+	rm -rf $(MUTATE)/tree && mkdir -p $(MUTATE)/tree/.shim/gpuportal
+	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(MUTATE)/tree
+	for pkg in hub provider spawners extensions notebooks; do \
+		ln -s ../../$$pkg $(MUTATE)/tree/.shim/gpuportal/$$pkg; done
+	$(BIN)/python -c 'import sys, tomllib, toml; \
+		cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["cosmic-ray"]; \
+		cfg["module-path"] = sys.argv[1].split() or cfg["module-path"]; \
+		print(toml.dumps({"cosmic-ray": cfg}))' "$(MUTATE_MODULES)" > $(MUTATE)/tree/cosmic-ray.toml
+	cd $(MUTATE)/tree && export PATH="$(CURDIR)/$(BIN):$$PATH" PYTHONPATH="$(CURDIR)/$(MUTATE)/tree/.shim" && \
+		cosmic-ray init cosmic-ray.toml session.sqlite && \
+		cr-filter-operators session.sqlite cosmic-ray.toml && \
+		cr-filter-pragma session.sqlite && \
+		cosmic-ray --verbosity ERROR baseline cosmic-ray.toml && \
+		cosmic-ray exec cosmic-ray.toml session.sqlite
+	$(BIN)/cr-report --show-diff --surviving-only $(MUTATE)/tree/session.sqlite | tee $(MUTATE)/report.txt
+
 format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
 clean:
-	rm -rf .gpuportal build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf .gpuportal .mutate build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

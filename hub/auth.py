@@ -1,10 +1,19 @@
 """Who is calling the portal: a hub API token or the portal's hub-OAuth cookie.
 
-Tokens are checked against the hub's ``GET /hub/api/user`` and the answer is
-cached for ``GPUPORTAL_AUTH_CACHE_SECONDS``, keyed by a SHA-256 of the token,
-never the token itself. A browser without a cookie is sent through the hub's
-OAuth flow (PKCE) and comes back with an HttpOnly cookie scoped to the
-portal's prefix; an API client without a token gets a 401 JSON error.
+Tokens are checked against the hub's ``GET /hub/api/user``. The answer is
+cached, keyed by a SHA-256 of the token (never the token itself), for reads
+only and only for ``GPUPORTAL_AUTH_CACHE_SECONDS`` (a few seconds, at most
+10): a request that changes anything (POST, PUT, PATCH, DELETE) is always
+checked against the hub afresh, so a revoked token or a removed role can never
+spend, reserve or grant, and reads follow the hub within seconds. A refusal
+is never cached, and it drops whatever the cache held for that token.
+
+A browser without a cookie is sent through the hub's OAuth flow (PKCE) and
+comes back with an HttpOnly cookie scoped to the portal's prefix; an API
+client without a token gets a 401 JSON error. The cookie is good for reading
+only (GET, HEAD, OPTIONS): pages under ``/user/*`` share the portal's origin,
+so a cookie that could write would let any notebook page forge requests
+(XSRF). Anything that changes state needs ``Authorization: token ...``.
 
 A user server's own token (``JUPYTERHUB_API_TOKEN``, the ``server`` role's
 scopes) identifies its owner but lacks ``access:services``; the portal takes
@@ -68,16 +77,30 @@ class PortalUser:
         return self.kind == "service"
 
 
+PORTAL_ACCESS_SCOPES = frozenset({"access:services", "access:services!service=portal"})
+READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
 def token_from(request: Request) -> str | None:
+    """The caller's hub token: the ``Authorization`` header, else the portal's cookie.
+
+    The cookie counts only for reads. A browser sends it with any request to
+    the portal's path, including one that a page under ``/user/*`` (same
+    origin, customer code) or another site makes in its name, so a write that
+    carried only the cookie is refused with 403 rather than trusted.
+    """
     header = request.headers.get("authorization", "")
     scheme, _, value = header.partition(" ")
     if scheme.lower() in ("token", "bearer") and value.strip():
         return value.strip()
-    return request.cookies.get(TOKEN_COOKIE) or None
-
-
-PORTAL_ACCESS_SCOPES = frozenset({"access:services", "access:services!service=portal"})
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+    cookie = request.cookies.get(TOKEN_COOKIE) or None
+    if cookie and request.method not in READ_METHODS:
+        raise HTTPException(
+            403,
+            "The portal's login cookie is good for reading only; to change anything, "
+            "send your hub API token as 'Authorization: token <hub API token>'.",
+        )
+    return cookie
 
 
 def server_token_only(model: dict[str, Any]) -> bool:
@@ -116,21 +139,25 @@ async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
     """A hub user, or a hub service named in ``GPUPORTAL_TRUSTED_SERVICES``.
 
     Trusted services (the spawner) act on behalf of users; every other service
-    is refused with 403. Both kinds are cached by token hash.
+    is refused with 403. Both kinds are cached by token hash, for reads only
+    (see the module docstring): a write always asks the hub.
     """
     token = token_from(request)
     if not token:
         raise AuthRequired()
     key = cache_key(token)
-    cached = await portal.cache.get(key)
-    if cached:
-        return refuse_writes(request, PortalUser(**json.loads(cached)))
+    if request.method in READ_METHODS:
+        cached = await portal.cache.get(key)
+        if cached:
+            return refuse_writes(request, PortalUser(**json.loads(cached)))
     try:
         model = await portal.hub.user_for_token(token)
     except HubUnavailable as exc:
         log.warning("hub unavailable while checking a token: %s", exc)
         raise HTTPException(503, "The hub is not answering; try again in a moment.") from None
     if model is None:
+        # Revoked or expired: what a read cached a moment ago must not outlive it.
+        await portal.cache.delete(key)
         raise AuthRequired("Your hub token is invalid or has expired; log in again.")
     kind = model.get("kind", "user")
     if kind == "service" and model.get("name") in portal.settings.trusted_service_names:
@@ -142,22 +169,22 @@ async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
             scopes=sorted(model.get("scopes") or []),
             kind="service",
         )
-        await portal.cache.set(
-            key, json.dumps(asdict(service)), ttl=portal.settings.auth_cache_seconds
-        )
+        await _remember(portal, key, service)
         log.info("authenticated trusted hub service %s", service.name)
         return service
     if kind != "user":
+        await portal.cache.delete(key)
         raise HTTPException(403, "Only hub users and trusted services can use this endpoint.")
     # The token's own model may lack groups (OAuth tokens carry few scopes), so
     # the portal reads the full model with its service token.
     full = model if "groups" in model and "admin" in model else await portal.hub.user(model["name"])
     if full is None:
+        await portal.cache.delete(key)
         raise AuthRequired("Your hub user no longer exists.")
     scopes = model.get("scopes") or []
     user = await run_in_threadpool(_record, portal, full, scopes)
     user.read_only = server_token_only(model)
-    await portal.cache.set(key, json.dumps(asdict(user)), ttl=portal.settings.auth_cache_seconds)
+    await _remember(portal, key, user)
     log.info(
         "authenticated hub user %s (role %s%s)",
         user.name,
@@ -165,6 +192,13 @@ async def current_caller(request: Request, portal: PortalDep) -> PortalUser:
         ", server token: read-only" if user.read_only else "",
     )
     return refuse_writes(request, user)
+
+
+async def _remember(portal: Portal, key: str, caller: PortalUser) -> None:
+    """Cache a verified caller for reads; a TTL of 0 caches nothing (never "forever")."""
+    ttl = portal.settings.auth_cache_seconds
+    if ttl > 0:
+        await portal.cache.set(key, json.dumps(asdict(caller)), ttl=ttl)
 
 
 def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:

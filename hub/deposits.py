@@ -27,6 +27,7 @@ credited for both, each once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from dataclasses import dataclass, field
@@ -277,31 +278,43 @@ def _pubkey(text: str) -> Any:
     return Pubkey.from_string(text)
 
 
-class RpcChain:  # pragma: no cover - needs a Solana cluster; the logic it feeds is tested
-    """A real cluster through solana-py's JSON-RPC client, ``finalized`` commitment."""
+class RpcChain:
+    """A real cluster through solana-py's JSON-RPC client, ``finalized`` commitment.
+
+    solana-py 0.41 ships only its asyncio client (``AsyncClient``; the blocking
+    ``solana.rpc.api.Client`` is gone). ``lookup`` runs in a worker thread (the
+    deposit route's threadpool), so it drives one short-lived client per call with
+    ``asyncio.run``. Tested against a JSON-RPC stand-in on 127.0.0.1
+    (tests/ledger/test_money_mutants.py); no test reaches a real cluster.
+    """
 
     name = "rpc"
 
     def __init__(self, url: str) -> None:
         try:
-            from solana.rpc.api import Client
+            from solana.rpc.async_api import AsyncClient
         except ImportError:
             raise LedgerError(
                 "GPUPORTAL_SOLANA_RPC_URL is set but solana-py is not "
                 "installed; pip install solana."
             ) from None
-        self._client = Client(url, timeout=10)
+        self._client_class = AsyncClient
+        self._url = url
 
-    def lookup(self, signature: str) -> ChainTransaction | None:
+    async def _get_transaction(self, signature: str) -> Any:
         from solana.rpc.commitment import Finalized
         from solders.signature import Signature
 
-        reply = self._client.get_transaction(
-            Signature.from_string(signature),
-            encoding="jsonParsed",
-            commitment=Finalized,
-            max_supported_transaction_version=0,
-        )
+        async with self._client_class(self._url, timeout=10) as client:
+            return await client.get_transaction(
+                Signature.from_string(signature),
+                encoding="jsonParsed",
+                commitment=Finalized,
+                max_supported_transaction_version=0,
+            )
+
+    def lookup(self, signature: str) -> ChainTransaction | None:
+        reply = asyncio.run(self._get_transaction(signature))
         if reply.value is None:
             return None
         body = json.loads(reply.value.to_json())

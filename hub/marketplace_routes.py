@@ -119,14 +119,18 @@ class ReservationCreate(BaseModel):
 
 
 class ReservationPublic(BaseModel):
+    """A reservation as its customer sees it: no internal URL, no cluster detail.
+
+    The Jobs API URL, the cluster id and the node's Ray resource are for the
+    spawner only (``ReservationTrusted``); a customer who had them could reach
+    the provider's Ray cluster directly.
+    """
+
     id: str
     status: str
     user: str
     server_name: str
     node_id: str
-    cluster_id: int
-    jobs_url: str
-    node_resource: str
     gpu_indices: list[int]
     gpu_count: int
     gpu_model: str
@@ -143,6 +147,24 @@ class ReservationPublic(BaseModel):
         None, description="When the spawner reported that the server failed to start."
     )
     failure_reason: str | None = None
+
+
+class ReservationTrusted(ReservationPublic):
+    """What a trusted hub service (the spawner) gets: where to submit the server's job,
+    and the cluster's Ray token to submit it with (every cluster runs with Ray's
+    token authentication)."""
+
+    cluster_id: int
+    jobs_url: str
+    node_resource: str
+    ray_token: str | None = None
+
+
+def reservation_body(caller: PortalUser, answer: dict[str, Any]) -> dict[str, Any]:
+    """The JSON for ``answer`` shaped for ``caller``: trusted services get the cluster
+    detail, everyone else (customers, admins) the public model."""
+    model = ReservationTrusted if caller.is_service else ReservationPublic
+    return model(**answer).model_dump(mode="json")
 
 
 class FailedStart(BaseModel):
@@ -254,8 +276,9 @@ async def create_reservation(
 ) -> Any:
     """Hold GPUs on one verified node for a user's server, at a locked price.
 
-    The answer names the node, its Ray resource, the GPU indices, the cluster's
-    Jobs API and when the hold expires unless activated. Retrying for the same
+    The answer names the node, the GPU indices and when the hold expires
+    unless activated; only a trusted service also gets the node's Ray resource
+    and its cluster's Jobs API. Retrying for the same
     server returns its live reservation (200) instead of holding more GPUs.
     """
     account_id = await _account_for(portal, caller, body.user)
@@ -295,8 +318,8 @@ async def create_reservation(
         except LedgerError as exc:
             log.info("reservation refused for user %s: %s", body.user, exc)
             raise billing_error(exc) from None
-        return JSONResponse(ReservationPublic(**answer).model_dump(mode="json"), status_code=201)
-    return JSONResponse(ReservationPublic(**answer).model_dump(mode="json"), status_code=200)
+        return JSONResponse(reservation_body(caller, answer), status_code=201)
+    return JSONResponse(reservation_body(caller, answer), status_code=200)
 
 
 @router.get("/api/v1/reservations", response_model=list[ReservationPublic])
@@ -316,10 +339,11 @@ async def list_reservations(
             if account_id is None:
                 return []
             return [
-                marketplace.public(r) for r in marketplace.live_reservations(session, account_id)
+                reservation_body(caller, marketplace.public(r))
+                for r in marketplace.live_reservations(session, account_id)
             ]
 
-    return await run_in_threadpool(load)
+    return JSONResponse(await run_in_threadpool(load))
 
 
 def _authorize_or_release(portal: Any, reservation_id: str) -> None:
@@ -359,7 +383,7 @@ async def _act(portal: Any, caller: PortalUser, reservation_id: str, action: str
             return marketplace.public(res)
 
     try:
-        return await run_in_threadpool(run)
+        return JSONResponse(reservation_body(caller, await run_in_threadpool(run)))
     except MarketError as exc:
         raise market_error(exc) from None
     except LedgerError as exc:
@@ -410,6 +434,6 @@ async def failed_start(
             return marketplace.record_failed_start(session, reservation_id, body.reason, start)
 
     try:
-        return await run_in_threadpool(run)
+        return JSONResponse(reservation_body(caller, await run_in_threadpool(run)))
     except MarketError as exc:
         raise market_error(exc) from None

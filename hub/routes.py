@@ -63,7 +63,8 @@ async def index(request: Request) -> Response:
 async def health(portal: PortalDep) -> Any:
     """Is the portal able to serve? DB, cache and the house Ray cluster (with its GPUs).
 
-    Public, like a load balancer's health check; it reveals no user data.
+    Public, like a load balancer's health check; it reveals no user data and no
+    internal URL (the Ray cluster's address stays out of the answer).
     """
 
     def db_status() -> dict[str, Any]:
@@ -82,6 +83,7 @@ async def health(portal: PortalDep) -> Any:
     token_path = portal.settings.ray_token_path
     token = token_path.read_text().strip() if token_path.is_file() else None
     ray = await cluster_status(portal.settings.ray_jobs_url, token=token)
+    ray.pop("address", None)
     overall = (
         "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" else "degraded"
     )

@@ -94,7 +94,12 @@ class Settings(BaseSettings):
     ray_num_cpus: int = Field(default_factory=_default_cpus, description="CPUs Ray may use.")
     ray_object_store_mb: int = Field(200, description="Ray object store size, in MiB.")
     auth_cache_seconds: float = Field(
-        30.0, description="How long a verified hub token is cached, in seconds."
+        3.0,
+        ge=0,
+        le=10,
+        description="How long a verified hub token is cached for reads, in seconds (0 to 10; "
+        "0 asks the hub every time). Writes always ask the hub, so a revoked token or a "
+        "removed role never changes anything, and reads follow the hub within this time.",
     )
     hub_sync_seconds: float = Field(
         60.0, description="How often the portal syncs accounts and teams from the hub, seconds."

@@ -1,8 +1,11 @@
 """Shared fixtures: real SQLite and PostgreSQL, real Redis, a real local Ray
 cluster, and the real embedded stack (``gpuportal up``) on random ports.
 
-PostgreSQL and Redis tests skip, with the reason shown, only when the server
-is not running on 127.0.0.1.
+A missing PostgreSQL, Redis or Chromium **fails** the tests that need it: CI
+(``CI`` set, as every CI service sets it) must run all of them, and a silent
+skip would hide a hundred tests. On a developer's laptop,
+``GPUPORTAL_TEST_ALLOW_SKIP=1`` turns those failures into skips with the
+reason shown; CI ignores that opt-out.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import psutil
 import pytest
@@ -24,12 +28,25 @@ from gpuportal.hub.settings import Settings, load_settings
 from .portal_stack import Stack, free_port, start_stack, stop_stack
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+#: Read before the GPUPORTAL_* variables are cleared below.
+ALLOW_SKIP = os.environ.get("GPUPORTAL_TEST_ALLOW_SKIP") == "1" and not os.environ.get("CI")
 # A test never reads the developer's own settings.
 for _key in [k for k in os.environ if k.startswith("GPUPORTAL_")]:
     del os.environ[_key]
 
 PG_ADMIN_URL = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+
+def service_missing(reason: str) -> NoReturn:
+    """A service a test needs is missing: fail, or skip where a developer opted in."""
+    if ALLOW_SKIP:
+        pytest.skip(reason)
+    pytest.fail(
+        f"{reason.rstrip('.')}. Tests need it; start it, or on a laptop (not in CI) set "
+        "GPUPORTAL_TEST_ALLOW_SKIP=1 to skip these tests instead.",
+        pytrace=False,
+    )
 
 
 def _pg_available() -> str | None:
@@ -57,7 +74,7 @@ def pg_url() -> Iterator[str]:
     """A fresh PostgreSQL database for the session (dropped afterwards)."""
     reason = _pg_available()
     if reason:
-        pytest.skip(reason)
+        service_missing(reason)
     import psycopg
 
     name = f"gpuportal_test_{secrets.token_hex(4)}"
@@ -98,7 +115,7 @@ def db(db_url: str, tmp_path: Path) -> Iterator[Engine]:
 def redis_url() -> str:
     reason = _redis_available()
     if reason:
-        pytest.skip(reason)
+        service_missing(reason)
     return REDIS_URL
 
 
@@ -109,7 +126,7 @@ CHROMIUM = os.environ.get("TEST_CHROMIUM", "/usr/bin/chromium")
 def browser_page() -> Iterator[object]:
     """A Playwright page in headless Debian Chromium, with background networking off."""
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
+        service_missing(f"Chromium not installed at {CHROMIUM} (.ci/run installs it)")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as pw:

@@ -8,6 +8,7 @@ down" exactly. The real hub is exercised end to end in test_stack.py.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,7 +18,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gpuportal.hub.app import Portal, create_app
+from gpuportal.hub.auth import TOKEN_COOKIE
 from gpuportal.hub.cache import MemoryCache
+from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.hubapi import HubAPI, HubUnavailable
 from gpuportal.hub.reqlog import RequestIdFilter
 from gpuportal.hub.settings import load_settings
@@ -194,3 +197,141 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/services/portal/openapi.json").json()
     assert f"{API}/health" in spec["paths"]
     assert f"{API}/me" in spec["paths"]
+
+
+# --- Auth freshness (issue 9 item 5) and cookie writes (issue 8 item 7) ---
+
+
+class RevokingHub(FakeHub):
+    """The hub's answers for revoked tokens and changed users: ``GET /hub/api/user``
+    with a revoked token is a 403, which the real client maps to None."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.revoked: set[str] = set()
+        self.changed: dict[str, dict[str, Any]] = {}
+
+    async def user_for_token(self, token: str) -> dict[str, Any] | None:
+        self.token_checks += 1
+        if token in self.revoked:
+            return None
+        model = USERS.get(token)
+        return self.changed.get(model["name"], model) if model else None
+
+    async def user(self, name: str) -> dict[str, Any] | None:
+        return self.changed.get(name) or await super().user(name)
+
+
+class TtlRecordingCache(MemoryCache):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ttls: list[float | None] = []
+
+    async def set(self, key: str, value: str, ttl: float | None = None) -> None:
+        self.ttls.append(ttl)
+        await super().set(key, value, ttl)
+
+
+def portal_client(
+    tmp_path: Path, db_url: str, hub: HubAPI, cache: MemoryCache | None = None, **overrides: Any
+) -> TestClient:
+    settings = load_settings(
+        data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9", **overrides
+    )
+    portal = Portal(settings, cache=cache or MemoryCache(), hub=hub)
+    return TestClient(create_app(settings, portal, background=False))
+
+
+RESERVE = {"user": "ann", "server_name": "", "gpu_count": 1}
+
+
+def test_a_revoked_token_cannot_reserve_even_while_its_read_is_cached(
+    tmp_path: Path, db_url: str
+) -> None:
+    hub = RevokingHub()
+    with portal_client(tmp_path, db_url, hub) as client:
+        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 200
+        before = client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
+        assert before.status_code == 409, before.text  # authenticated; no GPUs in this market
+        hub.revoked.add("tok-ann")
+        after = client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
+        assert after.status_code == 401, after.text
+        assert "invalid or has expired" in after.json()["error"]["message"]
+        # The refusal also dropped what the read had cached: reads stop at once too.
+        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 401
+
+
+def test_a_removed_admin_role_stops_working_at_the_next_write(tmp_path: Path, db_url: str) -> None:
+    hub = RevokingHub()
+    with portal_client(tmp_path, db_url, hub) as client:
+        assert client.post(f"{API}/sync", headers=auth("tok-admin")).status_code == 200
+        hub.changed["admin"] = {"name": "admin", "kind": "user", "admin": False, "groups": []}
+        reply = client.post(f"{API}/sync", headers=auth("tok-admin"))
+        assert reply.status_code == 403, reply.text
+        assert reply.json()["error"]["message"] == "This needs the admin role; you are a customer."
+
+
+def test_writes_always_ask_the_hub_and_reads_are_cached_a_few_seconds(
+    tmp_path: Path, db_url: str
+) -> None:
+    hub = RevokingHub()
+    cache = TtlRecordingCache()
+    with portal_client(tmp_path, db_url, hub, cache) as client:
+        for _ in range(3):
+            client.get(f"{API}/me", headers=auth("tok-ann"))
+        assert hub.token_checks == 1
+        for _ in range(2):
+            client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
+        assert hub.token_checks == 3
+    auth_ttls = set(cache.ttls)
+    assert auth_ttls == {3.0}, "the default read cache is 3 seconds, not 30"
+
+
+def test_a_cache_time_of_zero_caches_nothing_rather_than_forever(
+    tmp_path: Path, db_url: str
+) -> None:
+    hub = RevokingHub()
+    with portal_client(tmp_path, db_url, hub, auth_cache_seconds=0) as client:
+        for _ in range(3):
+            assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 200
+        assert hub.token_checks == 3
+        hub.revoked.add("tok-ann")
+        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 401
+
+
+@pytest.mark.parametrize("seconds", [-1, 30])
+def test_an_auth_cache_time_outside_0_to_10_seconds_is_refused(seconds: int) -> None:
+    with pytest.raises(ConfigError, match="GPUPORTAL_AUTH_CACHE_SECONDS"):
+        load_settings(auth_cache_seconds=seconds)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/sync"),
+        ("PUT", "/quotas"),
+        ("PATCH", "/providers/me"),
+        ("DELETE", "/reservations/r-1"),
+    ],
+)
+def test_a_cookie_alone_cannot_write(
+    client: TestClient, hub: FakeHub, method: str, path: str
+) -> None:
+    client.cookies.set(TOKEN_COOKIE, "tok-admin")
+    reply = client.request(method, f"{API}{path}", json={})
+    assert reply.status_code == 403, reply.text
+    message = reply.json()["error"]["message"]
+    assert "reading only" in message and "Authorization: token" in message
+    assert hub.token_checks == 0, "refused before the token is even checked"
+
+
+def test_a_cookie_reads_and_a_token_header_writes(client: TestClient) -> None:
+    client.cookies.set(TOKEN_COOKIE, "tok-admin")
+    assert client.get(f"{API}/me").status_code == 200
+    assert client.post(f"{API}/sync", headers=auth("tok-admin")).status_code == 200
+
+
+def test_health_names_no_internal_url(client: TestClient) -> None:
+    body = client.get(f"{API}/health").json()
+    assert "address" not in body["ray"]
+    assert "127.0.0.1:9" not in json.dumps(body)

@@ -1,4 +1,5 @@
-"""Recorded NVML data for the extension's tests, with PIDs rewritten to the test's own."""
+"""Hand-written NVML data for the extension's tests (not captured from a GPU; see the
+"provenance" field of each file in data/), with PIDs rewritten to the test's own."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ TRAINING_PID, CHILD_PID, OTHER_PID = 4242, 4243, 5150
 
 
 def a100_kernels(pids: dict[int, int] | None = None) -> dict[str, Any]:
-    """The 2xA100 recording; ``pids`` maps recorded PIDs to this test's processes."""
+    """The hand-written 2xA100 readings; ``pids`` maps their PIDs to this test's processes."""
     raw = json.loads((DATA / "nvml_a100_kernels.json").read_text())
     mapping = pids or {}
     for metric in raw["metrics"]:

@@ -1,6 +1,7 @@
 """The extension inside a real jupyter-server (pytest-jupyter's ``jp_serverapp``), with
-real ipykernel kernels. GPU readings are recorded device data fed through
-``nvml.use_recording`` (these machines have no GPU), with the recorded PIDs rewritten
+real ipykernel kernels. GPU readings are hand-written device data (tests/extension/data,
+not captured from a GPU) fed through ``nvml.use_recording`` (these machines have no
+GPU), with their PIDs rewritten
 to this test's kernel processes; the portal here is a closed port on 127.0.0.1
 (test_with_portal.py runs against the real one).
 
@@ -77,7 +78,7 @@ def test_endpoints_need_a_login(jp_fetch: Any, jp_asyncio_loop: Any, endpoint: s
     assert refused.value.code == 403
 
 
-def test_per_kernel_gpu_use_from_recorded_nvml(
+def test_per_kernel_gpu_use_from_nvml_readings(
     jp_fetch: Any, jp_asyncio_loop: Any, jp_serverapp: Any
 ) -> None:
     kernel_id, pid = start_kernel(jp_asyncio_loop, jp_fetch, jp_serverapp)
@@ -91,7 +92,7 @@ def test_per_kernel_gpu_use_from_recorded_nvml(
     ]
     [row] = body["kernels"]
     assert (row["id"], row["pid"], row["execution_state"]) == (kernel_id, pid, "starting")
-    # The recorded DataLoader child (4243) is not this kernel's child here, and the
+    # The data's DataLoader child (4243) is not this kernel's child here, and the
     # other tenant's process on GPU 1 is nobody's: only the kernel's own PID counts.
     assert (row["gpu_memory_used_mib"], row["gpu_utilization_pct"]) == (21504, 87)
     assert row["gpus"] == [

@@ -1,7 +1,7 @@
 """The extension's logic without a server: money arithmetic, per-kernel attribution,
 idle decisions, portal URL defaults, the metrics text and the NVML seam's per-process
-reader. NVML numbers come from recorded device data fed through ``nvml.use_recording``
-(these machines have no GPU)."""
+reader. NVML numbers come from hand-written device data (tests/extension/data, not
+captured from a GPU) fed through ``nvml.use_recording`` (these machines have no GPU)."""
 
 from __future__ import annotations
 

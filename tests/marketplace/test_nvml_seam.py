@@ -1,6 +1,7 @@
-"""The NVML seam with recorded device data (these machines have no GPU): the shape of
-nvidia-ml-py readings on H100, A100 and RTX 4090 machines, in tests/marketplace/data.
-They are fed through ``nvml.use_recording``, the seam's own test entry."""
+"""The NVML seam with hand-written device data (these machines have no GPU): files in
+tests/marketplace/data written in the shape of nvidia-ml-py readings on H100, A100 and
+RTX 4090 machines, from NVIDIA's specifications; nothing in them was captured from real
+hardware. They are fed through ``nvml.use_recording``, the seam's own test entry."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def test_without_nvml_only_demo_runs() -> None:
     assert driver is None
 
 
-def test_recorded_inventory_without_metrics_reads_idle() -> None:
+def test_an_inventory_without_metrics_reads_idle() -> None:
     gpu = {
         "index": 0,
         "uuid": "GPU-x",

@@ -5,6 +5,14 @@ nodes and lets a test see every reservation. This one keeps them in memory,
 serialises reservations with a lock (so the last GPU goes to exactly one
 caller) and checks the ``ray-spawner`` service token. It is a test double for
 the marketplace only; Ray, the hub and the servers in these tests are real.
+
+It answers every route the spawner calls (offers, reserve, get, activate,
+failed, release) and refuses a user who cannot pay for the minimum billable
+period with the real portal's 402 (``payment_required``), using the same
+rule: every user starts with the sign-up credit, and a launch needs
+``gpu_count x price x min_billable_seconds`` of it (rounded up). The contract
+suite (``tests/marketplace/test_portal_contract.py``) runs the same cases
+against this double and the real portal app, so the two cannot drift.
 """
 
 from __future__ import annotations
@@ -40,6 +48,15 @@ class ContractPortal:
     reservations: dict[str, dict[str, Any]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    #: What each user may spend, micro-credits (the real portal's sign-up credit by default).
+    balances: dict[str, int] = field(default_factory=dict)
+    signup_credits: int = 10_000_000
+    min_billable_seconds: int = 900
+
+    def affords(self, user: str, gpus: int, price: int) -> bool:
+        """The real portal's runway rule, for a user with no other servers."""
+        needed = -(-gpus * price * self.min_billable_seconds // 3600)
+        return self.balances.get(user, self.signup_credits) >= needed
 
     def used(self, node_id: str) -> list[int]:
         return [
@@ -93,6 +110,29 @@ def create_app(portal: ContractPortal) -> FastAPI:
     async def reserve(request: Request) -> Any:
         body = await request.json()
         count = int(body["gpu_count"])
+        models = sorted({n.gpu_model for n in portal.nodes})
+        if body.get("gpu_model") and body["gpu_model"] not in models:
+            return error(
+                422,
+                "invalid",
+                f"Unknown GPU model {body['gpu_model']!r}; the marketplace has: "
+                f"{', '.join(models) or 'none yet'}.",
+            )
+        largest = max(
+            (
+                n.gpus
+                for n in portal.nodes
+                if not body.get("gpu_model") or body["gpu_model"] == n.gpu_model
+            ),
+            default=0,
+        )
+        if largest and count > largest:
+            return error(
+                422,
+                "invalid",
+                f"gpu_count {count} is more than the largest node offers ({largest} GPUs); "
+                f"ask for at most {largest}.",
+            )
         with portal.lock:
             for r in portal.live():
                 if r["user"] == body["user"] and r["server_name"] == body.get("server_name", ""):
@@ -110,6 +150,13 @@ def create_app(portal: ContractPortal) -> FastAPI:
                     free_elsewhere += len(free)
                     continue
                 if len(free) >= count:
+                    if not portal.affords(body["user"], count, node.price):
+                        return error(
+                            402,
+                            "payment_required",
+                            f"Your available balance does not cover {count}x "
+                            f"{node.gpu_model} for the minimum billable period; add credits.",
+                        )
                     rid = secrets.token_hex(6)
                     portal.reservations[rid] = {
                         "id": rid,
@@ -155,6 +202,22 @@ def create_app(portal: ContractPortal) -> FastAPI:
             if r["status"] == "released":
                 return error(409, "released", "This reservation was released.")
             r["status"] = "active"
+            return r
+
+    @app.post(f"{prefix}/reservations/{{rid}}/failed")
+    async def failed(rid: str, request: Request) -> Any:
+        body = await request.json()
+        reason = str(body.get("reason", "")).strip()
+        if not reason or len(reason) > 500:
+            return error(422, "invalid", "body.reason: give a reason of 1 to 500 characters.")
+        with portal.lock:
+            r = find(rid)
+            if not r:
+                return error(404, "not_found", "No such reservation.")
+            if r.get("failed_at") is None:
+                r["failed_at"], r["failure_reason"] = time.time(), reason
+                if r["status"] in ("held", "active"):
+                    r["status"] = "released"
             return r
 
     @app.delete(f"{prefix}/reservations/{{rid}}")
