@@ -37,8 +37,8 @@ from . import (
 from .auth import CurrentCaller, PortalDep, PortalUser
 from .hubapi import HubUnavailable
 from .ledger import MAX_AMOUNT, MAX_PRICE, LedgerError
-from .models import Account
 from .ledger_models import OPEN_STATES, Allocation
+from .models import Account
 
 router = APIRouter(prefix="/api/v1")
 T = TypeVar("T")

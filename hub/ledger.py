@@ -324,12 +324,19 @@ def check_bounds(session: Session, legs: Sequence[Leg]) -> None:
     """
     ids = [leg.account for leg in legs]
     now = balances(session, ids)
-    kinds = dict(
-        session.execute(select(LedgerAccount.id, LedgerAccount.kind).where(LedgerAccount.id.in_(ids)))
-    )
+    kinds = {
+        account_id: kind
+        for account_id, kind in session.execute(
+            select(LedgerAccount.id, LedgerAccount.kind).where(LedgerAccount.id.in_(ids))
+        )
+    }
     for leg in legs:
         after = now[leg.account] + leg.amount
-        if kinds.get(leg.account) in CUSTOMER_KINDS and leg.amount > 0 and after > MAX_WALLET_BALANCE:
+        if (
+            kinds.get(leg.account) in CUSTOMER_KINDS
+            and leg.amount > 0
+            and after > MAX_WALLET_BALANCE
+        ):
             raise InvalidAmount(
                 f"this would take the balance to {format_credits(after)}, above the most one "
                 f"wallet or team budget may hold ({format_credits(MAX_WALLET_BALANCE)})."

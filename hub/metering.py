@@ -282,9 +282,7 @@ def tick(
             if isinstance(exc, (IntegrityError, OperationalError)):
                 log.info("meter: batch of %d lost a race; charging one by one", len(chunk))
             else:
-                log.warning(
-                    "meter: batch of %d failed (%s); charging one by one", len(chunk), exc
-                )
+                log.warning("meter: batch of %d failed (%s); charging one by one", len(chunk), exc)
             for alloc_id in chunk:
                 _charge_one(sessions, alloc_id, now, interval, result)
     _check_every_payer(sessions, settings, now, result)
@@ -342,11 +340,12 @@ def _check_every_payer(
         )
     for key in keys:
         part = TickResult()
+
+        def one(session: Session, key: tuple[str, int] = key, part: TickResult = part) -> None:
+            check_runway(session, settings, now, part, only=key)
+
         try:
-            ledger.with_retry(
-                sessions,
-                lambda s, key=key, part=part: check_runway(s, settings, now, part, only=key),
-            )
+            ledger.with_retry(sessions, one)
         except Exception as exc:
             log.warning("meter: payer %s:%s skipped this tick: %s", key[0], key[1], exc)
             log.debug("meter: payer %s failed", key, exc_info=True)

@@ -6,6 +6,7 @@ real: solders' in-process LiteSVM, with an airdrop and a signed transfer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,15 +19,13 @@ from solders.pubkey import Pubkey
 from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 
-import asyncio
-
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import deposits, ledger, metering
-from gpuportal.hub.ledger_models import Allocation
-from gpuportal.hub.models import Account
 from gpuportal.hub.app import Portal, create_app
 from gpuportal.hub.cache import MemoryCache
 from gpuportal.hub.hubapi import HubAPI
+from gpuportal.hub.ledger_models import Allocation
+from gpuportal.hub.models import Account
 from gpuportal.hub.settings import load_settings
 
 from .conftest import CREDIT, Clock, add_node, free_gpus, reserve
@@ -148,7 +147,11 @@ def test_spawner_opens_and_closes(client: TestClient, portal: Portal, clock: Clo
     assert opened.status_code == 201, opened.text
     alloc = opened.json()
     assert (alloc["status"], alloc["started_at"][:19]) == ("running", "2026-03-01T12:00:00")
-    assert (alloc["user"], alloc["server"], alloc["price_per_gpu_hour"]) == ("ann", "gpu", 3_600_000)
+    assert (alloc["user"], alloc["server"], alloc["price_per_gpu_hour"]) == (
+        "ann",
+        "gpu",
+        3_600_000,
+    )
     retry = client.post(f"{API}/allocations", json=terms, headers=auth("tok-spawner"))
     assert (retry.status_code, retry.json()["id"]) == (200, alloc["id"])
     clash = client.post(
@@ -339,7 +342,9 @@ def test_grants_stop_at_the_largest_balance_and_the_balance_still_reads(
     # A rich user's server is metered like anyone's: the meter is not broken by it.
     add_node(portal.sessions, gpus=1)
     rid = reserve(portal.sessions, "ann")
-    opened = client.post(f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner"))
+    opened = client.post(
+        f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner")
+    )
     assert opened.status_code == 201, opened.text
     clock.advance(60)
     result = asyncio.run(metering.run_once(portal, clock.now))
@@ -375,7 +380,9 @@ def test_a_huge_quota_is_refused(client: TestClient, body: dict[str, Any]) -> No
 
 def test_grant_and_quota_for_a_hub_user_who_has_not_logged_in_yet(client: TestClient) -> None:
     granted = client.post(
-        f"{API}/credits/grants", json={"user": "cal", "amount": 5 * CREDIT}, headers=auth("tok-admin")
+        f"{API}/credits/grants",
+        json={"user": "cal", "amount": 5 * CREDIT},
+        headers=auth("tok-admin"),
     )
     assert granted.status_code == 201, granted.text
     quota = client.put(
@@ -427,7 +434,9 @@ def test_a_bill_opens_only_for_a_live_reservation(
     rid = reserve(portal.sessions, "ann", server="gpu")
     released = client.delete(f"{API}/reservations/{rid}", headers=auth("tok-spawner"))
     assert released.status_code == 200, released.text
-    late = client.post(f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner"))
+    late = client.post(
+        f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner")
+    )
     assert late.status_code == 409 and "needs a live" in error(late)
     # A live one opens on its own terms: its price, GPUs, provider, and from now.
     rid = reserve(portal.sessions, "ann", server="gpu", gpus=2)

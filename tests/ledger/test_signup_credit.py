@@ -178,7 +178,9 @@ def test_open_signups_through_the_portal_get_nothing_until_an_admin_approves(
             0,
             0,
         ]
-        again = client.post(f"{API}/credits/signup", json={"user": "new0"}, headers=auth("tok-admin"))
+        again = client.post(
+            f"{API}/credits/signup", json={"user": "new0"}, headers=auth("tok-admin")
+        )
         assert again.json()["credited"] == 0, "once per account"
         refused = client.post(
             f"{API}/credits/signup", json={"user": "new4"}, headers=auth("tok-new4")
@@ -194,4 +196,10 @@ def test_signups_with_an_identity_provider_share_the_budget(tmp_path: Path, db_u
         signup_credit_daily_budget=30 * CREDIT,
     ):
         got = [balance(client, f"tok-new{n}") for n in range(5)]
-        assert sum(got) == 30 * CREDIT and sorted(got) == [0, 0, 10 * CREDIT, 10 * CREDIT, 10 * CREDIT]
+        assert sum(got) == 30 * CREDIT and sorted(got) == [
+            0,
+            0,
+            10 * CREDIT,
+            10 * CREDIT,
+            10 * CREDIT,
+        ]

@@ -161,7 +161,10 @@ def grant(client: TestClient, user: str, micro: int) -> None:
 
 def reserve(client: TestClient, server: str, gpus: int = 1, user: str = "ann") -> Any:
     return spawner(
-        client, "POST", "/reservations", json={"user": user, "server_name": server, "gpu_count": gpus}
+        client,
+        "POST",
+        "/reservations",
+        json={"user": user, "server_name": server, "gpu_count": gpus},
     )
 
 
