@@ -103,7 +103,7 @@ def welcome(
     take its last share.
     """
     amount = settings.signup_credits
-    if amount <= 0:
+    if amount <= 0 or amount > settings.signup_credit_daily_budget:
         return 0
     if approved_by is None and signup_policy(settings) != "identity":
         return 0
