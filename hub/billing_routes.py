@@ -304,7 +304,7 @@ async def get_balance(
         )
         state = metering.payer_state(session, wallet.id, running, now)
         warning = None
-        if state.runway is not None and state.runway < settings.runway_warning_seconds:
+        if state.runway is not None and state.runway < metering.warning_threshold_seconds(settings):
             warning = (
                 f"Your credit runs out in about {quotas.minutes(state.runway)}; your "
                 "servers stop when it does. Add credits to keep them running."
@@ -599,9 +599,9 @@ class QuotaSet(BaseModel):
     user: str | None = Field(None, max_length=255)
     team: str | None = Field(None, max_length=255)
     window: Literal["day", "week", "month"] = "day"
-    gpu_hours: float | None = Field(None, ge=0, le=10**7)
+    gpu_hours: float | None = Field(None, ge=0, le=quotas.MAX_QUOTA_GPU_HOURS)
     spend_cap_per_hour: StrictInt | None = Field(
-        None, ge=0, le=MAX_PRICE * 1024, description="Micro-credits per hour."
+        None, ge=0, le=quotas.MAX_SPEND_CAP, description="Micro-credits per hour."
     )
 
 

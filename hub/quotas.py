@@ -35,6 +35,11 @@ from .ledger_models import OPEN_STATES, QUOTA_WINDOWS, Allocation, Quota
 from .marketplace_models import LIVE_STATUSES, Reservation
 from .settings import Settings
 
+#: Bounds of a quota (docs/billing.md): GPU-hours per window, and micro-credits per hour
+#: (the most 1024 GPUs at the highest price can cost).
+MAX_QUOTA_GPU_HOURS = 10**7
+MAX_SPEND_CAP = ledger.MAX_PRICE * 1024
+
 
 class PaymentRequired(LedgerError):
     status = 402
@@ -287,10 +292,10 @@ def set_quota(
         raise LedgerError("name exactly one of user or team.")
     if window not in QUOTA_WINDOWS:
         raise LedgerError(f"window must be one of {', '.join(QUOTA_WINDOWS)}.")
-    if gpu_hours is not None and gpu_hours < 0:
-        raise LedgerError("gpu_hours must not be negative.")
-    if spend_cap_per_hour is not None and spend_cap_per_hour < 0:
-        raise LedgerError("spend_cap_per_hour must not be negative.")
+    if gpu_hours is not None and not 0 <= gpu_hours <= MAX_QUOTA_GPU_HOURS:
+        raise LedgerError(f"gpu_hours must be between 0 and {MAX_QUOTA_GPU_HOURS}.")
+    if spend_cap_per_hour is not None and not 0 <= spend_cap_per_hour <= MAX_SPEND_CAP:
+        raise LedgerError(f"spend_cap_per_hour must be between 0 and {MAX_SPEND_CAP}.")
     if user is not None:
         owner_id = account_named(session, user).id
         quota = metering.quota_for(session, account_id=owner_id)

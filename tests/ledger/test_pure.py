@@ -324,3 +324,19 @@ def test_a_refusal_in_debt_says_so() -> None:
     assert why is not None
     assert "You owe 4.05 credits" in why and "-4.05 credits" in why
     assert "0.00" not in why
+
+
+@pytest.mark.parametrize(
+    ("gpu_hours", "cap"),
+    [(-1.0, None), (1e300, None), (float("inf"), None), (None, -1), (None, 2**63)],
+)
+def test_set_quota_refuses_amounts_out_of_bounds(gpu_hours, cap) -> None:
+    with pytest.raises(ledger.LedgerError, match="must be between"):
+        quotas.set_quota(
+            None,  # type: ignore[arg-type]  (refused before the DB is touched)
+            user="ann",
+            team=None,
+            window="day",
+            gpu_hours=gpu_hours,
+            spend_cap_per_hour=cap,
+        )
