@@ -167,6 +167,7 @@ def close_allocation(
         # Already ended (by an earlier close, or by the meter at the end of the
         # grace period): the first end stands.
         alloc.status = "closed"
+        metering.release_reservation(session, alloc.reservation_id)
         session.flush()
         return alloc
     end = now if ended_at is None else ended_at
@@ -182,6 +183,8 @@ def close_allocation(
     if end < alloc.last_charged_at:
         _reverse(session, alloc, end)
     alloc.ended_at, alloc.status = end, "closed"
+    # A closed bill holds no GPUs: its reservation (if any) is released with it.
+    metering.release_reservation(session, alloc.reservation_id)
     session.flush()
     interval = timedelta(seconds=settings.meter_interval_seconds)
     metering.charge_allocations(session, [alloc.id], now, interval, metering.TickResult())

@@ -206,7 +206,7 @@ def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalU
 
     with transaction(portal.sessions) as session:
         account = accounts.upsert_account(session, model)
-        welcome(session, portal.settings.signup_credits, account.id)
+        welcome(session, portal.settings, account.id)
         return PortalUser(
             name=account.hub_name,
             role=account.role,

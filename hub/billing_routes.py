@@ -19,18 +19,34 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, HTTPException, Query
 from fastapi.responses import PlainTextResponse, Response
-from pydantic import AwareDatetime, BaseModel, Field, StrictInt
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
 
-from . import allocations, credits, deposits, ledger, metering, quotas, timeutil, usage
+from . import (
+    accounts,
+    allocations,
+    credits,
+    deposits,
+    ledger,
+    metering,
+    quotas,
+    reservation_billing,
+    timeutil,
+    usage,
+)
 from .auth import CurrentCaller, PortalDep, PortalUser
-from .ledger import LedgerError
+from .hubapi import HubUnavailable
+from .ledger import MAX_AMOUNT, MAX_PRICE, LedgerError
 from .ledger_models import OPEN_STATES, Allocation
+from .models import Account
 
 router = APIRouter(prefix="/api/v1")
 T = TypeVar("T")
 
-MAX_PRICE = 10**15  # micro-credits per GPU-hour; far above any real price, far below overflow
+#: Largest deposit amounts accepted before the chain is asked: all the SOL there is
+#: (about 6e17 lamports), and a USDC amount worth at most MAX_AMOUNT at 1 credit/USDC.
+MAX_LAMPORTS = 10**18
+MAX_USDC_UNITS = MAX_AMOUNT
 
 
 async def trusted(user: CurrentCaller) -> PortalUser:
@@ -69,21 +85,45 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
+async def account_from_hub(portal: Any, name: str) -> None:
+    """Make sure ``name`` has a portal account, asking the hub if the portal lacks one.
+
+    An admin may create a hub user and grant them credits (or a quota) before
+    they ever log in; the hub sync would add them only later, so the hub is
+    asked on demand, as reservations do. 404 if the hub has no such user.
+    """
+    from sqlalchemy import select
+
+    def known(session: Any) -> bool:
+        return session.scalar(select(Account.id).where(Account.hub_name == name)) is not None
+
+    if await in_db(portal, known):
+        return
+    try:
+        model = await portal.hub.user(name)
+    except HubUnavailable:
+        raise HTTPException(503, "The hub is not answering; try again in a moment.") from None
+    if model is None:
+        raise HTTPException(404, f"There is no hub user named {name!r}.")
+
+    def create(session: Any) -> None:
+        accounts.upsert_account(session, model)
+
+    await in_db(portal, create)
+
+
 # --- allocations -------------------------------------------------------------------------
 
 
 class AllocationCreate(BaseModel):
-    user: str = Field(min_length=1, max_length=255)
-    server: str = Field("", max_length=255, description="Named server; '' for the default.")
-    gpu_count: StrictInt = Field(gt=0, le=1024)
-    price_per_gpu_hour: StrictInt = Field(
-        ge=0, le=MAX_PRICE, description="Locked price, micro-credits."
+    """Open the bill of a live reservation; everything it costs comes from the reservation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reservation_id: str = Field(min_length=1, max_length=32)
+    team: str | None = Field(
+        None, max_length=255, description="Team (hub group) that pays, if not the user."
     )
-    platform_fee_bps: StrictInt = Field(ge=0, le=10_000, description="Locked fee, basis points.")
-    started_at: AwareDatetime | None = Field(None, description="When the server became ready.")
-    reservation_id: str | None = Field(None, max_length=32)
-    provider: str | None = Field(None, description="Provider's hub name; default: the house.")
-    team: str | None = Field(None, description="Team (hub group) that pays, if not the user.")
 
 
 class AllocationClose(BaseModel):
@@ -146,25 +186,18 @@ def _public(session: Any, alloc: Allocation) -> dict[str, Any]:
 async def open_allocation(
     body: AllocationCreate, portal: PortalDep, caller: Trusted, response: Response
 ) -> Any:
-    """Open the billing period of a server that just became ready (spawner, admins).
+    """Open the billing period of a reserved server that just became ready (spawner, admins).
 
-    Retrying with the same terms returns the open allocation (200).
+    Only for a live reservation, at its locked price, GPUs and provider, from
+    now: no caller chooses the price, the start or the payee. Retrying returns
+    the open allocation (200).
     """
     now = timeutil.utcnow()
-    req = allocations.OpenRequest(
-        user=body.user,
-        server=body.server,
-        gpu_count=body.gpu_count,
-        price_per_gpu_hour=body.price_per_gpu_hour,
-        platform_fee_bps=body.platform_fee_bps,
-        started_at=body.started_at or now,
-        reservation_id=body.reservation_id,
-        provider=body.provider,
-        team=body.team,
-    )
 
     def work(session: Any) -> tuple[dict[str, Any], bool]:
-        alloc, created = allocations.open_allocation(session, portal.settings, req, now)
+        alloc, created = reservation_billing.open_for_reservation(
+            session, portal.settings, body.reservation_id, body.team, now
+        )
         return _public(session, alloc), created
 
     public, created = await in_db(portal, work)
@@ -271,7 +304,7 @@ async def get_balance(
         )
         state = metering.payer_state(session, wallet.id, running, now)
         warning = None
-        if state.runway is not None and state.runway < settings.runway_warning_seconds:
+        if state.runway is not None and state.runway < metering.warning_threshold_seconds(settings):
             warning = (
                 f"Your credit runs out in about {quotas.minutes(state.runway)}; your "
                 "servers stop when it does. Add credits to keep them running."
@@ -301,7 +334,9 @@ async def get_balance(
 class GrantCreate(BaseModel):
     user: str | None = Field(None, max_length=255)
     team: str | None = Field(None, max_length=255)
-    amount: StrictInt = Field(description="Micro-credits (1 credit = 1,000,000); above zero.")
+    amount: StrictInt = Field(
+        description=f"Micro-credits (1 credit = 1,000,000); above zero, at most {MAX_AMOUNT}."
+    )
     source: Literal["grants", "promo"] = "grants"
     memo: str = Field("", max_length=300)
     idempotency_key: str | None = Field(None, min_length=1, max_length=150)
@@ -320,7 +355,17 @@ class TransactionPublic(BaseModel):
 async def grant_credits(
     body: GrantCreate, portal: PortalDep, caller: Admin, response: Response
 ) -> Any:
-    """Credit a user's wallet or a team's budget (admins). Same key again: the first grant."""
+    """Credit a user's wallet or a team's budget (admins). Same key again: the first grant.
+
+    A hub user who has not used the portal yet (e.g. just created by an admin)
+    is looked up in the hub on demand.
+    """
+    try:
+        ledger.positive_amount(body.amount)
+    except LedgerError as exc:
+        raise HTTPException(exc.status, _sentence(str(exc))) from None
+    if body.user is not None:
+        await account_from_hub(portal, body.user)
 
     def work(session: Any) -> dict[str, Any]:
         txn, created = credits.grant(
@@ -348,12 +393,48 @@ async def grant_credits(
     return result
 
 
+class SignupApproval(BaseModel):
+    user: str = Field(min_length=1, max_length=255)
+
+
+class SignupPublic(BaseModel):
+    user: str
+    credited: int = Field(
+        description="Micro-credits credited now: 0 if already welcomed, or today's sign-up "
+        "budget is spent."
+    )
+    balance: int
+
+
+@router.post("/credits/signup", response_model=SignupPublic, tags=["billing"])
+async def approve_signup(body: SignupApproval, portal: PortalDep, caller: Admin) -> Any:
+    """Vouch for a person (admins): their account gets the sign-up credit, once.
+
+    Under ``GPUPORTAL_SIGNUP_CREDIT_POLICY=approved`` (the default with open
+    sign-up) this is the only way to the sign-up credit; the daily budget applies.
+    """
+    await account_from_hub(portal, body.user)
+
+    def work(session: Any) -> dict[str, Any]:
+        account = allocations.account_named(session, body.user)
+        micro = credits.welcome(session, portal.settings, account.id, approved_by=caller.name)
+        return {
+            "user": body.user,
+            "credited": micro,
+            "balance": ledger.balance(session, ledger.wallet(session, account.id).id),
+        }
+
+    return await in_db(portal, work)
+
+
 # --- Solana deposits -----------------------------------------------------------------------
 
 
 class DepositCreate(BaseModel):
     signature: str = Field(min_length=1, max_length=120)
-    lamports: StrictInt = Field(description="Lamports sent to the deposit address.")
+    lamports: StrictInt = Field(
+        description=f"Lamports sent to the deposit address; at most {MAX_LAMPORTS}."
+    )
 
 
 class DepositPublic(BaseModel):
@@ -380,7 +461,10 @@ class DepositInfo(BaseModel):
 
 class UsdcDepositCreate(BaseModel):
     signature: str = Field(min_length=1, max_length=120)
-    amount: StrictInt = Field(description="USDC base units (10^-6 USDC) sent to the token account.")
+    amount: StrictInt = Field(
+        description="USDC base units (10^-6 USDC) sent to the token account; at most "
+        f"{MAX_USDC_UNITS}."
+    )
 
 
 class UsdcDepositPublic(BaseModel):
@@ -463,7 +547,7 @@ async def deposit(
     if caller.kind != "user":
         raise HTTPException(403, "Deposits are credited to the hub user who submits them.")
     try:
-        ledger.positive_amount(body.lamports, "lamports")
+        ledger.positive_amount(body.lamports, "lamports", MAX_LAMPORTS)
         signature = deposits.check_signature(body.signature)
         address = await run_in_threadpool(deposits.deposit_address, portal.settings)
         chain = chain_of(portal)
@@ -487,7 +571,7 @@ async def deposit_usdc(
     if caller.kind != "user":
         raise HTTPException(403, "Deposits are credited to the hub user who submits them.")
     try:
-        ledger.positive_amount(body.amount, "amount")
+        ledger.positive_amount(body.amount, "amount", MAX_USDC_UNITS)
         signature = deposits.check_signature(body.signature)
         address = await run_in_threadpool(deposits.deposit_address, portal.settings)
         chain = chain_of(portal)
@@ -515,8 +599,10 @@ class QuotaSet(BaseModel):
     user: str | None = Field(None, max_length=255)
     team: str | None = Field(None, max_length=255)
     window: Literal["day", "week", "month"] = "day"
-    gpu_hours: float | None = Field(None, ge=0, le=10**7)
-    spend_cap_per_hour: StrictInt | None = Field(None, ge=0, le=MAX_PRICE * 1024)
+    gpu_hours: float | None = Field(None, ge=0, le=quotas.MAX_QUOTA_GPU_HOURS)
+    spend_cap_per_hour: StrictInt | None = Field(
+        None, ge=0, le=quotas.MAX_SPEND_CAP, description="Micro-credits per hour."
+    )
 
 
 class QuotaPublic(BaseModel):
@@ -528,8 +614,11 @@ class QuotaPublic(BaseModel):
 
 @router.put("/quotas", response_model=QuotaPublic, tags=["quotas"])
 async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
-    """Set (replace) the quota of one user or one team (admins)."""
+    """Set (replace) the quota of one user or one team (admins); a hub user who has not
+    used the portal yet is looked up in the hub on demand."""
     now = timeutil.utcnow()
+    if body.user is not None:
+        await account_from_hub(portal, body.user)
 
     def work(session: Any) -> dict[str, Any]:
         quota = quotas.set_quota(

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from decimal import ROUND_FLOOR, Decimal, InvalidOperation
 from typing import Any, TypeVar
 
 from sqlalchemy import func, select
@@ -38,6 +38,20 @@ from .db import transaction
 from .ledger_models import LedgerAccount, LedgerTransaction, Posting
 
 MICRO = 1_000_000
+
+# --- bounds: no sum of amounts can overflow a 64-bit integer (2**63 - 1 ~ 9.2e18) ---------
+#: The largest single amount the ledger moves: 10**15 micro-credits, one billion credits.
+#: Grants, deposits and every posting are refused above it (a 4xx, never a 500).
+MAX_AMOUNT = 10**15
+#: The largest balance a customer wallet or team budget may reach (one billion credits).
+MAX_WALLET_BALANCE = 10**15
+#: The largest magnitude any ledger account's balance may reach (the external sources,
+#: which sum every grant or deposit ever made): 10**18, a ninth of the 64-bit range.
+MAX_ACCOUNT_BALANCE = 10**18
+#: The largest price per GPU-hour anything may lock, micro-credits (a million credits/h).
+MAX_PRICE = 10**12
+#: Kinds of ledger account that hold customers' money.
+CUSTOMER_KINDS = ("customer_wallet", "team_budget")
 
 T = TypeVar("T")
 
@@ -90,17 +104,24 @@ def parse_credits(text: str) -> int:
 
 
 def format_credits(micro: int, currency: str = "credits") -> str:
-    """Micro-credits for people: two decimals, rounded toward zero, and the currency name."""
-    value = (Decimal(micro) / MICRO).quantize(Decimal("0.01"), rounding=ROUND_DOWN)
+    """Micro-credits for people: two decimals, rounded down (floor), and the currency name.
+
+    Floor rounding never shows more credit than there is: a balance rounds
+    toward zero, a debt away from it, so any debt reads as one (``-0.01``),
+    never as ``0.00``.
+    """
+    value = (Decimal(micro) / MICRO).quantize(Decimal("0.01"), rounding=ROUND_FLOOR)
     return f"{value} {currency}"
 
 
-def positive_amount(amount: Any, what: str = "amount") -> int:
-    """Validate an integer amount of micro-credits that must be above zero."""
+def positive_amount(amount: Any, what: str = "amount", most: int = MAX_AMOUNT) -> int:
+    """Validate a whole amount above zero and at most ``most`` (default :data:`MAX_AMOUNT`)."""
     if isinstance(amount, bool) or not isinstance(amount, int):
         raise InvalidAmount(f"{what} must be a whole number of micro-credits.")
     if amount <= 0:
         raise InvalidAmount(f"{what} must be more than zero (got {amount}).")
+    if amount > most:
+        raise InvalidAmount(f"{what} must be at most {most} (got {amount}).")
     return amount
 
 
@@ -211,6 +232,11 @@ def validate_legs(legs: Sequence[Leg]) -> None:
     for leg in legs:
         if isinstance(leg.amount, bool) or not isinstance(leg.amount, int):
             raise InvalidAmount("posting amounts are whole numbers of micro-credits.")
+        if abs(leg.amount) > MAX_AMOUNT:
+            raise InvalidAmount(
+                f"a posting of {leg.amount} micro-credits is larger than the most the ledger "
+                f"moves at once ({MAX_AMOUNT}, one billion credits)."
+            )
     if sum(leg.amount for leg in legs) != 0:
         raise LedgerError("postings of a transaction must sum to zero.")
 
@@ -283,9 +309,43 @@ def post(
                 "use a new key for a new request."
             )
         return existing, False
+    check_bounds(session, legs)
     session.add(txn)
     session.flush()
     return txn, True
+
+
+def check_bounds(session: Session, legs: Sequence[Leg]) -> None:
+    """Refuse a transaction that would take a balance past its bound (see the constants).
+
+    So no balance, and no sum over one account, can overflow 64 bits on SQLite
+    or PostgreSQL. The meter's charges only move money that a wallet already
+    holds, so it builds its transactions without this check.
+    """
+    ids = [leg.account for leg in legs]
+    now = balances(session, ids)
+    kinds = {
+        account_id: kind
+        for account_id, kind in session.execute(
+            select(LedgerAccount.id, LedgerAccount.kind).where(LedgerAccount.id.in_(ids))
+        )
+    }
+    for leg in legs:
+        after = now[leg.account] + leg.amount
+        if (
+            kinds.get(leg.account) in CUSTOMER_KINDS
+            and leg.amount > 0
+            and after > MAX_WALLET_BALANCE
+        ):
+            raise InvalidAmount(
+                f"this would take the balance to {format_credits(after)}, above the most one "
+                f"wallet or team budget may hold ({format_credits(MAX_WALLET_BALANCE)})."
+            )
+        if abs(after) > MAX_ACCOUNT_BALANCE:
+            raise InvalidAmount(
+                "this would take a ledger account past the largest balance the ledger keeps "
+                f"({MAX_ACCOUNT_BALANCE} micro-credits); ask the operator."
+            )
 
 
 def balance(session: Session, ledger_account_id: int) -> int:

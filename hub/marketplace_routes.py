@@ -13,6 +13,7 @@ with the code ``no_capacity`` and the nearest alternative.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -310,16 +311,22 @@ async def create_reservation(
             exc.message,
         )
         raise market_error(exc) from None
-    if created:
-        # The user must afford the minimum billable period at the locked price
-        # (and stay within quotas); otherwise the GPUs go straight back.
-        try:
-            await run_in_threadpool(_authorize_or_release, portal, str(answer["id"]))
-        except LedgerError as exc:
+    if not created:
+        return JSONResponse(reservation_body(caller, answer), status_code=200)
+    # The GPUs are held from here on. The user must afford the minimum billable
+    # period at the locked price (and stay within quotas and the reservation
+    # limit); any failure from here to the answer, a refusal or a bug, gives
+    # the GPUs straight back.
+    rid = str(answer["id"])
+    try:
+        await run_in_threadpool(_authorize, portal, rid)
+        return JSONResponse(reservation_body(caller, answer), status_code=201)
+    except BaseException as exc:
+        await _release_after_failure(portal, rid, body.user, exc)
+        if isinstance(exc, LedgerError):
             log.info("reservation refused for user %s: %s", body.user, exc)
             raise billing_error(exc) from None
-        return JSONResponse(reservation_body(caller, answer), status_code=201)
-    return JSONResponse(reservation_body(caller, answer), status_code=200)
+        raise
 
 
 @router.get("/api/v1/reservations", response_model=list[ReservationPublic])
@@ -346,15 +353,36 @@ async def list_reservations(
     return JSONResponse(await run_in_threadpool(load))
 
 
-def _authorize_or_release(portal: Any, reservation_id: str) -> None:
-    try:
-        with db.transaction(portal.sessions) as session:
-            res = marketplace.get(session, reservation_id)
-            reservation_billing.authorize(session, portal.settings, res, timeutil.utcnow())
-    except LedgerError:
+def _authorize(portal: Any, reservation_id: str) -> None:
+    with db.transaction(portal.sessions) as session:
+        res = marketplace.get(session, reservation_id)
+        reservation_billing.authorize(session, portal.settings, res, timeutil.utcnow())
+
+
+async def _release_after_failure(
+    portal: Any, reservation_id: str, user: str, exc: BaseException
+) -> None:
+    """Give back the GPUs of a reservation whose creation failed after they were held.
+
+    Runs even when the request was cancelled; if the release itself fails, the
+    hold still expires after ``reservation_hold_seconds``.
+    """
+    if not isinstance(exc, LedgerError):
+        log.warning(
+            "reservation %s for user %s failed after its GPUs were held (%s); releasing it",
+            reservation_id,
+            user,
+            type(exc).__name__,
+        )
+
+    def release() -> None:
         with db.transaction(portal.sessions) as session:
             marketplace.release(session, reservation_id)
-        raise
+
+    try:
+        await asyncio.shield(run_in_threadpool(release))
+    except Exception:
+        log.exception("could not release reservation %s; its hold will expire", reservation_id)
 
 
 def _check_owner(caller: PortalUser, owner: str, *, admin_ok: bool) -> None:

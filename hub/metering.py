@@ -37,9 +37,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from . import ledger, timeutil
+from . import ledger, marketplace, timeutil
 from .db import transaction
 from .ledger_models import OPEN_STATES, QUOTA_WINDOWS, Allocation, Quota
+from .marketplace_models import LIVE_STATUSES, Reservation
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -173,6 +174,9 @@ class TickResult:
     stopping: list[int] = field(default_factory=list)
     stops_due: list[int] = field(default_factory=list)
     payers: set[int] = field(default_factory=set)
+    #: Allocations and payers that failed this tick (logged, skipped, retried next tick).
+    failed: list[int] = field(default_factory=list)
+    failed_payers: list[tuple[str, int]] = field(default_factory=list)
 
 
 def charge_allocations(
@@ -199,6 +203,8 @@ def charge_allocations(
         ):
             # Out of credit and past the grace period: charges end exactly here.
             alloc.ended_at, alloc.status = alloc.stopping_at, "stop_due"
+            # The GPUs go back on offer in this same step; the hub stops the server next.
+            release_reservation(session, alloc.reservation_id)
             result.stops_due.append(alloc.id)
             log.warning(
                 "allocation %s of %s/%s stops now (%s)",
@@ -272,27 +278,87 @@ def tick(
             with transaction(sessions) as session:
                 charge_allocations(session, chunk, now, interval, part)
             _merge(result, part)
-        except (IntegrityError, OperationalError):
-            log.info("meter: batch of %d lost a race; charging one by one", len(chunk))
+        except Exception as exc:
+            if isinstance(exc, (IntegrityError, OperationalError)):
+                log.info("meter: batch of %d lost a race; charging one by one", len(chunk))
+            else:
+                log.warning("meter: batch of %d failed (%s); charging one by one", len(chunk), exc)
             for alloc_id in chunk:
-                part = TickResult()
-
-                def one(
-                    session: Session, alloc_id: int = alloc_id, part: TickResult = part
-                ) -> None:
-                    charge_allocations(session, [alloc_id], now, interval, part)
-
-                ledger.with_retry(sessions, one)
-                _merge(result, part)
-    ledger.with_retry(sessions, lambda s: check_runway(s, settings, now, result))
+                _charge_one(sessions, alloc_id, now, interval, result)
+    _check_every_payer(sessions, settings, now, result)
     if result.intervals:
         log.info("meter: charged %d intervals, %d micro-credits", result.intervals, result.charged)
     return result
 
 
+def _charge_one(
+    sessions: sessionmaker[Session],
+    alloc_id: int,
+    now: datetime,
+    interval: timedelta,
+    result: TickResult,
+) -> None:
+    """Charge one allocation alone; a failure is logged and skipped until the next tick.
+
+    One bad allocation (or its payer's bad account) never stops the meter from
+    charging, warning and stopping everyone else.
+    """
+    part = TickResult()
+
+    def one(session: Session) -> None:
+        charge_allocations(session, [alloc_id], now, interval, part)
+
+    try:
+        ledger.with_retry(sessions, one)
+    except Exception as exc:
+        log.warning("meter: allocation %s skipped this tick: %s", alloc_id, exc)
+        log.debug("meter: allocation %s failed", alloc_id, exc_info=True)
+        result.failed.append(alloc_id)
+        return
+    _merge(result, part)
+
+
+def _check_every_payer(
+    sessions: sessionmaker[Session], settings: Settings, now: datetime, result: TickResult
+) -> None:
+    """The runway check of every payer: all in one transaction, else payer by payer."""
+    part = TickResult()
+    try:
+        ledger.with_retry(sessions, lambda s: check_runway(s, settings, now, part))
+        _merge(result, part)
+        return
+    except Exception as exc:
+        log.warning("meter: the runway check failed (%s); checking payer by payer", exc)
+    with transaction(sessions) as session:
+        keys = sorted(
+            {
+                payer_key(a)
+                for a in session.scalars(
+                    select(Allocation).where(Allocation.status.in_(OPEN_STATES))
+                )
+            }
+        )
+    for key in keys:
+        part = TickResult()
+
+        def one(session: Session, key: tuple[str, int] = key, part: TickResult = part) -> None:
+            check_runway(session, settings, now, part, only=key)
+
+        try:
+            ledger.with_retry(sessions, one)
+        except Exception as exc:
+            log.warning("meter: payer %s:%s skipped this tick: %s", key[0], key[1], exc)
+            log.debug("meter: payer %s failed", key, exc_info=True)
+            result.failed_payers.append(key)
+            continue
+        _merge(result, part)
+
+
 def _merge(into: TickResult, part: TickResult) -> None:
     into.intervals += part.intervals
     into.charged += part.charged
+    into.warned += part.warned
+    into.stopping += part.stopping
     into.stops_due += part.stops_due
     into.payers |= part.payers
 
@@ -415,11 +481,50 @@ def payer_state(
     return PayerState(bal, available, rate, runway, reason)
 
 
-def check_runway(session: Session, settings: Settings, now: datetime, result: TickResult) -> None:
-    """Warn below the threshold; at zero schedule a stop after the grace period.
+def stop_threshold_seconds(settings: Settings) -> int:
+    """Runway (seconds) at or under which the meter schedules a payer's stop.
 
-    A payer whose runway recovers (a top-up, a raised quota) before the stop
-    gets its servers back to ``running``.
+    The grace period plus one meter interval: the stop is scheduled at the
+    last tick before the runway falls under the grace period, so the grace
+    period is paid for by what is left and the balance never goes below zero.
+    """
+    return settings.grace_seconds + settings.meter_interval_seconds
+
+
+def warning_threshold_seconds(settings: Settings) -> int:
+    """Runway (seconds) under which a payer is warned: the warning time before the stop."""
+    return settings.runway_warning_seconds + settings.grace_seconds
+
+
+def seconds_to_zero_us(available: int, rate_per_hour: int, allocations: int) -> int:
+    """Microseconds until ``available`` is spent at ``rate_per_hour``, rounded down.
+
+    Each allocation's charges are differences of rounded-down cumulative
+    values, so together they may exceed the exact price by less than one
+    micro-credit per allocation; keeping that much back makes the stop land
+    at or before zero, never after.
+    """
+    if rate_per_hour <= 0:
+        return 0
+    return max(0, available - allocations) * US_PER_HOUR // rate_per_hour
+
+
+def check_runway(
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    result: TickResult,
+    only: tuple[str, int] | None = None,
+) -> None:
+    """Warn before the stop; schedule the stop so the grace period ends at zero at the latest.
+
+    The thresholds count the spend rate through the runway (seconds left at
+    the current rate): a payer is warned ``runway_warning_seconds`` before its
+    servers stop, and the stop is scheduled when the runway falls to the grace
+    period (plus one meter interval), at ``now + min(grace, runway)``, so the
+    balance is never driven below zero by the meter. A payer whose runway
+    recovers (a top-up, a raised quota) before the stop gets its servers back
+    to ``running``. ``only``: check this one payer (``payer_key``) alone.
     """
     allocs = list(
         session.scalars(
@@ -428,7 +533,9 @@ def check_runway(session: Session, settings: Settings, now: datetime, result: Ti
     )
     groups: dict[tuple[str, int], list[Allocation]] = {}
     for alloc in allocs:
-        groups.setdefault(payer_key(alloc), []).append(alloc)
+        key = payer_key(alloc)
+        if only is None or key == only:
+            groups.setdefault(key, []).append(alloc)
     grace = timedelta(seconds=settings.grace_seconds)
     with session.no_autoflush:
         payer_ids = ledger.ledger_accounts(
@@ -441,14 +548,22 @@ def check_runway(session: Session, settings: Settings, now: datetime, result: Ti
             limits[("account", quota.account_id)] = quota
         elif quota.team_id is not None:
             limits[("team", quota.team_id)] = quota
+    stop_at_or_below = stop_threshold_seconds(settings)
+    warn_below = warning_threshold_seconds(settings)
     for group in groups.values():
         payer = payer_ids[payer_account_key(group[0])[0]]
         state = payer_state(session, payer, group, now, known_balance=money[payer], quotas=limits)
         runway = state.runway
+        if state.reason == "out_of_credit":
+            left = timedelta(
+                microseconds=seconds_to_zero_us(state.available, state.rate_per_hour, len(group))
+            )
+        else:
+            left = timedelta(seconds=runway or 0.0)
         for alloc in group:
-            if runway is not None and runway <= 0:
+            if runway is not None and runway <= stop_at_or_below:
                 if alloc.status == "running":
-                    alloc.status, alloc.stopping_at = "stopping", now + grace
+                    alloc.status, alloc.stopping_at = "stopping", now + min(grace, left)
                     alloc.stop_reason = state.reason
                     result.stopping.append(alloc.id)
                     log.warning(
@@ -471,7 +586,7 @@ def check_runway(session: Session, settings: Settings, now: datetime, result: Ti
                     alloc.user_name,
                     alloc.server_name,
                 )
-            if runway is not None and runway < settings.runway_warning_seconds:
+            if runway is not None and runway < warn_below:
                 if alloc.runway_warned_at is None:
                     alloc.runway_warned_at = now
                     result.warned.append(alloc.id)
@@ -486,6 +601,19 @@ def check_runway(session: Session, settings: Settings, now: datetime, result: Ti
             elif alloc.runway_warned_at is not None and alloc.status == "running":
                 alloc.runway_warned_at = None
     session.flush()
+
+
+def release_reservation(session: Session, reservation_id: str | None) -> None:
+    """Give back the GPUs of an allocation's reservation, if it still holds them.
+
+    Called in the same database transaction that ends the allocation (the
+    meter's out-of-credit stop, a close), so the GPUs go straight back on offer.
+    """
+    if reservation_id is None:
+        return
+    res = session.get(Reservation, reservation_id)
+    if res is not None and res.status in LIVE_STATUSES:
+        marketplace.release(session, reservation_id)
 
 
 # --- the loop in the portal service -------------------------------------------------------

@@ -12,6 +12,12 @@ Limits, per user and per team (hub group):
   counts the servers the team pays for);
 * a spend cap per hour: the summed hourly price of the payer's running
   servers, including the new one, may not exceed it.
+
+Held GPUs count as if they ran: every live (held or active) reservation of the
+user that has no open allocation yet is counted at its locked price and GPU
+count, next to the running servers. So a user can hold only what they can pay
+the minimum billable period for, whether the reservations are made at once or
+one after another (issue 9: a user with 0.30 credits held 8 of 8 GPUs).
 """
 
 from __future__ import annotations
@@ -26,7 +32,13 @@ from . import ledger, metering
 from .allocations import Forbidden, account_named, is_member, team_named
 from .ledger import LedgerError
 from .ledger_models import OPEN_STATES, QUOTA_WINDOWS, Allocation, Quota
+from .marketplace_models import LIVE_STATUSES, Reservation
 from .settings import Settings
+
+#: Bounds of a quota (docs/billing.md): GPU-hours per window, and micro-credits per hour
+#: (the most 1024 GPUs at the highest price can cost).
+MAX_QUOTA_GPU_HOURS = 10**7
+MAX_SPEND_CAP = ledger.MAX_PRICE * 1024
 
 
 class PaymentRequired(LedgerError):
@@ -38,7 +50,9 @@ class QuotaExceeded(LedgerError):
 
 
 def minutes(seconds: float) -> str:
-    """Durations for people: ``5 min``, ``1 h 30 min``."""
+    """Durations for people: ``20 s`` (under a minute), ``5 min``, ``1 h 30 min``."""
+    if seconds < 60:
+        return f"{int(max(seconds, 0))} s"
     total = int(seconds // 60)
     hours, mins = divmod(total, 60)
     if hours:
@@ -53,20 +67,31 @@ def hours(gpu_seconds: int) -> str:
 def runway_refusal(
     available: int, running_rate: int, new_rate: int, min_seconds: int, currency: str
 ) -> str | None:
-    """Why the payer cannot afford ``min_seconds`` of everything it would run; None if it can."""
+    """Why the payer cannot afford ``min_seconds`` of everything it would run; None if it can.
+
+    A negative ``available`` is a debt and is said so (never shown as 0.00).
+    """
     total_rate = running_rate + new_rate
     needed = -(-total_rate * min_seconds // 3600)  # ceil: the whole minimum period
     if available >= needed:
         return None
-    covers = metering.runway_seconds(max(available, 0), total_rate) or 0.0
     running = (
-        f" together with your running servers ({ledger.format_credits(running_rate, currency)}"
-        "/hour)"
+        f" together with your running and held servers "
+        f"({ledger.format_credits(running_rate, currency)}/hour)"
         if running_rate
         else ""
     )
+    if available < 0:
+        return (
+            f"You owe {ledger.format_credits(-available, currency)} (your available balance is "
+            f"{ledger.format_credits(available, currency)}); a launch of this server at "
+            f"{ledger.format_credits(new_rate, currency)}/hour{running} needs credit for at "
+            f"least {minutes(min_seconds)} ({ledger.format_credits(needed, currency)}). Add "
+            "credits (a Solana deposit, or ask an admin for a grant) to pay the debt first."
+        )
+    covers = metering.runway_seconds(available, total_rate) or 0.0
     return (
-        f"Your available balance of {ledger.format_credits(max(available, 0), currency)} covers "
+        f"Your available balance of {ledger.format_credits(available, currency)} covers "
         f"{minutes(covers)} of this server at {ledger.format_credits(new_rate, currency)}/hour"
         f"{running}; a launch needs credit for at least {minutes(min_seconds)} "
         f"({ledger.format_credits(needed, currency)}). Add credits (a Solana deposit, or ask an "
@@ -123,8 +148,13 @@ def authorize(
     price_per_gpu_hour: int,
     team: str | None,
     now: datetime,
+    reservation_id: str | None = None,
 ) -> Authorization:
-    """Grant the launch or raise :class:`PaymentRequired` / :class:`QuotaExceeded`."""
+    """Grant the launch or raise :class:`PaymentRequired` / :class:`QuotaExceeded`.
+
+    ``reservation_id``: the reservation this launch is (it is already held, so
+    it is the new server, not one of the held ones counted next to it).
+    """
     account = account_named(session, user)
     if not account.active:
         raise Forbidden(f"the account {user!r} is deactivated.")
@@ -149,14 +179,24 @@ def authorize(
         else ledger.wallet(session, account.id).id
     )
     state = metering.payer_state(session, payer_id, running, now)
+    # Reservations are the user's own (the spawner reserves without a team), so
+    # they weigh on the personal payer and on the user's own quota.
+    held = held_reservations(session, account.id, exclude=reservation_id)
+    held_rate = sum(r.gpu_count * r.price_per_gpu_hour for r in held)
+    held_gpus = sum(r.gpu_count for r in held)
+    personal_held_rate = held_rate if team_row is None else 0
     new_rate = gpu_count * price_per_gpu_hour
     currency = settings.currency_name
     why = runway_refusal(
-        state.available, state.rate_per_hour, new_rate, settings.min_billable_seconds, currency
+        state.available,
+        state.rate_per_hour + personal_held_rate,
+        new_rate,
+        settings.min_billable_seconds,
+        currency,
     )
     if why:
         raise PaymentRequired(why)
-    limits: list[tuple[str, Quota | None, list[Allocation]]] = [
+    limits: list[tuple[str, Quota | None, list[Allocation], int, int]] = [
         (
             "Your",
             metering.quota_for(session, account_id=account.id),
@@ -167,17 +207,24 @@ def authorize(
                     )
                 )
             ),
+            held_gpus,
+            held_rate,
         ),
     ]
     if team_row is not None:
-        limits.append((f"Team {team}'s", metering.quota_for(session, team_id=team_row.id), running))
-    for whose, quota, open_allocs in limits:
+        limits.append(
+            (f"Team {team}'s", metering.quota_for(session, team_id=team_row.id), running, 0, 0)
+        )
+    for whose, quota, open_allocs, extra_gpus, extra_rate in limits:
         if quota is None:
             continue
         if quota.gpu_seconds is not None:
             left = metering.quota_left(session, quota, now) or 0
             # The running servers keep burning the budget during the minimum period too.
-            left -= sum(a.gpu_count for a in open_allocs) * settings.min_billable_seconds
+            # So do held GPUs, which start burning it as soon as their servers are ready.
+            left -= (
+                sum(a.gpu_count for a in open_allocs) + extra_gpus
+            ) * settings.min_billable_seconds
             why = quota_refusal(
                 whose,
                 quota.gpu_seconds,
@@ -192,13 +239,13 @@ def authorize(
             why = spend_cap_refusal(
                 whose.lower() if whose == "Your" else whose,
                 quota.spend_cap_per_hour,
-                sum(metering.hourly_rate(a) for a in open_allocs),
+                sum(metering.hourly_rate(a) for a in open_allocs) + extra_rate,
                 new_rate,
                 currency,
             )
             if why:
                 raise QuotaExceeded(why)
-    total_rate = state.rate_per_hour + new_rate
+    total_rate = state.rate_per_hour + personal_held_rate + new_rate
     return Authorization(
         user,
         f"team:{team}" if team else f"user:{user}",
@@ -207,6 +254,28 @@ def authorize(
         total_rate,
         metering.runway_seconds(state.available, total_rate),
     )
+
+
+def held_reservations(
+    session: Session, account_id: int, *, exclude: str | None = None
+) -> list[Reservation]:
+    """Live reservations of an account that no open allocation bills yet.
+
+    A held reservation (server starting) and an active one whose allocation is
+    not open yet both keep GPUs from everyone else, so both count; one with an
+    open allocation is counted through that allocation, never twice.
+    """
+    billed = select(Allocation.reservation_id).where(
+        Allocation.reservation_id.is_not(None), Allocation.status.in_(OPEN_STATES)
+    )
+    query = select(Reservation).where(
+        Reservation.account_id == account_id,
+        Reservation.status.in_(LIVE_STATUSES),
+        Reservation.id.not_in(billed),
+    )
+    if exclude is not None:
+        query = query.where(Reservation.id != exclude)
+    return list(session.scalars(query.order_by(Reservation.created_at)))
 
 
 def set_quota(
@@ -223,10 +292,10 @@ def set_quota(
         raise LedgerError("name exactly one of user or team.")
     if window not in QUOTA_WINDOWS:
         raise LedgerError(f"window must be one of {', '.join(QUOTA_WINDOWS)}.")
-    if gpu_hours is not None and gpu_hours < 0:
-        raise LedgerError("gpu_hours must not be negative.")
-    if spend_cap_per_hour is not None and spend_cap_per_hour < 0:
-        raise LedgerError("spend_cap_per_hour must not be negative.")
+    if gpu_hours is not None and not 0 <= gpu_hours <= MAX_QUOTA_GPU_HOURS:
+        raise LedgerError(f"gpu_hours must be between 0 and {MAX_QUOTA_GPU_HOURS}.")
+    if spend_cap_per_hour is not None and not 0 <= spend_cap_per_hour <= MAX_SPEND_CAP:
+        raise LedgerError(f"spend_cap_per_hour must be between 0 and {MAX_SPEND_CAP}.")
     if user is not None:
         owner_id = account_named(session, user).id
         quota = metering.quota_for(session, account_id=owner_id)

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from . import allocations, credits, quotas
+from . import allocations, credits, marketplace, quotas
+from .ledger import IdempotencyConflict, UnknownAccount
 from .ledger_models import OPEN_STATES, Allocation
-from .marketplace_models import Node, Reservation
+from .marketplace_models import LIVE_STATUSES, Node, Reservation
+from .models import Account
 from .settings import Settings
 
 
@@ -32,10 +34,30 @@ def provider_name(session: Session, res: Reservation) -> str | None:
 
 
 def authorize(session: Session, settings: Settings, res: Reservation, now: datetime) -> None:
-    """Raise a ledger error (402/403 with a sentence) unless the user can pay for it."""
+    """Raise a ledger error (402/403 with a sentence) unless the user can pay for it.
+
+    The user's other live reservations count as if they ran (see
+    :mod:`.quotas`), and at most ``max_live_reservations`` may be live at once.
+    The account row is locked first, so two reservations of one user are
+    authorized one after the other and each sees the other.
+    """
+    session.get(Account, res.account_id, with_for_update=True)
+    live = session.scalar(
+        select(func.count(Reservation.id)).where(
+            Reservation.account_id == res.account_id,
+            Reservation.status.in_(LIVE_STATUSES),
+            Reservation.id != res.id,
+        )
+    )
+    limit = settings.max_live_reservations
+    if int(live or 0) >= limit:
+        raise quotas.QuotaExceeded(
+            f"{res.user_name} already holds {live} reservation(s), the most one user may hold "
+            f"at once ({limit}); stop a server (or release a reservation) first."
+        )
     if res.gpu_count <= 0 or res.price_per_gpu_hour <= 0:
         return
-    credits.welcome(session, settings.signup_credits, res.account_id)
+    credits.welcome(session, settings, res.account_id)
     quotas.authorize(
         session,
         settings,
@@ -44,6 +66,7 @@ def authorize(session: Session, settings: Settings, res: Reservation, now: datet
         price_per_gpu_hour=res.price_per_gpu_hour,
         team=None,
         now=now,
+        reservation_id=res.id,
     )
 
 
@@ -79,3 +102,45 @@ def close_for(
     if alloc is None:
         return None
     return allocations.close_allocation(session, settings, alloc.id, now, now)
+
+
+def open_for_reservation(
+    session: Session, settings: Settings, reservation_id: str, team: str | None, now: datetime
+) -> tuple[Allocation, bool]:
+    """Open the bill of a live reservation on the reservation's own terms.
+
+    The price, fee, GPU count, user, server and provider (the payee) all come
+    from the reservation, and the bill starts now: a caller (even one holding a
+    stolen trusted-service token) can only start billing a server the
+    marketplace placed, never choose what it costs, when it started or who is
+    paid. A held reservation is activated first, as the activate route does.
+    """
+    res = session.get(Reservation, reservation_id)
+    if res is None:
+        raise UnknownAccount(f"there is no reservation {reservation_id!r}.")
+    if res.status not in LIVE_STATUSES:
+        raise IdempotencyConflict(
+            f"reservation {reservation_id} was {res.status}; an allocation needs a live "
+            "(held or active) reservation."
+        )
+    if res.status == "held":
+        try:
+            marketplace.activate(session, reservation_id)
+        except marketplace.MarketError as exc:
+            raise IdempotencyConflict(exc.message) from None
+    return allocations.open_allocation(
+        session,
+        settings,
+        allocations.OpenRequest(
+            user=res.user_name,
+            server=res.server_name,
+            gpu_count=res.gpu_count,
+            price_per_gpu_hour=res.price_per_gpu_hour,
+            platform_fee_bps=res.platform_fee_bps,
+            started_at=now,
+            reservation_id=res.id,
+            provider=provider_name(session, res),
+            team=team,
+        ),
+        now,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -124,8 +125,20 @@ class Settings(BaseSettings):
     )
     signup_credits: int = Field(
         10_000_000,
-        description="Credit every new account gets once, in micro-credits (10_000_000 = 10 "
-        "credits); 0 turns it off.",
+        description="Credit a new account gets once, if vouched for (see "
+        "GPUPORTAL_SIGNUP_CREDIT_POLICY), in micro-credits (10_000_000 = 10 credits); 0: none.",
+    )
+    signup_credit_policy: Literal["auto", "approved", "identity"] = Field(
+        "auto",
+        description="Who gets the sign-up credit: 'approved' (only accounts an admin approves "
+        "with POST /api/v1/credits/signup), 'identity' (every account: the authenticator, e.g. "
+        "OAuth, vouches for each person), 'auto' ('approved' under open sign-up such as "
+        "firstuse, else 'identity').",
+    )
+    signup_credit_daily_budget: int = Field(
+        100_000_000,
+        description="Most sign-up credit granted per UTC day, all accounts together, in "
+        "micro-credits (100_000_000 = 100 credits); 0: none.",
     )
     solana_rpc_url: str = Field(
         "", description="Solana RPC endpoint for deposits. Empty: the in-process LiteSVM chain."
@@ -158,6 +171,11 @@ class Settings(BaseSettings):
         600,
         description="How long a held (not yet activated) reservation keeps its GPUs, in "
         "seconds, before it expires and gives them back.",
+    )
+    max_live_reservations: int = Field(
+        4,
+        description="Most reservations (held or active: starting or running servers) one user "
+        "may have at once; each must also be paid for (see docs/billing.md).",
     )
     region: str = Field("local", description="Region of the house provider's GPUs.")
     house_price: int = Field(
@@ -240,6 +258,7 @@ class Settings(BaseSettings):
         "solana_micro_credits_per_sol",
         "micro_credits_per_usdc",
         "reservation_hold_seconds",
+        "max_live_reservations",
         "house_price",
         "min_price",
         "max_price",
@@ -290,6 +309,21 @@ class Settings(BaseSettings):
     def _slashes(cls, value: str) -> str:
         return "/" + value.strip("/") + "/"
 
+    @field_validator("max_price", "house_price", "min_price")
+    @classmethod
+    def _price_ceiling(cls, value: int) -> int:
+        # ledger.MAX_PRICE: with up to 1024 GPUs no charge or sum can overflow 64 bits.
+        if value > 10**12:
+            raise ValueError("must be at most 10**12 micro-credits per GPU-hour")
+        return value
+
+    @field_validator("signup_credits")
+    @classmethod
+    def _signup_amount(cls, value: int) -> int:
+        if not 0 <= value <= 10**15:
+            raise ValueError("must be between 0 and 10**15 micro-credits")
+        return value
+
     @model_validator(mode="after")
     def _price_bounds(self) -> Settings:
         if self.min_price > self.max_price:
@@ -305,7 +339,7 @@ class Settings(BaseSettings):
         """The portal DB URL, validated; SQLite in the data dir when unset."""
         return parse_db_url(self.db_url, self.data_dir)
 
-    @field_validator("runway_warning_seconds", "grace_seconds")
+    @field_validator("runway_warning_seconds", "grace_seconds", "signup_credit_daily_budget")
     @classmethod
     def _not_negative(cls, value: int) -> int:
         if value < 0:

@@ -4,7 +4,12 @@ A user with 10 granted credits spawns a 1-GPU server at the house price, it
 runs, it stops: the balance falls by exactly price x billed time, the
 provider's earnings plus the platform's revenue equal the charge, and the
 ledger sums to zero. A user with credit for less than the minimum billable
-period is refused at spawn, with the reason.
+period is refused at spawn, with the reason. A user whose credit runs out is
+stopped by the meter through the real hub, the GPU goes back on offer, and the
+balance never goes below zero (issue 9).
+
+The minimum billable period (20 s) and the grace period (3 s) are short here so
+that running out of credit takes seconds, not a quarter of an hour.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from .portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 PORTAL = "/services/portal/api/v1"
 HOUSE_PRICE = 1_000_000  # 1.00 credit per GPU-hour (GPUPORTAL_HOUSE_PRICE default)
+MIN_BILLABLE = 20  # seconds: a launch needs credit for this long
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +41,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         GPUPORTAL_DEMO_GPUS="2xA100-80GB",
         GPUPORTAL_SIGNUP_CREDITS="0",  # exact balances
         GPUPORTAL_METER_INTERVAL_SECONDS="1",  # the meter loop charges while it runs
+        GPUPORTAL_MIN_BILLABLE_SECONDS=str(MIN_BILLABLE),
+        GPUPORTAL_GRACE_SECONDS="3",
     )
     yield running
     stop_stack(running)
@@ -153,7 +161,7 @@ def test_per_second_billing_through_a_real_spawn(stack: Stack) -> None:
 def test_spawn_without_runway_is_refused_with_the_reason(stack: Stack) -> None:
     admin = token_for(stack, "admin")
     rae = token_for(stack, "rae")
-    grant(stack, admin, "rae", HOUSE_PRICE * 5 // 60)  # credit for 5 minutes of one GPU
+    grant(stack, admin, "rae", HOUSE_PRICE * 5 // 3600)  # credit for 5 seconds of one GPU
     wait_free_gpus(stack, rae, 2)
     reply = call(
         stack, rae, "POST", "/hub/api/users/rae/server", json={"profile": "gpu", "gpu_count": 1}
@@ -167,7 +175,7 @@ def test_spawn_without_runway_is_refused_with_the_reason(stack: Stack) -> None:
             timeout=60,
         ) as events:
             message = "".join(line for line in events.iter_lines() if "failed" in line)
-    assert "needs credit for at least 15 min" in message, message
+    assert f"needs credit for at least {MIN_BILLABLE} s" in message, message
     assert "Traceback" not in message
     assert server_of(stack, rae, "rae") is None or not server_of(stack, rae, "rae").get("ready")
     wait_free_gpus(stack, rae, 2)  # nothing stays reserved
@@ -198,6 +206,33 @@ def stop_and_wait(stack: Stack, token: str, user: str) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"{user}'s server did not stop")
+
+
+def test_a_server_out_of_credit_is_stopped_by_the_meter_and_its_gpu_freed(stack: Stack) -> None:
+    """Issue 9: the meter's out-of-credit stop through a real hub and RaySpawner. The
+    reservation is released in the step that ends the bill, the hub stops the server,
+    the GPU is back on offer, and the user is left with no debt."""
+    admin = token_for(stack, "admin")
+    uma = token_for(stack, "uma")
+    credit = -(-HOUSE_PRICE * MIN_BILLABLE // 3600)  # exactly the minimum billable period
+    grant(stack, admin, "uma", credit)
+    wait_free_gpus(stack, uma, 2)
+    spawn_and_wait(stack, uma, "uma")
+    wait_free_gpus(stack, uma, 1)
+    for _ in range(240):  # bounded: the credit lasts 20 s, the stop follows within seconds
+        if server_of(stack, uma, "uma") is None:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the meter never stopped uma's server: " + stack.read_output()[-3000:])
+    wait_free_gpus(stack, uma, 2)
+    (alloc,) = call(stack, uma, "GET", f"{PORTAL}/allocations").json()
+    assert (alloc["status"], alloc["stop_reason"]) == ("closed", "out_of_credit"), alloc
+    balance = call(stack, uma, "GET", f"{PORTAL}/balance").json()
+    assert 0 <= balance["balance"] < credit
+    assert balance["balance"] == credit - alloc["charged"]
+    reservations = call(stack, uma, "GET", f"{PORTAL}/reservations").json()
+    assert reservations == [], "nothing stays held"
 
 
 def portal_process(stack: Stack) -> psutil.Process:

@@ -5,7 +5,9 @@ JupyterHub gives a server's ``JUPYTERHUB_API_TOKEN`` (the ``server`` role).
 
 The stack's meter ticks hourly here, so nothing is charged during the test and the
 numbers are exact; the extension's clock is set one minute after the allocation
-started. No GPU is involved (NVML is unavailable or unused here).
+started. The allocation is opened for a reservation of the house node's two GPUs at
+the house price (a bill opens only for a reservation). No GPU is involved (NVML is
+unavailable or unused here).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,6 @@ from ..portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 API = "/services/portal/api/v1"
-STARTED = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,7 @@ def hourly_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         GPUPORTAL_DEMO_GPUS="2xA100-80GB",
         GPUPORTAL_METER_INTERVAL_SECONDS="3600",
         GPUPORTAL_SIGNUP_CREDITS="0",  # exact balances
+        GPUPORTAL_HOUSE_PRICE="1234567",  # 1.234567 credits per GPU-hour: rounding shows
     )
     yield running
     stop_stack(running)
@@ -86,16 +88,23 @@ def world(hourly_stack: Stack) -> Iterator[dict[str, Any]]:
         timeout=30,
     )
     assert granted.status_code in (200, 201), granted.text
+    # A bill opens only for a reservation (issue 8): meg holds the house node's two GPUs.
+    meg_headers = {"Authorization": f"token {tokens['meg']}"}
+    for _ in range(240):  # bounded: the house node verifies within seconds
+        offers = httpx.get(f"{base}{API}/offers", headers=meg_headers, timeout=30).json()
+        if sum(o["free_gpus"] for o in offers) == 2:
+            break
+        time.sleep(0.5)
+    reserved = httpx.post(
+        f"{base}{API}/reservations",
+        json={"user": "meg", "server_name": "", "gpu_count": 2},
+        headers=meg_headers,
+        timeout=30,
+    )
+    assert reserved.status_code == 201, reserved.text
     opened = httpx.post(
         f"{base}{API}/allocations",
-        json={
-            "user": "meg",
-            "server": "",
-            "gpu_count": 2,
-            "price_per_gpu_hour": 1_234_567,
-            "platform_fee_bps": 1000,
-            "started_at": STARTED.isoformat(),
-        },
+        json={"reservation_id": reserved.json()["id"]},
         headers=headers,
         timeout=30,
     )
@@ -136,7 +145,8 @@ def jp_server_config(world: dict[str, Any], request: pytest.FixtureRequest) -> d
 def test_usage_shows_the_portals_numbers_exactly(
     world: dict[str, Any], jp_serverapp: Any, jp_fetch: Any, jp_asyncio_loop: Any
 ) -> None:
-    ext_of(jp_serverapp).clock = lambda: STARTED + timedelta(seconds=60)
+    started = datetime.fromisoformat(world["allocation"]["started_at"])
+    ext_of(jp_serverapp).clock = lambda: started + timedelta(seconds=60)
     reply = jp_asyncio_loop.run_until_complete(jp_fetch("api", "gpuportal", "usage"))
     body = json.loads(reply.body)
     assert body["portal"]["reachable"] is True and body["portal"]["error"] is None

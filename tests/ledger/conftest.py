@@ -140,3 +140,68 @@ def total(sessions: sessionmaker[Session]) -> int:
 @pytest.fixture
 def ann(sessions: sessionmaker[Session]) -> Iterator[int]:
     yield add_account(sessions, "ann")
+
+
+# --- the marketplace side: a node to reserve on, and reservations ---------------------------
+
+
+def add_node(
+    sessions: sessionmaker[Session],
+    *,
+    provider: str = "prov",
+    node_id: str = "node-a",
+    gpus: int = 8,
+    price: int = 3_600_000,
+) -> None:
+    """A verified node of ``gpus`` A100s at ``price`` micro-credits per GPU-hour."""
+    from gpuportal.hub import accounts
+    from gpuportal.hub.providers import demo_claims, register_node, upsert_cluster, upsert_provider
+
+    with portal_db.transaction(sessions) as session:
+        account = accounts.upsert_account(session, {"name": provider, "groups": ["providers"]})
+        p = upsert_provider(session, account.id, display_name=provider, region="local", price=price)
+        cluster = upsert_cluster(session, p, name="main", jobs_url="http://127.0.0.1:1")
+        register_node(
+            session,
+            cluster,
+            node_id,
+            demo_claims(node_id, {"A100-80GB": gpus}),
+            demo=True,
+            reliability_start=0.9,
+            verified=True,
+        )
+
+
+def reserve(
+    sessions: sessionmaker[Session],
+    user: str,
+    *,
+    server: str = "",
+    gpus: int = 1,
+    fee_bps: int = 1000,
+) -> str:
+    """Hold ``gpus`` GPUs for ``user``'s server (no billing check: the marketplace alone)."""
+    from gpuportal.hub import marketplace
+    from gpuportal.hub.capacity import Rules
+    from gpuportal.hub.placement import Request
+
+    with portal_db.transaction(sessions) as session:
+        account_id = marketplace.account_id_for(session, user)
+    assert account_id is not None, f"no account {user}"
+    answer, _ = marketplace.reserve(
+        sessions,
+        Request(gpu_count=gpus),
+        account_id=account_id,
+        user_name=user,
+        server_name=server,
+        rules=Rules(hold_seconds=600, platform_fee_bps=fee_bps),
+    )
+    return str(answer["id"])
+
+
+def free_gpus(sessions: sessionmaker[Session]) -> int:
+    from gpuportal.hub import marketplace
+    from gpuportal.hub.capacity import Rules
+
+    with portal_db.transaction(sessions) as session:
+        return sum(o["free_gpus"] for o in marketplace.offers(session, Rules()))

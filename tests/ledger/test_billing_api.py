@@ -6,6 +6,7 @@ real: solders' in-process LiteSVM, with an airdrop and a signed transfer.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,13 +19,16 @@ from solders.pubkey import Pubkey
 from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 
-from gpuportal.hub import deposits
+from gpuportal.hub import db as portal_db
+from gpuportal.hub import deposits, ledger, metering
 from gpuportal.hub.app import Portal, create_app
 from gpuportal.hub.cache import MemoryCache
 from gpuportal.hub.hubapi import HubAPI
+from gpuportal.hub.ledger_models import Allocation
+from gpuportal.hub.models import Account
 from gpuportal.hub.settings import load_settings
 
-from .conftest import CREDIT, Clock
+from .conftest import CREDIT, Clock, add_node, free_gpus, reserve
 
 USERS = {
     "tok-admin": {"name": "admin", "kind": "user", "admin": True, "groups": ["admins"]},
@@ -32,6 +36,8 @@ USERS = {
     "tok-bob": {"name": "bob", "kind": "user", "admin": False, "groups": []},
     "tok-spawner": {"name": "ray-spawner", "kind": "service"},
     "tok-other-svc": {"name": "dashboards", "kind": "service"},
+    # A hub user an admin just created: never logged in, unknown to the portal.
+    "tok-cal": {"name": "cal", "kind": "user", "admin": False, "groups": []},
 }
 API = "/services/portal/api/v1"
 DEPOSIT = Keypair()
@@ -108,7 +114,7 @@ def test_grant_and_balance(client: TestClient) -> None:
         ({"user": "ann", "amount": 0}, 400, "more than zero"),
         ({"user": "ann", "amount": -5}, 400, "more than zero"),
         ({"user": "ann", "amount": 1.5}, 422, "amount"),
-        ({"user": "zed", "amount": 5}, 404, "no portal account named 'zed'"),
+        ({"user": "zed", "amount": 5}, 404, "no hub user named 'zed'"),
         ({"team": "nope", "amount": 5}, 404, "no team named 'nope'"),
         ({"amount": 5}, 400, "exactly one of user or team"),
     ],
@@ -132,26 +138,26 @@ def test_spawner_opens_and_closes(client: TestClient, portal: Portal, clock: Clo
         json={"user": "ann", "amount": 10 * CREDIT},
         headers=auth("tok-admin"),
     )
-    terms = {
-        "user": "ann",
-        "server": "gpu",
-        "gpu_count": 1,
-        "price_per_gpu_hour": 3_600_000,
-        "platform_fee_bps": 1000,
-        "reservation_id": "r7",
-    }
+    add_node(portal.sessions)
+    rid = reserve(portal.sessions, "ann", server="gpu", gpus=1)
+    terms = {"reservation_id": rid}
     for token in ("tok-ann", "tok-other-svc"):
         assert client.post(f"{API}/allocations", json=terms, headers=auth(token)).status_code == 403
     opened = client.post(f"{API}/allocations", json=terms, headers=auth("tok-spawner"))
     assert opened.status_code == 201, opened.text
     alloc = opened.json()
     assert (alloc["status"], alloc["started_at"][:19]) == ("running", "2026-03-01T12:00:00")
+    assert (alloc["user"], alloc["server"], alloc["price_per_gpu_hour"]) == (
+        "ann",
+        "gpu",
+        3_600_000,
+    )
     retry = client.post(f"{API}/allocations", json=terms, headers=auth("tok-spawner"))
     assert (retry.status_code, retry.json()["id"]) == (200, alloc["id"])
     clash = client.post(
         f"{API}/allocations", json={**terms, "gpu_count": 2}, headers=auth("tok-spawner")
     )
-    assert clash.status_code == 409
+    assert clash.status_code == 422, "the GPUs come from the reservation"
     clock.advance(90)
     closed = client.post(f"{API}/allocations/{alloc['id']}/close", headers=auth("tok-spawner"))
     assert closed.status_code == 200, closed.text
@@ -209,26 +215,26 @@ def test_meter_stops_a_server_through_the_hub(
     client.post(
         f"{API}/credits/grants", json={"user": "ann", "amount": 30_000}, headers=auth("tok-admin")
     )
-    client.post(
-        f"{API}/allocations",
-        headers=auth("tok-spawner"),
-        json={
-            "user": "ann",
-            "server": "",
-            "gpu_count": 1,
-            "price_per_gpu_hour": 3_600_000,
-            "platform_fee_bps": 0,
-        },
+    add_node(portal.sessions, gpus=1)
+    rid = reserve(portal.sessions, "ann", fee_bps=0)
+    opened = client.post(
+        f"{API}/allocations", headers=auth("tok-spawner"), json={"reservation_id": rid}
     )
+    assert opened.status_code == 201, opened.text
+    assert free_gpus(portal.sessions) == 0
     clock.advance(30)
     asyncio.run(metering.run_once(portal, clock.now))
     balance = client.get(f"{API}/balance", headers=auth("tok-ann")).json()
+    # 30 s of credit left, less than the grace period: the stop comes when it is spent.
     assert balance["warning"].startswith("Out of credits: your servers stop at")
     clock.advance(portal.settings.grace_seconds)
     asyncio.run(metering.run_once(portal, clock.now))
     assert portal.hub.stopped == [("ann", "")]  # type: ignore[attr-defined]
     listed = client.get(f"{API}/allocations", headers=auth("tok-ann")).json()
-    assert listed[0]["status"] == "closed" and listed[0]["charged"] == 150_000
+    assert listed[0]["status"] == "closed" and listed[0]["charged"] == 30_000
+    assert client.get(f"{API}/balance", headers=auth("tok-ann")).json()["balance"] == 0
+    # The stop gave the GPU back in the same step.
+    assert free_gpus(portal.sessions) == 1
 
 
 def send_sol(chain: deposits.LiteSVMChain, to: Pubkey, lamports: int) -> str:
@@ -300,3 +306,153 @@ def test_deposit_address_is_published(client: TestClient) -> None:
     assert usdc["usdc_token_account"] == deposits.associated_token_account(
         str(DEPOSIT.pubkey()), usdc["usdc_mint"]
     )
+
+
+# --- issue 9: bounded money, users the portal has not met, issue 8: billing defence ---------
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [2**63, 2**63 - 1, 2**70, ledger.MAX_AMOUNT + 1],
+)
+def test_a_huge_grant_is_refused_with_a_sentence(client: TestClient, amount: int) -> None:
+    reply = client.post(
+        f"{API}/credits/grants", json={"user": "ann", "amount": amount}, headers=auth("tok-admin")
+    )
+    assert reply.status_code == 400, reply.text
+    assert "at most" in error(reply)
+    balance = client.get(f"{API}/balance", headers=auth("tok-ann"))
+    assert (balance.status_code, balance.json()["balance"]) == (200, 0)
+
+
+def test_grants_stop_at_the_largest_balance_and_the_balance_still_reads(
+    client: TestClient, portal: Portal, clock: Clock
+) -> None:
+    biggest = {"user": "ann", "amount": ledger.MAX_AMOUNT}
+    first = client.post(f"{API}/credits/grants", json=biggest, headers=auth("tok-admin"))
+    assert first.status_code == 201, first.text
+    more = client.post(f"{API}/credits/grants", json=biggest, headers=auth("tok-admin"))
+    assert more.status_code == 400 and "above the most one wallet" in error(more)
+    one = client.post(
+        f"{API}/credits/grants", json={"user": "ann", "amount": 1}, headers=auth("tok-admin")
+    )
+    assert one.status_code == 400
+    balance = client.get(f"{API}/balance", headers=auth("tok-ann"))
+    assert (balance.status_code, balance.json()["balance"]) == (200, ledger.MAX_WALLET_BALANCE)
+    # A rich user's server is metered like anyone's: the meter is not broken by it.
+    add_node(portal.sessions, gpus=1)
+    rid = reserve(portal.sessions, "ann")
+    opened = client.post(
+        f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner")
+    )
+    assert opened.status_code == 201, opened.text
+    clock.advance(60)
+    result = asyncio.run(metering.run_once(portal, clock.now))
+    assert (result.failed, result.failed_payers, result.charged) == ([], [], 60_000)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/deposits/solana", {"signature": "1" * 88, "lamports": 2**63}),
+        ("/deposits/usdc", {"signature": "1" * 88, "amount": 2**63}),
+    ],
+)
+def test_a_huge_deposit_is_refused_before_the_chain_is_asked(
+    client: TestClient, path: str, body: dict[str, Any]
+) -> None:
+    reply = client.post(f"{API}{path}", json=body, headers=auth("tok-ann"))
+    assert reply.status_code == 400, reply.text
+    assert "at most" in error(reply)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"user": "ann", "spend_cap_per_hour": 2**63},
+        {"user": "ann", "gpu_hours": 1e300},
+    ],
+)
+def test_a_huge_quota_is_refused(client: TestClient, body: dict[str, Any]) -> None:
+    reply = client.put(f"{API}/quotas", json=body, headers=auth("tok-admin"))
+    assert reply.status_code == 422, reply.text
+
+
+def test_grant_and_quota_for_a_hub_user_who_has_not_logged_in_yet(client: TestClient) -> None:
+    granted = client.post(
+        f"{API}/credits/grants",
+        json={"user": "cal", "amount": 5 * CREDIT},
+        headers=auth("tok-admin"),
+    )
+    assert granted.status_code == 201, granted.text
+    quota = client.put(
+        f"{API}/quotas", json={"user": "cal", "gpu_hours": 2}, headers=auth("tok-admin")
+    )
+    assert quota.status_code == 200, quota.text
+    assert quota.json()["gpu_hours"] == 2
+    # cal logs in later and finds both.
+    assert client.get(f"{API}/balance", headers=auth("tok-cal")).json()["balance"] == 5 * CREDIT
+    assert client.get(f"{API}/quotas", headers=auth("tok-cal")).json()["gpu_hours"] == 2
+    # A name the hub does not know is still a 404 with a sentence.
+    nobody = client.post(
+        f"{API}/credits/grants", json={"user": "zed", "amount": 5}, headers=auth("tok-admin")
+    )
+    assert nobody.status_code == 404 and "no hub user named 'zed'" in error(nobody)
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        {"price_per_gpu_hour": 1},
+        {"started_at": "2026-01-01T00:00:00+00:00"},
+        {"provider": "bob"},
+        {"user": "bob"},
+        {"gpu_count": 8},
+        {"platform_fee_bps": 10_000},
+    ],
+)
+def test_a_stolen_spawner_token_cannot_choose_the_terms_of_a_bill(
+    client: TestClient, portal: Portal, clock: Clock, forged: dict[str, Any]
+) -> None:
+    add_node(portal.sessions)
+    rid = reserve(portal.sessions, "ann", server="gpu")
+    reply = client.post(
+        f"{API}/allocations", json={"reservation_id": rid, **forged}, headers=auth("tok-spawner")
+    )
+    assert reply.status_code == 422, reply.text
+    assert client.get(f"{API}/allocations?user=ann", headers=auth("tok-admin")).json() == []
+
+
+def test_a_bill_opens_only_for_a_live_reservation(
+    client: TestClient, portal: Portal, clock: Clock
+) -> None:
+    add_node(portal.sessions)
+    unknown = client.post(
+        f"{API}/allocations", json={"reservation_id": "f" * 24}, headers=auth("tok-spawner")
+    )
+    assert unknown.status_code == 404, unknown.text
+    rid = reserve(portal.sessions, "ann", server="gpu")
+    released = client.delete(f"{API}/reservations/{rid}", headers=auth("tok-spawner"))
+    assert released.status_code == 200, released.text
+    late = client.post(
+        f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner")
+    )
+    assert late.status_code == 409 and "needs a live" in error(late)
+    # A live one opens on its own terms: its price, GPUs, provider, and from now.
+    rid = reserve(portal.sessions, "ann", server="gpu", gpus=2)
+    opened = client.post(
+        f"{API}/allocations", json={"reservation_id": rid}, headers=auth("tok-spawner")
+    )
+    assert opened.status_code == 201, opened.text
+    alloc = opened.json()
+    assert (alloc["gpu_count"], alloc["price_per_gpu_hour"], alloc["reservation_id"]) == (
+        2,
+        3_600_000,
+        rid,
+    )
+    assert alloc["started_at"][:19] == clock.now.isoformat()[:19]
+    with portal_db.transaction(portal.sessions) as session:
+        row = session.get(Allocation, alloc["id"])
+        assert row is not None
+        provider = session.get(Account, row.provider_account_id)
+        assert provider is not None and provider.hub_name == "prov", "the node's provider is paid"

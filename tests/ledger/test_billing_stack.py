@@ -66,34 +66,43 @@ def test_grant_meter_close_balance_usage(billing_stack: Stack) -> None:
     balance = call(billing_stack, "GET", "/balance", token).json()
     assert (balance["balance"], balance["display"]) == (10_000_000, "10.00 credits")
 
+    # A bill opens only for a reservation (issue 8): meg holds two GPUs of the house node.
+    for _ in range(240):  # bounded: the house node verifies within seconds
+        offers = call(billing_stack, "GET", "/offers", token).json()
+        if sum(o["free_gpus"] for o in offers) == 2:
+            break
+        time.sleep(0.5)
+    reserved = call(
+        billing_stack,
+        "POST",
+        "/reservations",
+        token,
+        json={"user": "meg", "server_name": "gpu", "gpu_count": 2},
+    )
+    assert reserved.status_code == 201, reserved.text
     opened = call(
         billing_stack,
         "POST",
         "/allocations",
         admin_token,
-        json={
-            "user": "meg",
-            "server": "gpu",
-            "gpu_count": 2,
-            "price_per_gpu_hour": 3_600_000,
-            "platform_fee_bps": 1000,
-        },
+        json={"reservation_id": reserved.json()["id"]},
     )
     assert opened.status_code == 201, opened.text
+    price = opened.json()["price_per_gpu_hour"]
     alloc_id = opened.json()["id"]
     charged = 0
     for _ in range(60):  # bounded: the one-second meter charges within a few seconds
         charged = call(billing_stack, "GET", f"/allocations/{alloc_id}", token).json()["charged"]
-        if charged >= 4000:
+        if charged >= 1000:
             break
         time.sleep(0.5)
-    assert charged >= 4000, "the meter loop charged nothing"
+    assert charged >= 1000, "the meter loop charged nothing"
     closed = call(billing_stack, "POST", f"/allocations/{alloc_id}/close", admin_token)
     assert closed.status_code == 200, closed.text
     final = closed.json()
     held = datetime.fromisoformat(final["ended_at"]) - datetime.fromisoformat(final["started_at"])
     # Exactly price x time held, by the documented rounding rule, to the microsecond.
-    assert final["charged"] == 2 * 3_600_000 * (held // timedelta(microseconds=1)) // 3_600_000_000
+    assert final["charged"] == 2 * price * (held // timedelta(microseconds=1)) // 3_600_000_000
     after = call(billing_stack, "GET", "/balance", token).json()
     assert after["balance"] == 10_000_000 - final["charged"]
     rows = call(billing_stack, "GET", "/usage", token).json()["rows"]

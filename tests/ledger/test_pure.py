@@ -185,8 +185,8 @@ def test_quota_and_spend_cap_sentences() -> None:
 
 def test_minutes() -> None:
     assert [quotas.minutes(x) for x in (0, 59, 60, 300, 3600, 5400)] == [
-        "0 min",
-        "0 min",
+        "0 s",
+        "59 s",
         "1 min",
         "5 min",
         "1 h",
@@ -300,3 +300,43 @@ def test_token_transfer_decoding() -> None:
         deposits.TokenTransfer(SENDER, US, 7),
         deposits.TokenTransfer(SENDER, US, 7, MINT),
     ]
+
+
+# --- issue 9: a debt shows as a debt, never as 0.00 -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("micro", "text"),
+    [
+        (1_239_999, "1.23 credits"),
+        (0, "0.00 credits"),
+        (-1, "-0.01 credits"),
+        (-4_050_000, "-4.05 credits"),
+        (-4_050_001, "-4.06 credits"),
+    ],
+)
+def test_a_debt_is_never_shown_as_zero(micro: int, text: str) -> None:
+    assert ledger.format_credits(micro) == text
+
+
+def test_a_refusal_in_debt_says_so() -> None:
+    why = quotas.runway_refusal(-4_050_000, 0, 1_000_000, 900, "credits")
+    assert why is not None
+    assert "You owe 4.05 credits" in why and "-4.05 credits" in why
+    assert "0.00" not in why
+
+
+@pytest.mark.parametrize(
+    ("gpu_hours", "cap"),
+    [(-1.0, None), (1e300, None), (float("inf"), None), (None, -1), (None, 2**63)],
+)
+def test_set_quota_refuses_amounts_out_of_bounds(gpu_hours, cap) -> None:
+    with pytest.raises(ledger.LedgerError, match="must be between"):
+        quotas.set_quota(
+            None,  # type: ignore[arg-type]  (refused before the DB is touched)
+            user="ann",
+            team=None,
+            window="day",
+            gpu_hours=gpu_hours,
+            spend_cap_per_hour=cap,
+        )

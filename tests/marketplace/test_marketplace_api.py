@@ -35,7 +35,12 @@ def market_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         f"{{'name': 'other-service', 'api_token': {OTHER_TOKEN!r}}})\n"
     )
     stack = helpers.start_stack(
-        home / "data", GPUPORTAL_DEMO_GPUS="2xA100-80GB", GPUPORTAL_HUB_EXTRA_CONFIG=str(extra)
+        home / "data",
+        GPUPORTAL_DEMO_GPUS="2xA100-80GB",
+        GPUPORTAL_HUB_EXTRA_CONFIG=str(extra),
+        # Every test user is vouched for, so each gets the sign-up credit its
+        # reservations need (tests/ledger/test_signup_credit.py covers who may).
+        GPUPORTAL_SIGNUP_CREDIT_POLICY="identity",
     )
     yield stack
     helpers.stop_stack(stack)

@@ -51,7 +51,8 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def portal(tmp_path: Path, db_url: str) -> Portal:
-    settings = load_settings(data_dir=tmp_path, db_url=db_url)
+    # Every user here is vouched for, so each gets the sign-up credit for reservations.
+    settings = load_settings(data_dir=tmp_path, db_url=db_url, signup_credit_policy="identity")
     return Portal(settings, cache=MemoryCache(), hub=FakeHub())
 
 

@@ -55,11 +55,16 @@ class Hub(HubAPI):
 
 
 def client_for(tmp_path: Path, db_url: str, **overrides: Any) -> Iterator[TestClient]:
+    # Every hub user here is vouched for (as with an OAuth identity provider), so each
+    # gets the 10-credit sign-up credit; tests/ledger/test_signup_credit.py covers who may.
+    overrides.setdefault("signup_credit_policy", "identity")
     settings = load_settings(
         data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9", **overrides
     )
     portal = Portal(settings, cache=MemoryCache(), hub=Hub())
-    with TestClient(create_app(settings, portal, background=False)) as client:
+    with TestClient(
+        create_app(settings, portal, background=False), raise_server_exceptions=False
+    ) as client:
         yield client
 
 
@@ -136,3 +141,123 @@ def test_without_credit_the_reservation_is_refused_and_gpus_go_back(
         assert "Traceback" not in refused.text
         offers = spawner(client, "GET", "/offers").json()
         assert sum(o["free_gpus"] for o in offers) == 1
+
+
+# --- issue 9: no hoarding ------------------------------------------------------------------
+
+
+def free(client: TestClient) -> int:
+    return sum(o["free_gpus"] for o in spawner(client, "GET", "/offers").json())
+
+
+def grant(client: TestClient, user: str, micro: int) -> None:
+    reply = client.post(
+        f"{API}/credits/grants",
+        json={"user": user, "amount": micro},
+        headers={"Authorization": "token tok-admin"},
+    )
+    assert reply.status_code == 201, reply.text
+
+
+def reserve(client: TestClient, server: str, gpus: int = 1, user: str = "ann") -> Any:
+    return spawner(
+        client,
+        "POST",
+        "/reservations",
+        json={"user": user, "server_name": server, "gpu_count": gpus},
+    )
+
+
+@pytest.fixture
+def eight(tmp_path: Path, db_url: str, market: Market) -> Iterator[TestClient]:
+    """Eight GPUs at 1.00 credit/h (0.25 credits for the 15 min minimum), no sign-up credit."""
+    market.add_node("house-admin", "node-8", {"A100-80GB": 8}, price=1_000_000, region="local")
+    yield from client_for(tmp_path, db_url, signup_credits=0, max_live_reservations=8)
+
+
+def test_a_user_with_credit_for_one_gpu_cannot_hold_eight_at_once(eight: TestClient) -> None:
+    """Issue 9: 0.30 credits (each 1-GPU reservation needs 0.25) held 8 of 8 GPUs."""
+    grant(eight, "ann", 300_000)
+    replies = [reserve(eight, f"s{n}") for n in range(8)]
+    assert [r.status_code for r in replies] == [201] + [402] * 7, [r.text for r in replies]
+    assert "running and held servers" in replies[1].json()["error"]["message"]
+    assert free(eight) == 7
+
+
+def test_a_user_cannot_hold_gpus_one_after_another_either(eight: TestClient) -> None:
+    """Sequentially: each reservation activated (its server starting) before the next."""
+    grant(eight, "ann", 300_000)
+    first = reserve(eight, "a")
+    assert first.status_code == 201, first.text
+    assert spawner(eight, "POST", f"/reservations/{first.json()['id']}/activate").status_code == 200
+    second = reserve(eight, "b")
+    assert second.status_code == 402, second.text
+    assert free(eight) == 7
+    # Releasing the first makes room for the next: the limit is what is held, not a count.
+    assert spawner(eight, "DELETE", f"/reservations/{first.json()['id']}").status_code == 200
+    assert reserve(eight, "b").status_code == 201
+
+
+def test_enough_credit_holds_as_many_as_it_pays_for(eight: TestClient) -> None:
+    grant(eight, "ann", 750_000)  # three minimum periods of one GPU
+    codes = [reserve(eight, f"s{n}").status_code for n in range(5)]
+    assert codes == [201, 201, 201, 402, 402]
+    assert free(eight) == 5
+
+
+def test_the_per_user_limit_on_live_reservations(
+    tmp_path: Path, db_url: str, market: Market
+) -> None:
+    market.add_node("house-admin", "node-8", {"A100-80GB": 8}, price=1_000_000, region="local")
+    for client in client_for(tmp_path, db_url, signup_credits=0, max_live_reservations=2):
+        grant(client, "ann", 100 * 1_000_000)
+        codes = [reserve(client, f"s{n}").status_code for n in range(3)]
+        assert codes == [201, 201, 403]
+        refused = reserve(client, "s9")
+        assert "the most one user may hold at once (2)" in refused.json()["error"]["message"]
+        assert free(client) == 6
+        assert reserve(client, "x", user="bob").status_code in (201, 402)  # others unaffected
+
+
+# --- issue 9: any failure after the GPUs are held gives them back --------------------------
+
+#: Each step ``create_reservation`` takes after the GPUs are held: (module, function).
+STEPS = [
+    ("gpuportal.hub.marketplace", "get"),
+    ("gpuportal.hub.reservation_billing", "authorize"),
+    ("gpuportal.hub.credits", "welcome"),
+    ("gpuportal.hub.quotas", "authorize"),
+    ("gpuportal.hub.quotas", "held_reservations"),
+    ("gpuportal.hub.metering", "payer_state"),
+    ("gpuportal.hub.ledger", "balance"),
+    ("gpuportal.hub.ledger", "wallet"),
+    ("gpuportal.hub.marketplace_routes", "ReservationPublic"),
+]
+
+
+@pytest.mark.parametrize(("module", "name"), STEPS)
+def test_a_failure_in_any_step_of_a_reservation_gives_the_gpus_back(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, module: str, name: str
+) -> None:
+    import importlib
+
+    target = importlib.import_module(module)
+    real = getattr(target, name)
+    calls = {"n": 0}
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        calls["n"] += 1
+        raise RuntimeError(f"injected failure in {name}")
+
+    assert free(client) == 2
+    monkeypatch.setattr(target, name, broken)
+    reply = reserve(client, "gpu", gpus=2)
+    monkeypatch.setattr(target, name, real)
+    assert calls["n"] >= 1, f"{module}.{name} is not a step of create_reservation"
+    assert reply.status_code == 500
+    assert "Traceback" not in reply.text and "injected" not in reply.text
+    assert free(client) == 2
+    listed = spawner(client, "GET", "/reservations?user=ann").json()
+    assert listed == []
+    # The user can reserve again at once.
+    assert reserve(client, "gpu", gpus=2).status_code == 201
