@@ -23,9 +23,9 @@ from sqlalchemy import BigInteger, Engine, Integer, MetaData, String
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import ledger, metering
-from gpuportal.hub.ledger_models import Allocation
-from gpuportal.hub.models import Account, Base, UTCDateTime
+from gpuportal.hub.billing import ledger, metering
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.hub.db.models import Account, Base, UTCDateTime
 from gpuportal.hub.settings import load_settings
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)

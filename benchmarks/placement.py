@@ -15,7 +15,7 @@ import functools
 import random
 import time
 
-from gpuportal.hub.placement import Candidate, PlacementIndex, Request, choose
+from gpuportal.hub.market.placement import Candidate, PlacementIndex, Request, choose
 
 MODELS = ["A100-80GB", "H100-80GB", "L4", "RTX-4090", "A10G", "T4", "L40S", "H200"]
 REGIONS = ["eu-west", "eu-north", "us-east", "us-west", "ap-south", "local"]

@@ -156,7 +156,7 @@ def start_ray_stack(work: Path, gpus: int) -> tuple[subprocess.Popen[Any], Hub]:
     out = work / "stack-up.log"
     with open(out, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuportal.hub.cli", "up", "--quiet"],
+            [sys.executable, "-m", "gpuportal.hub.stack.cli", "up", "--quiet"],
             cwd=ROOT,
             env=env,
             stdout=log,

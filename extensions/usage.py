@@ -10,10 +10,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from gpuportal.provider.money import accrued
+
 from .gpuuse import GpuSample
 from .portal import PortalReading
 
-US_PER_HOUR = 3_600_000_000
 NOTE = (
     "Information only: the portal bills allocation time at the locked price; "
     "nothing shown here raises a charge."
@@ -26,19 +27,6 @@ def parse_time(value: Any) -> datetime | None:
         return None
     when = datetime.fromisoformat(str(value))
     return when if when.tzinfo else when.replace(tzinfo=UTC)
-
-
-def accrued(gpu_count: int, price_per_gpu_hour: int, started_at: datetime, now: datetime) -> int:
-    """What the session has cost by ``now``: the portal's own rounding rule.
-
-    ``floor(gpu_count * price_per_gpu_hour * elapsed_us / 3.6e9)``, so the
-    estimate equals what the portal charges for the same moment.
-    """
-    if now <= started_at:
-        return 0
-    delta = now - started_at
-    elapsed_us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
-    return gpu_count * price_per_gpu_hour * elapsed_us // US_PER_HOUR
 
 
 def build_report(

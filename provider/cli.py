@@ -14,20 +14,18 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from . import workload
+from . import money, workload
 from .agent import Agent, AgentError, Portal, inventory, models_of
 from .identity import Identity, IdentityError, default_config_dir
 from .isolation import node_isolation
 from .raynode import AUTH_TOKEN_FILE, RayNode, RayStartError, ensure_auth_token
 
 F = TypeVar("F", bound=Callable[..., Any])
-MICRO = 1_000_000
 
 
 def friendly(func: F) -> F:
@@ -43,17 +41,19 @@ def friendly(func: F) -> F:
 
 
 def parse_price(text: str) -> int:
-    """Credits per GPU-hour ("1.20") as integer micro-credits, exactly."""
+    """Credits per GPU-hour ("1.20") as integer micro-credits, exactly (money.parse_credits)."""
+    refused = f"price {text!r} must be positive with at most 6 decimals."
     try:
-        value = Decimal(text.strip())
-    except InvalidOperation:
+        micro = money.parse_credits(text)
+    except money.NotAnAmount:
         raise AgentError(
             f"price {text!r} is not a number of credits per GPU-hour, e.g. 1.20."
         ) from None
-    micro = value * MICRO
-    if value <= 0 or micro != micro.to_integral_value():
-        raise AgentError(f"price {text!r} must be positive with at most 6 decimals.")
-    return int(micro)
+    except money.TooManyDecimals:
+        raise AgentError(refused) from None
+    if micro <= 0:
+        raise AgentError(refused)
+    return micro
 
 
 def config_dir_option(func: F) -> F:

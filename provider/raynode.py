@@ -29,8 +29,7 @@ from pathlib import Path
 
 import httpx
 
-NODE_RESOURCE_PREFIX = "gpuportal/node:"
-DEMO_RESOURCE = "gpuportal/demo"
+from .rayresources import DEMO_RESOURCE, NODE_RESOURCE_PREFIX
 
 
 class RayStartError(RuntimeError):

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from html import escape
 from typing import Any
 
-from .portal_client import format_credits
+from gpuportal.provider.money import format_credits
+
 from .profiles import FORM_PREFIX, UNLISTED, default_choice, default_profile
 
 _SCRIPT = """

@@ -80,13 +80,6 @@ class Reservation:
         )
 
 
-def format_credits(micro: int) -> str:
-    """Integer micro-credits as credits with two decimals (``1500000`` → ``1.50``)."""
-    sign = "-" if micro < 0 else ""
-    cents = (abs(micro) + 5_000) // 10_000
-    return f"{sign}{cents // 100}.{cents % 100:02d}"
-
-
 class PortalClient:
     """Async client for the marketplace endpoints of the portal service."""
 

@@ -28,7 +28,6 @@ import secrets
 import shlex
 import time
 from collections.abc import Iterable
-from decimal import Decimal, InvalidOperation
 from typing import Any
 
 import httpx
@@ -36,9 +35,12 @@ from jupyterhub.spawner import Spawner, SpawnException
 from traitlets import Dict as TDict
 from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
+from gpuportal.provider import money
+from gpuportal.provider.money import format_credits
+
 from . import form, profiles
 from .naming import escape, job_submission_id, oauth_client_id
-from .portal_client import PortalClient, PortalError, PortalUnavailable, format_credits
+from .portal_client import PortalClient, PortalError, PortalUnavailable
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
 from .report import expect_claim, forget_claim
 from .report import register as _register_report_handler
@@ -49,7 +51,8 @@ _register_report_handler()
 #: How much of the node's ``gpuportal/node:<id>`` resource one server takes:
 #: a sliver, so the resource only pins; the GPUs themselves are counted by Ray's GPU resource.
 NODE_RESOURCE_AMOUNT = 0.001
-MICRO = 1_000_000
+#: The highest ``max_price`` the spawner accepts, in credits per GPU-hour.
+MAX_PRICE_CREDITS = 10**6
 #: The server's hub token never goes into a job's env (the wrapper claims it).
 _TOKEN_VARS = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"})
 #: One Jobs API client per (cluster, token, timeout), shared by every spawner of the hub.
@@ -283,12 +286,15 @@ class RaySpawner(Spawner):
         value = str(proposal.value).strip()
         if value in ("", "any"):
             return ""
+        refused = f"{value[:32]!r} is not a positive price with at most 6 decimals"
         try:
-            price = Decimal(value)
-        except InvalidOperation:
+            micro = money.parse_credits(value)
+        except money.NotAnAmount:
             raise TraitError(f"{value[:32]!r} is not a price such as 2.00") from None
-        if price <= 0 or price * MICRO != int(price * MICRO) or price > 10**6:
-            raise TraitError(f"{value[:32]!r} is not a positive price with at most 6 decimals")
+        except money.TooManyDecimals:
+            raise TraitError(refused) from None
+        if micro <= 0 or micro > MAX_PRICE_CREDITS * money.MICRO:
+            raise TraitError(refused)
         return value
 
     # --- runtime state (get_state/load_state) -----------------------------------
@@ -363,7 +369,7 @@ class RaySpawner(Spawner):
 
     @property
     def max_price_micro(self) -> int | None:
-        return int(Decimal(self.max_price) * MICRO) if self.max_price else None
+        return money.parse_credits(self.max_price) if self.max_price else None
 
     @property
     def _unreachable_grace(self) -> float:

@@ -86,7 +86,7 @@ def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
     output = data_dir.parent / f"{data_dir.name}-up.log"
     with open(output, "w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuportal.hub.cli", "up", "--quiet"],
+            [sys.executable, "-m", "gpuportal.hub.stack.cli", "up", "--quiet"],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -17,12 +17,13 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.auth import TOKEN_COOKIE
-from gpuportal.hub.cache import MemoryCache
 from gpuportal.hub.errors import ConfigError
-from gpuportal.hub.hubapi import HubAPI, HubUnavailable
-from gpuportal.hub.reqlog import RequestIdFilter
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.auth import TOKEN_COOKIE
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI, HubUnavailable
+from gpuportal.hub.portal.reqlog import RequestIdFilter
 from gpuportal.hub.settings import load_settings
 
 USERS = {

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from gpuportal.hub.cache import Cache, MemoryCache, RedisCache, check_redis, make_cache
 from gpuportal.hub.errors import ConfigError
+from gpuportal.hub.portal.cache import Cache, MemoryCache, RedisCache, check_redis, make_cache
 
 
 @pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])

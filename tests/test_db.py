@@ -10,9 +10,9 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, select, text
 from sqlalchemy.exc import IntegrityError, StatementError
 
-from gpuportal.hub import accounts
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.models import Account, Base, Team, TeamMembership
+from gpuportal.hub.db import accounts
+from gpuportal.hub.db.models import Account, Base, Team, TeamMembership
 
 
 def heads() -> str:

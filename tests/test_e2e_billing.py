@@ -24,7 +24,7 @@ import psutil
 import pytest
 from sqlalchemy import create_engine, text
 
-from gpuportal.hub.metering import accrued
+from gpuportal.provider.money import accrued
 
 from .portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
 
@@ -238,7 +238,7 @@ def test_a_server_out_of_credit_is_stopped_by_the_meter_and_its_gpu_freed(stack:
 def portal_process(stack: Stack) -> psutil.Process:
     for proc in stack.descendants():
         try:
-            if "gpuportal.hub.service" in " ".join(proc.cmdline()):
+            if "gpuportal.hub.portal.service" in " ".join(proc.cmdline()):
                 return proc
         except psutil.NoSuchProcess:
             continue

@@ -9,8 +9,8 @@ import time
 import psutil
 import pytest
 
-from gpuportal.hub.localray import LocalRayHead, plan_gpus, stop_process_group
-from gpuportal.hub.raystatus import cluster_status, summarize_nodes
+from gpuportal.hub.market.raystatus import cluster_status, summarize_nodes
+from gpuportal.hub.stack.updown.localray import LocalRayHead, plan_gpus, stop_process_group
 from gpuportal.provider import nvml
 
 from .conftest import RayCluster

@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from gpuportal.hub.admin import check_password, ensure_admin
+from gpuportal.hub.stack.updown.admin import check_password, ensure_admin
 
 from .portal_stack import ROOT, Stack, hub_login, hub_token, stack_env, start_stack, stop_stack
 
@@ -26,7 +26,7 @@ PORTAL = "/services/portal"
 
 def run_cli(*args: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "gpuportal.hub.cli", *args],
+        [sys.executable, "-m", "gpuportal.hub.stack.cli", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -202,7 +202,7 @@ def test_missing_ray_is_one_line(tmp_path: Path) -> None:
     env = stack_env(tmp_path / "data")
     code = (
         "import sys; sys.modules['ray'] = None; "
-        "from gpuportal.hub.cli import main; sys.argv = ['gpuportal', 'up']; main()"
+        "from gpuportal.hub.stack.cli import main; sys.argv = ['gpuportal', 'up']; main()"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
@@ -255,7 +255,7 @@ def test_cli_admin_create_and_db_upgrade(tmp_path: Path) -> None:
 )
 def test_every_command_has_help(command: list[str]) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gpuportal.hub.cli", *command, "--help"],
+        [sys.executable, "-m", "gpuportal.hub.stack.cli", *command, "--help"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -15,8 +15,9 @@ from gpuportal.extensions import gpuuse, metrics
 from gpuportal.extensions.app import portal_url_from_env
 from gpuportal.extensions.idle import IdleCuller
 from gpuportal.extensions.portal import PortalReading
-from gpuportal.extensions.usage import accrued, build_report
+from gpuportal.extensions.usage import build_report
 from gpuportal.provider import nvml
+from gpuportal.provider.money import accrued
 
 from .recordings import CHILD_PID, OTHER_PID, TRAINING_PID, a100_kernels, idle
 

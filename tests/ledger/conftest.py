@@ -15,14 +15,16 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import ledger, timeutil
-from gpuportal.hub.allocations import OpenRequest, open_allocation
-from gpuportal.hub.ledger_models import Allocation
-from gpuportal.hub.models import Account, Team, TeamMembership
+from gpuportal.hub import timeutil
+from gpuportal.hub.billing import ledger
+from gpuportal.hub.billing.allocations import OpenRequest, open_allocation
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.hub.db.models import Account, Team, TeamMembership
 from gpuportal.hub.settings import Settings, load_settings
+from gpuportal.provider import money
 
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
-CREDIT = ledger.MICRO
+CREDIT = money.MICRO
 
 
 class Clock:
@@ -154,8 +156,13 @@ def add_node(
     price: int = 3_600_000,
 ) -> None:
     """A verified node of ``gpus`` A100s at ``price`` micro-credits per GPU-hour."""
-    from gpuportal.hub import accounts
-    from gpuportal.hub.providers import demo_claims, register_node, upsert_cluster, upsert_provider
+    from gpuportal.hub.db import accounts
+    from gpuportal.hub.market.providers import (
+        demo_claims,
+        register_node,
+        upsert_cluster,
+        upsert_provider,
+    )
 
     with portal_db.transaction(sessions) as session:
         account = accounts.upsert_account(session, {"name": provider, "groups": ["providers"]})
@@ -181,9 +188,9 @@ def reserve(
     fee_bps: int = 1000,
 ) -> str:
     """Hold ``gpus`` GPUs for ``user``'s server (no billing check: the marketplace alone)."""
-    from gpuportal.hub import marketplace
-    from gpuportal.hub.capacity import Rules
-    from gpuportal.hub.placement import Request
+    from gpuportal.hub.market import marketplace
+    from gpuportal.hub.market.capacity import Rules
+    from gpuportal.hub.market.placement import Request
 
     with portal_db.transaction(sessions) as session:
         account_id = marketplace.account_id_for(session, user)
@@ -200,8 +207,8 @@ def reserve(
 
 
 def free_gpus(sessions: sessionmaker[Session]) -> int:
-    from gpuportal.hub import marketplace
-    from gpuportal.hub.capacity import Rules
+    from gpuportal.hub.market import marketplace
+    from gpuportal.hub.market.capacity import Rules
 
     with portal_db.transaction(sessions) as session:
         return sum(o["free_gpus"] for o in marketplace.offers(session, Rules()))

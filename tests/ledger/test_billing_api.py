@@ -20,12 +20,14 @@ from solders.system_program import TransferParams, transfer
 from solders.transaction import VersionedTransaction
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import deposits, ledger, metering
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.ledger_models import Allocation
-from gpuportal.hub.models import Account
+from gpuportal.hub.billing import deposits, ledger
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.hub.db.models import Account
+from gpuportal.hub.portal import loops
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
 
 from .conftest import CREDIT, Clock, add_node, free_gpus, reserve
@@ -210,8 +212,6 @@ def test_meter_stops_a_server_through_the_hub(
 ) -> None:
     import asyncio
 
-    from gpuportal.hub import metering
-
     client.post(
         f"{API}/credits/grants", json={"user": "ann", "amount": 30_000}, headers=auth("tok-admin")
     )
@@ -223,12 +223,12 @@ def test_meter_stops_a_server_through_the_hub(
     assert opened.status_code == 201, opened.text
     assert free_gpus(portal.sessions) == 0
     clock.advance(30)
-    asyncio.run(metering.run_once(portal, clock.now))
+    asyncio.run(loops.run_once(portal, clock.now))
     balance = client.get(f"{API}/balance", headers=auth("tok-ann")).json()
     # 30 s of credit left, less than the grace period: the stop comes when it is spent.
     assert balance["warning"].startswith("Out of credits: your servers stop at")
     clock.advance(portal.settings.grace_seconds)
-    asyncio.run(metering.run_once(portal, clock.now))
+    asyncio.run(loops.run_once(portal, clock.now))
     assert portal.hub.stopped == [("ann", "")]  # type: ignore[attr-defined]
     listed = client.get(f"{API}/allocations", headers=auth("tok-ann")).json()
     assert listed[0]["status"] == "closed" and listed[0]["charged"] == 30_000
@@ -347,7 +347,7 @@ def test_grants_stop_at_the_largest_balance_and_the_balance_still_reads(
     )
     assert opened.status_code == 201, opened.text
     clock.advance(60)
-    result = asyncio.run(metering.run_once(portal, clock.now))
+    result = asyncio.run(loops.run_once(portal, clock.now))
     assert (result.failed, result.failed_payers, result.charged) == ([], [], 60_000)
 
 

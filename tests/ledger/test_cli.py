@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.cli import main
 from gpuportal.hub.settings import load_settings
+from gpuportal.hub.stack.updown.cli import main
 
 from .conftest import add_account, balance_of
 

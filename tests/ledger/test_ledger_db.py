@@ -7,9 +7,9 @@ from sqlalchemy import delete, select, text, update
 from sqlalchemy.exc import DatabaseError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpuportal.hub import credits, ledger
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.ledger_models import LedgerTransaction, Posting
+from gpuportal.hub.billing import credits, ledger
+from gpuportal.hub.db.ledger_models import LedgerTransaction, Posting
 
 from .conftest import CREDIT, add_account, balance_of, grant, total
 

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import ledger
-from gpuportal.hub.models import Account
+from gpuportal.hub.billing import ledger
+from gpuportal.hub.db.models import Account
 from gpuportal.hub.settings import load_settings
 
 USERS = ("a", "b", "c")

@@ -9,10 +9,10 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpuportal.hub import allocations, ledger, metering, quotas, reservation_billing
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.ledger_models import LedgerTransaction
-from gpuportal.hub.marketplace_models import Reservation
+from gpuportal.hub.billing import allocations, ledger, metering, quotas, reservation_billing
+from gpuportal.hub.db.ledger_models import LedgerTransaction
+from gpuportal.hub.db.marketplace_models import Reservation
 from gpuportal.hub.settings import Settings
 
 from .conftest import (

@@ -25,11 +25,11 @@ import pytest
 from solders.pubkey import Pubkey
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpuportal.hub import allocations, deposits, ledger, metering, quotas
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.ledger import LedgerError, UnknownAccount
-from gpuportal.hub.ledger_models import Allocation
-from gpuportal.hub.models import Account
+from gpuportal.hub.billing import allocations, deposits, ledger, metering, quotas
+from gpuportal.hub.billing.ledger import LedgerError, UnknownAccount
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.hub.db.models import Account
 from gpuportal.hub.settings import Settings
 
 from .conftest import (
@@ -546,7 +546,7 @@ def test_releasing_a_reservation_closes_its_own_bill_and_no_other(
     """Survivor of ``make mutate`` (``reservation_id == ...`` became ``>=``): with one
     reservation every comparison finds the right bill. Three open bills, opened in the
     order b, a, c: releasing a, then c, closes exactly that one each time."""
-    from gpuportal.hub import reservation_billing
+    from gpuportal.hub.billing import reservation_billing
 
     grant(sessions, ann, 100 * CREDIT, "g-ann")
     ids = {}

@@ -7,8 +7,9 @@ from itertools import pairwise
 
 import pytest
 
-from gpuportal.hub import deposits, ledger, metering, quotas
-from gpuportal.hub.ledger_models import Allocation
+from gpuportal.hub.billing import deposits, ledger, metering, quotas
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.provider import money
 
 from .conftest import T0
 
@@ -32,7 +33,7 @@ def s(seconds: float):
     ],
 )
 def test_accrued(gpus: int, price: int, seconds: float, expected: int) -> None:
-    assert metering.accrued(gpus, price, T0, s(seconds)) == expected
+    assert money.accrued(gpus, price, T0, s(seconds)) == expected
 
 
 def alloc(gpus: int = 1, price: int = 1_000_000, fee: int = 1000) -> Allocation:
@@ -49,7 +50,7 @@ def test_interval_charges_sum_to_the_cumulative_charge() -> None:
     a = alloc(price=1_000_000, fee=1250)
     cuts = [0, 30, 60, 90, 97.5, 120, 3600, 3601]
     parts = [metering.split(a, s(x), s(y)) for x, y in pairwise(cuts)]
-    assert sum(p.charge for p in parts) == metering.accrued(1, 1_000_000, T0, s(3601))
+    assert sum(p.charge for p in parts) == money.accrued(1, 1_000_000, T0, s(3601))
     assert sum(p.fee for p in parts) == metering.fee_of(1_000_277, 1250)
     assert all(p.charge == p.fee + p.provider for p in parts)
 
@@ -113,13 +114,13 @@ def test_runway_seconds(available: int, rate: int, expected: float | None) -> No
     [("10", 10_000_000), ("2.5", 2_500_000), ("0.000001", 1), (" 3 ", 3_000_000)],
 )
 def test_parse_credits(text: str, micro: int) -> None:
-    assert ledger.parse_credits(text) == micro
+    assert money.parse_credits(text) == micro
 
 
 @pytest.mark.parametrize("text", ["ten", "1e3", "0.0000001", "nan", "inf", ""])
 def test_parse_credits_refuses(text: str) -> None:
-    with pytest.raises(ledger.InvalidAmount):
-        ledger.parse_credits(text)
+    with pytest.raises(money.InvalidAmount):
+        money.parse_credits(text)
 
 
 @pytest.mark.parametrize(
@@ -127,7 +128,7 @@ def test_parse_credits_refuses(text: str) -> None:
     [(10_000_000, "10.00 credits"), (1_999_999, "1.99 credits"), (-2_500_000, "-2.50 credits")],
 )
 def test_format_credits(micro: int, text: str) -> None:
-    assert ledger.format_credits(micro) == text
+    assert money.format_credits(micro, "credits") == text
 
 
 @pytest.mark.parametrize("amount", [0, -1, True, 1.5, "5"])
@@ -316,7 +317,7 @@ def test_token_transfer_decoding() -> None:
     ],
 )
 def test_a_debt_is_never_shown_as_zero(micro: int, text: str) -> None:
-    assert ledger.format_credits(micro) == text
+    assert money.format_credits(micro, "credits") == text
 
 
 def test_a_refusal_in_debt_says_so() -> None:

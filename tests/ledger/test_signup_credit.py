@@ -17,13 +17,14 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpuportal.hub import credits, ledger
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.ledger_models import LedgerAccount, Posting
-from gpuportal.hub.models import Account
+from gpuportal.hub.billing import credits, ledger
+from gpuportal.hub.db.ledger_models import LedgerAccount, Posting
+from gpuportal.hub.db.models import Account
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import Settings, load_settings
 
 from .conftest import CREDIT, Clock

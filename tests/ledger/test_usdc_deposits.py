@@ -24,9 +24,10 @@ from spl.token import instructions as spl
 from spl.token import models
 from spl.token.constants import TOKEN_PROGRAM_ID
 
-from gpuportal.hub import deposits
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
+from gpuportal.hub.billing import deposits
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.settings import load_settings
 
 from .conftest import CREDIT

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from gpuportal.hub import accounts
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.marketplace import Rules
-from gpuportal.hub.providers import (
+from gpuportal.hub.db import accounts
+from gpuportal.hub.market.marketplace import Rules
+from gpuportal.hub.market.providers import (
     demo_claims,
     register_node,
     upsert_cluster,

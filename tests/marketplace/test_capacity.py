@@ -15,12 +15,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import marketplace
-from gpuportal.hub.capacity import CapacityIndex, load_candidates
-from gpuportal.hub.marketplace import Invalid, NoCapacity
-from gpuportal.hub.marketplace_models import Node, Provider, Reservation
-from gpuportal.hub.placement import Candidate, Request, choose
-from gpuportal.hub.providers import demo_claims, register_node
+from gpuportal.hub.db.marketplace_models import Node, Provider, Reservation
+from gpuportal.hub.market import marketplace
+from gpuportal.hub.market.capacity import CapacityIndex, load_candidates
+from gpuportal.hub.market.marketplace import Invalid, NoCapacity
+from gpuportal.hub.market.placement import Candidate, Request, choose
+from gpuportal.hub.market.providers import demo_claims, register_node
 from gpuportal.hub.timeutil import utcnow
 
 MODELS = ["A100-80GB", "L4", "H100-80GB"]

@@ -14,11 +14,11 @@ from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import marketplace, nodes
-from gpuportal.hub.marketplace import NoCapacity
-from gpuportal.hub.marketplace_models import HeartbeatRollup, Node, NodeChallenge
-from gpuportal.hub.placement import Request
-from gpuportal.hub.providers import GpuClaim, register_node, upsert_cluster, upsert_provider
+from gpuportal.hub.db.marketplace_models import HeartbeatRollup, Node, NodeChallenge
+from gpuportal.hub.market import marketplace, nodes
+from gpuportal.hub.market.marketplace import NoCapacity
+from gpuportal.hub.market.placement import Request
+from gpuportal.hub.market.providers import GpuClaim, register_node, upsert_cluster, upsert_provider
 from gpuportal.hub.timeutil import utcnow
 from gpuportal.provider import signing, workload
 from gpuportal.provider.identity import Identity
@@ -39,7 +39,7 @@ def join(
     identity = Identity.create_or_load(tmp_path / name)
     claims = [GpuClaim(i, f"GPU-{name}-{i}", model, 23034) for i in range(count)]
     with portal_db.transaction(market.sessions) as session:
-        from gpuportal.hub import accounts
+        from gpuportal.hub.db import accounts
 
         account = accounts.upsert_account(session, {"name": name, "groups": ["providers"]})
         provider = upsert_provider(

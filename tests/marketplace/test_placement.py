@@ -6,12 +6,11 @@ import random
 
 import pytest
 
-from gpuportal.hub.placement import (
+from gpuportal.hub.market.placement import (
     Candidate,
     PlacementIndex,
     Request,
     choose,
-    credits,
     explain_no_fit,
     normalize_model,
     pick_indices,
@@ -137,21 +136,6 @@ def test_pick_lowest_free_indices() -> None:
 def test_explain_no_fit(request_: Request, pool: list[Candidate], sentence: str) -> None:
     assert choose(request_, pool) is None
     assert explain_no_fit(request_, pool) == sentence
-
-
-@pytest.mark.parametrize(
-    ("micro", "text"),
-    [
-        (1_200_000, "1.20"),
-        (0, "0.00"),
-        (5_000, "0.01"),
-        (4_999, "0.00"),
-        (123_456_789, "123.46"),
-        (-1_200_000, "-1.20"),
-    ],
-)
-def test_credits(micro: int, text: str) -> None:
-    assert credits(micro) == text
 
 
 def test_model_names_normalise() -> None:

@@ -20,9 +20,10 @@ from seed import Market
 from test_reservation_billing import Hub
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.marketplace import Rules
+from gpuportal.hub.market.marketplace import Rules
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.settings import load_settings
 from gpuportal.spawners.portal_client import PortalClient, PortalError
 from tests.portal_stack import free_port

@@ -17,12 +17,13 @@ from seed import Market
 from sqlalchemy import event, select
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.capacity import load_candidates
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.marketplace import rules_of
-from gpuportal.hub.marketplace_models import Node
+from gpuportal.hub.db.marketplace_models import Node
+from gpuportal.hub.market.capacity import load_candidates
+from gpuportal.hub.market.marketplace import rules_of
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
 
 API = "/services/portal/api/v1"

@@ -67,7 +67,7 @@ def _login(stack: Any, name: str, password: str) -> str:
 
 def gpuportal(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "gpuportal.hub.cli", *args],
+        [sys.executable, "-m", "gpuportal.hub.stack.cli", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -111,7 +111,7 @@ def joined_agent(site: dict[str, Any]) -> Iterator[tuple[Identity, subprocess.Po
             [
                 sys.executable,
                 "-m",
-                "gpuportal.hub.cli",
+                "gpuportal.hub.stack.cli",
                 "provider",
                 "join",
                 "--demo",

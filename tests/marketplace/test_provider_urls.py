@@ -18,11 +18,12 @@ from test_verification import FakeHub, Identity, auth, registration
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import egress
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
+from gpuportal.hub.db.marketplace_models import Provider
 from gpuportal.hub.errors import ConfigError
-from gpuportal.hub.marketplace import rules_of
-from gpuportal.hub.marketplace_models import Provider
+from gpuportal.hub.market.marketplace import rules_of
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.settings import load_settings
 
 API = "/services/portal/api/v1"

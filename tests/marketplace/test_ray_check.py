@@ -23,15 +23,15 @@ from seed import Market
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import nodes
-from gpuportal.hub.app import Portal
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.localray import free_port
-from gpuportal.hub.marketplace import rules_of
-from gpuportal.hub.marketplace_models import Node
-from gpuportal.hub.raystatus import marketplace_node_states
+from gpuportal.hub.db.marketplace_models import Node
+from gpuportal.hub.market import nodes
+from gpuportal.hub.market.marketplace import rules_of
+from gpuportal.hub.market.raystatus import marketplace_node_states
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
+from gpuportal.hub.stack.updown.localray import free_port
 from gpuportal.hub.timeutil import utcnow
 
 

@@ -20,12 +20,14 @@ from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import ledger, metering
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.ledger_models import Allocation
+from gpuportal.hub.billing import ledger
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
+from gpuportal.provider import money
 
 API = "/services/portal/api/v1"
 PRICE = 3_600_000  # 3.60 credits per GPU-hour: 1000 micro-credits per GPU-second
@@ -109,7 +111,7 @@ def test_activate_opens_and_release_closes_the_bill(client: TestClient, market: 
         alloc = session.scalars(select(Allocation)).one()
         assert alloc.status == "closed"
         assert alloc.ended_at is not None and alloc.ended_at > alloc.started_at
-        expected = metering.accrued(2, PRICE, alloc.started_at, alloc.ended_at)
+        expected = money.accrued(2, PRICE, alloc.started_at, alloc.ended_at)
         assert expected >= 2 * 1000, "at least one second of two GPUs"
         paid = 10_000_000 - ledger.balance_by_key(session, f"wallet:{alloc.account_id}")
         assert paid == expected
@@ -223,15 +225,15 @@ def test_the_per_user_limit_on_live_reservations(
 
 #: Each step ``create_reservation`` takes after the GPUs are held: (module, function).
 STEPS = [
-    ("gpuportal.hub.marketplace", "get"),
-    ("gpuportal.hub.reservation_billing", "authorize"),
-    ("gpuportal.hub.credits", "welcome"),
-    ("gpuportal.hub.quotas", "authorize"),
-    ("gpuportal.hub.quotas", "held_reservations"),
-    ("gpuportal.hub.metering", "payer_state"),
-    ("gpuportal.hub.ledger", "balance"),
-    ("gpuportal.hub.ledger", "wallet"),
-    ("gpuportal.hub.marketplace_routes", "ReservationPublic"),
+    ("gpuportal.hub.market.marketplace", "get"),
+    ("gpuportal.hub.billing.reservation_billing", "authorize"),
+    ("gpuportal.hub.billing.credits", "welcome"),
+    ("gpuportal.hub.billing.quotas", "authorize"),
+    ("gpuportal.hub.billing.quotas", "held_reservations"),
+    ("gpuportal.hub.billing.metering", "payer_state"),
+    ("gpuportal.hub.billing.ledger", "balance"),
+    ("gpuportal.hub.billing.ledger", "wallet"),
+    ("gpuportal.hub.portal.api.market", "ReservationPublic"),
 ]
 
 

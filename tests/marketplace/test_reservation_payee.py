@@ -19,9 +19,10 @@ from sqlalchemy import select
 from test_reservation_billing import PRICE, client_for, spawner
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import ledger, metering
-from gpuportal.hub.ledger_models import Allocation
-from gpuportal.hub.models import Account
+from gpuportal.hub.billing import ledger, metering
+from gpuportal.hub.db.ledger_models import Allocation
+from gpuportal.hub.db.models import Account
+from gpuportal.provider import money
 
 
 @pytest.fixture
@@ -44,7 +45,7 @@ def test_a_providers_node_pays_that_provider(client: TestClient, market: Market)
         admin = session.scalar(select(Account.id).where(Account.hub_name == "admin"))
         assert alloc.provider_account_id == prov != admin
         assert alloc.ended_at is not None
-        charged = metering.accrued(1, PRICE, alloc.started_at, alloc.ended_at)
+        charged = money.accrued(1, PRICE, alloc.started_at, alloc.ended_at)
         fee = metering.fee_of(charged, alloc.platform_fee_bps)
         assert charged >= 1000
         assert ledger.balance_by_key(session, f"earnings:{prov}") == charged - fee

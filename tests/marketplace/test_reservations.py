@@ -10,11 +10,11 @@ from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import func, select
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import marketplace
-from gpuportal.hub.capacity import CapacityIndex
-from gpuportal.hub.marketplace import Conflict, Invalid, NoCapacity
-from gpuportal.hub.marketplace_models import GpuAllocation, Provider, Reservation
-from gpuportal.hub.placement import Request
+from gpuportal.hub.db.marketplace_models import GpuAllocation, Provider, Reservation
+from gpuportal.hub.market import marketplace
+from gpuportal.hub.market.capacity import CapacityIndex
+from gpuportal.hub.market.marketplace import Conflict, Invalid, NoCapacity
+from gpuportal.hub.market.placement import Request
 from gpuportal.hub.timeutil import utcnow
 
 

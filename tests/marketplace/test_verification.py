@@ -26,11 +26,13 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub import nodes, provider_routes
-from gpuportal.hub.app import Portal, create_app
-from gpuportal.hub.cache import MemoryCache
-from gpuportal.hub.hubapi import HubAPI
-from gpuportal.hub.marketplace_models import Node, NodeChallenge
+from gpuportal.hub.db.marketplace_models import Node, NodeChallenge
+from gpuportal.hub.market import nodes
+from gpuportal.hub.portal.api import providers as provider_routes
+from gpuportal.hub.portal.app import create_app
+from gpuportal.hub.portal.cache import MemoryCache
+from gpuportal.hub.portal.context import Portal
+from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
 from gpuportal.provider import signing, workload
 from gpuportal.provider.identity import Identity
@@ -407,7 +409,7 @@ def test_a_verified_node_is_challenged_again_at_random_and_silence_fails(
     clock.advance(portal.settings.challenge_deadline_seconds + 1)
     with portal_db.transaction(portal.sessions) as session:
         assert nodes.lapse_challenges(
-            session, provider_routes.node_rules(portal.settings), clock.now
+            session, nodes.NodeRules.from_settings(portal.settings), clock.now
         ) == [identity.node_id]
     assert verification_of(portal, identity)[0] == "failed"
     assert offers(client) == []
@@ -531,8 +533,8 @@ def test_the_house_node_passes_its_demo_challenge_through_the_agent(
     """The embedded default without Ray: the control plane registers the house node
     (demo GPUs, loopback jobs_url), and the real provider agent verifies it over
     the portal's HTTP API, on this GPU-less machine."""
-    from gpuportal.hub.house import house_identity, register_house
-    from gpuportal.hub.localray import GpuPlan
+    from gpuportal.hub.stack.updown.house import house_identity, register_house
+    from gpuportal.hub.stack.updown.localray import GpuPlan
     from gpuportal.provider.agent import Agent, inventory
     from gpuportal.provider.agent import Portal as AgentPortal
 

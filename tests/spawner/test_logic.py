@@ -8,8 +8,9 @@ from typing import Any
 import pytest
 from jupyterhub.spawner import SpawnException
 
+from gpuportal.provider.money import format_credits
 from gpuportal.spawners import form, naming, profiles
-from gpuportal.spawners.portal_client import PortalClient, PortalError, format_credits
+from gpuportal.spawners.portal_client import PortalClient, PortalError
 from gpuportal.spawners.spawner import RaySpawner, default_profile_list
 
 from .contract_portal import ContractPortal, Node, Served, create_app

@@ -1,0 +1,519 @@
+"""Solana deposits: a customer sends SOL or USDC to the platform; the portal credits it once.
+
+The portal never takes the customer's word for a deposit. It looks the
+transaction up on the chain by its signature and checks that it succeeded
+(at the configured confirmation), that it moved SOL to the platform's deposit
+address, and that the amount is what the customer says. Only then does it
+credit ``lamports * rate / 10^9`` micro-credits, in one ledger transaction whose
+idempotency key is the signature: a replay credits nothing more, and a second
+account claiming the same signature gets 409.
+
+Chains: :class:`LiteSVMChain` is the embedded default, solders' in-process
+Solana runtime (transactions reach it through :meth:`LiteSVMChain.send`);
+:class:`RpcChain` reads a real cluster through solana-py (``pip install
+solana``), with ``finalized`` commitment.
+
+USDC is an SPL token, so it is not sent to the deposit address itself but to
+the deposit address's associated token account (ATA) for the USDC mint. The
+portal derives that account from (deposit address, token program, mint) and
+credits only SPL Token ``Transfer``/``TransferChecked`` instructions whose
+destination is exactly it: the token program refuses a transfer between
+accounts of different mints, so the destination pins the mint, and a
+``TransferChecked`` naming another mint is refused outright. USDC deposits
+credit ``amount * rate / 10^6`` micro-credits under their own key
+``solana:usdc:<signature>``, so one transaction paying both SOL and USDC can be
+credited for both, each once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session
+
+from ..settings import Settings
+from . import ledger
+from .ledger import LedgerError
+
+SYSTEM_PROGRAM = "11111111111111111111111111111111"
+TOKEN_PROGRAM = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"  # noqa: S105 - a program id
+ASSOCIATED_TOKEN_PROGRAM = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"  # noqa: S105
+LAMPORTS_PER_SOL = 1_000_000_000
+USDC_DECIMALS = 6
+USDC_UNITS = 10**USDC_DECIMALS  # base units per USDC
+_TRANSFER = 2  # the System Program's Transfer instruction index
+_TOKEN_TRANSFER = 3  # SPL Token Transfer: [3, amount u64]; source, destination, authority
+_TOKEN_TRANSFER_CHECKED = 12  # [12, amount u64, decimals u8]; source, mint, destination, ...
+_TOKEN_INITIALIZE_MINT2 = 20
+_MINT_SIZE = 82
+
+
+class DepositRefused(LedgerError):
+    status = 400
+
+
+class DepositNotFound(LedgerError):
+    status = 404
+
+
+class DepositsUnconfigured(LedgerError):
+    """The platform, not the request, lacks what a deposit needs (e.g. the USDC mint)."""
+
+    status = 503
+
+
+@dataclass(frozen=True)
+class Transfer:
+    source: str
+    destination: str
+    lamports: int
+    asset: str = "SOL"
+
+
+@dataclass(frozen=True)
+class TokenTransfer:
+    """One SPL Token transfer; ``mint`` is known only for ``TransferChecked``."""
+
+    source: str
+    destination: str
+    amount: int
+    mint: str | None = None
+
+
+@dataclass(frozen=True)
+class ChainTransaction:
+    """What the chain says about one signature, reduced to what a deposit needs."""
+
+    signature: str
+    succeeded: bool
+    transfers: list[Transfer] = field(default_factory=list)
+    token_transfers: list[TokenTransfer] = field(default_factory=list)
+
+
+class Chain(Protocol):
+    name: str
+
+    def lookup(self, signature: str) -> ChainTransaction | None:
+        """The confirmed transaction, or None when the chain does not know it (yet)."""
+
+
+def check_signature(text: str) -> str:
+    """Refuse what cannot be a transaction signature before asking any chain."""
+    from solders.signature import Signature
+
+    try:
+        return str(Signature.from_string(text.strip()))
+    except (ValueError, TypeError):
+        raise DepositRefused(
+            f"{text[:100]!r} is not a Solana transaction signature (base58, 64 bytes)."
+        ) from None
+
+
+def check_address(text: str) -> str:
+    from solders.pubkey import Pubkey
+
+    try:
+        return str(Pubkey.from_string(text.strip()))
+    except (ValueError, TypeError):
+        raise DepositRefused(f"{text[:100]!r} is not a Solana address.") from None
+
+
+def system_transfers(
+    account_keys: list[str], instructions: list[tuple[int, list[int], bytes]]
+) -> list[Transfer]:
+    """Decode System Program transfers from a compiled message's instructions."""
+    out = []
+    for program_index, accounts, data in instructions:
+        if account_keys[program_index] != SYSTEM_PROGRAM or len(data) != 12:
+            continue
+        if int.from_bytes(data[:4], "little") != _TRANSFER or len(accounts) < 2:
+            continue
+        out.append(
+            Transfer(
+                account_keys[accounts[0]],
+                account_keys[accounts[1]],
+                int.from_bytes(data[4:], "little"),
+            )
+        )
+    return out
+
+
+def token_transfers(
+    account_keys: list[str], instructions: list[tuple[int, list[int], bytes]]
+) -> list[TokenTransfer]:
+    """Decode SPL Token ``Transfer`` and ``TransferChecked`` from a compiled message.
+
+    Only the classic Token program: the associated account customers are told
+    to pay is derived with it, so a Token-2022 transfer cannot reach it.
+    """
+    out = []
+    for program_index, accounts, data in instructions:
+        if account_keys[program_index] != TOKEN_PROGRAM or not data:
+            continue
+        if data[0] == _TOKEN_TRANSFER and len(data) == 9 and len(accounts) >= 3:
+            out.append(
+                TokenTransfer(
+                    account_keys[accounts[0]],
+                    account_keys[accounts[1]],
+                    int.from_bytes(data[1:9], "little"),
+                )
+            )
+        elif data[0] == _TOKEN_TRANSFER_CHECKED and len(data) == 10 and len(accounts) >= 4:
+            out.append(
+                TokenTransfer(
+                    account_keys[accounts[0]],
+                    account_keys[accounts[2]],
+                    int.from_bytes(data[1:9], "little"),
+                    account_keys[accounts[1]],
+                )
+            )
+    return out
+
+
+def associated_token_account(owner: str, mint: str) -> str:
+    """The ATA wallets send ``mint`` tokens to when told to pay ``owner``."""
+    from solders.pubkey import Pubkey
+
+    ata, _ = Pubkey.find_program_address(
+        [
+            bytes(Pubkey.from_string(owner)),
+            bytes(Pubkey.from_string(TOKEN_PROGRAM)),
+            bytes(Pubkey.from_string(mint)),
+        ],
+        Pubkey.from_string(ASSOCIATED_TOKEN_PROGRAM),
+    )
+    return str(ata)
+
+
+class LiteSVMChain:
+    """The embedded chain: solders' in-process LiteSVM.
+
+    LiteSVM's transaction history keeps results, not messages, so this chain
+    records each transaction it is sent and decodes transfers from that record.
+    """
+
+    name = "litesvm"
+
+    def __init__(self, svm: Any | None = None) -> None:
+        from solders.litesvm import LiteSVM
+
+        self.svm = svm if svm is not None else LiteSVM()
+        self._sent: dict[str, Any] = {}
+
+    def send(self, transaction: Any) -> str:
+        """Submit a signed transaction; returns its signature (also when it failed)."""
+        self.svm.send_transaction(transaction)
+        signature = str(transaction.signatures[0])
+        self._sent.setdefault(signature, transaction)
+        return signature
+
+    def lookup(self, signature: str) -> ChainTransaction | None:
+        from solders.signature import Signature
+        from solders.transaction_metadata import TransactionMetadata
+
+        meta = self.svm.get_transaction(Signature.from_string(signature))
+        sent = self._sent.get(signature)
+        if meta is None or sent is None:
+            return None
+        message = sent.message
+        keys = [str(k) for k in message.account_keys]
+        instructions = [
+            (ix.program_id_index, list(ix.accounts), bytes(ix.data)) for ix in message.instructions
+        ]
+        return ChainTransaction(
+            signature,
+            isinstance(meta, TransactionMetadata),
+            system_transfers(keys, instructions),
+            token_transfers(keys, instructions),
+        )
+
+    def ensure_mint(self, mint: Any, decimals: int = USDC_DECIMALS) -> None:
+        """Create the demo mint on this chain once (its own key is its mint authority).
+
+        The embedded chain starts empty on every process start, while the demo
+        mint's key lives on in the data dir; so the mint is re-created here
+        when missing, at the same address, and a demo can mint with that key.
+        """
+        from solders.instruction import AccountMeta, Instruction
+        from solders.keypair import Keypair
+        from solders.message import Message
+        from solders.system_program import CreateAccountParams, create_account
+        from solders.transaction import VersionedTransaction
+
+        if self.svm.get_account(mint.pubkey()) is not None:
+            return
+        payer = Keypair()
+        self.svm.airdrop(payer.pubkey(), LAMPORTS_PER_SOL)
+        token_program = _pubkey(TOKEN_PROGRAM)
+        create = create_account(
+            CreateAccountParams(
+                from_pubkey=payer.pubkey(),
+                to_pubkey=mint.pubkey(),
+                lamports=self.svm.minimum_balance_for_rent_exemption(_MINT_SIZE),
+                space=_MINT_SIZE,
+                owner=token_program,
+            )
+        )
+        init = Instruction(
+            token_program,
+            bytes([_TOKEN_INITIALIZE_MINT2, decimals]) + bytes(mint.pubkey()) + bytes([0]),
+            [AccountMeta(mint.pubkey(), is_signer=False, is_writable=True)],
+        )
+        message = Message.new_with_blockhash(
+            [create, init], payer.pubkey(), self.svm.latest_blockhash()
+        )
+        result = self.svm.send_transaction(VersionedTransaction(message, [payer, mint]))
+        if self.svm.get_account(mint.pubkey()) is None:  # pragma: no cover - a LiteSVM bug
+            raise DepositsUnconfigured(f"could not create the demo USDC mint: {result}")
+
+
+def _pubkey(text: str) -> Any:
+    from solders.pubkey import Pubkey
+
+    return Pubkey.from_string(text)
+
+
+class RpcChain:
+    """A real cluster through solana-py's JSON-RPC client, ``finalized`` commitment.
+
+    solana-py 0.41 ships only its asyncio client (``AsyncClient``; the blocking
+    ``solana.rpc.api.Client`` is gone). ``lookup`` runs in a worker thread (the
+    deposit route's threadpool), so it drives one short-lived client per call with
+    ``asyncio.run``. Tested against a JSON-RPC stand-in on 127.0.0.1
+    (tests/ledger/test_money_mutants.py); no test reaches a real cluster.
+    """
+
+    name = "rpc"
+
+    def __init__(self, url: str) -> None:
+        try:
+            from solana.rpc.async_api import AsyncClient
+        except ImportError:
+            raise LedgerError(
+                "GPUPORTAL_SOLANA_RPC_URL is set but solana-py is not "
+                "installed; pip install solana."
+            ) from None
+        self._client_class = AsyncClient
+        self._url = url
+
+    async def _get_transaction(self, signature: str) -> Any:
+        from solana.rpc.commitment import Finalized
+        from solders.signature import Signature
+
+        async with self._client_class(self._url, timeout=10) as client:
+            return await client.get_transaction(
+                Signature.from_string(signature),
+                encoding="jsonParsed",
+                commitment=Finalized,
+                max_supported_transaction_version=0,
+            )
+
+    def lookup(self, signature: str) -> ChainTransaction | None:
+        reply = asyncio.run(self._get_transaction(signature))
+        if reply.value is None:
+            return None
+        body = json.loads(reply.value.to_json())
+        meta = body.get("meta") or {}
+        transfers = []
+        tokens: list[TokenTransfer] = []
+        for ix in body["transaction"]["message"]["instructions"]:
+            parsed = ix.get("parsed") if isinstance(ix, dict) else None
+            if (
+                ix.get("programId") == SYSTEM_PROGRAM
+                and isinstance(parsed, dict)
+                and parsed.get("type") == "transfer"
+            ):
+                info = parsed["info"]
+                transfers.append(
+                    Transfer(info["source"], info["destination"], int(info["lamports"]))
+                )
+            if (
+                ix.get("programId") == TOKEN_PROGRAM
+                and isinstance(parsed, dict)
+                and parsed.get("type") in ("transfer", "transferChecked")
+            ):
+                info = parsed["info"]
+                amount = info.get("amount") or info.get("tokenAmount", {}).get("amount", 0)
+                tokens.append(
+                    TokenTransfer(
+                        info["source"], info["destination"], int(amount), info.get("mint")
+                    )
+                )
+        return ChainTransaction(signature, meta.get("err") is None, transfers, tokens)
+
+
+def make_chain(settings: Settings) -> Chain:
+    return RpcChain(settings.solana_rpc_url) if settings.solana_rpc_url else LiteSVMChain()
+
+
+def deposit_address(settings: Settings) -> str:
+    """The configured address, or one made once for this data dir (its key kept 0600)."""
+    if settings.solana_deposit_address:
+        return check_address(settings.solana_deposit_address)
+    path = settings.data_dir / "solana-deposit-keypair.json"
+    if not path.exists():
+        _write_keypair(path)
+    from solders.keypair import Keypair
+
+    return str(Keypair.from_bytes(bytes(json.loads(path.read_text()))).pubkey())
+
+
+def usdc_mint(settings: Settings, chain: Chain) -> str:
+    """The configured USDC mint; on the embedded chain, a demo mint made once per data dir."""
+    if settings.usdc_mint:
+        return check_address(settings.usdc_mint)
+    if not isinstance(chain, LiteSVMChain):
+        raise DepositsUnconfigured(
+            "USDC deposits need GPUPORTAL_USDC_MINT when GPUPORTAL_SOLANA_RPC_URL is set "
+            "(the USDC mint of that cluster)."
+        )
+    path = settings.data_dir / "usdc-demo-mint-keypair.json"
+    if not path.exists():
+        _write_keypair(path)
+    from solders.keypair import Keypair
+
+    mint = Keypair.from_bytes(bytes(json.loads(path.read_text())))
+    chain.ensure_mint(mint)
+    return str(mint.pubkey())
+
+
+def _write_keypair(path: Path) -> None:
+    from solders.keypair import Keypair
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(json.dumps(list(bytes(Keypair()))))
+
+
+def verify(found: ChainTransaction | None, *, signature: str, address: str, lamports: int) -> int:
+    """Check a deposit against the chain; returns the lamports to credit or raises."""
+    if found is None:
+        raise DepositNotFound(
+            f"the chain has no confirmed transaction {signature}; wait for it to be "
+            "finalized and submit it again."
+        )
+    if not found.succeeded:
+        raise DepositRefused(f"transaction {signature} failed on chain, so it moved no SOL.")
+    to_us = [t for t in found.transfers if t.destination == address]
+    if not to_us:
+        raise DepositRefused(
+            f"transaction {signature} sends no SOL to the platform's deposit address "
+            f"{address}; only SOL sent there can be credited."
+        )
+    received = sum(t.lamports for t in to_us)
+    if received != lamports:
+        raise DepositRefused(
+            f"transaction {signature} sent {received} lamports to the deposit address, not "
+            f"{lamports}; submit the amount that was sent."
+        )
+    return received
+
+
+def verify_usdc(
+    found: ChainTransaction | None, *, signature: str, token_account: str, mint: str, amount: int
+) -> int:
+    """Check a USDC deposit against the chain; returns the base units to credit or raises."""
+    if found is None:
+        raise DepositNotFound(
+            f"the chain has no confirmed transaction {signature}; wait for it to be "
+            "finalized and submit it again."
+        )
+    if not found.succeeded:
+        raise DepositRefused(f"transaction {signature} failed on chain, so it moved no USDC.")
+    other = sorted({t.mint for t in found.token_transfers if t.mint and t.mint != mint})
+    if other:
+        raise DepositRefused(
+            f"transaction {signature} moves token {other[0]}, not USDC (mint {mint}); "
+            "only USDC can be credited."
+        )
+    to_us = [t for t in found.token_transfers if t.destination == token_account]
+    if not to_us:
+        raise DepositRefused(
+            f"transaction {signature} sends no USDC to the platform's USDC token account "
+            f"{token_account}; only USDC sent there can be credited."
+        )
+    received = sum(t.amount for t in to_us)
+    if received != amount:
+        raise DepositRefused(
+            f"transaction {signature} sent {received} USDC base units to the platform's "
+            f"token account, not {amount}; submit the amount that was sent."
+        )
+    return received
+
+
+def _post_deposit(
+    session: Session,
+    *,
+    account_id: int,
+    key: str,
+    source: str,
+    micro: int,
+    memo: str,
+    extra: dict[str, object],
+    by: str,
+) -> bool:
+    """Credit ``micro`` once under ``key``; another account claiming it is a 409."""
+    wallet = ledger.wallet(session, account_id).id
+    origin = ledger.external(session, source).id
+    try:
+        _, created = ledger.post(
+            session,
+            key,
+            "deposit",
+            [ledger.Leg(wallet, micro), ledger.Leg(origin, -micro)],
+            reference=key.rsplit(":", 1)[-1],
+            memo=memo,
+            created_by=by,
+            extra={**extra, "account": account_id},
+        )
+    except ledger.IdempotencyConflict:
+        raise ledger.IdempotencyConflict(
+            f"deposit {key.rsplit(':', 1)[-1]} was already credited to another account."
+        ) from None
+    return created
+
+
+def credit_usdc(
+    session: Session, settings: Settings, *, account_id: int, signature: str, amount: int, by: str
+) -> tuple[int, bool]:
+    """Credit a verified USDC deposit once. Returns ``(micro_credits, created)``."""
+    micro = amount * settings.micro_credits_per_usdc // USDC_UNITS
+    if micro <= 0:
+        raise DepositRefused(f"{amount} USDC base units is worth less than one micro-credit.")
+    created = _post_deposit(
+        session,
+        account_id=account_id,
+        key=f"solana:usdc:{signature}",
+        source="usdc",
+        micro=micro,
+        memo=f"USDC deposit of {amount} base units",
+        extra={"usdc_base_units": amount},
+        by=by,
+    )
+    return micro, created
+
+
+def credit(
+    session: Session, settings: Settings, *, account_id: int, signature: str, lamports: int, by: str
+) -> tuple[int, bool]:
+    """Credit a verified SOL deposit once. Returns ``(micro_credits, created)``."""
+    micro = lamports * settings.solana_micro_credits_per_sol // LAMPORTS_PER_SOL
+    if micro <= 0:
+        raise DepositRefused(f"{lamports} lamports is worth less than one micro-credit.")
+    created = _post_deposit(
+        session,
+        account_id=account_id,
+        key=f"solana:{signature}",
+        source="solana",
+        micro=micro,
+        memo=f"Solana deposit of {lamports} lamports",
+        extra={"lamports": lamports},
+        by=by,
+    )
+    return micro, created

@@ -1,0 +1,608 @@
+"""Metering: the control plane charges running servers, per second, exactly once.
+
+The billing authority is allocation time * the locked price (DESIGN.md, trust
+boundaries); nothing a node or a user server reports can raise a charge.
+
+How a second is charged exactly once:
+
+* An allocation's time is cut on a fixed grid, ``started_at + k * interval``.
+  The meter charges each complete grid interval once, as one ledger
+  transaction keyed ``usage:<allocation>:<interval end>``; closing charges the
+  last, partial interval up to ``ended_at``.
+* The charge and the move of ``allocations.last_charged_at`` happen in one
+  database transaction, so after a crash the meter resumes from the last
+  charged moment. Two meters racing on the same allocation compute the same
+  keys; the loser hits the unique key, rolls back, and finds nothing left to do.
+
+Rounding (documented in docs/billing.md): the cumulative charge of an
+allocation up to moment *t* is
+``floor(gpu_count * price_per_gpu_hour * elapsed_us / 3_600_000_000)``
+and an interval is charged the difference of two cumulative values, so
+rounding never accumulates across intervals; the platform fee is
+``floor(cumulative charge * fee_bps / 10_000)`` the same way, and the
+provider gets the rest. The customer is never charged more than the exact
+price, and by less than one micro-credit over a whole allocation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from gpuportal.provider.money import US_PER_HOUR, accrued
+
+from .. import timeutil
+from ..db import transaction
+from ..db.ledger_models import OPEN_STATES, QUOTA_WINDOWS, Allocation, Quota
+from ..db.marketplace_models import LIVE_STATUSES, Reservation
+from ..market import marketplace
+from ..settings import Settings
+from . import ledger
+
+log = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+US = timedelta(microseconds=1)
+#: The most intervals one allocation is charged in one tick; the rest waits for the next.
+MAX_INTERVALS_PER_TICK = 10_000
+
+
+# --- pure charge arithmetic ------------------------------------------------------
+
+
+def fee_of(cumulative_charge: int, fee_bps: int) -> int:
+    return cumulative_charge * fee_bps // 10_000
+
+
+@dataclass(frozen=True)
+class Split:
+    """One interval's charge: what the payer pays, and who receives it."""
+
+    charge: int
+    fee: int
+    provider: int
+
+
+def split(alloc: Allocation, a: datetime, b: datetime) -> Split:
+    """The charge for ``[a, b)`` of ``alloc`` as a difference of cumulative values."""
+    ca = accrued(alloc.gpu_count, alloc.price_per_gpu_hour, alloc.started_at, a)
+    cb = accrued(alloc.gpu_count, alloc.price_per_gpu_hour, alloc.started_at, b)
+    fee = fee_of(cb, alloc.platform_fee_bps) - fee_of(ca, alloc.platform_fee_bps)
+    return Split(cb - ca, fee, cb - ca - fee)
+
+
+def periods_due(
+    started_at: datetime,
+    last_charged_at: datetime,
+    now: datetime,
+    interval: timedelta,
+    ended_at: datetime | None = None,
+    limit: int = MAX_INTERVALS_PER_TICK,
+) -> list[tuple[datetime, datetime]]:
+    """The uncharged periods to charge now: whole grid intervals, then the last partial one.
+
+    Nothing before ``started_at`` (the server being ready) and nothing after
+    ``ended_at`` is ever returned.
+    """
+    stop = now if ended_at is None else min(now, ended_at)
+    out: list[tuple[datetime, datetime]] = []
+    a = max(last_charged_at, started_at)
+    k = (a - started_at) // interval + 1
+    while len(out) < limit:
+        b = started_at + k * interval
+        if b > stop:
+            break
+        out.append((a, b))
+        a, k = b, k + 1
+    if ended_at is not None and len(out) < limit and a < ended_at <= now:
+        out.append((a, ended_at))
+    return out
+
+
+def usage_key(allocation_id: int, period_end: datetime) -> str:
+    """The idempotency key of one charge: (allocation, interval end)."""
+    return f"usage:{allocation_id}:{(period_end - EPOCH) // US}"
+
+
+def hourly_rate(alloc: Allocation) -> int:
+    return alloc.gpu_count * alloc.price_per_gpu_hour
+
+
+def runway_seconds(available: int, rate_per_hour: int) -> float | None:
+    """Seconds the ``available`` micro-credits last at ``rate_per_hour``; None when free."""
+    if rate_per_hour <= 0:
+        return None
+    return max(0.0, available * 3600 / rate_per_hour)
+
+
+# --- payers ------------------------------------------------------------------------
+
+
+def payer_ledger_account(session: Session, alloc: Allocation) -> int:
+    if alloc.team_id is not None:
+        return ledger.team_budget(session, alloc.team_id).id
+    return ledger.wallet(session, alloc.account_id).id
+
+
+def payer_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None, int | None]]:
+    """The payer's ledger account as ``(key, (kind, account_id, team_id))``."""
+    if alloc.team_id is not None:
+        return f"team:{alloc.team_id}", ("team_budget", None, alloc.team_id)
+    return f"wallet:{alloc.account_id}", ("customer_wallet", alloc.account_id, None)
+
+
+def earnings_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None, int | None]]:
+    if alloc.provider_account_id is None:
+        return "earnings:house", ("provider_earnings", None, None)
+    return f"earnings:{alloc.provider_account_id}", (
+        "provider_earnings",
+        alloc.provider_account_id,
+        None,
+    )
+
+
+def payer_key(alloc: Allocation) -> tuple[str, int]:
+    if alloc.team_id is not None:
+        return ("team", alloc.team_id)
+    return ("account", alloc.account_id)
+
+
+# --- charging ------------------------------------------------------------------------
+
+
+@dataclass
+class TickResult:
+    """What one meter tick did; the loop logs it and acts on ``stops_due``."""
+
+    intervals: int = 0
+    charged: int = 0
+    warned: list[int] = field(default_factory=list)
+    stopping: list[int] = field(default_factory=list)
+    stops_due: list[int] = field(default_factory=list)
+    payers: set[int] = field(default_factory=set)
+    #: Allocations and payers that failed this tick (logged, skipped, retried next tick).
+    failed: list[int] = field(default_factory=list)
+    failed_payers: list[tuple[str, int]] = field(default_factory=list)
+
+
+def charge_allocations(
+    session: Session, ids: Iterable[int], now: datetime, interval: timedelta, result: TickResult
+) -> None:
+    """Charge every due period of these allocations, in the caller's DB transaction."""
+    query = select(Allocation).where(Allocation.id.in_(list(ids))).order_by(Allocation.id)
+    if session.get_bind().dialect.name == "postgresql":
+        query = query.with_for_update()
+    allocs = list(session.scalars(query))
+    wanted: dict[str, tuple[str, int | None, int | None]] = {
+        "platform:revenue": ("platform_revenue", None, None)
+    }
+    for alloc in allocs:
+        wanted.update([payer_account_key(alloc), earnings_account_key(alloc)])
+    with session.no_autoflush:
+        accounts = ledger.ledger_accounts(session, wanted)
+    platform = accounts["platform:revenue"]
+    for alloc in allocs:
+        if (
+            alloc.status == "stopping"
+            and alloc.stopping_at is not None
+            and alloc.stopping_at <= now
+        ):
+            # Out of credit and past the grace period: charges end exactly here.
+            alloc.ended_at, alloc.status = alloc.stopping_at, "stop_due"
+            # The GPUs go back on offer in this same step; the hub stops the server next.
+            release_reservation(session, alloc.reservation_id)
+            result.stops_due.append(alloc.id)
+            log.warning(
+                "allocation %s of %s/%s stops now (%s)",
+                alloc.id,
+                alloc.user_name,
+                alloc.server_name,
+                alloc.stop_reason,
+            )
+        due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval, alloc.ended_at)
+        if not due:
+            continue
+        payer = accounts[payer_account_key(alloc)[0]]
+        earnings = accounts[earnings_account_key(alloc)[0]]
+        for a, b in due:
+            part = split(alloc, a, b)
+            session.add(
+                ledger.build(
+                    usage_key(alloc.id, b),
+                    "usage",
+                    [
+                        ledger.Leg(payer, -part.charge),
+                        ledger.Leg(earnings, part.provider),
+                        ledger.Leg(platform, part.fee),
+                    ],
+                    allocation_id=alloc.id,
+                    period_start=a,
+                    period_end=b,
+                    memo=f"{alloc.user_name}/{alloc.server_name}: {alloc.gpu_count} GPU",
+                    created_by="meter",
+                )
+            )
+            result.intervals += 1
+            result.charged += part.charge
+        alloc.last_charged_at = due[-1][1]
+        result.payers.add(payer)
+    session.flush()
+
+
+def tick(
+    sessions: sessionmaker[Session],
+    settings: Settings,
+    now: datetime | None = None,
+    batch: int = 200,
+) -> TickResult:
+    """One pass of the meter: charge what is due, then check every payer's runway.
+
+    Allocations are charged ``batch`` at a time, one database transaction per
+    batch; when a batch loses a race (a concurrent meter), each of its
+    allocations is retried alone and finds its periods already charged.
+    """
+    now = now or timeutil.utcnow()
+    interval = timedelta(seconds=settings.meter_interval_seconds)
+    result = TickResult()
+    with transaction(sessions) as session:
+        ids = list(
+            session.scalars(
+                select(Allocation.id)
+                .where(
+                    or_(
+                        Allocation.status.in_(OPEN_STATES),
+                        (Allocation.ended_at.is_not(None))
+                        & (Allocation.last_charged_at < Allocation.ended_at),
+                    )
+                )
+                .order_by(Allocation.id)
+            )
+        )
+    for chunk in _chunks(ids, batch):
+        try:
+            part = TickResult()
+            with transaction(sessions) as session:
+                charge_allocations(session, chunk, now, interval, part)
+            _merge(result, part)
+        except Exception as exc:
+            if isinstance(exc, (IntegrityError, OperationalError)):
+                log.info("meter: batch of %d lost a race; charging one by one", len(chunk))
+            else:
+                log.warning("meter: batch of %d failed (%s); charging one by one", len(chunk), exc)
+            for alloc_id in chunk:
+                _charge_one(sessions, alloc_id, now, interval, result)
+    _check_every_payer(sessions, settings, now, result)
+    if result.intervals:
+        log.info("meter: charged %d intervals, %d micro-credits", result.intervals, result.charged)
+    return result
+
+
+def _charge_one(
+    sessions: sessionmaker[Session],
+    alloc_id: int,
+    now: datetime,
+    interval: timedelta,
+    result: TickResult,
+) -> None:
+    """Charge one allocation alone; a failure is logged and skipped until the next tick.
+
+    One bad allocation (or its payer's bad account) never stops the meter from
+    charging, warning and stopping everyone else.
+    """
+    part = TickResult()
+
+    def one(session: Session) -> None:
+        charge_allocations(session, [alloc_id], now, interval, part)
+
+    try:
+        ledger.with_retry(sessions, one)
+    except Exception as exc:
+        log.warning("meter: allocation %s skipped this tick: %s", alloc_id, exc)
+        log.debug("meter: allocation %s failed", alloc_id, exc_info=True)
+        result.failed.append(alloc_id)
+        return
+    _merge(result, part)
+
+
+def _check_every_payer(
+    sessions: sessionmaker[Session], settings: Settings, now: datetime, result: TickResult
+) -> None:
+    """The runway check of every payer: all in one transaction, else payer by payer."""
+    part = TickResult()
+    try:
+        ledger.with_retry(sessions, lambda s: check_runway(s, settings, now, part))
+        _merge(result, part)
+        return
+    except Exception as exc:
+        log.warning("meter: the runway check failed (%s); checking payer by payer", exc)
+    with transaction(sessions) as session:
+        keys = sorted(
+            {
+                payer_key(a)
+                for a in session.scalars(
+                    select(Allocation).where(Allocation.status.in_(OPEN_STATES))
+                )
+            }
+        )
+    for key in keys:
+        part = TickResult()
+
+        def one(session: Session, key: tuple[str, int] = key, part: TickResult = part) -> None:
+            check_runway(session, settings, now, part, only=key)
+
+        try:
+            ledger.with_retry(sessions, one)
+        except Exception as exc:
+            log.warning("meter: payer %s:%s skipped this tick: %s", key[0], key[1], exc)
+            log.debug("meter: payer %s failed", key, exc_info=True)
+            result.failed_payers.append(key)
+            continue
+        _merge(result, part)
+
+
+def _merge(into: TickResult, part: TickResult) -> None:
+    into.intervals += part.intervals
+    into.charged += part.charged
+    into.warned += part.warned
+    into.stopping += part.stopping
+    into.stops_due += part.stops_due
+    into.payers |= part.payers
+
+
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    for start in range(0, len(items), max(1, size)):
+        yield items[start : start + size]
+
+
+# --- runway and quotas -----------------------------------------------------------------
+
+
+def gpu_seconds_used(allocs: Iterable[Allocation], since: datetime, now: datetime) -> int:
+    """GPU-seconds held in ``[since, now]`` by these allocations (from their time, not cash)."""
+    total = 0
+    for alloc in allocs:
+        start = max(alloc.started_at, since)
+        end = min(alloc.ended_at or now, now)
+        if end > start:
+            total += alloc.gpu_count * int((end - start).total_seconds())
+    return total
+
+
+def quota_for(
+    session: Session, *, account_id: int | None = None, team_id: int | None = None
+) -> Quota | None:
+    if account_id is not None:
+        return session.scalar(select(Quota).where(Quota.account_id == account_id))
+    return session.scalar(select(Quota).where(Quota.team_id == team_id))
+
+
+def quota_allocations(session: Session, quota: Quota, since: datetime) -> list[Allocation]:
+    """Allocations a quota counts: all of a user's, or those billed to a team."""
+    owner = (
+        Allocation.account_id == quota.account_id
+        if quota.account_id is not None
+        else Allocation.team_id == quota.team_id
+    )
+    return list(
+        session.scalars(
+            select(Allocation).where(
+                owner, or_(Allocation.ended_at.is_(None), Allocation.ended_at > since)
+            )
+        )
+    )
+
+
+def quota_left(session: Session, quota: Quota, now: datetime) -> int | None:
+    """GPU-seconds left in the quota's rolling window; None when it has no GPU-hour limit."""
+    if quota.gpu_seconds is None:
+        return None
+    since = now - timedelta(seconds=QUOTA_WINDOWS[quota.rolling_window])
+    return quota.gpu_seconds - gpu_seconds_used(
+        quota_allocations(session, quota, since), since, now
+    )
+
+
+def uncharged(alloc: Allocation, now: datetime) -> int:
+    """What ``alloc`` owes for time since its last charge (not yet in the ledger)."""
+    end = now if alloc.ended_at is None else min(now, alloc.ended_at)
+    if end <= alloc.last_charged_at:
+        return 0
+    return split(alloc, alloc.last_charged_at, end).charge
+
+
+@dataclass
+class PayerState:
+    """A payer's money and runway right now, across all its open allocations."""
+
+    balance: int
+    available: int
+    rate_per_hour: int
+    runway: float | None
+    reason: str
+
+
+def payer_state(
+    session: Session,
+    payer_ledger_id: int,
+    open_allocs: list[Allocation],
+    now: datetime,
+    *,
+    known_balance: int | None = None,
+    quotas: dict[tuple[str, int], Quota] | None = None,
+) -> PayerState:
+    """Balance, what is left after uncharged time, the burn rate and the runway.
+
+    The runway is the shorter of the money runway and any GPU-hour quota runway
+    (the user's own quota, and the team's when the team pays). The meter passes
+    balances and quotas it read in bulk; other callers let this read them.
+    """
+    bal = ledger.balance(session, payer_ledger_id) if known_balance is None else known_balance
+    available = bal - sum(uncharged(a, now) for a in open_allocs)
+    rate = sum(hourly_rate(a) for a in open_allocs)
+    runway, reason = runway_seconds(available, rate), "out_of_credit"
+    gpus = sum(a.gpu_count for a in open_allocs)
+    if open_allocs and gpus:
+        owners: list[Quota | None] = []
+        first = open_allocs[0]
+        if first.team_id is not None:
+            owners.append(
+                quotas.get(("team", first.team_id))
+                if quotas is not None
+                else quota_for(session, team_id=first.team_id)
+            )
+        for account_id in sorted({a.account_id for a in open_allocs}):
+            owners.append(
+                quotas.get(("account", account_id))
+                if quotas is not None
+                else quota_for(session, account_id=account_id)
+            )
+        for quota in owners:
+            if quota is None:
+                continue
+            left = quota_left(session, quota, now)
+            if left is not None:
+                quota_runway = max(0.0, left / gpus)
+                if runway is None or quota_runway < runway:
+                    runway, reason = quota_runway, "quota_exhausted"
+    return PayerState(bal, available, rate, runway, reason)
+
+
+def stop_threshold_seconds(settings: Settings) -> int:
+    """Runway (seconds) at or under which the meter schedules a payer's stop.
+
+    The grace period plus one meter interval: the stop is scheduled at the
+    last tick before the runway falls under the grace period, so the grace
+    period is paid for by what is left and the balance never goes below zero.
+    """
+    return settings.grace_seconds + settings.meter_interval_seconds
+
+
+def warning_threshold_seconds(settings: Settings) -> int:
+    """Runway (seconds) under which a payer is warned: the warning time before the stop."""
+    return settings.runway_warning_seconds + settings.grace_seconds
+
+
+def seconds_to_zero_us(available: int, rate_per_hour: int, allocations: int) -> int:
+    """Microseconds until ``available`` is spent at ``rate_per_hour``, rounded down.
+
+    Each allocation's charges are differences of rounded-down cumulative
+    values, so together they may exceed the exact price by less than one
+    micro-credit per allocation; keeping that much back makes the stop land
+    at or before zero, never after.
+    """
+    if rate_per_hour <= 0:
+        return 0
+    return max(0, available - allocations) * US_PER_HOUR // rate_per_hour
+
+
+def check_runway(
+    session: Session,
+    settings: Settings,
+    now: datetime,
+    result: TickResult,
+    only: tuple[str, int] | None = None,
+) -> None:
+    """Warn before the stop; schedule the stop so the grace period ends at zero at the latest.
+
+    The thresholds count the spend rate through the runway (seconds left at
+    the current rate): a payer is warned ``runway_warning_seconds`` before its
+    servers stop, and the stop is scheduled when the runway falls to the grace
+    period (plus one meter interval), at ``now + min(grace, runway)``, so the
+    balance is never driven below zero by the meter. A payer whose runway
+    recovers (a top-up, a raised quota) before the stop gets its servers back
+    to ``running``. ``only``: check this one payer (``payer_key``) alone.
+    """
+    allocs = list(
+        session.scalars(
+            select(Allocation).where(Allocation.status.in_(OPEN_STATES)).order_by(Allocation.id)
+        )
+    )
+    groups: dict[tuple[str, int], list[Allocation]] = {}
+    for alloc in allocs:
+        key = payer_key(alloc)
+        if only is None or key == only:
+            groups.setdefault(key, []).append(alloc)
+    grace = timedelta(seconds=settings.grace_seconds)
+    with session.no_autoflush:
+        payer_ids = ledger.ledger_accounts(
+            session, dict(payer_account_key(g[0]) for g in groups.values())
+        )
+    money = ledger.balances(session, list(payer_ids.values()))
+    limits: dict[tuple[str, int], Quota] = {}
+    for quota in session.scalars(select(Quota)):
+        if quota.account_id is not None:
+            limits[("account", quota.account_id)] = quota
+        elif quota.team_id is not None:
+            limits[("team", quota.team_id)] = quota
+    stop_at_or_below = stop_threshold_seconds(settings)
+    warn_below = warning_threshold_seconds(settings)
+    for group in groups.values():
+        payer = payer_ids[payer_account_key(group[0])[0]]
+        state = payer_state(session, payer, group, now, known_balance=money[payer], quotas=limits)
+        runway = state.runway
+        if state.reason == "out_of_credit":
+            left = timedelta(
+                microseconds=seconds_to_zero_us(state.available, state.rate_per_hour, len(group))
+            )
+        else:
+            left = timedelta(seconds=runway or 0.0)
+        for alloc in group:
+            if runway is not None and runway <= stop_at_or_below:
+                if alloc.status == "running":
+                    alloc.status, alloc.stopping_at = "stopping", now + min(grace, left)
+                    alloc.stop_reason = state.reason
+                    result.stopping.append(alloc.id)
+                    log.warning(
+                        "allocation %s of %s/%s: %s, stopping at %s",
+                        alloc.id,
+                        alloc.user_name,
+                        alloc.server_name,
+                        state.reason,
+                        alloc.stopping_at.isoformat(),
+                    )
+            elif alloc.status == "stopping" and alloc.stop_reason in (
+                "out_of_credit",
+                "quota_exhausted",
+            ):
+                alloc.status, alloc.stopping_at, alloc.stop_reason = "running", None, None
+                alloc.runway_warned_at = None
+                log.info(
+                    "allocation %s of %s/%s: runway restored, stop cancelled",
+                    alloc.id,
+                    alloc.user_name,
+                    alloc.server_name,
+                )
+            if runway is not None and runway < warn_below:
+                if alloc.runway_warned_at is None:
+                    alloc.runway_warned_at = now
+                    result.warned.append(alloc.id)
+                    log.warning(
+                        "allocation %s of %s/%s: runway %.0f s (%s)",
+                        alloc.id,
+                        alloc.user_name,
+                        alloc.server_name,
+                        runway,
+                        state.reason,
+                    )
+            elif alloc.runway_warned_at is not None and alloc.status == "running":
+                alloc.runway_warned_at = None
+    session.flush()
+
+
+def release_reservation(session: Session, reservation_id: str | None) -> None:
+    """Give back the GPUs of an allocation's reservation, if it still holds them.
+
+    Called in the same database transaction that ends the allocation (the
+    meter's out-of-credit stop, a close), so the GPUs go straight back on offer.
+    """
+    if reservation_id is None:
+        return
+    res = session.get(Reservation, reservation_id)
+    if res is not None and res.status in LIVE_STATUSES:
+        marketplace.release(session, reservation_id)

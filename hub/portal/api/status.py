@@ -1,0 +1,191 @@
+"""Portal API v1 endpoints, mounted under the service prefix."""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import RedirectResponse, Response
+from pydantic import BaseModel
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from ... import __version__, db
+from ...db import accounts
+from ...db.models import Account
+from ...market.raystatus import cluster_status
+from ..auth import (
+    STATE_COOKIE,
+    TOKEN_COOKIE,
+    CurrentUser,
+    PortalDep,
+    PortalUser,
+    require_role,
+    safe_next,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    db: dict[str, Any]
+    cache: dict[str, Any]
+    ray: dict[str, Any]
+
+
+class Me(BaseModel):
+    name: str
+    role: str
+    admin: bool
+    teams: list[str]
+    active: bool
+    created_at: datetime
+
+
+class AccountPublic(BaseModel):
+    name: str
+    role: str
+    active: bool
+    teams: list[str]
+    created_at: datetime
+
+
+@router.get("/", include_in_schema=False)
+async def index(request: Request) -> Response:
+    return RedirectResponse(f"{request.url.path.rstrip('/')}/docs")
+
+
+@router.get("/api/v1/health", response_model=Health, tags=["status"])
+async def health(portal: PortalDep) -> Any:
+    """Is the portal able to serve? DB, cache and the house Ray cluster (with its GPUs).
+
+    Public, like a load balancer's health check; it reveals no user data and no
+    internal URL (the Ray cluster's address stays out of the answer).
+    """
+
+    def db_status() -> dict[str, Any]:
+        backend = portal.engine.url.get_backend_name()
+        try:
+            return {
+                "backend": backend,
+                "status": "ok",
+                "revision": db.current_revision(portal.engine),
+            }
+        except Exception as exc:
+            return {"backend": backend, "status": "error", "detail": type(exc).__name__}
+
+    db_info = await run_in_threadpool(db_status)
+    cache_ok = await portal.cache.ping()
+    token_path = portal.settings.ray_token_path
+    token = token_path.read_text().strip() if token_path.is_file() else None
+    ray = await cluster_status(portal.settings.ray_jobs_url, token=token)
+    ray.pop("address", None)
+    overall = (
+        "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" else "degraded"
+    )
+    body = {
+        "status": overall,
+        "version": __version__,
+        "db": db_info,
+        "cache": {"backend": portal.cache.backend, "status": "ok" if cache_ok else "error"},
+        "ray": ray,
+    }
+    if db_info["status"] != "ok":
+        raise HTTPException(503, "The portal database is not answering.")
+    return body
+
+
+@router.get("/api/v1/me", response_model=Me, tags=["accounts"])
+async def me(user: CurrentUser, portal: PortalDep) -> Any:
+    """The calling hub user's portal account: role and teams."""
+
+    def load() -> dict[str, Any]:
+        with db.transaction(portal.sessions) as session:
+            account = session.get(Account, user.account_id)
+            if account is None:  # pragma: no cover - _record created it
+                raise HTTPException(404, "No portal account for you yet; try again.")
+            return {
+                "name": account.hub_name,
+                "role": account.role,
+                "admin": user.admin,
+                "teams": accounts.teams_of(session, account),
+                "active": account.active,
+                "created_at": account.created_at,
+            }
+
+    return await run_in_threadpool(load)
+
+
+@router.get("/api/v1/accounts", response_model=list[AccountPublic], tags=["accounts"])
+async def list_accounts(
+    portal: PortalDep,
+    _admin: Annotated[PortalUser, require_role("admin")],
+    role: Annotated[str | None, Query(pattern="^(customer|provider|admin)$")] = None,
+) -> Any:
+    """Every account (admins only), optionally of one role."""
+
+    def load() -> list[dict[str, Any]]:
+        with db.transaction(portal.sessions) as session:
+            query = select(Account).order_by(Account.hub_name)
+            if role:
+                query = query.where(Account.role == role)
+            return [
+                {
+                    "name": a.hub_name,
+                    "role": a.role,
+                    "active": a.active,
+                    "teams": accounts.teams_of(session, a),
+                    "created_at": a.created_at,
+                }
+                for a in session.scalars(query)
+            ]
+
+    return await run_in_threadpool(load)
+
+
+@router.post("/api/v1/sync", tags=["accounts"])
+async def sync_now(
+    portal: PortalDep, _admin: Annotated[PortalUser, require_role("admin")]
+) -> dict[str, int]:
+    """Sync accounts and teams from the hub now (admins only)."""
+    return dict(await portal.sync_from_hub())
+
+
+@router.get("/oauth_callback", include_in_schema=False)
+async def oauth_callback(
+    request: Request, portal: PortalDep, code: str = "", state: str = ""
+) -> Response:
+    """End of the hub OAuth flow: trade the code for a token, set the cookie."""
+    if not code or not state or request.cookies.get(STATE_COOKIE) != state:
+        raise HTTPException(
+            400, "This login link is stale or was not started here; open the portal page again."
+        )
+    oauth = portal.oauth
+    try:
+        token = await oauth.token_for_code(
+            code, code_verifier=oauth.get_code_verifier(state), sync=False
+        )
+    except Exception as exc:
+        log.warning("OAuth code exchange failed: %s", type(exc).__name__)
+        raise HTTPException(
+            400, "The hub refused this login; open the portal page again."
+        ) from None
+    next_url = safe_next(portal, oauth.get_next_url(state))
+    oauth.clear_oauth_state(state)
+    response = RedirectResponse(next_url, status_code=302)
+    prefix = portal.settings.service_prefix
+    response.set_cookie(
+        TOKEN_COOKIE,
+        token,
+        httponly=True,
+        samesite="lax",
+        path=prefix,
+        secure=request.url.scheme == "https",
+    )
+    response.delete_cookie(STATE_COOKIE, path=prefix)
+    return response
