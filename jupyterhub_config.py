@@ -17,8 +17,8 @@ from pathlib import Path
 
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.settings import load_settings
-from gpuportal.hub.stack.updown.admin import ensure_admin, extra_admins, passwords_dbm
-from gpuportal.hub.stack.updown.datadir import secure_data_dir
+from gpuportal.hub.stack.admin import ensure_admin, extra_admins, passwords_dbm
+from gpuportal.hub.stack.datadir import secure_data_dir
 
 try:
     gp = load_settings()
@@ -184,7 +184,7 @@ c.JupyterHub.services = [
 # CPU-only servers. The wrapper on the node (gpuportal-singleuser) binds 127.0.0.1,
 # which the hub reaches because the house node is this machine.
 import gpuportal.spawners.report  # noqa: E402,F401  (registers the hub's report handler)
-from gpuportal.hub.stack.updown.localray import plan_gpus  # noqa: E402
+from gpuportal.hub.stack.localray import plan_gpus  # noqa: E402
 from gpuportal.spawners.spawner import default_profile_list  # noqa: E402
 
 c.JupyterHub.spawner_class = "ray"

@@ -11,7 +11,7 @@ to another user gives 403.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
@@ -20,17 +20,21 @@ from tornado import web
 
 from . import metrics
 
-if TYPE_CHECKING:
-    from .app import GpuPortalExtension
-
 AUTH_RESOURCE = "gpuportal"
+
+
+class Reporter(Protocol):
+    """What the handlers need of the extension (``app.GpuPortalExtension``); a protocol,
+    so this module does not import the app that registers it."""
+
+    async def report(self) -> tuple[dict[str, Any], bool]: ...
 
 
 class GpuPortalHandler(ExtensionHandlerMixin, APIHandler):
     auth_resource = AUTH_RESOURCE
 
     @property
-    def gpuportal(self) -> GpuPortalExtension:
+    def gpuportal(self) -> Reporter:
         app: Any = self.extensionapp
         return app
 

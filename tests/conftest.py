@@ -158,7 +158,7 @@ class RayCluster:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     """A real local Ray head with two logical (demo) A100 GPUs, for the session."""
-    from gpuportal.hub.stack.updown.localray import LocalRayHead, plan_gpus
+    from gpuportal.hub.stack.localray import LocalRayHead, plan_gpus
 
     settings = load_settings(
         data_dir=tmp_path_factory.mktemp("ray"),

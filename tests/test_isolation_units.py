@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gpuportal.hub.stack.updown.datadir import secure_data_dir
+from gpuportal.hub.stack.datadir import secure_data_dir
 from gpuportal.provider import isolation, raynode
 from gpuportal.spawners import report
 from gpuportal.spawners.singleuser import server_env

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from gpuportal.hub.market.raystatus import cluster_status, summarize_nodes
-from gpuportal.hub.stack.updown.localray import LocalRayHead, plan_gpus, stop_process_group
+from gpuportal.hub.stack.localray import LocalRayHead, plan_gpus, stop_process_group
 from gpuportal.provider import nvml
 
 from .conftest import RayCluster

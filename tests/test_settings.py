@@ -8,7 +8,7 @@ import pytest
 
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.settings import load_settings, parse_db_url
-from gpuportal.hub.stack.updown.localray import GpuPlan, parse_demo_gpus, ray_resources
+from gpuportal.hub.stack.localray import GpuPlan, parse_demo_gpus, ray_resources
 
 
 @pytest.mark.parametrize(

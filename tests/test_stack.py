@@ -16,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from gpuportal.hub.stack.updown.admin import check_password, ensure_admin
+from gpuportal.hub.stack.admin import check_password, ensure_admin
 
 from .portal_stack import ROOT, Stack, hub_login, hub_token, stack_env, start_stack, stop_stack
 

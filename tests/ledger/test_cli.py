@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.settings import load_settings
-from gpuportal.hub.stack.updown.cli import main
+from gpuportal.hub.stack.cli import main
 
 from .conftest import add_account, balance_of
 

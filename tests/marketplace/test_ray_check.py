@@ -31,7 +31,7 @@ from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
-from gpuportal.hub.stack.updown.localray import free_port
+from gpuportal.hub.stack.localray import free_port
 from gpuportal.hub.timeutil import utcnow
 
 

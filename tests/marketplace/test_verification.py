@@ -533,8 +533,8 @@ def test_the_house_node_passes_its_demo_challenge_through_the_agent(
     """The embedded default without Ray: the control plane registers the house node
     (demo GPUs, loopback jobs_url), and the real provider agent verifies it over
     the portal's HTTP API, on this GPU-less machine."""
-    from gpuportal.hub.stack.updown.house import house_identity, register_house
-    from gpuportal.hub.stack.updown.localray import GpuPlan
+    from gpuportal.hub.stack.house import house_identity, register_house
+    from gpuportal.hub.stack.localray import GpuPlan
     from gpuportal.provider.agent import Agent, inventory
     from gpuportal.provider.agent import Portal as AgentPortal
 

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
-from gpuportal.hub.stack.updown.localray import stop_process_group
+from gpuportal.hub.stack.localray import stop_process_group
 
 from .contract_portal import ContractPortal, Node, Served, create_app
 from .raynodes import RayNodes, free_port

@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 import psutil
 
-from gpuportal.hub.stack.updown.localray import stop_process_group
+from gpuportal.hub.stack.localray import stop_process_group
 from gpuportal.provider import isolation, raynode
 
 RAY = str(Path(sys.executable).parent / "ray")
