@@ -41,8 +41,8 @@ lint: install
 # docs/testing.md). cosmic-ray rewrites each module on disk, one mutant at a time, so
 # this runs in a copy of the tree (tracked and untracked, not ignored, files) whose
 # gpuportal package is put first on PYTHONPATH; your checkout is never edited.
-# MUTATE_MODULES="hub/billing/quotas.py hub/billing/reservation_billing.py" narrows the run. The
-# report, with the diff of every surviving mutant, is .mutate/report.txt.
+# MUTATE_MODULES="hub/billing/quotas.py hub/billing/reservation_billing.py" narrows the
+# run. The report, with the diff of every surviving mutant, is .mutate/report.txt.
 MUTATE := .mutate
 MUTATE_MODULES ?=
 

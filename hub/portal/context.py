@@ -54,10 +54,10 @@ class Portal:
         self.sessions = db.session_factory(self.engine)
         self.cache: Cache = cache or make_cache(settings.redis_url)
         self.hub = hub or HubAPI(settings.hub_api_url, settings.api_token.get_secret_value())
-        #: The Solana chain deposits are verified on (hub.deposits); made on first use.
+        #: The Solana chain deposits are verified on (hub.billing.deposits); made on first use.
         self.chain = chain
         #: This process's placement index, following every commit made through
-        #: ``sessions``; loaded by ``start`` (see hub.capacity).
+        #: ``sessions``; loaded by ``start`` (see hub.market.capacity).
         self.capacity = CapacityIndex(rules_of(settings))
         self.capacity.attach(self.sessions)
         self.capacity.on_change(self._capacity_changed)

@@ -40,6 +40,7 @@ from ...db import accounts
 from ...db.ledger_models import OPEN_STATES, Allocation
 from ...db.models import Account
 from ..auth import CurrentCaller, PortalDep, PortalUser
+from ..context import Portal
 from ..hubapi import HubUnavailable
 
 router = APIRouter(prefix="/api/v1")
@@ -75,7 +76,7 @@ def may_see(caller: PortalUser, user_name: str) -> None:
     raise HTTPException(403, "You can only see your own usage, balance and servers.")
 
 
-async def in_db(portal: Any, work: Callable[[Any], T]) -> T:
+async def in_db(portal: Portal, work: Callable[[Any], T]) -> T:
     """Run ``work(session)`` in a DB transaction off the event loop; domain errors → 4xx."""
     try:
         return await run_in_threadpool(ledger.with_retry, portal.sessions, work)
@@ -87,7 +88,7 @@ def _sentence(text: str) -> str:
     return text[:1].upper() + text[1:]
 
 
-async def account_from_hub(portal: Any, name: str) -> None:
+async def account_from_hub(portal: Portal, name: str) -> None:
     """Make sure ``name`` has a portal account, asking the hub if the portal lacks one.
 
     An admin may create a hub user and grant them credits (or a quota) before
@@ -477,7 +478,7 @@ class UsdcDepositPublic(BaseModel):
     balance: int
 
 
-def chain_of(portal: Any) -> deposits.Chain:
+def chain_of(portal: Portal) -> deposits.Chain:
     if portal.chain is None:
         portal.chain = deposits.make_chain(portal.settings)
     chain: deposits.Chain = portal.chain
@@ -508,7 +509,7 @@ async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
 
 
 async def _credit_deposit(
-    portal: Any,
+    portal: Portal,
     caller: PortalUser,
     response: Response,
     signature: str,

@@ -40,6 +40,7 @@ from ...market.marketplace import (
 )
 from ...market.placement import Request as PlacementRequest
 from ..auth import CurrentCaller, PortalDep, PortalUser
+from ..context import Portal
 from ..hubapi import HubUnavailable
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ class FailedStart(BaseModel):
     reason: str = Field(min_length=1, max_length=500)
 
 
-async def _cached(portal: Any, key: str, compute: Callable[[], list[dict[str, Any]]]) -> Any:
+async def _cached(portal: Portal, key: str, compute: Callable[[], list[dict[str, Any]]]) -> Any:
     """``compute()`` (in a thread), served from the cache until it expires or capacity changes.
 
     An entry counts only if it was computed after this process last saw a
@@ -234,7 +235,7 @@ async def offers_summary(caller: CurrentCaller, portal: PortalDep) -> Any:
     return await _cached(portal, SUMMARY_CACHE_KEY, load)
 
 
-async def _account_for(portal: Any, caller: PortalUser, user: str) -> int:
+async def _account_for(portal: Portal, caller: PortalUser, user: str) -> int:
     """The account the reservation is for; a user only for themselves."""
     if not caller.is_service:
         if user != caller.name:
@@ -355,14 +356,14 @@ async def list_reservations(
     return JSONResponse(await run_in_threadpool(load))
 
 
-def _authorize(portal: Any, reservation_id: str) -> None:
+def _authorize(portal: Portal, reservation_id: str) -> None:
     with db.transaction(portal.sessions) as session:
         res = marketplace.get(session, reservation_id)
         reservation_billing.authorize(session, portal.settings, res, timeutil.utcnow())
 
 
 async def _release_after_failure(
-    portal: Any, reservation_id: str, user: str, exc: BaseException
+    portal: Portal, reservation_id: str, user: str, exc: BaseException
 ) -> None:
     """Give back the GPUs of a reservation whose creation failed after they were held.
 
@@ -393,7 +394,7 @@ def _check_owner(caller: PortalUser, owner: str, *, admin_ok: bool) -> None:
     raise ApiError(403, "This reservation belongs to another user.")
 
 
-async def _act(portal: Any, caller: PortalUser, reservation_id: str, action: str) -> Any:
+async def _act(portal: Portal, caller: PortalUser, reservation_id: str, action: str) -> Any:
     def run() -> dict[str, Any]:
         with db.transaction(portal.sessions) as session:
             res = marketplace.get(session, reservation_id)

@@ -43,6 +43,7 @@ from ...market.providers import (
 from ...settings import Settings
 from ...timeutil import utcnow
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
+from ..context import Portal
 from .market import ApiError, market_error, small_body
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class Verification(BaseModel):
     results: list[GpuAnswer] = Field(max_length=64)
 
 
-def _run(portal: Any, fn: Any) -> Any:
+def _run(portal: Portal, fn: Any) -> Any:
     def wrapped() -> Any:
         with db.transaction(portal.sessions) as session:
             return fn(session)
@@ -137,7 +138,7 @@ def _run(portal: Any, fn: Any) -> Any:
     return run_in_threadpool(wrapped)
 
 
-async def _guarded(portal: Any, fn: Any) -> Any:
+async def _guarded(portal: Portal, fn: Any) -> Any:
     try:
         return await _run(portal, fn)
     except MarketError as exc:
@@ -353,7 +354,7 @@ async def read_capped(request: Request, cap: int) -> bytes:
 
 
 async def _signed(
-    request: Request, portal: Any, node_id: str, handle: Any, cap: int = MAX_NODE_BODY
+    request: Request, portal: Portal, node_id: str, handle: Any, cap: int = MAX_NODE_BODY
 ) -> Any:
     """Authenticate a node's signed request, then run ``handle(session, node, body)``.
 
