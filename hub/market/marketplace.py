@@ -1,6 +1,6 @@
 """Marketplace operations on the portal DB: capacity, offers and reservations.
 
-The HTTP layer (``marketplace_routes``) authenticates and validates; this
+The HTTP layer (``portal.api.market``) authenticates and validates; this
 module decides and writes. Its one hard promise is that capacity is never
 double-booked: a reservation inserts one ``gpu_allocations`` row per GPU, whose
 primary key is the GPU, inside the same transaction that chose the GPUs. Two
@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 #: How often a reservation is retried after losing a race for the same GPUs.
 RESERVE_ATTEMPTS = 8
 #: Cache keys and lifetime (seconds) of ``GET /offers`` and ``/offers/summary``; a
-#: capacity change invalidates them sooner (see ``marketplace_routes._cached``).
+#: capacity change invalidates them sooner (see ``portal.api.market._cached``).
 OFFERS_CACHE_KEY = "marketplace:offers"
 SUMMARY_CACHE_KEY = "marketplace:offers-summary"
 OFFERS_CACHE_SECONDS = 5.0
