@@ -36,7 +36,6 @@ from traitlets import Dict as TDict
 from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
 from gpuportal.provider import money
-from gpuportal.provider.money import format_credits
 
 from . import form, profiles
 from .naming import escape, job_submission_id, oauth_client_id
@@ -520,7 +519,7 @@ class RaySpawner(Spawner):
                     f"Reserved {reservation.gpu_count}x {reservation.gpu_model}"
                     f"{demo} on node {reservation.node_id[:12]} in "
                     f"{reservation.region} at "
-                    f"{format_credits(reservation.price_per_gpu_hour)} "
+                    f"{money.format_credits(reservation.price_per_gpu_hour)} "
                     "credits per GPU-hour",
                 )
             else:
