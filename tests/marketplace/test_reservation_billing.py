@@ -231,7 +231,7 @@ STEPS = [
     ("gpuportal.hub.metering", "payer_state"),
     ("gpuportal.hub.ledger", "balance"),
     ("gpuportal.hub.ledger", "wallet"),
-    ("gpuportal.hub.marketplace_routes", "ReservationPublic"),
+    ("gpuportal.hub.marketplace_routes", "reservation_body"),
 ]
 
 
