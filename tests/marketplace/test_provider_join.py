@@ -215,6 +215,10 @@ def test_joined_demo_node_is_verified_and_offered(
     )
     assert status.returncode == 0, status.stderr
     assert f"node {joined.node_id}: online, verified" in status.stdout
+    assert ("EXCLUSIVE" in status.stdout) is (os.geteuid() != 0), status.stdout
+    assert node_view(site, joined.node_id)["isolation"] == (
+        "user" if os.geteuid() == 0 else "exclusive"
+    )
 
 
 def test_price_pause_resume_and_bounds(
