@@ -329,10 +329,12 @@ def status(hub_url: str | None, token: str | None, config_dir: Path | None) -> N
         f"{me['price_per_gpu_hour_display']}/GPU-hour"
     )
     for node in me["nodes"]:
+        exclusive = node.get("isolation") == "exclusive"
         click.echo(
             f"  node {node['node_id']}: {node['status']}, {node['verification']}, "
             f"reliability {node['reliability']}, {len(node['gpus'])} GPU(s)"
             f"{', DEMO' if node['demo'] else ''}{', BLOCKED' if node['blocked'] else ''}"
+            f"{', EXCLUSIVE: one customer at a time (not root)' if exclusive else ''}"
         )
 
 

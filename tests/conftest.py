@@ -185,7 +185,10 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """The whole embedded stack, once per test module, with 2xA100-80GB demo GPUs."""
     running = start_stack(
-        tmp_path_factory.mktemp("stack") / "data", GPUPORTAL_DEMO_GPUS="2xA100-80GB"
+        tmp_path_factory.mktemp("stack") / "data",
+        GPUPORTAL_DEMO_GPUS="2xA100-80GB",
+        # Sign-ups here get their credit at once (OAuth-like), so they can spawn.
+        GPUPORTAL_SIGNUP_CREDIT_POLICY="identity",
     )
     yield running
     stop_stack(running)

@@ -68,6 +68,7 @@ def status(method, url, body=None):
                                  headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(req, timeout=10) as reply:
+            check(f"{method} {url}", reply.read(4_000_000).decode("latin-1"))
             return reply.status
     except urllib.error.HTTPError as exc:
         return exc.code

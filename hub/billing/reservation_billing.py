@@ -71,23 +71,26 @@ def authorize(session: Session, settings: Settings, res: Reservation, now: datet
     )
 
 
+def _terms(
+    session: Session, res: Reservation, now: datetime, team: str | None = None
+) -> allocations.OpenRequest:
+    """A bill on the reservation's own terms (price, fee, GPUs, payee), from ``now``."""
+    return allocations.OpenRequest(
+        user=res.user_name,
+        server=res.server_name,
+        gpu_count=res.gpu_count,
+        price_per_gpu_hour=res.price_per_gpu_hour,
+        platform_fee_bps=res.platform_fee_bps,
+        started_at=now,
+        reservation_id=res.id,
+        provider=provider_name(session, res),
+        team=team,
+    )
+
+
 def open_for(session: Session, settings: Settings, res: Reservation, now: datetime) -> Allocation:
     """Open (idempotently) the allocation that bills an active reservation from ``now``."""
-    alloc, _created = allocations.open_allocation(
-        session,
-        settings,
-        allocations.OpenRequest(
-            user=res.user_name,
-            server=res.server_name,
-            gpu_count=res.gpu_count,
-            price_per_gpu_hour=res.price_per_gpu_hour,
-            platform_fee_bps=res.platform_fee_bps,
-            started_at=now,
-            reservation_id=res.id,
-            provider=provider_name(session, res),
-        ),
-        now,
-    )
+    alloc, _created = allocations.open_allocation(session, settings, _terms(session, res, now), now)
     return alloc
 
 
@@ -132,16 +135,6 @@ def open_for_reservation(
     return allocations.open_allocation(
         session,
         settings,
-        allocations.OpenRequest(
-            user=res.user_name,
-            server=res.server_name,
-            gpu_count=res.gpu_count,
-            price_per_gpu_hour=res.price_per_gpu_hour,
-            platform_fee_bps=res.platform_fee_bps,
-            started_at=now,
-            reservation_id=res.id,
-            provider=provider_name(session, res),
-            team=team,
-        ),
+        _terms(session, res, now, team),
         now,
     )

@@ -264,6 +264,7 @@ def node_summary(node: Node) -> dict[str, Any]:
         "verification": node.verification,
         "verified_at": node.verified_at,
         "demo": node.demo,
+        "isolation": node.isolation,
         "blocked": node.blocked,
         "reliability": round(node.reliability, 3),
         "failed_starts": node.failed_starts,

@@ -217,12 +217,14 @@ def test_the_quota_runway_is_shared_by_the_gpus_in_use(
 def test_a_runway_exactly_at_the_warning_threshold_is_not_warned_yet(
     sessions: sessionmaker[Session], settings: Settings, ann: int
 ) -> None:
-    """Mutant: the warning's ``<`` becomes ``<=``. At 1000 micro/s, 600,000 micro-credits
-    last exactly the 600 s threshold: no warning; one micro-credit less warns."""
-    assert settings.runway_warning_seconds == 600
+    """Mutant: the warning's ``<`` becomes ``<=``. The threshold is the warning time
+    before the stop: 600 s + the 120 s grace. At 1000 micro/s, 720,000 micro-credits
+    last exactly the 720 s threshold: no warning; one micro-credit less warns."""
+    threshold = metering.warning_threshold_seconds(settings)
+    assert threshold == 720
     bob = add_account(sessions, "bob")
-    grant(sessions, ann, 600_000, "g-ann")
-    grant(sessions, bob, 599_999, "g-bob")
+    grant(sessions, ann, threshold * 1000, "g-ann")
+    grant(sessions, bob, threshold * 1000 - 1, "g-bob")
     at_threshold = open_alloc(sessions, settings, "ann")
     below = open_alloc(sessions, settings, "bob")
     result = metering.TickResult()
@@ -280,8 +282,8 @@ def test_an_unknown_provider_is_refused(
         ({"user": "ann", "team": "ml"}, "name exactly one of user or team"),
         ({}, "name exactly one of user or team"),
         ({"user": "ann", "window": "year"}, "window must be one of day, week, month"),
-        ({"user": "ann", "gpu_hours": -0.5}, "gpu_hours must not be negative"),
-        ({"user": "ann", "spend_cap_per_hour": -1}, "spend_cap_per_hour must not be negative"),
+        ({"user": "ann", "gpu_hours": -0.5}, "gpu_hours must be between 0 and"),
+        ({"user": "ann", "spend_cap_per_hour": -1}, "spend_cap_per_hour must be between 0 and"),
         ({"user": "nobody"}, "no portal account named 'nobody'"),
         ({"team": "nobody"}, "no team named 'nobody'"),
     ],

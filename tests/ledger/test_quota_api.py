@@ -56,7 +56,7 @@ def test_a_bad_quota_is_refused_with_a_sentence(client: TestClient) -> None:
     cases = [
         ({"user": "ann", "team": "ml", "gpu_hours": 1}, 400, "Name exactly one of user or team."),
         ({"gpu_hours": 1}, 400, "Name exactly one of user or team."),
-        ({"user": "nobody", "gpu_hours": 1}, 404, "There is no portal account named 'nobody'"),
+        ({"user": "nobody", "gpu_hours": 1}, 404, "There is no hub user named 'nobody'"),
         ({"user": "ann", "gpu_hours": -1}, 422, "gpu_hours:"),
         ({"user": "ann", "window": "year"}, 422, "window:"),
         ({"user": "ann", "spend_cap_per_hour": 1.5}, 422, "spend_cap_per_hour:"),

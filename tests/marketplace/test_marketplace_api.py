@@ -98,7 +98,14 @@ def test_house_node_is_declared_to_ray(market_stack: Any) -> None:
         "node_id"
     ]
     jobs = f"http://127.0.0.1:{market_stack.env['GPUPORTAL_RAY_DASHBOARD_PORT']}"
-    nodes = httpx.get(f"{jobs}/api/v0/nodes", params={"detail": "1"}, timeout=30).json()
+    token = (Path(market_stack.data_dir) / "ray-auth-token").read_text().strip()
+    assert httpx.get(f"{jobs}/api/v0/nodes", timeout=30).status_code == 401  # token auth
+    nodes = httpx.get(
+        f"{jobs}/api/v0/nodes",
+        params={"detail": "1"},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    ).json()
     resources = nodes["data"]["result"]["result"][0]["resources_total"]
     assert resources[f"gpuportal/node:{node_id}"] == 2
     assert resources["GPU"] == 2
@@ -120,6 +127,7 @@ def test_offers_show_the_house_demo_gpus(users: dict[str, Portal]) -> None:
             "reliability": 0.9,
             "demo": True,
             "provider": "house",
+            "exclusive": False,  # the house node runs as root: an account per customer
         }
     ]
 

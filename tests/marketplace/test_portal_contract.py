@@ -54,6 +54,8 @@ def serve_real(tmp_path: Path) -> Iterator[str]:
         data_dir=tmp_path,
         db_url=f"sqlite:///{tmp_path / 'portal.sqlite'}",
         ray_dashboard_url="http://127.0.0.1:9",
+        # Its customers get the sign-up credit at once, so reservations are affordable.
+        signup_credit_policy="identity",
     )
     engine = portal_db.make_engine(settings.database_url)
     portal_db.upgrade(engine)

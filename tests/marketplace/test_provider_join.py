@@ -4,6 +4,7 @@ real hub, real portal. Heartbeats every 2 s here so going offline is quick to se
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -202,6 +203,7 @@ def test_joined_demo_node_is_verified_and_offered(
         "reliability": 0.9,
         "demo": True,
         "provider": "Prov GPUs",
+        "exclusive": os.geteuid() != 0,  # an agent without root hosts one customer at a time
     } in offers
     status = gpuportal(
         "provider",
@@ -213,6 +215,10 @@ def test_joined_demo_node_is_verified_and_offered(
     )
     assert status.returncode == 0, status.stderr
     assert f"node {joined.node_id}: online, verified" in status.stdout
+    assert ("EXCLUSIVE" in status.stdout) is (os.geteuid() != 0), status.stdout
+    assert node_view(site, joined.node_id)["isolation"] == (
+        "user" if os.geteuid() == 0 else "exclusive"
+    )
 
 
 def test_price_pause_resume_and_bounds(

@@ -233,7 +233,7 @@ STEPS = [
     ("gpuportal.hub.billing.metering", "payer_state"),
     ("gpuportal.hub.billing.ledger", "balance"),
     ("gpuportal.hub.billing.ledger", "wallet"),
-    ("gpuportal.hub.portal.api.market", "ReservationPublic"),
+    ("gpuportal.hub.portal.api.market", "reservation_body"),
 ]
 
 

@@ -86,8 +86,12 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 @pytest.fixture
 def portal(tmp_path: Path, db_url: str) -> Portal:
     # The fake providers' Ray dashboards are on loopback: the admin allows it here.
+    # Customers get the sign-up credit at once, so a placed reservation is affordable.
     settings = load_settings(
-        data_dir=tmp_path, db_url=db_url, provider_networks_allowed="127.0.0.0/8"
+        data_dir=tmp_path,
+        db_url=db_url,
+        provider_networks_allowed="127.0.0.0/8",
+        signup_credit_policy="identity",
     )
     return Portal(settings, cache=MemoryCache(), hub=FakeHub())
 
