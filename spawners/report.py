@@ -36,7 +36,7 @@ MAX_BODY = 4096
 #: job id → (sha256 of the claim, the spawner waiting for it). One hub process.
 _claims: dict[str, tuple[bytes, weakref.ReferenceType[Any]]] = {}
 #: Jobs whose claim was used: a second try is an attack (or a bug) to report.
-_claimed: dict[str, weakref.ReferenceType[Any]] = {}
+_claimed: dict[str, tuple[bytes, weakref.ReferenceType[Any]]] = {}
 
 
 def expect_claim(job_id: str, claim: str, spawner: Any) -> None:
@@ -53,21 +53,27 @@ def forget_claim(job_id: str) -> None:
 
 def take_claim(job_id: str, claim: str) -> Any | None:
     """The spawner whose claim this is, once; None for a wrong, unknown or used claim.
-    A second claim of a used job tells its spawner (``claim_conflict``)."""
+
+    The right claim presented again means someone else read the job: its spawner
+    is told (``claim_conflict``) and fails the start. A wrong claim changes
+    nothing, so guessing at job ids cannot fail another user's spawn.
+    """
+    presented = hashlib.sha256(claim.encode()).digest()
     entry = _claims.get(job_id)
     if entry is None:
         used = _claimed.get(job_id)
-        spawner = used() if used else None
-        if spawner is not None:
-            spawner.claim_conflict()
+        if used is not None and hmac.compare_digest(used[0], presented):
+            spawner = used[1]()
+            if spawner is not None:
+                spawner.claim_conflict()
         return None
     digest, ref = entry
-    if not hmac.compare_digest(digest, hashlib.sha256(claim.encode()).digest()):
+    if not hmac.compare_digest(digest, presented):
         return None
     del _claims[job_id]
     spawner = ref()
     if spawner is not None:
-        _claimed[job_id] = ref
+        _claimed[job_id] = entry
     return spawner
 
 

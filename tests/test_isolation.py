@@ -207,11 +207,18 @@ def test_a_kernel_finds_no_secret_of_the_control_plane_or_the_other_customer(
     assert result["jobs_submit"] in (401, 403)
 
 
-def test_the_probe_would_see_the_secrets_where_they_are(probed: dict[str, Any]) -> None:
-    """The control plane's own environment and data dir do hold what the kernels must
-    not find, so the probe's empty answer means something."""
+def test_the_control_plane_holds_the_markers_and_keeps_its_data_dir_private(
+    probed: dict[str, Any],
+) -> None:
+    """The hub process really has the marker secrets in its environment (so the
+    kernels' empty answer means something), and its data dir is 0700 with 0600 files."""
+    import psutil
+
     stack: Stack = probed["stack"]
-    assert probed["markers"][MARKER_ENV] == stack.env[MARKER_ENV]
+    hub_pid = json.loads((stack.data_dir / "run" / "stack.json").read_text())["hub_pid"]
+    hub_env = psutil.Process(int(hub_pid)).environ()
+    for name, value in probed["markers"].items():
+        assert hub_env.get(name) == value, name
     assert (stack.data_dir / "ray-auth-token").read_text().strip()
     assert stack.data_dir.stat().st_mode & 0o777 == 0o700
     for path in stack.data_dir.rglob("*"):

@@ -124,6 +124,10 @@ def test_a_claim_is_good_once_and_a_second_try_fails_the_spawn() -> None:
         assert report.take_claim("job-2", "right") is None
         assert report.take_claim("job-1", "right") is spawner
         assert spawner.conflicts == 0
+        # A guess at a used job's claim changes nothing (no one can fail a spawn by it)...
+        assert report.take_claim("job-1", "guess") is None
+        assert spawner.conflicts == 0
+        # ...the right claim replayed means the job was read: the spawn fails.
         assert report.take_claim("job-1", "right") is None
         assert spawner.conflicts == 1
     finally:
