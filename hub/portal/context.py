@@ -50,6 +50,7 @@ class Portal:
         chain: Any | None = None,
     ) -> None:
         self.settings = settings
+        self._house_ray_token: str | None = None
         self.engine = db.make_engine(settings.database_url)
         self.sessions = db.session_factory(self.engine)
         self.cache: Cache = cache or make_cache(settings.redis_url)
@@ -91,6 +92,16 @@ class Portal:
                 await self.cache.delete(key)
         except (RedisError, OSError) as exc:
             log.warning("could not drop the cached offers: %s", exc)
+
+    @property
+    def house_ray_token(self) -> str | None:
+        """The house cluster's Ray token, read from its file once it exists (health
+        asks on every call; the file does not change while the stack runs)."""
+        if self._house_ray_token is None:
+            path = self.settings.ray_token_path
+            if path.is_file():
+                self._house_ray_token = path.read_text().strip() or None
+        return self._house_ray_token
 
     @cached_property
     def oauth(self) -> HubOAuth:

@@ -81,9 +81,7 @@ async def health(portal: PortalDep) -> Any:
 
     db_info = await run_in_threadpool(db_status)
     cache_ok = await portal.cache.ping()
-    token_path = portal.settings.ray_token_path
-    token = token_path.read_text().strip() if token_path.is_file() else None
-    ray = await cluster_status(portal.settings.ray_jobs_url, token=token)
+    ray = await cluster_status(portal.settings.ray_jobs_url, token=portal.house_ray_token)
     ray.pop("address", None)
     overall = (
         "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" else "degraded"
