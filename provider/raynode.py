@@ -21,7 +21,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,17 +28,12 @@ from pathlib import Path
 
 import httpx
 
+from .ports import free_port
 from .rayresources import DEMO_RESOURCE, NODE_RESOURCE_PREFIX
 
 
 class RayStartError(RuntimeError):
     """Ray did not start; the message says why and where the log is."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def resources(node_id: str | None, models: dict[str, int], demo: bool) -> dict[str, float]:

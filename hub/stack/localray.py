@@ -26,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from gpuportal.provider import isolation, nvml, raynode
+from gpuportal.provider.ports import free_port
 
 from ..errors import ConfigError
 from ..settings import Settings
@@ -91,18 +92,6 @@ def ray_resources(plan: GpuPlan, node_id: str | None = None) -> dict[str, float]
     unit per GPU), the resource a reservation pins its Ray job to.
     """
     return raynode.resources(node_id, plan.models, plan.demo)
-
-
-def free_port(avoid: frozenset[int] = frozenset()) -> int:
-    """A port nobody listens on now, never one of ``avoid`` (ports the stack will
-    bind later, which are free until then)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in avoid:
-            return port
-    raise ConfigError("no free TCP port on 127.0.0.1")
 
 
 def port_in_use(port: int) -> bool:
@@ -240,13 +229,13 @@ class LocalRayHead:
             f"--object-store-memory={s.ray_object_store_mb * 1024 * 1024}",
             f"--temp-dir={temp_dir}",
             # Fixed free ports so two stacks on one machine (tests) never collide.
-            f"--node-manager-port={free_port(avoid)}",
-            f"--object-manager-port={free_port(avoid)}",
-            f"--ray-client-server-port={free_port(avoid)}",
-            f"--dashboard-agent-listen-port={free_port(avoid)}",
-            f"--dashboard-agent-grpc-port={free_port(avoid)}",
-            f"--runtime-env-agent-port={free_port(avoid)}",
-            f"--metrics-export-port={free_port(avoid)}",
+            f"--node-manager-port={free_port(avoid=avoid)}",
+            f"--object-manager-port={free_port(avoid=avoid)}",
+            f"--ray-client-server-port={free_port(avoid=avoid)}",
+            f"--dashboard-agent-listen-port={free_port(avoid=avoid)}",
+            f"--dashboard-agent-grpc-port={free_port(avoid=avoid)}",
+            f"--runtime-env-agent-port={free_port(avoid=avoid)}",
+            f"--metrics-export-port={free_port(avoid=avoid)}",
         ]
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.state_file.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,8 @@ from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
-from gpuportal.hub.stack.localray import free_port
 from gpuportal.hub.timeutil import utcnow
+from gpuportal.provider.ports import free_port
 
 
 def ray_node(state: str, *node_ids: str) -> dict[str, Any]:
