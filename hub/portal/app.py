@@ -28,7 +28,7 @@ from .api.providers import router as provider_router
 from .api.status import router
 from .auth import STATE_COOKIE, AuthRequired, oauth_redirect_url
 from .context import Portal
-from .loops import meter_loop
+from .loops import marketplace_loop, meter_loop, sync_loop
 from .reqlog import RequestIdMiddleware, request_id
 
 log = logging.getLogger(__name__)
@@ -71,9 +71,9 @@ def create_app(
         app.state.portal = the_portal
         tasks = (
             [
-                asyncio.create_task(the_portal.sync_loop()),
+                asyncio.create_task(sync_loop(the_portal)),
                 asyncio.create_task(meter_loop(the_portal)),
-                asyncio.create_task(the_portal.marketplace_loop()),
+                asyncio.create_task(marketplace_loop(the_portal)),
             ]
             if background
             else []

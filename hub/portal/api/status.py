@@ -24,6 +24,7 @@ from ..auth import (
     PortalDep,
     safe_next,
 )
+from ..loops import sync_from_hub
 from .plumbing import Admin, ApiError, in_db
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ async def list_accounts(
 @router.post("/api/v1/sync", tags=["accounts"])
 async def sync_now(portal: PortalDep, _admin: Admin) -> dict[str, int]:
     """Sync accounts and teams from the hub now (admins only)."""
-    return dict(await portal.sync_from_hub())
+    return dict(await sync_from_hub(portal))
 
 
 @router.get("/oauth_callback", include_in_schema=False)
