@@ -21,7 +21,7 @@ import httpx
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from .. import db, egress
+from .. import egress
 from ..billing import allocations, ledger, metering
 from ..db import accounts, transaction
 from ..db.ledger_models import Allocation
@@ -84,10 +84,12 @@ async def meter_loop(portal: Portal) -> None:
 
 
 async def sync_from_hub(portal: Portal) -> dict[str, int]:
+    """Accounts and teams from the hub, now: each round of the sync loop, and an
+    admin's ``POST /api/v1/sync``. Returns what changed, by kind."""
     users, groups = await portal.hub.users(), await portal.hub.groups()
 
     def write() -> dict[str, int]:
-        with db.transaction(portal.sessions) as session:
+        with transaction(portal.sessions) as session:
             return accounts.sync(session, users, groups)
 
     counts = await run_in_threadpool(write)
@@ -126,7 +128,7 @@ async def marketplace_housekeeping(portal: Portal) -> None:
     rules = nodes.NodeRules.from_settings(portal.settings)
 
     def housekeeping() -> None:
-        with db.transaction(portal.sessions) as session:
+        with transaction(portal.sessions) as session:
             now = utcnow()
             marketplace.expire_held(session, now)
             nodes.mark_offline(session, rules, now)
@@ -156,7 +158,7 @@ async def check_ray(portal: Portal) -> list[str]:
     rules = nodes.NodeRules.from_settings(portal.settings)
 
     def targets() -> tuple[dict[int, tuple[str, list[str]]], dict[int, str | None], set[int]]:
-        with db.transaction(portal.sessions) as session:
+        with transaction(portal.sessions) as session:
             found = nodes.clusters_to_check(session)
             rows = session.execute(
                 select(Cluster.id, Cluster.ray_token).where(Cluster.id.in_(list(found)))
@@ -202,7 +204,7 @@ async def check_ray(portal: Portal) -> list[str]:
 
     def apply() -> list[str]:
         changed: list[str] = []
-        with db.transaction(portal.sessions) as session:
+        with transaction(portal.sessions) as session:
             now = utcnow()
             for pk, (states, misses) in views.items():
                 changed += nodes.apply_ray_view(session, pk, states, misses, rules, now)
