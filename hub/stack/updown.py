@@ -383,6 +383,25 @@ def _wait_verified(
         engine.dispose()
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited, within ``timeout`` seconds.
+
+    A process that has exited but that its parent has not reaped yet is a zombie:
+    it is stopped, although ``psutil.Process.wait`` on a process that is not our
+    child waits out the whole timeout for it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def down(settings: Settings, echo: Echo, timeout: float = 90.0) -> int:
     """Stop what ``up`` started for this data dir. 0 when something was stopped."""
     state = _read_stack(settings)
@@ -390,15 +409,10 @@ def down(settings: Settings, echo: Echo, timeout: float = 90.0) -> int:
     if state and _ours(state.get("pid"), "gpuportal"):
         echo(f"stopping gpuportal (pid {state['pid']}) ...")
         os.kill(int(state["pid"]), signal.SIGTERM)
-        try:
-            psutil.Process(int(state["pid"])).wait(timeout)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            echo("it did not stop in time; stopping its processes directly")
-        else:
+        if _wait_exit(int(state["pid"]), timeout):
             echo("stopped.")
             return 0
+        echo("it did not stop in time; stopping its processes directly")
         stopped_any = True
     # `up` is gone (killed hard?): stop what it left behind, if still ours.
     if state and _ours(state.get("hub_pid"), "jupyterhub"):
