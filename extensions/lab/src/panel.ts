@@ -66,30 +66,28 @@ export class GpuPanel extends Widget {
     if (report.kernels.length === 0) {
       body.appendChild(el('p', '', 'No kernel is running.'));
     }
-    const table = el('table', 'jp-gpuportal-kernels');
-    const head = el('tr');
-    for (const name of ['Notebook', 'GPU memory', 'GPU use', 'State']) {
-      head.appendChild(el('th', '', name));
-    }
-    table.appendChild(head);
+    const list = el('ul', 'jp-gpuportal-kernels');
     for (const kernel of report.kernels) {
-      table.appendChild(this._kernelRow(kernel, paths.get(kernel.id)));
+      list.appendChild(this._kernelItem(kernel, paths.get(kernel.id)));
     }
-    if (report.kernels.length > 0) {
-      body.appendChild(table);
-    }
+    body.appendChild(list);
     this.node.replaceChildren(body);
   }
 
-  private _kernelRow(kernel: IKernel, path: string | undefined): HTMLTableRowElement {
-    const row = el('tr', 'jp-gpuportal-kernel');
-    row.dataset.kernelId = kernel.id;
+  private _kernelItem(kernel: IKernel, path: string | undefined): HTMLLIElement {
+    const item = el('li', 'jp-gpuportal-kernel');
+    item.dataset.kernelId = kernel.id;
     const computing = kernel.execution_state === 'busy' || kernel.gpu_utilization_pct > 0;
-    row.appendChild(el('td', 'jp-gpuportal-kernel-path', path ?? `${kernel.name} (no notebook)`));
-    row.appendChild(el('td', '', `${(kernel.gpu_memory_used_mib / 1024).toFixed(1)} GiB`));
-    row.appendChild(el('td', '', `${kernel.gpu_utilization_pct}%`));
-    row.appendChild(el('td', '', computing ? 'busy' : 'idle'));
-    return row;
+    item.appendChild(el('div', 'jp-gpuportal-kernel-path', path ?? `${kernel.name} (no notebook)`));
+    const memory = (kernel.gpu_memory_used_mib / 1024).toFixed(1);
+    item.appendChild(
+      el(
+        'div',
+        'jp-gpuportal-kernel-use',
+        `GPU memory ${memory} GiB · GPU use ${kernel.gpu_utilization_pct}% · ${computing ? 'busy' : 'idle'}`
+      )
+    );
+    return item;
   }
 
   private _model: UsageModel;
