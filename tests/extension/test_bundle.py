@@ -75,3 +75,26 @@ def money_cases() -> list[tuple[int, str]]:
 def test_the_portal_formats_the_front_ends_money_cases_alike(micro: int, text: str) -> None:
     """The same table drives the front end's jest test (test/format.test.ts)."""
     assert format_credits(micro) == text
+
+
+def test_the_wheel_ships_every_file_of_the_bundle_where_jupyterlab_looks() -> None:
+    """pyproject's data-files put the whole bundle under share/jupyter/labextensions."""
+    import tomllib
+
+    root = bundle.HERE.parent
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    data_files = config["tool"]["setuptools"]["data-files"]
+    prefix = f"share/jupyter/labextensions/{bundle.PACKAGE_NAME}"
+    shipped = {
+        (Path(dest) / path.name).as_posix()
+        for dest, patterns in data_files.items()
+        if dest.startswith(prefix)
+        for pattern in patterns
+        for path in root.glob(pattern)
+    }
+    wanted = {
+        f"{prefix}/{path.relative_to(bundle.BUNDLE_DIR).as_posix()}"
+        for path in bundle.BUNDLE_DIR.rglob("*")
+        if path.is_file() and path.name != bundle.SOURCES_FILE.name
+    }
+    assert shipped == wanted
