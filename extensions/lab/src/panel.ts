@@ -53,10 +53,15 @@ export class GpuPanel extends Widget {
       item.appendChild(
         el('div', '', `GPU ${gpu.index}: ${gpu.utilization_pct}% · ${used} / ${total} GiB`)
       );
-      item.appendChild(
-        sparkline(model.utilization.get(gpu.index) ?? [], `GPU ${gpu.index} utilisation`)
-      );
-      item.appendChild(sparkline(model.memory.get(gpu.index) ?? [], `GPU ${gpu.index} memory`));
+      for (const [name, history] of [
+        ['use', model.utilization.get(gpu.index) ?? []],
+        ['memory', model.memory.get(gpu.index) ?? []]
+      ] as [string, number[]][]) {
+        const chart = el('div', 'jp-gpuportal-chart');
+        chart.appendChild(el('span', 'jp-gpuportal-chart-label', name));
+        chart.appendChild(sparkline(history, `GPU ${gpu.index} ${name}, last 10 minutes`));
+        item.appendChild(chart);
+      }
       gpus.appendChild(item);
     }
     body.appendChild(gpus);
