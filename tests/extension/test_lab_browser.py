@@ -127,6 +127,10 @@ def test_a_click_opens_the_panel_listing_kernels_with_their_notebooks(page: Any,
     row = panel.locator(".jp-gpuportal-kernel")
     expect(row).to_have_count(1, timeout=WAIT_MS)
     expect(row.locator(".jp-gpuportal-kernel-path")).to_have_text(HOSTILE, timeout=WAIT_MS)
+    # Its GPU use, from the recorded data's training process (mapped to this kernel).
+    expect(row.locator(".jp-gpuportal-kernel-use")).to_have_text(
+        "GPU memory 21.0 GiB · GPU use 87% · busy", timeout=WAIT_MS
+    )
     assert panel.locator("img").count() == 0
     assert page.evaluate("() => window.injected") is None
     expect(panel.locator(".jp-gpuportal-idle")).to_have_text("Idle culling is off for this server.")
