@@ -11,6 +11,7 @@ reach 127.0.0.1 only. The screenshots in docs/img/ come from these tests.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -59,7 +60,10 @@ def portal() -> Iterator[FakePortal]:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory, portal: FakePortal) -> Iterator[Lab]:
-    yield from lab_in(tmp_path_factory.mktemp("lab"), portal)
+    # Idle culling on (the panel shows its timer), checked hourly: no cull in a test.
+    yield from lab_in(
+        tmp_path_factory.mktemp("lab"), portal, idle_timeout_seconds=1800, idle_check_seconds=3600
+    )
 
 
 @pytest.fixture
@@ -133,7 +137,10 @@ def test_a_click_opens_the_panel_listing_kernels_with_their_notebooks(page: Any,
     )
     assert panel.locator("img").count() == 0
     assert page.evaluate("() => window.injected") is None
-    expect(panel.locator(".jp-gpuportal-idle")).to_have_text("Idle culling is off for this server.")
+    # The recorded GPUs compute, so the idle timer stays at its full 30 minutes.
+    expect(panel.locator(".jp-gpuportal-idle")).to_have_text(
+        re.compile(r"This server stops in (29|30) min if the GPU stays idle\.")
+    )
     # Two readings make a line.
     page.wait_for_function(
         "() => [...document.querySelectorAll('#gpuportal-panel polyline')]"
