@@ -39,8 +39,10 @@ IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
 #: Bounded waits for what the page shows (the front end polls every 5 s).
 WAIT_MS = 60_000
 #: 2 GPUs at 0.06 credits per GPU-hour: 0.12/h, one hundredth every 5 minutes, so the
-#: spend shown stays 0.34 from 170 to 175 minutes after the start.
+#: spend shown stays 0.34 from 170 to 175 minutes after the start; the allocation
+#: started SPAN ago when the server is up.
 PRICE = 60_000
+SPAN = timedelta(minutes=170, seconds=10)
 RUNWAY = 3 * 3600 + 12 * 60 + 30
 LOW = (
     "Your credit runs out in about 8 min; your servers stop when it does. "
@@ -67,12 +69,11 @@ def lab(tmp_path_factory: pytest.TempPathFactory, portal: FakePortal) -> Iterato
 
 
 @pytest.fixture
-def page(browser_page: Any, portal: FakePortal) -> Any:
+def page(browser_page: Any, portal: FakePortal, lab: Lab) -> Any:
+    """After the server is up, so the spend shown is the same for minutes (SPAN)."""
     only_local(browser_page)
     browser_page.set_viewport_size({"width": 1280, "height": 800})
-    portal.allocation = allocation(
-        utcnow() - timedelta(minutes=171), gpu_count=2, price_per_gpu_hour=PRICE
-    )
+    portal.allocation = allocation(utcnow() - SPAN, gpu_count=2, price_per_gpu_hour=PRICE)
     portal.balance = balance(4_000_000, RUNWAY)
     return browser_page
 
@@ -176,13 +177,13 @@ def test_a_credit_stop_saves_the_modified_notebook_before_the_server_goes_away(
 
     portal = FakePortal()
     portal.start()
-    started = utcnow() - timedelta(minutes=171)
-    portal.allocation = allocation(started, gpu_count=2, price_per_gpu_hour=PRICE)
-    portal.balance = balance(4_000_000, RUNWAY)
     page = browser_page
     only_local(page)
     labs = lab_in(tmp_path, portal, save_lead_seconds=60, save_wait_seconds=30)
     lab = next(labs)
+    started = utcnow() - SPAN
+    portal.allocation = allocation(started, gpu_count=2, price_per_gpu_hour=PRICE)
+    portal.balance = balance(4_000_000, RUNWAY)
     try:
         notebook(lab.root / "work.ipynb", "x = 1")
         page.goto(lab.lab_url("work.ipynb"))
