@@ -6,6 +6,7 @@ whose defaults the spawner sets through the server's environment:
 * ``GPUPORTAL_PORTAL_URL``: the portal's public URL, e.g.
   ``https://hub.example.org/services/portal/``;
 * ``GPUPORTAL_IDLE_TIMEOUT_SECONDS``: the profile's idle limit (0 disables);
+* ``GPUPORTAL_TOPUP_URL``: where the front end's low-credit dialog links to;
 * ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_USER``, ``JUPYTERHUB_SERVER_NAME``:
   what JupyterHub gives every server;
 * ``CUDA_VISIBLE_DEVICES``: the GPUs this server holds.
