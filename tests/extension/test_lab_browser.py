@@ -150,6 +150,30 @@ def test_a_click_opens_the_panel_listing_kernels_with_their_notebooks(page: Any,
     )
     panel.screenshot(path=str(IMG / "panel.png"))
 
+    # It follows JupyterLab's theme: dark colours under the dark theme.
+    def background() -> str:
+        return str(panel.evaluate("node => getComputedStyle(node).backgroundColor"))
+
+    light = background()
+    page.evaluate(
+        "() => { window.jupyterapp.commands.execute("
+        "'apputils:change-theme', {theme: 'JupyterLab Dark'}); }"
+    )
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'false'", timeout=WAIT_MS)
+    page.wait_for_function(
+        "light => getComputedStyle(document.querySelector('#gpuportal-panel'))"
+        ".backgroundColor !== light",
+        arg=light,
+        timeout=WAIT_MS,
+    )
+    assert background() != light
+    panel.screenshot(path=str(IMG / "panel-dark.png"))
+    page.evaluate(  # the theme is a saved setting: back to light for the next tests
+        "() => { window.jupyterapp.commands.execute("
+        "'apputils:change-theme', {theme: 'JupyterLab Light'}); }"
+    )
+    page.wait_for_function("() => document.body.dataset.jpThemeLight === 'true'", timeout=WAIT_MS)
+
 
 def test_a_low_runway_opens_the_dialog_with_a_top_up_link(
     page: Any, lab: Lab, portal: FakePortal
