@@ -5,48 +5,24 @@ Availability and price come from the marketplace's ``/offers``; the cost per
 hour of the chosen size is computed in the page from the same numbers (the
 lowest listed price of the chosen model times the GPU count). Every value is
 HTML-escaped: display names are admin-written, offers come from providers.
+
+The HTML is a Jinja template (``templates/spawn_form.html``, shipped as package
+data) with autoescape on, as JupyterHub renders its own pages: this module builds
+plain data for it and never writes markup.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from html import escape
+from functools import cache
+from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from gpuportal.provider.money import format_credits
 
 from .profiles import FORM_PREFIX, UNLISTED, default_choice, default_profile
-
-_SCRIPT = """
-<script>
-(function () {
-  function update() {
-    var form = document.getElementById("gpuportal-profiles");
-    if (!form) { return; }
-    var checked = form.querySelector("input[name=profile]:checked");
-    form.querySelectorAll(".gpuportal-options").forEach(function (el) {
-      el.hidden = !checked || el.dataset.profile !== checked.value;
-      el.querySelectorAll("select,input").forEach(function (i) { i.disabled = el.hidden; });
-    });
-    if (!checked) { return; }
-    var slug = checked.value;
-    var model = form.querySelector("[name='profile-option-" + slug + "--gpu_model']");
-    var count = form.querySelector("[name='profile-option-" + slug + "--gpu_count']");
-    var out = form.querySelector("#gpuportal-cost-" + slug);
-    if (!out || !count) { return; }
-    var opt = model ? model.options[model.selectedIndex] : null;
-    var price = parseInt((opt && opt.dataset.price) || out.dataset.cheapest || "0", 10);
-    var n = parseInt(count.value, 10) || 0;
-    out.textContent = price > 0 && n > 0
-      ? "Cost: about " + (price * n / 1000000).toFixed(2) + " credits per hour"
-      : "Cost: no live price for this choice right now";
-  }
-  document.addEventListener("change", update);
-  document.addEventListener("DOMContentLoaded", update);
-  update();
-})();
-</script>
-"""
 
 
 def summarize_offers(offers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -85,6 +61,19 @@ def _model_label(
     ]
 
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    return jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=False,
+    )
+
+
 def render(
     profiles: list[dict[str, Any]],
     offers: list[dict[str, Any]] | None,
@@ -97,37 +86,16 @@ def render(
     chosen_profile = str(selected.get("profile") or default_profile(profiles)["slug"])
     if chosen_profile not in {p["slug"] for p in profiles}:
         chosen_profile = default_profile(profiles)["slug"]
-    parts = ['<div id="gpuportal-profiles" class="gpuportal-profiles">']
-    if not offers_ok:
-        parts.append(
-            '<p class="alert alert-warning">Live GPU availability is not available '
-            "right now; you can still choose, and the spawn will say if nothing "
-            "fits.</p>"
-        )
+    views = []
     for profile in profiles:
-        slug = escape(profile["slug"])
-        checked = " checked" if profile["slug"] == chosen_profile else ""
-        parts.append(
-            f'<div class="card mb-2"><div class="card-body">'
-            f'<label class="form-check-label"><input class="form-check-input" type="radio" '
-            f'name="profile" value="{slug}"{checked}> '
-            f"<strong>{escape(str(profile['display_name']))}</strong></label>"
-        )
-        if profile.get("description"):
-            parts.append(f'<p class="text-muted mb-1">{escape(str(profile["description"]))}</p>')
         options: Mapping[str, Any] = profile.get("profile_options") or {}
-        parts.append(f'<div class="gpuportal-options" data-profile="{slug}">')
+        option_views = []
         cheapest_any = 0
         for name, option in options.items():
-            field = f"{FORM_PREFIX}{profile['slug']}--{name}"
-            label = escape(str(option.get("display_name") or name))
             current = selected.get(name) if profile["slug"] == chosen_profile else None
             current = str(current) if current is not None else default_choice(option)
-            parts.append(
-                f'<div class="mb-1"><label class="form-label">{label} '
-                f'<select class="form-select" name="{escape(field)}">'
-            )
             choices: Mapping[str, Any] = option.get("choices") or {}
+            choice_views = []
             for key, choice in choices.items():
                 text = str(choice.get("display_name") or key)
                 price = 0
@@ -135,33 +103,36 @@ def render(
                     text, price = _model_label(str(key), text, live, offers_ok)
                     if key == "any":
                         cheapest_any = price
-                sel = " selected" if str(key) == current else ""
-                data = f' data-price="{price}"' if price else ""
-                parts.append(
-                    f'<option value="{escape(str(key))}"{data}{sel}>{escape(text)}</option>'
+                choice_views.append(
+                    {"value": str(key), "text": text, "price": price, "selected": key == current}
                 )
             unlisted: Mapping[str, Any] = option.get("unlisted_choice") or {}
+            unlisted_view = None
             if unlisted.get("enabled"):
                 is_other = current is not None and current not in choices
-                sel = " selected" if is_other else ""
-                parts.append(
-                    f'<option value="{UNLISTED}"{sel}>'
-                    f"{escape(str(unlisted.get('display_name') or 'Other'))}</option>"
-                )
-            parts.append("</select></label>")
-            if unlisted.get("enabled"):
-                value = escape(current) if current is not None and current not in choices else ""
-                parts.append(
-                    f'<input class="form-control" type="text" '
-                    f'name="{escape(field)}--{UNLISTED}" value="{value}" '
-                    f'placeholder="{escape(str(unlisted.get("display_name") or ""))}">'
-                )
-            parts.append("</div>")
-        if "gpu_count" in options:
-            parts.append(
-                f'<p class="fw-bold" id="gpuportal-cost-{slug}" data-cheapest="{cheapest_any}"></p>'
+                unlisted_view = {
+                    "label": str(unlisted.get("display_name") or "Other"),
+                    "selected": is_other,
+                    "value": current if is_other else "",
+                }
+            option_views.append(
+                {
+                    "field": f"{FORM_PREFIX}{profile['slug']}--{name}",
+                    "label": str(option.get("display_name") or name),
+                    "choices": choice_views,
+                    "unlisted": unlisted_view,
+                }
             )
-        parts.append("</div></div></div>")
-    parts.append("</div>")
-    parts.append(_SCRIPT)
-    return "\n".join(parts)
+        views.append(
+            {
+                "slug": profile["slug"],
+                "display_name": str(profile["display_name"]),
+                "description": str(profile.get("description") or ""),
+                "checked": profile["slug"] == chosen_profile,
+                "options": option_views,
+                "has_count": "gpu_count" in options,
+                "cheapest": cheapest_any,
+            }
+        )
+    template = _environment().get_template("spawn_form.html")
+    return template.render(profiles=views, offers_ok=offers_ok, unlisted_value=UNLISTED)

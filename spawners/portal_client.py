@@ -17,6 +17,8 @@ from typing import Any
 
 import httpx
 
+from .loopclient import LoopClient
+
 log = logging.getLogger(__name__)
 
 API = "api/v1"
@@ -95,22 +97,14 @@ class PortalClient:
         self._token = token
         self.timeout = timeout
         self.retries = retries
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        # One client per event loop: a hub restart or a test loop gets a fresh one.
-        if self._client is None or self._client.is_closed:
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=self.timeout,
-                headers={"Authorization": f"token {self._token}"},
-            )
-        return self._client
+        self._http = LoopClient(
+            base_url=self.base_url,
+            timeout=self.timeout,
+            headers={"Authorization": f"token {self._token}"},
+        )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     async def _request(
         self, method: str, path: str, *, retry: bool, json: dict[str, Any] | None = None
@@ -121,7 +115,7 @@ class PortalClient:
         for attempt in range(attempts):
             try:
                 reply = await asyncio.wait_for(
-                    self._http().request(method, f"{API}/{path}", json=json),
+                    self._http.client().request(method, f"{API}/{path}", json=json),
                     timeout=self.timeout + 1,
                 )
             except (httpx.HTTPError, TimeoutError) as exc:

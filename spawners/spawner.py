@@ -24,10 +24,10 @@ restart resumes running servers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import shlex
 import time
-from collections.abc import Iterable
 from typing import Any
 
 import httpx
@@ -37,15 +37,20 @@ from traitlets import Float, Integer, List, TraitError, Unicode, default, valida
 
 from gpuportal.provider import money
 
-from . import form, profiles
+from . import form, profiles, report
+from .loopclient import LoopClient
 from .naming import escape, job_submission_id, oauth_client_id
 from .portal_client import PortalClient, PortalError, PortalUnavailable
+from .profiles import default_profile_list
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
 from .report import expect_claim, forget_claim
-from .report import register as _register_report_handler
 from .singleuser import ENV_CLAIM, ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
 
-_register_report_handler()
+# The one place the hub's report and claim handlers are registered: the hub loads
+# its spawner class (``spawner_class = "ray"``) before it builds its handler table.
+report.register()
+
+__all__ = ["RaySpawner", "default_profile_list"]
 
 #: How much of the node's ``gpuportal/node:<id>`` resource one server takes:
 #: a sliver, so the resource only pins; the GPUs themselves are counted by Ray's GPU resource.
@@ -55,7 +60,17 @@ MAX_PRICE_CREDITS = 10**6
 #: The server's hub token never goes into a job's env (the wrapper claims it).
 _TOKEN_VARS = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"})
 #: One Jobs API client per (cluster, token, timeout), shared by every spawner of the hub.
+#: Keyed by the token's digest, never the token itself.
 _JOBS_CLIENTS: dict[tuple[str, str, float], RayJobs] = {}
+#: One portal client per (portal URL, token digest, timeout), shared likewise.
+_PORTAL_CLIENTS: dict[tuple[str, str, float], PortalClient] = {}
+#: One HTTP client per liveness timeout for the servers' liveness checks.
+_LIVENESS_CLIENTS: dict[float, LoopClient] = {}
+#: Version of the spawner state's layout, stored under STATE_VERSION_KEY (as KubeSpawner
+#: stores ``kubespawner_version``). A state without it was written by version 0, whose
+#: keys are the same; bump it when a key changes meaning, and convert in load_state.
+STATE_VERSION = 1
+STATE_VERSION_KEY = "rayspawner_state_version"
 #: node_id is the marketplace's node; ray_node_id is Ray's id of the node the job runs on.
 STATE_KEYS = (
     "jobs_url",
@@ -67,96 +82,6 @@ STATE_KEYS = (
     "url",
     "gpus",
 )
-
-
-COMMON_MODELS = {
-    "A100-80GB": "NVIDIA A100 80GB",
-    "H100-80GB": "NVIDIA H100 80GB",
-    "L4": "NVIDIA L4",
-}
-
-
-def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """A CPU profile and a GPU profile (model, count, region, max price).
-
-    ``models``: GPU model names to offer besides the common ones (e.g. the house
-    node's), as the marketplace spells them.
-    """
-    names = dict(COMMON_MODELS)
-    for model in models:
-        names.setdefault(model, model.replace("-", " "))
-    model_choices: dict[str, Any] = {
-        "any": {
-            "display_name": "Any model",
-            "default": True,
-            "spawner_override": {"gpu_model": ""},
-        },
-    }
-    for model, label in names.items():
-        model_choices[model] = {"display_name": label, "spawner_override": {"gpu_model": model}}
-    return [
-        {
-            "display_name": "CPU only",
-            "slug": "cpu",
-            "description": "A notebook server without a GPU, for editing and light work. Free.",
-            "spawner_override": {"gpu_count": 0},
-        },
-        {
-            "display_name": "GPU",
-            "slug": "gpu",
-            "description": "A notebook server on a provider's GPU, billed per second "
-            "at the price shown.",
-            "default": True,
-            "profile_options": {
-                "gpu_model": {"display_name": "GPU model", "choices": model_choices},
-                "gpu_count": {
-                    "display_name": "GPUs",
-                    "choices": {
-                        str(n): {
-                            "display_name": str(n),
-                            "default": n == 1,
-                            "spawner_override": {"gpu_count": n},
-                        }
-                        for n in (1, 2, 4, 8)
-                    },
-                },
-                "region": {
-                    "display_name": "Region",
-                    "choices": {
-                        "any": {
-                            "display_name": "Any region",
-                            "default": True,
-                            "spawner_override": {"region": ""},
-                        }
-                    },
-                    "unlisted_choice": {
-                        "enabled": True,
-                        "display_name": "Region name",
-                        "validation_regex": r"^[a-z0-9][a-z0-9-]{0,31}$",
-                        "validation_message": "use lower-case letters, digits and dashes",
-                        "spawner_override": {"region": "{value}"},
-                    },
-                },
-                "max_price": {
-                    "display_name": "Max price per GPU-hour (credits)",
-                    "choices": {
-                        "any": {
-                            "display_name": "No limit",
-                            "default": True,
-                            "spawner_override": {"max_price": ""},
-                        }
-                    },
-                    "unlisted_choice": {
-                        "enabled": True,
-                        "display_name": "Max credits per GPU-hour, e.g. 2.00",
-                        "validation_regex": r"^\d{1,6}(\.\d{1,6})?$",
-                        "validation_message": "give a number of credits such as 2 or 1.50",
-                        "spawner_override": {"max_price": "{value}"},
-                    },
-                },
-            },
-        },
-    ]
 
 
 class RaySpawner(Spawner):
@@ -313,23 +238,27 @@ class RaySpawner(Spawner):
             # Before the hub registers the client: see naming.oauth_client_id.
             self.oauth_client_id = oauth_client_id(user.name, self.name or "")
         self._events: list[dict[str, Any]] = []
+        #: Set (and replaced) on every event, so progress() wakes when the start moves.
+        self._progress_wake = asyncio.Event()
         self._start_done = True
         self._report: asyncio.Future[tuple[int, str]] | None = None
         self._unreachable_since: float | None = None
         self._config_values: dict[str, Any] = {}
         self._options_applied = False
-        self._portal: PortalClient | None = None
         self._ray_token: str | None = None
         self._claim_conflict = False
 
     # --- helpers ---------------------------------------------------------------
     @property
     def portal(self) -> PortalClient:
-        if self._portal is None or self._portal.base_url.rstrip("/") != self.portal_url.rstrip("/"):
-            self._portal = PortalClient(
+        """The hub's one client of the portal (per URL, token and timeout)."""
+        key = (self.portal_url.rstrip("/"), _digest(self.portal_token), self.portal_timeout)
+        client = _PORTAL_CLIENTS.get(key)
+        if client is None:
+            client = _PORTAL_CLIENTS[key] = PortalClient(
                 self.portal_url, self.portal_token, timeout=self.portal_timeout
             )
-        return self._portal
+        return client
 
     async def _jobs(self) -> RayJobs:
         """The Jobs API of this server's cluster, with the cluster's Ray token: from the
@@ -349,7 +278,7 @@ class RaySpawner(Spawner):
                 token = self._ray_token = self.cpu_ray_token
         else:
             token = self._ray_token
-        key = (self.jobs_url, token, self.ray_timeout)
+        key = (self.jobs_url, _digest(token), self.ray_timeout)
         jobs = _JOBS_CLIENTS.get(key)
         if jobs is None:
             # One client per cluster (the SDK's constructor makes a request itself).
@@ -380,6 +309,11 @@ class RaySpawner(Spawner):
     def _emit(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
         self._events.append({"progress": progress, "message": message})
+        self._wake_progress()
+
+    def _wake_progress(self) -> None:
+        wake, self._progress_wake = self._progress_wake, asyncio.Event()
+        wake.set()
 
     # --- user options -------------------------------------------------------------
     @default("options_from_form")
@@ -490,6 +424,7 @@ class RaySpawner(Spawner):
             return await self._start()
         finally:
             self._start_done = True
+            self._wake_progress()
             self._report = None
             forget_claim(self.job_id)
 
@@ -875,24 +810,38 @@ class RaySpawner(Spawner):
 
     async def _answers(self) -> bool:
         base = self.server.base_url if self.server else "/"
+        http = _LIVENESS_CLIENTS.get(self.liveness_timeout)
+        if http is None:
+            http = _LIVENESS_CLIENTS[self.liveness_timeout] = LoopClient(
+                timeout=self.liveness_timeout
+            )
         try:
-            async with httpx.AsyncClient(timeout=self.liveness_timeout) as client:
-                await client.get(f"{self.url}{base}api")
+            await http.get(f"{self.url}{base}api")
         except httpx.HTTPError:
             return False
         return True
 
     async def progress(self) -> Any:
-        """Yield reserved → submitted → scheduled → server up, as they happen."""
+        """Yield reserved → submitted → scheduled → server up, as start() emits them.
+
+        Follows the start's events: each ``_emit`` wakes every reader (the spawn page
+        may open more than one event stream), so an event is sent when it happens.
+        Bounded by start_timeout, after which the hub has cancelled the start anyway.
+        """
         seen = 0
         deadline = time.monotonic() + self.start_timeout + 10
-        while time.monotonic() < deadline:
+        while True:
+            wake = self._progress_wake  # taken before reading, so no event is missed
             while seen < len(self._events):
                 yield self._events[seen]
                 seen += 1
-            if self._start_done:
+            left = deadline - time.monotonic()
+            if self._start_done or left <= 0:
                 break
-            await asyncio.sleep(0.25)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=left)
+            except TimeoutError:
+                break
 
     async def get_url(self) -> str:
         if self.url and self.server:
@@ -917,10 +866,21 @@ class RaySpawner(Spawner):
             value = getattr(self, key)
             if value:
                 state[key] = value
+        if any(key in state for key in STATE_KEYS):
+            state[STATE_VERSION_KEY] = STATE_VERSION
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
+        version = state.get(STATE_VERSION_KEY, 0)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            # Written by a newer spawner (a downgrade): its keys may mean something else.
+            self.log.warning(
+                "%s: state version %r is newer than %s; reading the keys it shares",
+                self._log_name,
+                version,
+                STATE_VERSION,
+            )
         for key in STATE_KEYS:
             if key in state:
                 setattr(self, key, str(state[key]))
@@ -929,3 +889,8 @@ class RaySpawner(Spawner):
         super().clear_state()
         self.clear_ids()
         self._unreachable_since = None
+
+
+def _digest(token: str) -> str:
+    """A cache key for a credential: its digest, so no token sits in a dict's keys."""
+    return hashlib.sha256(token.encode()).hexdigest()

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from gpuportal.spawners.rayjobs import RayJobs, RayUnavailable
+from gpuportal.spawners.rayjobs import JobNotFound, RayJobs, RayUnavailable
 
 from .conftest import Hub
 from .contract_portal import ContractPortal
@@ -157,3 +157,19 @@ def test_the_jobs_api_refuses_whoever_lacks_the_clusters_token(ray_nodes: RayNod
         asyncio.run(RayJobs(ray_nodes.jobs_url).state("no-such-job"))
     trusted = RayJobs(ray_nodes.jobs_url, token=ray_nodes.token)
     assert asyncio.run(trusted.stop("no-such-job")) is False  # authenticated; job unknown
+
+
+def test_polls_reuse_one_jobs_client_and_one_http_client_per_cluster(
+    ray_nodes: RayNodes,
+) -> None:
+    """Each new SDK client asks the cluster for its version first; a poll must not."""
+    jobs = RayJobs(ray_nodes.jobs_url, token=ray_nodes.token)
+
+    async def poll_three_times() -> None:
+        for _ in range(3):
+            with pytest.raises(JobNotFound):
+                await jobs.state("gpuportal--nobody--never-submitted")
+            assert await jobs.node_alive("f" * 56) is False
+
+    asyncio.run(poll_three_times())
+    assert (jobs.sdk_clients_made, jobs._http.made) == (1, 1)

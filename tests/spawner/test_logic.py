@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import tomllib
+from pathlib import Path
 from typing import Any
 
 import pytest
 from jupyterhub.spawner import SpawnException
 
 from gpuportal.provider.money import format_credits
-from gpuportal.spawners import form, naming, profiles
+from gpuportal.spawners import form, naming, profiles, report
+from gpuportal.spawners import spawner as spawner_module
 from gpuportal.spawners.portal_client import PortalClient, PortalError
-from gpuportal.spawners.spawner import RaySpawner, default_profile_list
+from gpuportal.spawners.profiles import default_profile_list
+from gpuportal.spawners.spawner import STATE_VERSION, STATE_VERSION_KEY, RaySpawner
 
 from .contract_portal import ContractPortal, Node, Served, create_app
 from .raynodes import free_port
@@ -348,3 +352,105 @@ def test_query_options_are_flat_text() -> None:
         {"profile": ["gpu"], "gpu_count": [b"2"], "junk": [], "n": 3}
     ) == {"profile": "gpu", "gpu_count": "2"}
     assert profiles.options_from_form({"profile": "cpu"}) == {"profile": "cpu"}  # type: ignore[dict-item]
+
+
+# --- the spawner as JupyterHub and KubeSpawner write theirs ----------------------------
+
+
+def test_state_carries_its_version_and_reads_states_without_one() -> None:
+    spawner = make_spawner()
+    assert spawner.get_state() == {}  # nothing running: nothing to version
+    spawner.job_id, spawner.jobs_url = "j", "http://r"
+    state = spawner.get_state()
+    assert state[STATE_VERSION_KEY] == STATE_VERSION
+    old = {k: v for k, v in state.items() if k != STATE_VERSION_KEY}  # a version-0 state
+    fresh = make_spawner()
+    fresh.load_state(old)
+    assert (fresh.job_id, fresh.jobs_url) == ("j", "http://r")
+    assert fresh.get_state() == state
+
+
+def test_a_state_from_a_newer_spawner_is_read_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fresh = make_spawner()
+    with caplog.at_level("WARNING"):
+        fresh.load_state({"job_id": "j", STATE_VERSION_KEY: STATE_VERSION + 1})
+    assert fresh.job_id == "j"
+    assert "newer" in caplog.text
+
+
+def test_progress_follows_the_start_events_for_every_reader() -> None:
+    async def run() -> None:
+        spawner = make_spawner(start_timeout=30)
+        spawner._start_done = False
+        readers = [spawner.progress(), spawner.progress()]
+        spawner._emit(10, "Reserved")
+        for reader in readers:
+            event = await asyncio.wait_for(reader.__anext__(), timeout=10)
+            assert event == {"progress": 10, "message": "Reserved"}
+        # A reader waiting for the next event is woken by it, not by a timer.
+        pending = [asyncio.ensure_future(reader.__anext__()) for reader in readers]
+        await asyncio.sleep(0)
+        assert not any(p.done() for p in pending)
+        spawner._emit(30, "Submitted")
+        for p in pending:
+            assert (await asyncio.wait_for(p, timeout=10))["message"] == "Submitted"
+        spawner._start_done = True
+        spawner._wake_progress()
+        for reader in readers:
+            with pytest.raises(StopAsyncIteration):
+                await asyncio.wait_for(reader.__anext__(), timeout=10)
+
+    asyncio.run(run())
+
+
+def test_progress_after_the_start_yields_what_happened_and_ends() -> None:
+    async def run() -> list[dict[str, Any]]:
+        spawner = make_spawner()
+        spawner._events = [{"progress": 10, "message": "a"}, {"progress": 90, "message": "b"}]
+        return [e async for e in spawner.progress()]
+
+    assert [e["message"] for e in asyncio.run(run())] == ["a", "b"]
+
+
+def test_spawners_share_one_portal_client_and_never_key_it_by_the_token() -> None:
+    a, b = make_spawner(portal_token="s3cret-token"), make_spawner(portal_token="s3cret-token")
+    assert a.portal is b.portal
+    assert make_spawner(portal_token="other").portal is not a.portal
+    assert not any("s3cret-token" in str(key) for key in spawner_module._PORTAL_CLIENTS)
+    assert not any("s3cret-token" in str(key) for key in spawner_module._JOBS_CLIENTS)
+
+
+def test_portal_calls_reuse_one_http_client_per_event_loop() -> None:
+    portal = ContractPortal(token="t0k3n")
+    portal.nodes.append(Node("n9", 1, "L4", "eu", 700_000, "http://ray"))
+    port = free_port()
+    client = PortalClient(f"http://127.0.0.1:{port}/services/portal", "t0k3n", timeout=5)
+
+    async def poll_offers() -> None:
+        for _ in range(3):
+            await client.offers()
+
+    with Served(create_app(portal), port):
+        asyncio.run(poll_offers())
+        assert client._http.made == 1
+        asyncio.run(poll_offers())  # a new loop needs its own client
+        assert client._http.made == 2
+
+
+def test_the_report_handlers_are_registered_once() -> None:
+    from jupyterhub.apihandlers import default_handlers
+
+    report.register()
+    report.register()
+    paths = [entry[0] for entry in default_handlers]
+    assert paths.count(report.HANDLER_PATH) == 1
+    assert paths.count(report.CLAIM_HANDLER_PATH) == 1
+
+
+def test_the_form_template_ships_with_the_package() -> None:
+    assert (form.TEMPLATES / "spawn_form.html").is_file()
+    with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
+        package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
+    assert "templates/*.html" in package_data["gpuportal.spawners"]
