@@ -82,6 +82,26 @@ class Reservation:
         )
 
 
+@dataclass(frozen=True)
+class Balance:
+    """What the spawn form shows of a user's money: micro-credits, and how long a
+    launch must be covered for."""
+
+    balance: int
+    available: int
+    currency: str
+    min_billable_seconds: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Balance:
+        return cls(
+            balance=int(body["balance"]),
+            available=int(body.get("available", body["balance"])),
+            currency=str(body.get("currency") or "credits"),
+            min_billable_seconds=int(body["min_billable_seconds"]),
+        )
+
+
 class PortalClient:
     """Async client for the marketplace endpoints of the portal service."""
 
@@ -107,7 +127,13 @@ class PortalClient:
         await self._http.aclose()
 
     async def _request(
-        self, method: str, path: str, *, retry: bool, json: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: bool,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         attempts = self.retries if retry else 1
         delay = 0.2
@@ -115,7 +141,7 @@ class PortalClient:
         for attempt in range(attempts):
             try:
                 reply = await asyncio.wait_for(
-                    self._http.client().request(method, f"{API}/{path}", json=json),
+                    self._http.client().request(method, f"{API}/{path}", json=json, params=params),
                     timeout=self.timeout + 1,
                 )
             except (httpx.HTTPError, TimeoutError) as exc:
@@ -151,6 +177,16 @@ class PortalClient:
             raise self._error(reply)
         body = reply.json()
         return body if isinstance(body, list) else []
+
+    async def balance(self, user: str) -> Balance | None:
+        """A user's balance and the minimum billable period; None when the portal has
+        no account for them yet (a first spawn creates it)."""
+        reply = await self._request("GET", "balance", retry=True, params={"user": user})
+        if reply.status_code == 404:
+            return None
+        if reply.status_code != 200:
+            raise self._error(reply)
+        return Balance.from_json(reply.json())
 
     async def reserve(
         self,
