@@ -26,6 +26,11 @@ from typing import Any
 FORM_PREFIX = "profile-option-"
 UNLISTED = "unlisted-choice"
 OVERRIDE_KEYS = ("spawner_override", "kubespawner_override")
+#: A GPU model name a user may choose: letters, digits, spaces and ``._-()/+``, as GPU
+#: names are written ("A100-80GB", "NVIDIA L4", "RTX 6000 Ada"); up to 64 characters.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._()/+-]{0,63}$"
+#: A region as the marketplace names them (providers register with this pattern).
+REGION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class InvalidOptions(ValueError):
@@ -147,6 +152,8 @@ def options_from_form(form_data: Mapping[str, list[str]]) -> dict[str, Any]:
         value = first(key)
         if value == UNLISTED:
             value = first(f"{key}--{UNLISTED}")
+            if value is not None and not value.strip():
+                value = None  # an empty free-text box (e.g. "No limit"): the default
         if value is not None:
             options[name] = value
     return options
@@ -236,10 +243,13 @@ COMMON_MODELS = {
 
 
 def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """A CPU profile and a GPU profile (model, count, region, max price).
+    """A CPU profile (the default: free, and always placeable) and a GPU profile
+    (model, count, region, max price).
 
-    ``models``: GPU model names to offer besides the common ones (e.g. the house
-    node's), as the marketplace spells them.
+    ``models``: GPU model names to list besides the common ones (e.g. the house
+    node's), as the marketplace spells them. The form offers what the live offers
+    have; any model or region the marketplace lists can be chosen (the unlisted
+    choice), since providers join after the hub starts.
     """
     names = dict(COMMON_MODELS)
     for model in models:
@@ -258,6 +268,7 @@ def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
             "display_name": "CPU only",
             "slug": "cpu",
             "description": "A notebook server without a GPU, for editing and light work. Free.",
+            "default": True,
             "spawner_override": {"gpu_count": 0},
         },
         {
@@ -265,9 +276,18 @@ def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
             "slug": "gpu",
             "description": "A notebook server on a provider's GPU, billed per second "
             "at the price shown.",
-            "default": True,
             "profile_options": {
-                "gpu_model": {"display_name": "GPU model", "choices": model_choices},
+                "gpu_model": {
+                    "display_name": "GPU model",
+                    "choices": model_choices,
+                    "unlisted_choice": {
+                        "enabled": True,
+                        "display_name": "Model name",
+                        "validation_regex": MODEL_NAME,
+                        "validation_message": "name a GPU model the marketplace lists",
+                        "spawner_override": {"gpu_model": "{value}"},
+                    },
+                },
                 "gpu_count": {
                     "display_name": "GPUs",
                     "choices": {
@@ -291,8 +311,9 @@ def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
                     "unlisted_choice": {
                         "enabled": True,
                         "display_name": "Region name",
-                        "validation_regex": r"^[a-z0-9][a-z0-9-]{0,31}$",
-                        "validation_message": "use lower-case letters, digits and dashes",
+                        "validation_regex": REGION_NAME,
+                        "validation_message": "use letters, digits, dots, dashes and "
+                        "underscores, as the marketplace names regions",
                         "spawner_override": {"region": "{value}"},
                     },
                 },

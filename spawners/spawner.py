@@ -29,6 +29,7 @@ import secrets
 import shlex
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from jupyterhub.spawner import Spawner, SpawnException
@@ -40,9 +41,10 @@ from gpuportal.provider import money
 from . import form, profiles, report
 from .loopclient import LoopClient
 from .naming import escape, job_submission_id, oauth_client_id
-from .portal_client import PortalClient, PortalError, PortalUnavailable
+from .portal_client import ADD_CREDIT_PAGE, PortalClient, PortalError, PortalUnavailable
 from .profiles import default_profile_list
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
+from .refusals import CREDIT_CODES, SpawnRefusal
 from .report import expect_claim, forget_claim
 from .singleuser import ENV_CLAIM, ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
 
@@ -122,6 +124,18 @@ class RaySpawner(Spawner):
     ).tag(config=True)
 
     portal_timeout = Float(10.0, help="Seconds one portal request may take.").tag(config=True)
+
+    add_credit_url = Unicode(
+        help="Where a user adds credit, as the browser reaches it: the spawn form and a "
+        "refusal for credit link here. Default: the portal's page for it under the path "
+        "of portal_url. Example: c.RaySpawner.add_credit_url = '/hub/billing'",
+    ).tag(config=True)
+
+    @default("add_credit_url")
+    def _default_add_credit_url(self) -> str:
+        # The portal's public path (never its internal host) and the one constant.
+        path = urlsplit(self.portal_url).path.rstrip("/")
+        return f"{path}/{ADD_CREDIT_PAGE}"
 
     cpu_jobs_url = Unicode(
         "",
@@ -247,6 +261,7 @@ class RaySpawner(Spawner):
         self._options_applied = False
         self._ray_token: str | None = None
         self._claim_conflict = False
+        self._last_refusal: dict[str, Any] | None = None
 
     # --- helpers ---------------------------------------------------------------
     @property
@@ -343,12 +358,32 @@ class RaySpawner(Spawner):
             p.get("profile_options") for p in spawner.profile_list
         ):
             return ""
-        try:
-            offers: list[dict[str, Any]] | None = await spawner.portal.offers()
-        except PortalError as exc:
-            spawner.log.warning("offers unavailable for the spawn form: %s", exc.code)
-            offers = None
-        return form.render(spawner.profile_list, offers, spawner.user_options)
+        offers_reply, balance_reply = await asyncio.gather(
+            spawner.portal.offers(),
+            spawner.portal.balance(spawner.user.name),
+            return_exceptions=True,
+        )
+        offers = offers_reply if isinstance(offers_reply, list) else None
+        if offers is None:
+            spawner.log.warning("offers unavailable for the spawn form: %s", offers_reply)
+        balance = None if isinstance(balance_reply, BaseException) else balance_reply
+        if isinstance(balance_reply, BaseException):
+            spawner.log.info(
+                "no balance for the spawn form of %s: %s", spawner._log_name, balance_reply
+            )
+        refusal = spawner._last_refusal
+        selected: Any = spawner.user_options
+        if refusal is not None:
+            # Keep the profile, not the choices that were refused.
+            selected = {"profile": refusal["profile"]} if refusal.get("profile") else {}
+        return form.render(
+            spawner.profile_list,
+            offers,
+            selected if isinstance(selected, dict) else {},
+            balance=balance,
+            refusal=refusal,
+            add_credit_url=spawner.add_credit_url,
+        )
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:
@@ -358,8 +393,22 @@ class RaySpawner(Spawner):
 
     @staticmethod
     def _apply_user_options_hook(spawner: RaySpawner, user_options: Any) -> None:
-        spawner._apply_options()
+        try:
+            spawner._apply_options()
+        except SpawnException as exc:
+            spawner._remember_refusal(exc)
+            raise
         spawner._options_applied = True
+
+    def _remember_refusal(self, exc: SpawnException) -> None:
+        """The next form shows that the last start was refused, without the choices
+        that caused it (they are not kept silently for the next try)."""
+        options = self.user_options if isinstance(self.user_options, dict) else {}
+        profile = options.get("profile")
+        self._last_refusal = {
+            "profile": profile if isinstance(profile, str) else None,
+            "credit": bool(getattr(exc, "credit", False)),
+        }
 
     def _apply_options(self) -> profiles.Selection:
         """Validate user_options against profile_list and apply the chosen overrides.
@@ -373,7 +422,7 @@ class RaySpawner(Spawner):
         try:
             selection = profiles.select(self.profile_list, self.user_options)
         except profiles.InvalidOptions as exc:
-            raise SpawnException(str(exc), reason="invalid_options", status_code=400) from None
+            raise SpawnRefusal(str(exc), reason="invalid_options", status_code=400) from None
         traits = self.traits(config=True)
         for name, value in selection.overrides.items():
             trait = traits.get(name)
@@ -381,7 +430,7 @@ class RaySpawner(Spawner):
                 self.log.error(
                     "profile %s overrides unknown RaySpawner trait %s", selection.profile, name
                 )
-                raise SpawnException(
+                raise SpawnRefusal(
                     "This profile is misconfigured; tell the administrator.",
                     reason="bad_profile",
                     status_code=500,
@@ -392,7 +441,7 @@ class RaySpawner(Spawner):
                     value = trait.from_string(value)
                 setattr(self, name, value)
             except (TraitError, ValueError) as exc:
-                raise SpawnException(
+                raise SpawnRefusal(
                     f"{str(value)[:64]!r} is not a valid {name}: {str(exc)[:200]}",
                     reason="invalid_options",
                     status_code=400,
@@ -421,7 +470,12 @@ class RaySpawner(Spawner):
         self._events = []
         self._start_done = False
         try:
-            return await self._start()
+            url = await self._start()
+            self._last_refusal = None
+            return url
+        except SpawnException as exc:
+            self._remember_refusal(exc)
+            raise
         finally:
             self._start_done = True
             self._wake_progress()
@@ -459,7 +513,7 @@ class RaySpawner(Spawner):
                 )
             else:
                 if not self.cpu_jobs_url:
-                    raise SpawnException(
+                    raise SpawnRefusal(
                         "CPU-only servers are not offered here; choose a GPU profile.",
                         reason="no_cpu_cluster",
                     )
@@ -491,7 +545,7 @@ class RaySpawner(Spawner):
         except Exception:
             self.log.exception("%s: start failed", self._log_name)
             await self._cleanup(failed="internal error while starting")
-            raise SpawnException(
+            raise SpawnRefusal(
                 "Your server could not be started because of an internal error; it has been "
                 "logged. Try again in a minute.",
                 reason="error",
@@ -511,14 +565,27 @@ class RaySpawner(Spawner):
                 min_reliability=self.min_reliability or None,
             )
         except PortalUnavailable as exc:
-            raise SpawnException(
-                exc.message, reason="portal_unavailable", status_code=503
-            ) from None
+            raise SpawnRefusal(exc.message, reason="portal_unavailable", status_code=503) from None
         except PortalError as exc:
             status = exc.status if 400 <= exc.status < 500 else 500
-            raise SpawnException(
-                exc.message, reason=exc.code or "refused", status_code=status
+            message = exc.message
+            if exc.code == "no_capacity":
+                message = f"{message.rstrip()} {await self._free_now()}".rstrip()
+            credit = exc.code in CREDIT_CODES
+            raise SpawnRefusal(
+                message,
+                reason=exc.code or "refused",
+                status_code=status,
+                link=(self.add_credit_url, "Add credit") if credit else None,
+                credit=credit,
             ) from None
+
+    async def _free_now(self) -> str:
+        """What is free, for a refusal for capacity (empty if the portal cannot say)."""
+        try:
+            return form.free_now(await self.portal.offers())
+        except PortalError:
+            return ""
 
     async def _submit(self, resources: dict[str, float]) -> None:
         entrypoint = shlex.join([*self.entrypoint, *self.get_args()])
@@ -541,7 +608,7 @@ class RaySpawner(Spawner):
             )
         except RayUnavailable as exc:
             self.log.warning("%s: submit failed: %s", self._log_name, exc)
-            raise SpawnException(
+            raise SpawnRefusal(
                 "The GPU provider's cluster is not answering; try again "
                 "in a minute or choose another GPU.",
                 reason="ray_unavailable",
@@ -559,7 +626,7 @@ class RaySpawner(Spawner):
         while time.monotonic() < deadline:
             done, _ = await asyncio.wait({self._report}, timeout=1.0)
             if self._claim_conflict:
-                raise SpawnException(
+                raise SpawnRefusal(
                     "Your server's start-up credentials were requested twice, so it was "
                     "stopped for your safety; start it again.",
                     reason="claim_conflict",
@@ -574,7 +641,7 @@ class RaySpawner(Spawner):
                 unavailable_since = unavailable_since or now
                 if now - unavailable_since > self.dead_after:
                     self.log.warning("%s: cluster lost while starting: %s", self._log_name, exc)
-                    raise SpawnException(
+                    raise SpawnRefusal(
                         "The GPU provider's cluster stopped answering while "
                         "your server was starting; try again.",
                         reason="ray_unavailable",
@@ -592,7 +659,7 @@ class RaySpawner(Spawner):
                     state.message[:300],
                     tail,
                 )
-                raise SpawnException(
+                raise SpawnRefusal(
                     f"Your server exited before it was ready (Ray job {state.status.lower()}). "
                     "The details are in the hub log; try again or choose another GPU.",
                     reason="job_failed",
@@ -605,9 +672,7 @@ class RaySpawner(Spawner):
                     50,
                     f"Scheduled on Ray node {state.node_id[:12]}; starting Jupyter",
                 )
-        raise SpawnException(
-            "Your server did not report in time.", reason="timeout", status_code=500
-        )
+        raise SpawnRefusal("Your server did not report in time.", reason="timeout", status_code=500)
 
     def accept_report(self, body: dict[str, Any]) -> None:
         """Called by the report handler for this server's token; ValueError → 400."""
@@ -639,7 +704,7 @@ class RaySpawner(Spawner):
             except RayUnavailable:
                 node_ip = None
         if not node_ip:
-            raise SpawnException(
+            raise SpawnRefusal(
                 "The server's node has no address the hub can reach.",
                 reason="no_address",
                 status_code=500,
@@ -656,7 +721,7 @@ class RaySpawner(Spawner):
                 self.reservation_id,
                 exc.code,
             )
-            raise SpawnException(
+            raise SpawnRefusal(
                 "The marketplace could not confirm your GPUs; the server was stopped. "
                 + exc.message,
                 reason="activate_failed",

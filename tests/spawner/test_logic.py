@@ -13,7 +13,8 @@ from jupyterhub.spawner import SpawnException
 from gpuportal.provider.money import format_credits
 from gpuportal.spawners import form, naming, profiles, report
 from gpuportal.spawners import spawner as spawner_module
-from gpuportal.spawners.portal_client import PortalClient, PortalError
+from gpuportal.spawners.portal_client import Balance, PortalClient, PortalError
+from gpuportal.spawners.refusals import SpawnRefusal
 from gpuportal.spawners.profiles import default_profile_list
 from gpuportal.spawners.spawner import STATE_VERSION, STATE_VERSION_KEY, RaySpawner
 
@@ -60,8 +61,13 @@ def test_job_ids_are_fresh_per_spawn() -> None:
 # --- profiles and user options --------------------------------------------------------
 
 
-def test_empty_options_select_the_default_profile_and_choices() -> None:
+def test_empty_options_select_the_free_cpu_profile() -> None:
     chosen = profiles.select(PROFILES, {})
+    assert (chosen.profile, chosen.choices, chosen.overrides) == ("cpu", {}, {"gpu_count": 0})
+
+
+def test_the_gpu_profile_alone_selects_its_default_choices() -> None:
+    chosen = profiles.select(PROFILES, {"profile": "gpu"})
     assert chosen.profile == "gpu"
     assert chosen.choices == {
         "gpu_model": "any",
@@ -100,16 +106,28 @@ def test_cpu_profile_has_no_gpu() -> None:
     [
         ([], "Server options must be a JSON object."),
         ({"profile": "x"}, "There is no profile 'x'; choose one of: cpu, gpu."),
-        ({"gpu_count": True}, "gpu_count must be a string or a number."),
-        ({"gpu_count": "16"}, "'16' is not a valid GPUs; choose one of: 1, 2, 4, 8."),
+        ({"profile": "gpu", "gpu_count": True}, "gpu_count must be a string or a number."),
         (
-            {"region": "EU WEST"},
-            "'EU WEST' is not a valid Region: use lower-case letters, digits and dashes.",
+            {"profile": "gpu", "gpu_count": "16"},
+            "'16' is not a valid GPUs; choose one of: 1, 2, 4, 8.",
         ),
         (
-            {"env": {"A": "b"}},
+            {"profile": "gpu", "region": "EU WEST"},
+            "'EU WEST' is not a valid Region: use letters, digits, dots, dashes and "
+            "underscores, as the marketplace names regions.",
+        ),
+        (
+            {"profile": "gpu", "gpu_model": "A\x00"},
+            "'A\\x00' is not a valid GPU model: name a GPU model the marketplace lists.",
+        ),
+        (
+            {"profile": "gpu", "env": {"A": "b"}},
             "The gpu profile does not take env; it accepts: gpu_model, "
             "gpu_count, region, max_price.",
+        ),
+        (
+            {"gpu_count": "1"},
+            "The cpu profile does not take gpu_count; it accepts: no options.",
         ),
         (
             {"profile": "cpu", "region": "x"},
@@ -185,10 +203,10 @@ def test_form_shows_offers_and_escapes_everything() -> None:
         {"gpu_model": "<img>", "free_gpus": "x"},
     ]
     html = form.render(profiles.check_profile_list(hostile), offers)
-    assert "<script>" not in html.replace("<script>\n(function", "")
+    assert html.count("<script>") == 1  # the form's own script, and no other
     assert "&lt;b&gt;x&lt;/b&gt;" in html and "&lt;script&gt;" in html
     assert "A100 (4 free, from 1.50/GPU-hour)" in html
-    assert 'data-price="1500000"' in html
+    assert "<img>" not in html
 
 
 def test_form_without_marketplace_says_so() -> None:
@@ -454,3 +472,203 @@ def test_the_form_template_ships_with_the_package() -> None:
     with open(Path(__file__).resolve().parents[2] / "pyproject.toml", "rb") as f:
         package_data = tomllib.load(f)["tool"]["setuptools"]["package-data"]
     assert "templates/*.html" in package_data["gpuportal.spawners"]
+
+
+# --- an honest spawn form and plain errors ----------------------------------------------
+
+LIVE_OFFERS = [
+    {
+        "gpu_model": "A100-80GB",
+        "region": "local",
+        "free_gpus": 3,
+        "largest_free_gpus": 2,
+        "price_per_gpu_hour": 1_500_000,
+        "demo": True,
+    },
+    {
+        "gpu_model": "RTX-4090",
+        "region": "eu-west",
+        "free_gpus": 0,
+        "largest_free_gpus": 0,
+        "price_per_gpu_hour": 700_000,
+        "demo": True,
+    },
+]
+BALANCE = Balance(
+    balance=7_250_000, available=7_250_000, currency="credits", min_billable_seconds=600
+)
+
+
+def options_of(html: str, field: str) -> list[tuple[str, str, bool, bool]]:
+    """(value, text, disabled, selected) of each option of one select, in order."""
+    select = html.split(f'name="{field}"', 1)[1].split("</select>", 1)[0]
+    out = []
+    for part in select.split("<option")[1:]:
+        head, text = part.split(">", 1)
+        value = head.split('value="', 1)[1].split('"', 1)[0]
+        out.append((value, text.split("</option>")[0], " disabled" in head, " selected" in head))
+    return out
+
+
+def test_the_form_defaults_to_cpu_and_offers_only_what_can_be_placed() -> None:
+    html = form.render(PROFILES, LIVE_OFFERS, {}, balance=BALANCE, add_credit_url="/credit")
+    assert 'value="cpu" checked' in html and 'value="gpu" checked' not in html
+    models = options_of(html, "profile-option-gpu--gpu_model")
+    assert models == [
+        ("any", "Any model (3 free, from 1.50/GPU-hour, demo GPU)", False, True),
+        ("A100-80GB", "NVIDIA A100 80GB (3 free, from 1.50/GPU-hour, demo GPU)", False, False),
+        ("H100-80GB", "NVIDIA H100 80GB (no offers now)", True, False),
+        ("L4", "NVIDIA L4 (no offers now)", True, False),
+        ("RTX-4090", "RTX 4090 (none free now)", True, False),
+    ]
+    counts = options_of(html, "profile-option-gpu--gpu_count")
+    assert [(v, d) for v, _, d, _ in counts] == [
+        ("1", False),
+        ("2", False),
+        ("4", True),  # the largest node has 2 free
+        ("8", True),
+    ]
+    regions = options_of(html, "profile-option-gpu--region")
+    assert regions == [
+        ("any", "Any region", False, True),
+        ("eu-west", "eu-west (none free now)", True, False),
+        ("local", "local (3 GPUs free)", False, False),
+    ]
+    # Region is one control; max price is one input.
+    assert 'name="profile-option-gpu--region--unlisted-choice"' not in html
+    assert html.count("profile-option-gpu--max_price--unlisted-choice") == 1
+    assert 'placeholder="No limit"' in html
+
+
+def test_the_form_shows_balance_cost_minimum_period_and_demo_label() -> None:
+    html = form.render(
+        PROFILES, LIVE_OFFERS, {"profile": "gpu"}, balance=BALANCE, add_credit_url="/credit"
+    )
+    assert "Your balance: <strong" in html and "7.25 credits" in html
+    assert 'href="/credit"' in html
+    assert "billed for at least <span" in html and "10 minutes" in html  # the portal's 600 s
+    assert "About 1.50 credits per hour; at least 0.25 credits (10 minutes)" in html
+    assert 'id="gpuportal-demo"' in html and "demo GPUs" in html
+    owing = Balance(
+        balance=-4_050_000, available=-4_050_000, currency="credits", min_billable_seconds=900
+    )
+    assert "You owe <strong" in form.render(PROFILES, LIVE_OFFERS, {}, balance=owing)
+    assert "4.05 credits" in form.render(PROFILES, LIVE_OFFERS, {}, balance=owing)
+
+
+def test_with_no_gpu_free_the_gpu_profile_is_disabled_with_a_reason() -> None:
+    busy = [dict(o, free_gpus=0, largest_free_gpus=0) for o in LIVE_OFFERS]
+    html = form.render(PROFILES, busy, {"profile": "gpu"})
+    assert 'value="gpu" disabled' in html and "No GPUs are free right now." in html
+    assert 'value="cpu" checked' in html
+
+
+def test_hostile_names_from_a_providers_offer_are_text() -> None:
+    model = '<img src=x onerror="window.pwned=1">'
+    region = '"><script>window.pwned=2</script>'
+    offers = [
+        {
+            "gpu_model": model,
+            "region": region,
+            "free_gpus": 1,
+            "largest_free_gpus": 1,
+            "price_per_gpu_hour": 1_000_000,
+        }
+    ]
+    html = form.render(PROFILES, offers, {"profile": "gpu"})
+    assert model not in html and region not in html and "<img" not in html
+    assert html.count("<script>") == 1
+    assert "&lt;img src=x onerror=&#34;window.pwned=1&#34;&gt;" in html
+    assert "\\u003cimg" in html  # inside the costs' JSON attribute too
+    # Neither can be chosen: each is listed disabled, with the reason, as text.
+    for field in ("profile-option-gpu--gpu_model", "profile-option-gpu--region"):
+        hostile = [o for o in options_of(html, field) if o[0] != "any"]
+        assert [(d, t.endswith("(this name cannot be chosen)")) for _, t, d, _ in hostile][-1] == (
+            True,
+            True,
+        )
+    with pytest.raises(profiles.InvalidOptions):
+        profiles.select(PROFILES, {"profile": "gpu", "gpu_model": model})
+
+
+def test_an_empty_max_price_box_means_no_limit() -> None:
+    data = {
+        "profile": ["gpu"],
+        "profile-option-gpu--max_price": ["unlisted-choice"],
+        "profile-option-gpu--max_price--unlisted-choice": ["  "],
+        "profile-option-gpu--region": ["local"],
+    }
+    options = profiles.options_from_form(data)
+    assert options == {"profile": "gpu", "region": "local"}
+    assert profiles.select(PROFILES, options).overrides["max_price"] == ""
+
+
+def test_a_refusal_is_a_sentence_with_a_link_and_no_class_name() -> None:
+    refusal = SpawnRefusal(
+        "Your balance <is> low.",
+        reason="payment_required",
+        status_code=402,
+        link=("/c?a=1&b", "Add credit"),
+    )
+    assert str(refusal) == refusal.jupyterhub_message == "Your balance <is> low."
+    assert "SpawnException" not in str(refusal) and "402" not in str(refusal)
+    assert refusal.jupyterhub_html_message == (
+        'Your balance &lt;is&gt; low. <a href="/c?a=1&amp;b">Add credit</a>'
+    )
+
+
+def test_a_refusal_for_credit_links_to_credit_and_resets_the_choices() -> None:
+    portal = ContractPortal(token="t0k3n", balances={"a-b": 0})
+    portal.nodes.append(Node("n1", 2, "A100-80GB", "local", 1_500_000, "http://ray"))
+    port = free_port()
+
+    async def run() -> tuple[SpawnRefusal, str]:
+        spawner = make_spawner(
+            profile_list=default_profile_list(),
+            portal_url=f"http://127.0.0.1:{port}/services/portal",
+            portal_token="t0k3n",
+        )
+        spawner.user_options = {"profile": "gpu", "gpu_model": "A100-80GB", "gpu_count": "2"}
+        spawner._apply_options()
+        with pytest.raises(SpawnRefusal) as caught:
+            await spawner._reserve()
+        spawner._remember_refusal(caught.value)
+        page = await RaySpawner._render_options_form(spawner)
+        return caught.value, page
+
+    with Served(create_app(portal), port):
+        refusal, page = asyncio.run(run())
+    assert refusal.status_code == 402 and refusal.credit
+    assert 'href="/services/portal/docs#/billing">Add credit</a>' in refusal.jupyterhub_html_message
+    assert 'id="gpuportal-refusal"' in page and "choices were reset" in page
+    assert 'value="gpu" checked' in page  # the profile stays
+    counts = options_of(page, "profile-option-gpu--gpu_count")
+    assert [v for v, _, _, selected in counts if selected] == ["1"]  # not the refused 2
+    models = options_of(page, "profile-option-gpu--gpu_model")
+    assert [v for v, _, _, selected in models if selected] == ["any"]
+    assert "0.00 credits" in page
+
+
+def test_a_refusal_for_capacity_says_what_is_free() -> None:
+    portal = ContractPortal(token="t0k3n")
+    portal.nodes.append(Node("n1", 2, "A100-80GB", "local", 1_500_000, "http://ray"))
+    port = free_port()
+
+    async def run() -> SpawnRefusal:
+        spawner = make_spawner(
+            profile_list=default_profile_list(),
+            portal_url=f"http://127.0.0.1:{port}/services/portal",
+            portal_token="t0k3n",
+        )
+        spawner.user_options = {"profile": "gpu", "region": "mars"}
+        spawner._apply_options()
+        with pytest.raises(SpawnRefusal) as caught:
+            await spawner._reserve()
+        return caught.value
+
+    with Served(create_app(portal), port):
+        refusal = asyncio.run(run())
+    assert refusal.status_code == 409 and not refusal.credit
+    assert str(refusal).endswith(
+        "Free now in local: 2x A100-80GB (up to 2 on one server, from 1.50 per GPU-hour)."
+    )
