@@ -14,8 +14,8 @@ from gpuportal.provider.money import format_credits
 from gpuportal.spawners import form, naming, profiles, report
 from gpuportal.spawners import spawner as spawner_module
 from gpuportal.spawners.portal_client import Balance, PortalClient, PortalError
-from gpuportal.spawners.refusals import SpawnRefusal
 from gpuportal.spawners.profiles import default_profile_list
+from gpuportal.spawners.refusals import SpawnRefusal
 from gpuportal.spawners.spawner import STATE_VERSION, STATE_VERSION_KEY, RaySpawner
 
 from .contract_portal import ContractPortal, Node, Served, create_app
