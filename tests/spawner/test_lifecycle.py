@@ -243,7 +243,7 @@ def test_a_refusal_in_chromium_is_a_sentence_that_keeps_the_form_and_drops_the_c
         log_in(page, hub, "vic")
         page.goto(f"{hub.url}/hub/spawn")
         page.check("input[name=profile][value=gpu]")
-        page.select_option("select[name='profile-option-gpu--gpu_count']", "2")
+        page.select_option("select[name='profile-option-gpu--gpu_model']", "A100-80GB")
         page.click("#spawn_form button[type=submit]")
         page.wait_for_selector(".spawn-error-msg", timeout=60_000)
         error = page.inner_text(".spawn-error-msg")
@@ -253,9 +253,9 @@ def test_a_refusal_in_chromium_is_a_sentence_that_keeps_the_form_and_drops_the_c
         assert "choices were reset" in refusal
         link = page.get_attribute("#gpuportal-refusal a", "href")
         assert link == "/services/portal/docs#/billing"
-        # The form is there and usable, at the refused profile without the refused count.
+        # The form is there and usable, at the refused profile without the refused model.
         assert page.is_checked("input[name=profile][value=gpu]")
-        assert selected_value(page, "profile-option-gpu--gpu_count") == "1"
+        assert selected_value(page, "profile-option-gpu--gpu_model") == "any"
         assert page.is_enabled("#spawn_form button[type=submit]")
         assert len(portal.reservations) == before
         assert hub.server_model("vic") is None
