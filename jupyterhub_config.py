@@ -183,9 +183,8 @@ c.JupyterHub.services = [
 # marketplace (docs/spawner.md). The house cluster (the local Ray head) also runs
 # CPU-only servers. The wrapper on the node (gpuportal-singleuser) binds 127.0.0.1,
 # which the hub reaches because the house node is this machine.
-import gpuportal.spawners.report  # noqa: E402,F401  (registers the hub's report handler)
 from gpuportal.hub.stack.localray import plan_gpus  # noqa: E402
-from gpuportal.spawners.spawner import default_profile_list  # noqa: E402
+from gpuportal.spawners.profiles import default_profile_list  # noqa: E402
 
 c.JupyterHub.spawner_class = "ray"
 c.RaySpawner.portal_url = f"http://127.0.0.1:{gp.portal_port}{gp.service_prefix}"

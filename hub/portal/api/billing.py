@@ -257,6 +257,10 @@ class BalancePublic(BaseModel):
     runway_seconds: float | None
     warning: str | None
     allocations: list[AllocationPublic]
+    min_billable_seconds: int = Field(
+        description="A launch needs credit for at least this long (seconds); the spawn "
+        "form shows it."
+    )
 
 
 @router.get("/api/v1/balance", response_model=BalancePublic, tags=["billing"])
@@ -309,6 +313,7 @@ async def get_balance(
             "runway_seconds": state.runway,
             "warning": warning,
             "allocations": [_public(session, a) for a in running],
+            "min_billable_seconds": settings.min_billable_seconds,
         }
 
     return await in_db(portal, work)

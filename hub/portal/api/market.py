@@ -66,6 +66,9 @@ class Offer(BaseModel):
     price_per_gpu_hour: int = Field(description="Micro-credits per GPU-hour.")
     price_per_gpu_hour_display: str = Field(description="Credits per GPU-hour, e.g. 1.20.")
     free_gpus: int
+    largest_free_gpus: int = Field(
+        0, description="The most GPUs free on one node: the largest count one server can get."
+    )
     total_gpus: int
     reliability: float
     demo: bool
