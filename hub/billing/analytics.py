@@ -59,7 +59,9 @@ def bucket(session: Session, column: Any, unit: str) -> ColumnElement[str]:
     return func.substr(column, 1, 10) + literal("T") + func.substr(column, 12, 2)
 
 
-def _util(util_sum: Any, samples: Any) -> ColumnElement[float]:  # mean utilisation 0..1, NULL-safe
+def _util(
+    util_sum: Any, samples: Any
+) -> ColumnElement[Any]:  # mean utilisation (percent), NULL-safe
     return func.coalesce(func.sum(util_sum), 0.0) / func.nullif(func.sum(samples), 0)
 
 
@@ -566,6 +568,7 @@ def spawns(session: Session, since: datetime, until: datetime) -> dict[str, Any]
                 window, Reservation.activated_at.is_not(None)
             )
         )
+        if activated is not None
     )
     total = sum(counts.values())
 
