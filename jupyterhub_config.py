@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.settings import load_settings
+from gpuportal.hub.stack import dashboards
 from gpuportal.hub.stack.admin import ensure_admin, extra_admins, passwords_dbm
 from gpuportal.hub.stack.datadir import secure_data_dir
 
@@ -107,8 +108,8 @@ c.JupyterHub.load_groups = {
 }
 _portal_access = "access:services!service=portal"
 c.JupyterHub.load_roles = [
-    # Every user may reach the portal API as themselves.
-    {"name": "user", "scopes": ["self", _portal_access]},
+    # Every user may reach the portal API as themselves, and the dashboards.
+    {"name": "user", "scopes": ["self", _portal_access, dashboards.ACCESS]},
     {"name": "customers", "groups": ["customers"], "scopes": ["self", _portal_access]},
     {"name": "providers", "groups": ["providers"], "scopes": ["self", _portal_access]},
     {
@@ -176,7 +177,12 @@ c.JupyterHub.services = [
     },
     # No URL: an identity with a token, and no hub scopes at all.
     {"name": "ray-spawner", "api_token": _spawner_token},
+    # Voila dashboards behind hub OAuth (docs/dashboards.md): GPUPORTAL_DASHBOARDS_PORT.
+    dashboards.service(gp),
 ]
+# /hub/dashboards lists the dashboards for each user's role; the navigation bar links it.
+c.JupyterHub.extra_handlers, _templates = dashboards.hub_page()
+c.JupyterHub.template_paths = [_templates]
 
 # --- User servers --------------------------------------------------------------
 # RaySpawner: each server is a Ray job on a GPU node reserved through the portal's
