@@ -172,7 +172,7 @@ class DashboardsVoila(Voila):
             if handler is TornadoVoilaHandler:
                 handler = DashboardHandler
             elif handler is TornadoVoilaTreeHandler:
-                handler = IndexHandler
+                handler, rest = IndexHandler, []
             elif handler is RequestInfoSocketHandler:
                 handler = LocalRequestInfoHandler
             elif "/voila/api/contents" in pattern or "/voila/files/" in pattern:
