@@ -47,7 +47,8 @@ c.ConfigurableHTTPProxy.pid_file = str(gp.run_dir / "jupyterhub-proxy.pid")
 
 
 # configurable-http-proxy: Node's when one is on PATH (outside this Python
-# environment), else the PyPI port installed with gpuportal.
+# environment), else the PyPI port installed with gpuportal (with its websocket
+# subprotocol answer mended, so kernels connect through it).
 def _proxy_command() -> list[str]:
     venv_bin = Path(sys.executable).parent
     path = os.pathsep.join(
@@ -56,7 +57,8 @@ def _proxy_command() -> list[str]:
     node_chp = shutil.which("configurable-http-proxy", path=path)
     if node_chp and shutil.which("node"):
         return [node_chp]
-    return [str(venv_bin / "configurable-http-proxy")]
+    # The PyPI port, answering websocket subprotocols (gpuportal/hub/stack/proxy.py).
+    return [sys.executable, "-m", "gpuportal.hub.stack.proxy"]
 
 
 c.ConfigurableHTTPProxy.command = _proxy_command()

@@ -181,6 +181,14 @@ class DashboardsVoila(Voila):
                 pattern = url_path_join(base, pattern)
             handlers.append((pattern, handler, *rest))
         handlers.insert(0, (url_path_join(base, "gpuportal/ticket"), TicketHandler))
+        handlers.insert(
+            0,
+            (
+                url_path_join(base, "gpuportal/static/(.*)"),
+                web.StaticFileHandler,
+                {"path": str(DASHBOARDS_DIR / "static")},
+            ),
+        )
         return handlers
 
 
@@ -213,7 +221,7 @@ def voila_config(environ: dict[str, str]) -> dict[str, Any]:
             "identity_provider_class": HubIdentity,
             "authorizer_class": JupyterHubAuthorizer,
             # Nothing from a CDN: a deployment behind a firewall has none.
-            "mathjax_url": url_path_join(prefix, "voila/static/no-mathjax.js"),
+            "mathjax_url": url_path_join(prefix, "gpuportal/static/mathjax-offline.js"),
         },
         "VoilaConfiguration": {
             "show_tracebacks": False,
@@ -222,6 +230,8 @@ def voila_config(environ: dict[str, str]) -> dict[str, Any]:
             "http_header_envs": [TICKET_HEADER],
             "file_allowlist": [],
             "theme": "light",
+            # Voila's "lab" template without its CDN stylesheets (share/voila/templates).
+            "template": "gpuportal",
         },
         # The service's own hub token stays in this process (see main).
         "HubOAuth": {"api_token": environ.get("JUPYTERHUB_API_TOKEN", "")},
@@ -240,6 +250,11 @@ def main() -> None:
     service = urlparse(os.environ.get("JUPYTERHUB_SERVICE_URL", "http://127.0.0.1:8003"))
     prefix = os.environ.get("JUPYTERHUB_SERVICE_PREFIX", "/services/dashboards/")
     os.environ[SERVICE_URL_ENV] = f"http://127.0.0.1:{service.port or 8003}{prefix}"
+    # Where Voila finds the "gpuportal" template.
+    shared = str(DASHBOARDS_DIR / "share")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        p for p in (shared, os.environ.get("JUPYTER_PATH", "")) if p
+    )
     os.chdir(DASHBOARDS_DIR)
     DashboardsVoila.launch_instance([], config=config)
 

@@ -1,0 +1,35 @@
+"""The hub's proxy when Node's configurable-http-proxy is not installed: the PyPI port,
+answering websocket subprotocols.
+
+The PyPI port forwards a browser's ``Sec-WebSocket-Protocol`` offer to the server
+behind it but never answers it, and a browser that offered a subprotocol drops a
+connection whose answer names none ("Sent non-empty 'Sec-WebSocket-Protocol' header
+but no response was received"). Jupyter kernels' websockets offer
+``v1.kernel.websocket.jupyter.org`` (JupyterLab, Voila dashboards), so without this
+no kernel would connect through the proxy. Here the proxy answers with whatever the
+server behind it chose, as Node's proxy does. ``jupyterhub_config.py`` runs it as
+``python -m gpuportal.hub.stack.proxy`` with the usual command line.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from configurable_http_proxy import cli
+from configurable_http_proxy.handlers import ProxyHandler
+
+
+def select_subprotocol(handler: Any, subprotocols: list[str]) -> str | None:
+    """The subprotocol the upstream server selected, if the browser offered it."""
+    upstream = getattr(handler, "ws_client", None)
+    chosen = getattr(upstream, "selected_subprotocol", None)
+    return chosen if chosen in subprotocols else None
+
+
+def main() -> None:
+    ProxyHandler.select_subprotocol = select_subprotocol
+    cli.main()
+
+
+if __name__ == "__main__":
+    main()
