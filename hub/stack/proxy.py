@@ -7,7 +7,9 @@ connection whose answer names none ("Sent non-empty 'Sec-WebSocket-Protocol' hea
 but no response was received"). Jupyter kernels' websockets offer
 ``v1.kernel.websocket.jupyter.org`` (JupyterLab, Voila dashboards), so without this
 no kernel would connect through the proxy. Here the proxy answers with whatever the
-server behind it chose, as Node's proxy does. ``jupyterhub_config.py`` runs it as
+server behind it chose, as Node's proxy does. It also forwards a browser's binary
+frames as binary (the port sends them on as text, which breaks the kernel protocol
+``v1`` that those websockets speak). ``jupyterhub_config.py`` runs it as
 ``python -m gpuportal.hub.stack.proxy`` with the usual command line.
 """
 
@@ -26,8 +28,18 @@ def select_subprotocol(handler: Any, subprotocols: list[str]) -> str | None:
     return chosen if chosen in subprotocols else None
 
 
+def on_message(handler: Any, message: str | bytes) -> None:
+    """A browser's frame to the server behind the proxy, binary frames as binary."""
+    if handler.ws_client:
+        prefix = handler.target["prefix"] if handler.target else ""
+        if prefix:
+            handler.proxy.update_last_activity(prefix)
+        handler.ws_client.write_message(message, binary=isinstance(message, bytes))
+
+
 def main() -> None:
     ProxyHandler.select_subprotocol = select_subprotocol
+    ProxyHandler.on_message = on_message
     cli.main()
 
 
