@@ -9,6 +9,7 @@ traceback, and logs the details for the operator.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -22,6 +23,22 @@ from gpuportal.provider.money import format_credits
 from .client import PortalError
 
 log = logging.getLogger("gpuportal.dashboards")
+
+
+def _log_to_the_service() -> None:
+    """Errors and library warnings go to the service's log (the kernel process's own
+    stderr, which the hub keeps), never onto the page: a kernel's ``sys.stderr`` is the
+    page's output."""
+    handler = logging.StreamHandler(sys.__stderr__)
+    handler.setFormatter(logging.Formatter("[%(levelname)1.1s %(name)s] %(message)s"))
+    logging.captureWarnings(True)
+    for name in ("gpuportal.dashboards", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers = [handler]
+        logger.propagate = False
+
+
+_log_to_the_service()
 
 COLOURS = ["#3b6ea5", "#e07b39", "#4d9a6a", "#b0487a", "#7d6bb3", "#c9a227", "#5b8e9c"]
 CSS = """
@@ -92,18 +109,27 @@ def title(text: str, level: int = 3) -> w.HTML:
 
 
 def table(frame: pd.DataFrame, height: int | None = None) -> w.Widget:
-    """A grid of ``frame`` (index dropped); a sentence when it is empty."""
+    """A grid of ``frame`` keyed by its first column; a sentence when it is empty.
+
+    Cells are shown as text, each column as wide as its longest value, so nothing is cut.
+    """
     from ipydatagrid import DataGrid
 
     if frame.empty:
         return empty("Nothing to show yet.")
-    rows = len(frame)
+    shown = frame.reset_index(drop=True).astype(str)
+    key = shown.columns[0]
+
+    def width(column: str) -> int:
+        longest = max([len(column), *(len(v) for v in shown[column])])
+        return min(320, 24 + 8 * longest)
+
     grid = DataGrid(
-        frame.reset_index(drop=True),
-        base_column_size=140,
-        auto_fit_columns=True,
+        shown.set_index(key),
+        base_row_header_size=width(key),
+        column_widths={c: width(c) for c in shown.columns[1:]},
         selection_mode="cell",
-        layout=w.Layout(height=f"{height or min(400, 36 + 26 * rows)}px", width="100%"),
+        layout=w.Layout(height=f"{height or min(400, 36 + 26 * len(shown))}px", width="100%"),
     )
     return grid
 
@@ -133,7 +159,7 @@ def lines(
         )
     return bq.Figure(
         marks=marks,
-        axes=[bq.Axis(scale=xs), bq.Axis(scale=ys, orientation="vertical", label=y_label)],
+        axes=[bq.Axis(scale=xs), bq.Axis(scale=ys, side="left", label=y_label)],
         layout=w.Layout(width="100%", height="300px"),
         fig_margin={"top": 20, "bottom": 40, "left": 60, "right": 20},
         legend_location="top-left",
@@ -154,7 +180,7 @@ def bars(frame: pd.DataFrame, x: str, y: str, y_label: str, colour: int = 0) -> 
     )
     return bq.Figure(
         marks=[mark],
-        axes=[bq.Axis(scale=xs), bq.Axis(scale=ys, orientation="vertical", label=y_label)],
+        axes=[bq.Axis(scale=xs), bq.Axis(scale=ys, side="left", label=y_label)],
         layout=w.Layout(width="100%", height="280px"),
         fig_margin={"top": 20, "bottom": 60, "left": 60, "right": 20},
     )

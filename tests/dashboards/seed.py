@@ -88,7 +88,7 @@ def hub_model(name: str) -> dict[str, object]:
 def utilisation(node_index: int, minute: datetime) -> float:
     """A daily rhythm in percent, different per node, never quite idle at its peak."""
     hour = minute.hour + minute.minute / 60
-    base = 55 + 40 * math.sin((hour - 6 + node_index * 3) / 24 * 2 * math.pi)
+    base = 40 + 55 * math.sin((hour - 6 + node_index * 3) / 24 * 2 * math.pi)
     return max(0.0, min(100.0, base))
 
 

@@ -27,10 +27,10 @@ from gpuportal.hub import db as portal_db
 from gpuportal.hub.settings import load_settings
 from gpuportal.provider.money import format_credits
 
-from ..portal_stack import Stack, hub_login, hub_token
+from ..portal_stack import Stack, free_port, hub_login, hub_token, start_stack, stop_stack
 from .seed import CUSTOMER, Seeded, seed
 
-pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.browser]
+pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
 PASSWORD = "dashboards-pw-123"
 PROVIDER_A, PROVIDER_B = "prov-alpha", "prov-bravo"
@@ -44,6 +44,19 @@ class SeededStack:
     stack: Stack
     seeded: Seeded
     tokens: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The embedded stack for this module, without a local Ray head: the dashboards
+    read seeded data, and no server is spawned (the Ray URL answers nothing)."""
+    running = start_stack(
+        tmp_path_factory.mktemp("dashboards") / "data",
+        timeout=300,
+        GPUPORTAL_RAY_DASHBOARD_URL=f"http://127.0.0.1:{free_port()}",
+    )
+    yield running
+    stop_stack(running)
 
 
 def _sign_up(stack: Stack, name: str) -> str:
@@ -111,6 +124,11 @@ def render(page: Any, base: str, notebook: str, expect: str) -> str:
     """Open a dashboard and wait until ``expect`` is on the page; returns the page's text."""
     reply = page.goto(f"{base}/services/dashboards/voila/render/{notebook}")
     assert reply is not None and reply.status == 200, reply and reply.status
+    return rendered(page, notebook, expect)
+
+
+def rendered(page: Any, notebook: str, expect: str) -> str:
+    """Wait until the open dashboard shows ``expect``, then check it shows no error."""
     page.get_by_text(expect, exact=False).first.wait_for(timeout=RENDER_TIMEOUT_MS)
     # Let the remaining widgets render (bounded: the last section's heading or grid).
     page.wait_for_load_state("networkidle", timeout=RENDER_TIMEOUT_MS)
@@ -141,7 +159,7 @@ def test_a_provider_sees_their_earnings_and_nothing_of_another_provider(
     page.get_by_role("link", name="Dashboards").first.click()
     page.get_by_text("Provider earnings").first.click()
     page.wait_for_url(re.compile(r".*/services/dashboards/voila/render/provider_earnings.ipynb"))
-    text = render(page, base, "provider_earnings.ipynb", "Earned, all time")
+    rendered(page, "provider_earnings.ipynb", "Earned, all time")
     page.get_by_text(format_credits(seeded.earnings[PROVIDER_A])).first.wait_for(
         timeout=RENDER_TIMEOUT_MS
     )
@@ -270,14 +288,16 @@ def test_the_provider_api_returns_only_the_callers_nodes(market: SeededStack) ->
 # --- nothing else through the service -----------------------------------------------------------
 
 
-def _logged_in_to_dashboards(base: str) -> httpx.Client:
-    """A browser-like client that went through the service's hub OAuth flow."""
-    client = hub_login(base, CUSTOMER, PASSWORD)
-    reply = client.get(
-        "/services/dashboards/voila/render/usage.ipynb", headers={"Accept": "text/html"}
-    )
-    assert reply.status_code == 200, reply.status_code
-    return client
+@pytest.fixture(scope="module")
+def dashboards_client(market: SeededStack) -> Iterator[httpx.Client]:
+    """A browser-like client that went through the service's hub OAuth flow (on a path
+    that is no dashboard, so no kernel is used)."""
+    client = hub_login(market.stack.base_url, CUSTOMER, PASSWORD)
+    reply = client.get("/services/dashboards/voila/render/none.ipynb")
+    assert reply.status_code == 404 and "There is no such dashboard." in reply.text
+    assert "/services/dashboards/" in str(reply.url)
+    yield client
+    client.close()
 
 
 @pytest.mark.parametrize(
@@ -302,16 +322,14 @@ def _logged_in_to_dashboards(base: str) -> httpx.Client:
         "gpuportal/ticket",
     ],
 )
-def test_no_file_outside_the_dashboards_is_served(market: SeededStack, path: str) -> None:
-    client = _logged_in_to_dashboards(market.stack.base_url)
-    try:
-        reply = client.get(
-            f"/services/dashboards/{path}",
-            headers={"Authorization": "ticket anything"} if "ticket" in path else {},
-            follow_redirects=True,
-        )
-    finally:
-        client.close()
+def test_no_file_outside_the_dashboards_is_served(
+    dashboards_client: httpx.Client, path: str
+) -> None:
+    reply = dashboards_client.get(
+        f"/services/dashboards/{path}",
+        headers={"Authorization": "ticket anything"} if "ticket" in path else {},
+        follow_redirects=True,
+    )
     assert "build-backend" not in reply.text  # pyproject.toml
     assert "from __future__" not in reply.text  # any of our Python modules
     if reply.status_code == 200:
