@@ -336,3 +336,7 @@ def test_no_file_outside_the_dashboards_is_served(
         # Only the hub's own page (the service's index redirects there).
         assert urlparse(str(reply.url)).path == "/hub/dashboards", (path, reply.url)
     assert "Traceback" not in reply.text
+
+
+def test_gpuportal_up_prints_the_dashboards_url(market: SeededStack) -> None:
+    assert f"Dashboards:  {market.stack.base_url}/hub/dashboards" in market.stack.read_output()
