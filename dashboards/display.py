@@ -9,6 +9,7 @@ traceback, and logs the details for the operator.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,7 +39,8 @@ def _log_to_the_service() -> None:
         logger.propagate = False
 
 
-_log_to_the_service()
+if "VOILA_PREHEAT" in os.environ:  # a Voila kernel (Voila sets it for each one)
+    _log_to_the_service()
 
 COLOURS = ["#3b6ea5", "#e07b39", "#4d9a6a", "#b0487a", "#7d6bb3", "#c9a227", "#5b8e9c"]
 CSS = """

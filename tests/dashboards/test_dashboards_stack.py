@@ -340,3 +340,32 @@ def test_no_file_outside_the_dashboards_is_served(
 
 def test_gpuportal_up_prints_the_dashboards_url(market: SeededStack) -> None:
     assert f"Dashboards:  {market.stack.base_url}/hub/dashboards" in market.stack.read_output()
+
+
+def test_dashboard_kernels_hold_no_secret_of_the_control_plane(market: SeededStack) -> None:
+    """The service keeps its hub token out of the environment its kernels inherit, and
+    the hub gives it no setting of the control plane (DB, Redis, keys)."""
+    import psutil
+
+    services = [
+        p
+        for p in market.stack.descendants()
+        if "gpuportal.dashboards.service" in " ".join(p.cmdline())
+    ]
+    assert len(services) == 1
+    kernels = services[0].children()
+    assert kernels, "the service keeps preheated kernels"
+    for kernel in kernels:
+        try:
+            env = kernel.environ()
+        except psutil.NoSuchProcess:  # a kernel that ended meanwhile
+            continue
+        assert "JUPYTERHUB_API_TOKEN" not in env
+        assert not [
+            k
+            for k in env
+            if k.startswith("GPUPORTAL_")
+            and "PORTAL_URL" not in k
+            and k != "GPUPORTAL_DASHBOARDS_URL"
+        ], sorted(env)
+        assert all(token not in env.values() for token in market.tokens.values())
