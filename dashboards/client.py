@@ -38,16 +38,18 @@ class Portal:
     base_url: str
     user: str
     token: str = field(repr=False)
+    #: One connection pool for the page's life (a dashboard calls the portal again
+    #: when its user changes the period).
+    http: httpx.Client = field(default_factory=lambda: httpx.Client(timeout=TIMEOUT), repr=False)
 
     def get(self, path: str, **params: Any) -> Any:
         """GET ``path`` (relative to the portal's prefix) as the user; JSON back."""
         url = self.base_url.rstrip("/") + "/" + path.lstrip("/")
         try:
-            reply = httpx.get(
+            reply = self.http.get(
                 url,
                 params=params,
                 headers={"Authorization": f"token {self.token}", "Accept": "application/json"},
-                timeout=TIMEOUT,
             )
         except httpx.HTTPError:
             raise PortalError("The portal is not answering; reload the page in a moment.") from None

@@ -59,11 +59,10 @@ def portal_url() -> str:
     return os.environ.get("GPUPORTAL_PORTAL_URL", "http://127.0.0.1:8000/services/portal/")
 
 
-async def portal_role(token: str) -> str | None:
+async def portal_role(http: httpx.AsyncClient, token: str) -> str | None:
     """The portal's role for the owner of ``token``; None when the portal refuses it."""
     url = url_path_join(portal_url(), "api/v1/me")
-    async with httpx.AsyncClient(timeout=15) as client:
-        reply = await client.get(url, headers={"Authorization": f"token {token}"})
+    reply = await http.get(url, headers={"Authorization": f"token {token}"})
     if reply.status_code in (401, 403):
         return None
     reply.raise_for_status()
@@ -84,7 +83,7 @@ class DashboardHandler(TornadoVoilaHandler):
         if not token:  # pragma: no cover - an authenticated request carries its token
             raise web.HTTPError(403, "Log in to the hub again to see this dashboard.")
         try:
-            role = await portal_role(token)
+            role = await portal_role(self.settings["gpuportal_http"], token)
         except httpx.HTTPError as exc:
             log.warning(
                 "dashboards: the portal did not answer who %s is: %s",
@@ -162,6 +161,8 @@ class DashboardsVoila(Voila):
     def init_settings(self) -> dict[str, Any]:
         settings: dict[str, Any] = super().init_settings()
         settings["gpuportal_tickets"] = Tickets()
+        # One client for the portal, kept for the service's life.
+        settings["gpuportal_http"] = httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0))
         return settings
 
     def init_handlers(self) -> list[Any]:

@@ -30,21 +30,17 @@ from gpuportal.dashboards.client import PortalError
         (422, {"error": {"message": "days: must be at most 366"}}, "days: must be at most 366"),
     ],
 )
-def test_a_portal_refusal_is_a_sentence(
-    monkeypatch: pytest.MonkeyPatch, status: int, body: dict[str, Any], sentence: str
-) -> None:
+def test_a_portal_refusal_is_a_sentence(status: int, body: dict[str, Any], sentence: str) -> None:
     def answer(request: httpx.Request) -> httpx.Response:
         assert request.headers["Authorization"] == "token tok"
         return httpx.Response(status, json=body)
 
-    portal = client.Portal("http://127.0.0.1:9/services/portal/", "alice", "tok")
-    transport = httpx.MockTransport(answer)
-
-    def get(url: str, **kwargs: Any) -> httpx.Response:
-        with httpx.Client(transport=transport) as c:
-            return c.get(url, **kwargs)
-
-    monkeypatch.setattr(client.httpx, "get", get)
+    portal = client.Portal(
+        "http://127.0.0.1:9/services/portal/",
+        "alice",
+        "tok",
+        http=httpx.Client(transport=httpx.MockTransport(answer)),
+    )
     with pytest.raises(PortalError) as raised:
         portal.get("api/v1/dashboards/analytics")
     assert str(raised.value) == sentence
