@@ -64,7 +64,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy hub provider spawners extensions
+	$(BIN)/mypy hub provider spawners extensions dashboards
 
 # Mutation testing of the money modules ([tool.cosmic-ray] in pyproject.toml; see
 # docs/testing.md). cosmic-ray rewrites each module on disk, one mutant at a time, so
@@ -78,7 +78,7 @@ MUTATE_MODULES ?=
 mutate: install
 	rm -rf $(MUTATE)/tree && mkdir -p $(MUTATE)/tree/.shim/gpuportal
 	git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t $(MUTATE)/tree
-	for pkg in hub provider spawners extensions notebooks; do \
+	for pkg in hub provider spawners extensions notebooks dashboards; do \
 		ln -s ../../$$pkg $(MUTATE)/tree/.shim/gpuportal/$$pkg; done
 	$(BIN)/python -c 'import sys, tomllib, toml; \
 		cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["cosmic-ray"]; \

@@ -54,6 +54,7 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         GPUPORTAL_HUB_PORT=str(free_port()),
         GPUPORTAL_PROXY_API_PORT=str(free_port()),
         GPUPORTAL_PORTAL_PORT=str(free_port()),
+        GPUPORTAL_DASHBOARDS_PORT=str(free_port()),
         GPUPORTAL_RAY_PORT=str(free_port()),
         GPUPORTAL_RAY_DASHBOARD_PORT=str(free_port()),
         GPUPORTAL_RAY_NUM_CPUS="1",

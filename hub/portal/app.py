@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import __version__, db
 from ..settings import Settings
 from .api.billing import router as billing_router
+from .api.dashboards import router as dashboards_router
 from .api.market import router as marketplace_router
 from .api.providers import router as provider_router
 from .api.status import router
@@ -146,6 +147,7 @@ def create_app(
     app.include_router(billing_router, prefix=prefix.rstrip("/"))
     app.include_router(marketplace_router, prefix=prefix.rstrip("/"))
     app.include_router(provider_router, prefix=prefix.rstrip("/"))
+    app.include_router(dashboards_router, prefix=prefix.rstrip("/"))
     _mount_docs(app, prefix)
     return app
 

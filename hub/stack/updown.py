@@ -32,6 +32,7 @@ from .. import db
 from ..errors import ConfigError
 from ..portal.cache import check_redis
 from ..settings import Settings
+from . import dashboards
 from .admin import ensure_admin
 from .datadir import secure_data_dir
 from .house import house_dir, house_identity, register_house, verification_of
@@ -80,6 +81,7 @@ def preflight(settings: Settings, config: Path) -> None:
         ("GPUPORTAL_HUB_PORT", settings.hub_port),
         ("GPUPORTAL_PROXY_API_PORT", settings.proxy_api_port),
         ("GPUPORTAL_PORTAL_PORT", settings.portal_port),
+        ("GPUPORTAL_DASHBOARDS_PORT", settings.dashboards_port),
     ):
         if port_in_use(port):
             raise ConfigError(f"port {port} ({name}) is already in use; set {name} to a free port.")
@@ -305,6 +307,7 @@ def _announce_ready(settings: Settings, echo: Echo, base: str, generated: str | 
     echo("")
     echo(f"  Portal:      {base}/hub/login")
     echo(f"  Portal API:  {base}{settings.service_prefix}docs")
+    echo(f"  Dashboards:  {dashboards.url(settings)}")
     if settings.authenticator == "firstuse":
         if generated:
             echo(
