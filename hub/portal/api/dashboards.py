@@ -22,16 +22,15 @@ from fastapi import APIRouter, Query
 from ... import timeutil
 from ...billing import analytics
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
-from .billing import in_db
+from .plumbing import Admin, in_db
 
-router = APIRouter(prefix="/api/v1/dashboards", tags=["dashboards"])
+router = APIRouter(tags=["dashboards"])
 
 Days = Annotated[int, Query(ge=1, le=366, description="How many days back, up to now.")]
 ProviderOrAdmin = Annotated[PortalUser, require_role("provider", "admin")]
-Admin = Annotated[PortalUser, require_role("admin")]
 
 
-@router.get("/provider")
+@router.get("/api/v1/dashboards/provider")
 async def provider_dashboard(portal: PortalDep, user: ProviderOrAdmin, days: Days = 30) -> Any:
     """The caller's earnings dashboard: their nodes only, never another provider's."""
     now = timeutil.utcnow()
@@ -41,14 +40,14 @@ async def provider_dashboard(portal: PortalDep, user: ProviderOrAdmin, days: Day
     )
 
 
-@router.get("/usage")
+@router.get("/api/v1/dashboards/usage")
 async def usage_dashboard(portal: PortalDep, user: CurrentUser, days: Days = 30) -> Any:
     """The caller's own usage: spend per server and day, utilisation and idle cost."""
     now = timeutil.utcnow()
     return await in_db(portal, lambda s: analytics.usage_report(s, user.account_id, now, days))
 
 
-@router.get("/analytics")
+@router.get("/api/v1/dashboards/analytics")
 async def analytics_dashboard(portal: PortalDep, user: Admin, days: Days = 30) -> Any:
     """The marketplace for admins: capacity, revenue, spend, spawns, faults, providers."""
     until = timeutil.utcnow()
@@ -56,7 +55,7 @@ async def analytics_dashboard(portal: PortalDep, user: Admin, days: Days = 30) -
     return await in_db(portal, lambda s: analytics.analytics_report(s, since, until))
 
 
-@router.get("/payouts")
+@router.get("/api/v1/dashboards/payouts")
 async def payouts(portal: PortalDep, user: ProviderOrAdmin, days: Days = 90) -> Any:
     """Payouts with status and signature: the caller's own, or everyone's for an admin."""
     since = timeutil.utcnow() - timedelta(days=days)
