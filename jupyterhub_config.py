@@ -46,7 +46,9 @@ c.ConfigurableHTTPProxy.pid_file = str(gp.run_dir / "jupyterhub-proxy.pid")
 
 
 # configurable-http-proxy: Node's when one is on PATH (outside this Python
-# environment), else the PyPI port installed with gpuportal.
+# environment), else the PyPI port installed with gpuportal, run with a handler
+# that streams responses (the port buffers them, which holds back the spawn
+# progress page's events until the end; gpuportal.hub.stack.streamproxy).
 def _proxy_command() -> list[str]:
     venv_bin = Path(sys.executable).parent
     path = os.pathsep.join(
@@ -55,7 +57,7 @@ def _proxy_command() -> list[str]:
     node_chp = shutil.which("configurable-http-proxy", path=path)
     if node_chp and shutil.which("node"):
         return [node_chp]
-    return [str(venv_bin / "configurable-http-proxy")]
+    return [sys.executable, "-m", "gpuportal.hub.stack.streamproxy"]
 
 
 c.ConfigurableHTTPProxy.command = _proxy_command()
@@ -66,15 +68,17 @@ c.JupyterHub.cookie_secret_file = str(data / "jupyterhub_cookie_secret")
 c.JupyterHub.pid_file = str(gp.run_dir / "jupyterhub.pid")
 
 # --- Authentication ----------------------------------------------------------
-# GPUPORTAL_AUTHENTICATOR, default "firstuse": sign-up by first login, as The
-# Littlest JupyterHub does. Any Authenticator class also works, e.g.
+# GPUPORTAL_AUTHENTICATOR, default "firstuse": passwords as in The Littlest
+# JupyterHub, accounts made on the sign-up page. Any Authenticator class works, e.g.
 #   GPUPORTAL_AUTHENTICATOR=oauthenticator.github.GitHubOAuthenticator
 #   GPUPORTAL_AUTHENTICATOR=oauthenticator.generic.GenericOAuthenticator
 # with its own settings in GPUPORTAL_HUB_EXTRA_CONFIG (see docs/authentication.md).
 if gp.authenticator == "firstuse":
-    c.JupyterHub.authenticator_class = "firstuseauthenticator.FirstUseAuthenticator"
+    c.JupyterHub.authenticator_class = "gpuportal.hub.pages.signup.SignupAuthenticator"
     c.FirstUseAuthenticator.dbm_path = str(passwords_dbm(data))
-    c.FirstUseAuthenticator.create_users = True
+    # Logging in never creates an account: sign-up is its own page (/hub/signup),
+    # password typed twice (gpuportal.hub.pages.signup.SignupAuthenticator).
+    c.FirstUseAuthenticator.create_users = False
     # GPUPORTAL_MIN_PASSWORD_LENGTH, default 8.
     c.FirstUseAuthenticator.min_password_length = gp.min_password_length
     c.Authenticator.allow_all = True
@@ -97,6 +101,13 @@ else:
 # Admins: GPUPORTAL_ADMIN_USER plus any added with `gpuportal admin create`.
 _admins = {gp.admin_user} | extra_admins(data)
 c.Authenticator.admin_users = _admins
+
+# --- Hub pages: money on every page, /hub/billing, branded login, sign-up ------
+# (gpuportal.hub.pages: templates extend JupyterHub's own; data from the portal API,
+# read as the logged-in user.)
+from gpuportal.hub.pages import configure as configure_pages  # noqa: E402
+
+configure_pages(c, gp, firstuse=gp.authenticator == "firstuse")
 
 # --- Groups and roles (least privilege) --------------------------------------
 # Role groups: membership sets a portal account's role (admin > provider > customer).

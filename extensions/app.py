@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -23,7 +24,7 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
 from traitlets import Float, Int, List, Unicode, default
 
-from . import gpuuse
+from . import gpuuse, starter
 from .handlers import MetricsHandler, UsageHandler
 from .idle import IdleCuller
 from .portal import PortalClient, utcnow
@@ -140,6 +141,19 @@ class GpuPortalExtension(ExtensionApp):
         raw = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         return [part.strip() for part in raw.split(",") if part.strip()]
 
+    starter_dir = Unicode(
+        help="""Folder of starter notebooks copied into the server's home when it starts,
+        never over a file the user changed (extensions/starter.py); "" copies nothing.
+
+        Default: gpuportal's notebook templates (notebooks/) under JupyterHub, else "".
+        Example: c.GpuPortalExtension.starter_dir = "/srv/team-notebooks"
+        """,
+    ).tag(config=True)
+
+    @default("starter_dir")
+    def _starter_dir_default(self) -> str:
+        return str(starter.default_source()) if os.environ.get("JUPYTERHUB_USER") else ""
+
     #: The extension's clock; tests replace it to travel in time.
     clock: Callable[[], datetime] = staticmethod(utcnow)
 
@@ -172,11 +186,21 @@ class GpuPortalExtension(ExtensionApp):
             self.portal_url or "(not configured)",
             f"{self.idle_timeout_seconds} s" if self.idle_timeout_seconds else "off",
         )
+        self.install_starter()
         if self.idle_timeout_seconds > 0:
             self._idle_callback = PeriodicCallback(
                 self._idle_tick, self.idle_check_seconds * 1000, jitter=0.1
             )
             self._idle_callback.start()
+
+    def install_starter(self) -> None:
+        """The starter notebooks into the home (the server's root), before it serves."""
+        if not self.starter_dir or self.serverapp is None:
+            return
+        try:
+            starter.install(Path(self.serverapp.root_dir), Path(self.starter_dir))
+        except OSError as exc:  # a full or read-only home must not stop the server
+            self.log.warning("gpuportal: starter notebooks not copied: %s", exc)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(
