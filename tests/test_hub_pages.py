@@ -187,8 +187,8 @@ def test_sign_up_is_an_explicit_action_and_a_typo_makes_no_account(
 def test_spawn_progress_is_live_and_the_starter_notebook_is_there(
     stack: Stack, browser_page: Any, shots: Path
 ) -> None:
-    grant(stack, "ana", 10_000_000)
     ana = token_for(stack, "ana")
+    grant(stack, "ana", 10_000_000)
     wait_free_gpus(stack, ana, 2)
     page = browser_page
     events: list[tuple[float, str]] = []
@@ -211,7 +211,8 @@ def test_spawn_progress_is_live_and_the_starter_notebook_is_there(
     page.check("input[type=radio][value=gpu]")
     page.click("input[type=submit], button[type=submit]")
     page.wait_for_url("**/spawn-pending/**", timeout=30_000)
-    page.wait_for_selector("#progress-log .progress-log-event", timeout=60_000)
+    page.click("#progress-details summary")  # open the event log
+    page.wait_for_selector("#progress-log .progress-log-event >> nth=1", timeout=60_000)
     page.screenshot(path=str(shots / "03-progress.png"), full_page=True)
     page.wait_for_url("**/user/ana/lab**", timeout=150_000)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 from gpuportal.provider.money import accrued, format_credits
 
-#: Allocation stop reasons the meter records, as the user should read them.
+#: Why the meter stopped a server (its allocation's ``stop_reason``), after "because".
 STOP_REASONS = {
-    "out_of_credit": "it was stopped because your credit ran out",
-    "quota_exhausted": "it was stopped because your GPU-hour quota was used up",
+    "out_of_credit": "your credit ran out",
+    "quota_exhausted": "your GPU-hour quota was used up",
 }
 
 
