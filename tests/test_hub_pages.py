@@ -320,7 +320,15 @@ def test_low_runway_banner_then_the_reason_after_a_forced_stop(
 def test_a_crafted_user_name_is_shown_as_text(stack: Stack, browser_page: Any) -> None:
     name = "<b>evil<b>"
     client = hub_login(stack.base_url, name, "pw-evil-12345")
-    client.close()
+    try:
+        # Only your own money: the summary has no way to name another user.
+        mine = client.get("/hub/billing/summary", params={"user": "ana"}).json()
+        assert mine["known"] and mine["balance"] == "0.00 credits", mine
+    finally:
+        client.close()
+    admin = token_for(stack, "admin")
+    memo = {"user": name, "amount": 1_000_000, "memo": "<b>thanks</b>"}
+    assert call(stack, admin, "POST", f"{PORTAL}/credits/grants", json=memo).status_code == 201
     page = browser_page
     page.goto(f"{stack.base_url}/hub/login")
     page.fill("#username_input", name)
@@ -332,3 +340,4 @@ def test_a_crafted_user_name_is_shown_as_text(stack: Stack, browser_page: Any) -
         page.goto(f"{stack.base_url}{path}")
         assert name in page.inner_text("#login_widget")
         assert page.locator("body b").count() == 0, f"{path} made markup of a user name"
+    assert "<b>thanks</b>" in page.inner_text("#gp-billing-history"), "a memo is text too"
