@@ -293,9 +293,9 @@ def test_low_runway_banner_then_the_reason_after_a_forced_stop(
     stack: Stack, browser_page: Any, shots: Path
 ) -> None:
     bo = token_for(stack, "bo")
-    # Enough for the minimum billable period and about a minute more: the runway
+    # Enough for the minimum billable period and half a minute more: the runway
     # is under the warning time from the start, and the meter stops the server.
-    grant(stack, "bo", -(-HOUSE_PRICE * (MIN_BILLABLE + 60) // 3600))
+    grant(stack, "bo", -(-HOUSE_PRICE * (MIN_BILLABLE + 30) // 3600))
     wait_free_gpus(stack, bo, 2)
     spawn_gpu(stack, bo, "bo")
     page = browser_page
