@@ -282,3 +282,53 @@ async def test_the_proxy_relays_each_event_before_the_next_is_sent(
         'data: {"progress": 10}\n\ndata: {"progress": 100, "ready": true}\n\n'
     )
     assert len(received) >= 2, "the events came one at a time"
+
+
+async def test_a_browser_that_leaves_ends_the_upstream_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A closed progress page must not keep the proxy reading the hub for an hour."""
+    from configurable_http_proxy import configproxy
+    from tornado.iostream import StreamClosedError
+
+    from gpuportal.hub.stack.streamproxy import StreamingProxyHandler
+
+    sent: list[int] = []
+    upstream_done = asyncio.Event()
+
+    class Endless(web.RequestHandler):
+        async def get(self) -> None:
+            self.set_header("Content-Type", "text/event-stream")
+            try:
+                for n in range(200):  # bounded: 200 events, 0.1 s apart
+                    self.write(f"data: {n}\n\n")
+                    await self.flush()
+                    sent.append(n)
+                    await asyncio.sleep(0.1)
+            except StreamClosedError:
+                pass
+            finally:
+                upstream_done.set()
+
+    upstream_port, proxy_port = _port(), _port()
+    upstream = web.Application([(r"/events", Endless)]).listen(upstream_port, "127.0.0.1")
+    monkeypatch.setattr(configproxy, "ProxyHandler", StreamingProxyHandler)
+    proxy = configproxy.PythonProxy({"auth_token": "x"})
+    proxy.add_route("/", {"target": f"http://127.0.0.1:{upstream_port}"})
+    server = proxy.proxy_app.listen(proxy_port, "127.0.0.1")
+    try:
+        async with (
+            httpx.AsyncClient(timeout=30) as client,
+            client.stream(
+                "GET",
+                f"http://127.0.0.1:{proxy_port}/events",
+                headers={"Accept": "text/event-stream"},
+            ) as reply,
+        ):
+            async for _chunk in reply.aiter_text():
+                break  # the user closes the page after the first event
+        await asyncio.wait_for(upstream_done.wait(), 60)
+    finally:
+        server.stop()
+        upstream.stop()
+    assert len(sent) < 200, "the proxy stopped reading once the browser had gone"

@@ -27,6 +27,15 @@ SKIP_HEADERS = frozenset({"content-length", "transfer-encoding", "content-encodi
 STREAM_TIMEOUT = 3600.0
 
 
+class ClientGone(Exception):
+    """The browser closed the connection: stop reading from upstream."""
+
+
+def _quietly(future: Any) -> None:
+    """A flush to a browser that left fails; that is no error worth a log line."""
+    future.exception()
+
+
 class StreamingProxyHandler(ProxyHandler):
     """The PyPI port's proxy handler, relaying each response as its chunks arrive."""
 
@@ -63,20 +72,32 @@ class StreamingProxyHandler(ProxyHandler):
                 self.add_header(name, value)
 
         def on_chunk(chunk: bytes) -> None:
+            stream = getattr(self.request.connection, "stream", None)
+            if stream is not None and stream.closed():
+                raise ClientGone()  # ends the upstream request too
             self.write(chunk)
-            self.flush()
+            self.flush().add_done_callback(_quietly)
 
         request.header_callback = on_header
         request.streaming_callback = on_chunk
         try:
             await AsyncHTTPClient().fetch(request, raise_error=False)
         except Exception as err:
-            if started:  # the status is sent; all that is left is to end the response
-                self.finish()
+            if isinstance(err, ClientGone) or started:
+                # Nobody to answer, or the status is sent: all that is left is to end.
+                self._end()
                 return
             await self.handle_proxy_error(503, err)
             return
-        self.finish()
+        self._end()
+
+    def _end(self) -> None:
+        if self._finished:
+            return
+        try:
+            self.finish()
+        except Exception:  # the browser left; nothing to tell it
+            self.proxy.log.debug("client gone before %s finished", self.request.path)
 
 
 def main() -> None:
