@@ -171,6 +171,8 @@ def test_sign_up_is_an_explicit_action_and_a_typo_makes_no_account(
     admin = token_for(stack, "admin")
     ana = call(stack, admin, "GET", "/hub/api/users/ana").json()
     assert "customers" in ana["groups"], "sign-ups are customers in the hub, as in the portal"
+    admin_groups = call(stack, admin, "GET", "/hub/api/users/admin").json()["groups"]
+    assert "customers" not in admin_groups
     role = call(stack, admin, "GET", f"{PORTAL}/accounts", params={"role": "customer"}).json()
     assert "ana" in [a["name"] for a in role]
 

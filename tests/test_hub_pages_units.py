@@ -332,3 +332,23 @@ async def test_a_browser_that_leaves_ends_the_upstream_stream(
         server.stop()
         upstream.stop()
     assert len(sent) < 200, "the proxy stopped reading once the browser had gone"
+
+
+def test_every_account_but_an_admins_is_a_customer_in_the_hub(
+    authenticator: SignupAuthenticator,
+) -> None:
+    """The hub's ``customers`` group holds whom the portal counts as customers:
+    ``add_user`` runs at sign-up, when an admin adds a user, and at each start."""
+    from jupyterhub import orm
+
+    session = orm.new_session_factory("sqlite://")()
+    authenticator.admin_users = {"root"}
+    users = {name: orm.User(name=name) for name in ("ana", "root", "old")}
+    users["old"].admin = False
+    session.add_all(users.values())
+    session.commit()
+    for user in users.values():
+        authenticator.add_user(user)
+        authenticator.add_user(user)  # idempotent, as a restart needs
+    group = orm.Group.find(session, "customers")
+    assert sorted(u.name for u in group.users) == ["ana", "old"]

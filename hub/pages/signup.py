@@ -5,8 +5,9 @@
 name the hub does not know creates **no** account (a typo must not make a
 second one), and says so in words that do not tell whether the name exists.
 Accounts are made on the sign-up page, which asks for the password twice,
-says what the sign-up credit is, puts the new user in the ``customers`` group
-(so the hub's groups and the portal's roles agree) and logs them in.
+says what the sign-up credit is and logs the new user in. Every account but an
+admin's is in the hub group ``customers`` (``add_user``), so the hub's groups
+and the portal's roles agree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import dbm
 from typing import Any
 
 import bcrypt
+import sqlalchemy
 from firstuseauthenticator import FirstUseAuthenticator
 from jupyterhub import orm
 from jupyterhub.handlers import BaseHandler
@@ -74,8 +76,7 @@ class SignupHandler(BaseHandler):
             self.set_status(400)
             self.finish(await self._render(problem, raw[:255]))
             return
-        user = await self.auth_to_user({"name": name})
-        join_group(self.db, user.orm_user)
+        user = await self.auth_to_user({"name": name})  # add_user: joins `customers`
         self.set_login_cookie(user)
         self.log.info("signed up new user %s", name)
         self.redirect(self.get_next_url(user))
@@ -125,6 +126,18 @@ class SignupAuthenticator(FirstUseAuthenticator):
         result: str | None = await super().authenticate(handler, data)
         if result is None and not getattr(handler, "custom_login_error", ""):
             handler.custom_login_error = LOGIN_FAILED
+        return result
+
+    def add_user(self, user: Any) -> Any:
+        """Every account but an admin's is in the ``customers`` group, as the portal
+        counts it: at sign-up, when an admin makes one, and (for accounts made
+        before) at every hub start, which calls this for each user."""
+        result = super().add_user(user)
+        orm_user = getattr(user, "orm_user", user)
+        if not (orm_user.admin or orm_user.name in self.admin_users):
+            session = sqlalchemy.inspect(orm_user).session
+            if session is not None:
+                join_group(session, orm_user)
         return result
 
     def get_handlers(self, app: Any) -> list[tuple[str, Any]]:
