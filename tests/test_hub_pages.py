@@ -6,6 +6,8 @@ walkthrough and saves its screenshot: into ``$TEST_SCREENSHOTS_DIR`` when set
 (``TEST_SCREENSHOTS_DIR=docs/img`` refreshes the README's), else a temporary
 folder.
 
+The browser reaches 127.0.0.1 only: every other request is aborted.
+
 Timing: no assertion bounds how long anything takes. Progress events are
 compared with each other (the last arrives later than the first), and every
 wait is a bounded loop.
@@ -56,6 +58,21 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = Path(folder) if folder else tmp_path_factory.mktemp("screenshots")
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@pytest.fixture
+def page(browser_page: Any) -> Any:
+    """The test's Chromium page, which can reach 127.0.0.1 and nothing else."""
+    from urllib.parse import urlsplit
+
+    def local_only(route: Any) -> None:
+        if urlsplit(route.request.url).hostname in ("127.0.0.1", None):
+            route.continue_()
+        else:
+            route.abort()
+
+    browser_page.route("**/*", local_only)
+    return browser_page
 
 
 def password_of(stack: Stack, name: str) -> str:
@@ -146,9 +163,8 @@ def wait_text(page: Any, selector: str, words: str, tries: int = 120) -> str:
 
 
 def test_sign_up_is_an_explicit_action_and_a_typo_makes_no_account(
-    stack: Stack, browser_page: Any, shots: Path
+    stack: Stack, page: Any, shots: Path
 ) -> None:
-    page = browser_page
     page.goto(f"{stack.base_url}/hub/login")
     brand = page.inner_text("#gp-brand")
     assert "gpuportal" in brand and "GPU" in brand, "the login page says what this is"
@@ -187,12 +203,11 @@ def test_sign_up_is_an_explicit_action_and_a_typo_makes_no_account(
 
 
 def test_spawn_progress_is_live_and_the_starter_notebook_is_there(
-    stack: Stack, browser_page: Any, shots: Path
+    stack: Stack, page: Any, shots: Path
 ) -> None:
     ana = token_for(stack, "ana")
     grant(stack, "ana", 10_000_000)
     wait_free_gpus(stack, ana, 2)
-    page = browser_page
     events: list[tuple[float, str]] = []
     page.expose_function("gpProgress", lambda at, data: events.append((float(at), str(data))))
     # Note when each progress event reaches the page (the page's own EventSource).
@@ -232,12 +247,11 @@ def test_spawn_progress_is_live_and_the_starter_notebook_is_there(
 
 
 def test_balance_runway_and_spend_on_home_and_billing_pages(
-    stack: Stack, browser_page: Any, shots: Path
+    stack: Stack, page: Any, shots: Path
 ) -> None:
     ana = token_for(stack, "ana")
     if server_of(stack, ana, "ana") is None:
         spawn_gpu(stack, ana, "ana")
-    page = browser_page
     browser_login(page, stack, "ana")
     nav = wait_text(page, "#gp-nav-money", "credits")
     assert "runway" in nav, nav
@@ -263,12 +277,11 @@ def test_balance_runway_and_spend_on_home_and_billing_pages(
 
 
 def test_stop_asks_first_and_shows_what_the_session_cost(
-    stack: Stack, browser_page: Any, shots: Path
+    stack: Stack, page: Any, shots: Path
 ) -> None:
     ana = token_for(stack, "ana")
     if server_of(stack, ana, "ana") is None:
         spawn_gpu(stack, ana, "ana")
-    page = browser_page
     browser_login(page, stack, "ana")
     wait_text(page, "#gp-home-running tbody tr", "1.00 credits/h")
     questions: list[str] = []
@@ -292,7 +305,7 @@ def test_stop_asks_first_and_shows_what_the_session_cost(
 
 
 def test_low_runway_banner_then_the_reason_after_a_forced_stop(
-    stack: Stack, browser_page: Any, shots: Path
+    stack: Stack, page: Any, shots: Path
 ) -> None:
     bo = token_for(stack, "bo")
     # Enough for the minimum billable period and half a minute more: the runway
@@ -300,7 +313,6 @@ def test_low_runway_banner_then_the_reason_after_a_forced_stop(
     grant(stack, "bo", -(-HOUSE_PRICE * (MIN_BILLABLE + 30) // 3600))
     wait_free_gpus(stack, bo, 2)
     spawn_gpu(stack, bo, "bo")
-    page = browser_page
     browser_login(page, stack, "bo")
     banner = wait_text(page, "#gp-banner", "credit")
     assert "runs out" in banner or "stop" in banner, banner
@@ -319,7 +331,7 @@ def test_low_runway_banner_then_the_reason_after_a_forced_stop(
     assert "cost" in said, said
 
 
-def test_a_crafted_user_name_is_shown_as_text(stack: Stack, browser_page: Any) -> None:
+def test_a_crafted_user_name_is_shown_as_text(stack: Stack, page: Any) -> None:
     name = "<b>evil<b>"
     client = hub_login(stack.base_url, name, "pw-evil-12345")
     try:
@@ -331,7 +343,6 @@ def test_a_crafted_user_name_is_shown_as_text(stack: Stack, browser_page: Any) -
     admin = token_for(stack, "admin")
     memo = {"user": name, "amount": 1_000_000, "memo": "<b>thanks</b>"}
     assert call(stack, admin, "POST", f"{PORTAL}/credits/grants", json=memo).status_code == 201
-    page = browser_page
     page.goto(f"{stack.base_url}/hub/login")
     page.fill("#username_input", name)
     page.fill("#password_input", "pw-evil-12345")
