@@ -47,8 +47,9 @@ c.ConfigurableHTTPProxy.pid_file = str(gp.run_dir / "jupyterhub-proxy.pid")
 
 
 # configurable-http-proxy: Node's when one is on PATH (outside this Python
-# environment), else the PyPI port installed with gpuportal (with its websocket
-# subprotocol answer mended, so kernels connect through it).
+# environment), else the PyPI port installed with gpuportal, mended to answer
+# websocket subprotocols (kernels connect through it) and to stream responses (the
+# spawn progress page's events arrive as they happen): gpuportal/hub/stack/proxy.py.
 def _proxy_command() -> list[str]:
     venv_bin = Path(sys.executable).parent
     path = os.pathsep.join(
@@ -57,7 +58,6 @@ def _proxy_command() -> list[str]:
     node_chp = shutil.which("configurable-http-proxy", path=path)
     if node_chp and shutil.which("node"):
         return [node_chp]
-    # The PyPI port, answering websocket subprotocols (gpuportal/hub/stack/proxy.py).
     return [sys.executable, "-m", "gpuportal.hub.stack.proxy"]
 
 
@@ -69,15 +69,17 @@ c.JupyterHub.cookie_secret_file = str(data / "jupyterhub_cookie_secret")
 c.JupyterHub.pid_file = str(gp.run_dir / "jupyterhub.pid")
 
 # --- Authentication ----------------------------------------------------------
-# GPUPORTAL_AUTHENTICATOR, default "firstuse": sign-up by first login, as The
-# Littlest JupyterHub does. Any Authenticator class also works, e.g.
+# GPUPORTAL_AUTHENTICATOR, default "firstuse": passwords as in The Littlest
+# JupyterHub, accounts made on the sign-up page. Any Authenticator class works, e.g.
 #   GPUPORTAL_AUTHENTICATOR=oauthenticator.github.GitHubOAuthenticator
 #   GPUPORTAL_AUTHENTICATOR=oauthenticator.generic.GenericOAuthenticator
 # with its own settings in GPUPORTAL_HUB_EXTRA_CONFIG (see docs/authentication.md).
 if gp.authenticator == "firstuse":
-    c.JupyterHub.authenticator_class = "firstuseauthenticator.FirstUseAuthenticator"
+    c.JupyterHub.authenticator_class = "gpuportal.hub.pages.signup.SignupAuthenticator"
     c.FirstUseAuthenticator.dbm_path = str(passwords_dbm(data))
-    c.FirstUseAuthenticator.create_users = True
+    # Logging in never creates an account: sign-up is its own page (/hub/signup),
+    # password typed twice (gpuportal.hub.pages.signup.SignupAuthenticator).
+    c.FirstUseAuthenticator.create_users = False
     # GPUPORTAL_MIN_PASSWORD_LENGTH, default 8.
     c.FirstUseAuthenticator.min_password_length = gp.min_password_length
     c.Authenticator.allow_all = True
@@ -100,6 +102,22 @@ else:
 # Admins: GPUPORTAL_ADMIN_USER plus any added with `gpuportal admin create`.
 _admins = {gp.admin_user} | extra_admins(data)
 c.Authenticator.admin_users = _admins
+
+# --- Hub pages: money on every page, /hub/billing, branded login, sign-up ------
+# (gpuportal.hub.pages: templates extend JupyterHub's own; data from the portal API,
+# read as the logged-in user.)
+from gpuportal.hub.pages import configure as configure_pages  # noqa: E402
+
+# /hub/dashboards (gpuportal.dashboards) lists the dashboards for each user's role; its
+# link sits in the pages' navigation bar.
+_dashboard_handlers, _dashboard_templates = dashboards.hub_page()
+configure_pages(
+    c,
+    gp,
+    firstuse=gp.authenticator == "firstuse",
+    extra_handlers=_dashboard_handlers,
+    extra_templates=[_dashboard_templates],
+)
 
 # --- Groups and roles (least privilege) --------------------------------------
 # Role groups: membership sets a portal account's role (admin > provider > customer).
@@ -182,9 +200,6 @@ c.JupyterHub.services = [
     # Voila dashboards behind hub OAuth (docs/dashboards.md): GPUPORTAL_DASHBOARDS_PORT.
     dashboards.service(gp),
 ]
-# /hub/dashboards lists the dashboards for each user's role; the navigation bar links it.
-c.JupyterHub.extra_handlers, _templates = dashboards.hub_page()
-c.JupyterHub.template_paths = [_templates]
 
 # --- User servers --------------------------------------------------------------
 # RaySpawner: each server is a Ray job on a GPU node reserved through the portal's

@@ -1,9 +1,10 @@
-"""The hub's ``/hub/dashboards`` page and the navigation bar's link to it.
+"""The hub's ``/hub/dashboards`` page.
 
-Loaded by ``jupyterhub_config.py`` into the hub process: :data:`HANDLERS` go to
-``c.JupyterHub.extra_handlers`` and :data:`TEMPLATES` to ``c.JupyterHub.template_paths``
-(its ``page.html`` adds "Dashboards" to every hub page's navigation bar). The page links
-the dashboards that fit the user's role; the service and the portal still check.
+Loaded by ``jupyterhub_config.py`` into the hub process, through the hub pages
+(``gpuportal.hub.pages.configure``): :data:`HANDLERS` join the hub's page handlers and
+:data:`TEMPLATES` its template path, after the pages' own ``page.html``, which links
+this page in every navigation bar. The page links the dashboards that fit the user's
+role; the service and the portal still check.
 """
 
 from __future__ import annotations

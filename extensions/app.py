@@ -18,6 +18,7 @@ import asyncio
 import os
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +26,8 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
 from traitlets import Float, Int, List, Unicode, default
 
-from . import gpuuse
+from ..spawners.links import billing_url
+from . import gpuuse, starter
 from .handlers import MetricsHandler, SaveAckHandler, UsageHandler
 from .idle import IdleCuller
 from .portal import PortalClient, PortalReading, utcnow
@@ -176,7 +178,23 @@ class GpuPortalExtension(ExtensionApp):
         explicit = os.environ.get("GPUPORTAL_TOPUP_URL", "").strip()
         if explicit:
             return explicit
+        base = os.environ.get("JUPYTERHUB_BASE_URL", "").strip()
+        if base:  # under JupyterHub: the hub's billing page (gpuportal.hub.pages)
+            return billing_url(base.rstrip("/") + "/hub/")
         return self.portal_url + "docs" if self.portal_url else ""
+
+    starter_dir = Unicode(
+        help="""Folder of starter notebooks copied into the server's home when it starts,
+        never over a file the user changed (extensions/starter.py); "" copies nothing.
+
+        Default: gpuportal's notebook templates (notebooks/) under JupyterHub, else "".
+        Example: c.GpuPortalExtension.starter_dir = "/srv/team-notebooks"
+        """,
+    ).tag(config=True)
+
+    @default("starter_dir")
+    def _starter_dir_default(self) -> str:
+        return str(starter.default_source()) if os.environ.get("JUPYTERHUB_USER") else ""
 
     #: The extension's clock; tests replace it to travel in time.
     clock: Callable[[], datetime] = staticmethod(utcnow)
@@ -213,11 +231,21 @@ class GpuPortalExtension(ExtensionApp):
             self.portal_url or "(not configured)",
             f"{self.idle_timeout_seconds} s" if self.idle_timeout_seconds else "off",
         )
+        self.install_starter()
         if self.idle_timeout_seconds > 0:
             self._idle_callback = PeriodicCallback(
                 self._idle_tick, self.idle_check_seconds * 1000, jitter=0.1
             )
             self._idle_callback.start()
+
+    def install_starter(self) -> None:
+        """The starter notebooks into the home (the server's root), before it serves."""
+        if not self.starter_dir or self.serverapp is None:
+            return
+        try:
+            starter.install(Path(self.serverapp.root_dir), Path(self.starter_dir))
+        except OSError as exc:  # a full or read-only home must not stop the server
+            self.log.warning("gpuportal: starter notebooks not copied: %s", exc)
 
     def initialize_handlers(self) -> None:
         self.handlers.extend(

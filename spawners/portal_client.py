@@ -22,9 +22,6 @@ from .loopclient import LoopClient
 log = logging.getLogger(__name__)
 
 API = "api/v1"
-#: Where a user adds credit, under the portal's public path: its API page on
-#: balances and deposits until the hub has a billing page. The one place to change it.
-ADD_CREDIT_PAGE = "docs#/billing"
 
 
 class PortalError(Exception):

@@ -29,7 +29,6 @@ import secrets
 import shlex
 import time
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 from jupyterhub.spawner import Spawner, SpawnException
@@ -39,9 +38,10 @@ from traitlets import Float, Integer, List, TraitError, Unicode, default, valida
 from gpuportal.provider import money
 
 from . import form, profiles, report
+from .links import billing_url
 from .loopclient import LoopClient
 from .naming import escape, job_submission_id, oauth_client_id
-from .portal_client import ADD_CREDIT_PAGE, PortalClient, PortalError, PortalUnavailable
+from .portal_client import PortalClient, PortalError, PortalUnavailable
 from .profiles import default_profile_list
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
 from .refusals import CREDIT_CODES, SpawnRefusal
@@ -127,15 +127,16 @@ class RaySpawner(Spawner):
 
     add_credit_url = Unicode(
         help="Where a user adds credit, as the browser reaches it: the spawn form and a "
-        "refusal for credit link here. Default: the portal's page for it under the path "
-        "of portal_url. Example: c.RaySpawner.add_credit_url = '/hub/billing'",
+        "refusal for credit link here. Default: the hub's billing page (/hub/billing "
+        "under the default base URL). Example: c.RaySpawner.add_credit_url = "
+        "'https://pay.example.org/'",
     ).tag(config=True)
 
     @default("add_credit_url")
     def _default_add_credit_url(self) -> str:
-        # The portal's public path (never its internal host) and the one constant.
-        path = urlsplit(self.portal_url).path.rstrip("/")
-        return f"{path}/{ADD_CREDIT_PAGE}"
+        # The hub's billing page (gpuportal.hub.pages), named once in spawners/links.py.
+        hub = getattr(self, "hub", None)
+        return billing_url(getattr(hub, "base_url", None) or "/hub/")
 
     cpu_jobs_url = Unicode(
         "",

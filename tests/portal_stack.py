@@ -104,18 +104,18 @@ def stop_stack(stack: Stack, timeout: float = 90.0) -> int:
 
 
 def hub_login(base_url: str, username: str, password: str) -> httpx.Client:
-    """A browser-like client logged in to the hub (form login with the xsrf cookie)."""
+    """A browser-like client logged in to the hub (form login with the xsrf cookie).
+
+    A name the hub does not know yet is signed up first (``/hub/signup``), since
+    logging in never creates an account.
+    """
     client = httpx.Client(base_url=base_url, follow_redirects=True, timeout=30)
     client.get("/hub/login")
-    reply = client.post(
-        "/hub/login",
-        data={
-            "username": username,
-            "password": password,
-            "_xsrf": client.cookies.get("_xsrf"),
-        },
-    )
+    form = {"username": username, "password": password, "_xsrf": client.cookies.get("_xsrf")}
+    reply = client.post("/hub/login", data=form)
     if "/hub/login" in str(reply.url):
+        reply = client.post("/hub/signup", data={**form, "password_again": password})
+    if "/hub/login" in str(reply.url) or "/hub/signup" in str(reply.url):
         client.close()
         raise AssertionError(f"login failed for {username}: {reply.status_code}")
     return client

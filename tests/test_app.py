@@ -198,6 +198,9 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
     spec = client.get("/services/portal/openapi.json").json()
     assert f"{API}/health" in spec["paths"]
     assert f"{API}/me" in spec["paths"]
+    # An Authorize button: "Try it out" can send a hub token, and the page says how.
+    assert spec["components"]["securitySchemes"]["hubToken"]["name"] == "Authorization"
+    assert "Token page" in spec["info"]["description"]
 
 
 # --- Auth freshness (issue 9 item 5) and cookie writes (issue 8 item 7) ---

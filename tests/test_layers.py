@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: The folders checked; each is the subpackage ``gpuportal.<folder>``.
 PACKAGES = ("hub", "spawners", "provider", "extensions", "dashboards")
 #: The control plane's layers, lowest first; "kernel" is the modules flat in ``hub/``.
-LAYERS = ("kernel", "db", "market", "billing", "portal", "stack")
+LAYERS = ("kernel", "db", "market", "billing", "portal", "stack", "pages")
 #: The only modules that may sit flat in ``hub/`` (besides ``__init__``).
 KERNEL = frozenset({"settings", "errors", "timeutil", "egress"})
 #: Code that must not reach the control plane: it runs on provider machines or in the hub

@@ -102,3 +102,33 @@ def _cell(value: Any) -> Any:
     if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
         return "'" + value
     return value
+
+
+def top_ups(session: Session, account_id: int, limit: int = 200) -> list[dict[str, Any]]:
+    """Money that came into one account's wallet: grants, promo and sign-up credit,
+    deposits (and any correction of them), newest first.
+
+    These are the wallet's postings that belong to no allocation; charges and
+    their reversals are the usage report's business.
+    """
+    query = (
+        select(
+            LedgerTransaction.kind,
+            LedgerTransaction.memo,
+            LedgerTransaction.created_at,
+            Posting.amount,
+        )
+        .join(Posting, Posting.transaction_id == LedgerTransaction.id)
+        .join(LedgerAccount, LedgerAccount.id == Posting.ledger_account_id)
+        .where(
+            LedgerAccount.account_id == account_id,
+            LedgerAccount.kind == "customer_wallet",
+            LedgerTransaction.allocation_id.is_(None),
+        )
+        .order_by(LedgerTransaction.created_at.desc(), LedgerTransaction.id.desc())
+        .limit(limit)
+    )
+    return [
+        {"kind": kind, "memo": memo or "", "created_at": created_at, "amount": int(amount)}
+        for kind, memo, created_at, amount in session.execute(query)
+    ]

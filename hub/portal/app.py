@@ -98,8 +98,7 @@ def create_app(
     app = FastAPI(
         title="gpuportal portal API",
         version=__version__,
-        description="The control plane of gpuportal: accounts, teams, health; "
-        "marketplace, metering and billing as they land.",
+        description=DOCS_DESCRIPTION,
         docs_url=None,  # served below from local files: no CDN, works offline
         redoc_url=None,
         openapi_url=f"{prefix}openapi.json",
@@ -149,7 +148,48 @@ def create_app(
     app.include_router(provider_router, prefix=prefix.rstrip("/"))
     app.include_router(dashboards_router, prefix=prefix.rstrip("/"))
     _mount_docs(app, prefix)
+    _declare_token_auth(app)
     return app
+
+
+#: What the docs page says first: who "Try it out" acts as, and how to write.
+DOCS_DESCRIPTION = (
+    "The control plane of gpuportal: accounts, teams, health, the marketplace, "
+    "metering and billing.\n\n"
+    "**Try it out acts as you.** Opened from the hub, this page carries your login "
+    "cookie, which is good for reading only (GET). To change anything, make a token on "
+    "the hub's [Token page](../../hub/token), click **Authorize** and enter "
+    "`token <your token>`; every request then carries it as `Authorization: token ...`."
+)
+
+
+def _declare_token_auth(app: FastAPI) -> None:
+    """The hub API token as an OpenAPI security scheme, so the docs page has an
+    Authorize button and "Try it out" can send a token (and so write)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "hubToken": {
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "Authorization",
+                    "description": "Your hub API token, entered as `token <TOKEN>` "
+                    "(make one on the hub's Token page).",
+                }
+            }
+            schema["security"] = [{"hubToken": []}, {}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _mount_docs(app: FastAPI, prefix: str) -> None:

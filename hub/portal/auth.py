@@ -199,6 +199,18 @@ async def _remember(portal: Portal, key: str, caller: PortalUser) -> None:
 
 
 def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:
+    """The caller's account, made on first sight. Two first requests of a new user at
+    once (a page asking for balance and allocations together) race to insert it:
+    the loser's insert fails on the unique name and it reads the winner's row."""
+    from sqlalchemy.exc import IntegrityError
+
+    try:
+        return _record_once(portal, model, scopes)
+    except IntegrityError:
+        return _record_once(portal, model, scopes)
+
+
+def _record_once(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:
     from ..billing.credits import welcome
 
     with transaction(portal.sessions) as session:

@@ -319,7 +319,7 @@ def _announce_ready(settings: Settings, echo: Echo, base: str, generated: str | 
                 f"  Admin:       {settings.admin_user} (password from "
                 "GPUPORTAL_ADMIN_PASSWORD or the first start)"
             )
-        echo("  New users sign up by logging in with a name and password of their choice.")
+        echo(f"  Sign-up:     {base}/hub/signup (logging in never creates an account)")
     echo(f"  Logs:        {settings.logs_dir}")
     echo("  Stop:        Ctrl-C here, or `gpuportal down`")
 

@@ -456,3 +456,25 @@ def test_a_bill_opens_only_for_a_live_reservation(
         assert row is not None
         provider = session.get(Account, row.provider_account_id)
         assert provider is not None and provider.hub_name == "prov", "the node's provider is paid"
+
+
+def test_the_history_lists_grants_and_deposits_newest_first_and_only_your_own(
+    client: TestClient, chain: deposits.LiteSVMChain
+) -> None:
+    """Issue 11: the billing page's "grants and deposits", from the ledger."""
+    grant = {"user": "ann", "amount": 3 * CREDIT, "memo": "<b>welcome</b>"}
+    assert client.post(f"{API}/credits/grants", json=grant, headers=auth("tok-admin")).is_success
+    signature = send_sol(chain, DEPOSIT.pubkey(), 10_000_000)  # 0.01 SOL = 1 credit
+    body = {"signature": signature, "lamports": 10_000_000}
+    assert client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-ann")).is_success
+    rows = client.get(f"{API}/credits/history", headers=auth("tok-ann")).json()
+    assert [(r["kind"], r["amount"], r["display"]) for r in rows] == [
+        ("deposit", CREDIT, "1.00 credits"),
+        ("grant", 3 * CREDIT, "3.00 credits"),
+    ]
+    assert rows[1]["memo"] == "<b>welcome</b>", "data, not markup: the page escapes it"
+    assert client.get(f"{API}/credits/history", headers=auth("tok-bob")).json() == []
+    other = client.get(f"{API}/credits/history?user=ann", headers=auth("tok-bob"))
+    assert other.status_code == 403
+    mine = client.get(f"{API}/credits/history?user=ann", headers=auth("tok-admin"))
+    assert len(mine.json()) == 2, "admins see anyone's"

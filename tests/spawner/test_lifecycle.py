@@ -252,7 +252,7 @@ def test_a_refusal_in_chromium_is_a_sentence_that_keeps_the_form_and_drops_the_c
         refusal = page.inner_text("#gpuportal-refusal")
         assert "choices were reset" in refusal
         link = page.get_attribute("#gpuportal-refusal a", "href")
-        assert link == "/services/portal/docs#/billing"
+        assert link == "/hub/billing"
         # The form is there and usable, at the refused profile without the refused model.
         assert page.is_checked("input[name=profile][value=gpu]")
         assert selected_value(page, "profile-option-gpu--gpu_model") == "any"

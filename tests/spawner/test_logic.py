@@ -639,7 +639,7 @@ def test_a_refusal_for_credit_links_to_credit_and_resets_the_choices() -> None:
     with Served(create_app(portal), port):
         refusal, page = asyncio.run(run())
     assert refusal.status_code == 402 and refusal.credit
-    assert 'href="/services/portal/docs#/billing">Add credit</a>' in refusal.jupyterhub_html_message
+    assert 'href="/hub/billing">Add credit</a>' in refusal.jupyterhub_html_message
     assert 'id="gpuportal-refusal"' in page and "choices were reset" in page
     assert 'value="gpu" checked' in page  # the profile stays
     counts = options_of(page, "profile-option-gpu--gpu_count")

@@ -727,3 +727,30 @@ async def get_usage(
             headers={"Content-Disposition": f'attachment; filename="usage-by-{by}.csv"'},
         )
     return {"user": name, "by": by, "currency": portal.settings.currency_name, "rows": rows}
+
+
+class TopUpPublic(BaseModel):
+    kind: str = Field(description="grant, promo, signup, deposit, ... (the transaction's kind).")
+    memo: str
+    created_at: datetime
+    amount: int = Field(description="Micro-credits into the wallet (negative: a correction).")
+    display: str
+
+
+@router.get("/api/v1/credits/history", response_model=list[TopUpPublic], tags=["billing"])
+async def credit_history(
+    portal: PortalDep,
+    caller: CurrentCaller,
+    user: Annotated[str | None, Query(max_length=255)] = None,
+) -> Any:
+    """Grants, sign-up credit and deposits into a wallet (yourself by default), newest first."""
+    name = user or caller.name
+    check_owner(caller, name, OWN_DATA_ONLY)
+    currency = portal.settings.currency_name
+
+    def work(session: Any) -> list[dict[str, Any]]:
+        account = allocations.account_named(session, name)
+        rows = usage.top_ups(session, account.id)
+        return [{**row, "display": format_credits(row["amount"], currency)} for row in rows]
+
+    return await in_db(portal, work)
