@@ -26,7 +26,7 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
 from traitlets import Float, Int, List, Unicode, default
 
-from ..spawners.links import billing_url
+from ..provider.links import billing_url
 from . import gpuuse, starter
 from .handlers import MetricsHandler, SaveAckHandler, UsageHandler
 from .idle import IdleCuller

@@ -36,9 +36,9 @@ from traitlets import Dict as TDict
 from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
 from gpuportal.provider import money
+from gpuportal.provider.links import billing_url
 
 from . import form, profiles, report
-from .links import billing_url
 from .loopclient import LoopClient
 from .naming import escape, job_submission_id, oauth_client_id
 from .portal_client import PortalClient, PortalError, PortalUnavailable
@@ -134,7 +134,7 @@ class RaySpawner(Spawner):
 
     @default("add_credit_url")
     def _default_add_credit_url(self) -> str:
-        # The hub's billing page (gpuportal.hub.pages), named once in spawners/links.py.
+        # The hub's billing page (gpuportal.hub.pages), named once in provider/links.py.
         hub = getattr(self, "hub", None)
         return billing_url(getattr(hub, "base_url", None) or "/hub/")
 

@@ -17,7 +17,7 @@ from tornado import web
 from gpuportal.extensions import starter
 from gpuportal.hub.pages import money
 from gpuportal.hub.pages.signup import SignupAuthenticator
-from gpuportal.spawners.links import BILLING_PAGE, billing_url
+from gpuportal.provider.links import BILLING_PAGE, billing_url
 
 NOW = datetime(2026, 1, 2, 12, 0, tzinfo=UTC)
 

@@ -18,8 +18,8 @@ import segno
 from jupyterhub.handlers import BaseHandler
 from tornado import web
 
+from gpuportal.provider.links import BILLING_PAGE
 from gpuportal.provider.money import format_credits
-from gpuportal.spawners.links import BILLING_PAGE
 
 from .. import timeutil
 from . import money

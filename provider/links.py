@@ -2,8 +2,9 @@
 
 The billing page is served by the hub (``gpuportal.hub.pages``), under the hub's
 prefix: ``/hub/billing`` with the default base URL. The spawner's refusals for
-lack of credit link to it; node-side code may import this module too (it
-imports nothing).
+lack of credit and the JupyterLab extension's top-up link point to it. It lives
+with the node-side pure modules so that every side may import it (it imports
+nothing).
 """
 
 from __future__ import annotations
