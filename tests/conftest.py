@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -23,8 +24,10 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from gpuportal.hub import db as portal_db
+from gpuportal.hub import timeutil
 from gpuportal.hub.settings import Settings, load_settings
 
+from .fakes import Clock, FakeHub, PortalClientFactory
 from .portal_stack import Stack, free_port, start_stack, stop_stack
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
@@ -109,6 +112,61 @@ def db(db_url: str, tmp_path: Path) -> Iterator[Engine]:
     portal_db.upgrade(engine)
     yield engine
     engine.dispose()
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The time every module reads (``timeutil.utcnow``), moved by the test."""
+    the_clock = Clock()
+    monkeypatch.setattr(timeutil, "utcnow", the_clock)
+    return the_clock
+
+
+@pytest.fixture
+def portal_client(tmp_path: Path, db_url: str) -> Iterator[PortalClientFactory]:
+    """Make the portal app (its background loops off) and a TestClient for it.
+
+    ``portal_client(hub=None, cache=None, chain=None, raise_server_exceptions=True,
+    **settings)``:
+    ``settings`` override :func:`load_settings` (the data dir is the test's tmp dir and
+    the DB is ``db_url``, on each backend, unless given); ``hub`` defaults to a
+    :class:`FakeHub` with no users. The client has started the app (its lifespan
+    ran) and is closed after the test; its ``Portal`` is ``client.app.state.portal``.
+    """
+    from fastapi.testclient import TestClient
+
+    from gpuportal.hub.portal.app import create_app
+    from gpuportal.hub.portal.cache import MemoryCache
+    from gpuportal.hub.portal.context import Portal
+
+    with ExitStack() as opened:
+
+        def make(
+            *,
+            hub: Any = None,
+            cache: Any = None,
+            chain: Any = None,
+            raise_server_exceptions: bool = True,
+            **overrides: Any,
+        ) -> TestClient:
+            overrides.setdefault("data_dir", tmp_path)
+            overrides.setdefault("db_url", db_url)
+            settings = load_settings(**overrides)
+            extra = {"chain": chain} if chain is not None else {}
+            portal = Portal(
+                settings,
+                cache=cache or MemoryCache(),
+                hub=hub if hub is not None else FakeHub({}),
+                **extra,
+            )
+            client = TestClient(
+                create_app(settings, portal, background=False),
+                raise_server_exceptions=raise_server_exceptions,
+            )
+            opened.enter_context(client)
+            return client
+
+        yield make
 
 
 @pytest.fixture

@@ -15,7 +15,15 @@ from pathlib import Path
 import httpx
 import psutil
 
+from gpuportal.hub import db as portal_db
+from gpuportal.hub.settings import load_settings
+from gpuportal.hub.stack.house import house_dir, verification_of
+from gpuportal.hub.stack.ready import NotReady, wait_ready
+from gpuportal.provider.identity import KEY_FILE, Identity
+
 ROOT = Path(__file__).resolve().parent.parent
+#: The portal service's prefix under the hub (the default ``GPUPORTAL_SERVICE_PREFIX``).
+PORTAL = "/services/portal"
 
 
 _handed_out: set[int] = set()
@@ -97,14 +105,37 @@ def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
         proc, data_dir, f"http://127.0.0.1:{env['GPUPORTAL_PORT']}", password, env, output
     )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gpuportal up exited {proc.returncode}:\n{stack.read_output()}")
-        if "[4/4] ready." in stack.read_output():
-            return stack
-        time.sleep(0.5)
-    stop_stack(stack)
-    raise AssertionError(f"gpuportal up not ready in {timeout}s:\n{stack.read_output()}")
+    try:
+        wait_ready(f"{stack.base_url}{PORTAL}/api/v1/health", timeout, proc=proc)
+        _wait_house_decided(stack, deadline)
+    except (NotReady, AssertionError) as exc:
+        stop_stack(stack)
+        raise AssertionError(f"gpuportal up not ready: {exc}\n{stack.read_output()}") from None
+    return stack
+
+
+def _wait_house_decided(stack: Stack, deadline: float) -> None:
+    """Wait, as ``up`` does, until the house node passed or failed its challenge.
+
+    The health endpoint says the hub and the portal answer; the house GPUs are on
+    offer only once the house agent has answered its verification challenge.
+    """
+    settings = load_settings(
+        data_dir=stack.data_dir, db_url=stack.env.get("GPUPORTAL_DB_URL") or None
+    )
+    if not (house_dir(settings) / KEY_FILE).exists():
+        return  # an external Ray cluster: no house node
+    node_id = Identity.load(house_dir(settings)).node_id
+    engine = portal_db.make_engine(settings.database_url)
+    try:
+        while verification_of(engine, node_id) not in ("verified", "failed"):
+            if stack.proc.poll() is not None:
+                raise AssertionError(f"gpuportal up exited {stack.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the house node was not verified in time")
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
 
 
 def stop_stack(stack: Stack, timeout: float = 90.0) -> int:

@@ -21,14 +21,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from .. import db, egress
+from .. import db, egress, timeutil
 from ..db import accounts
 from ..db.marketplace_models import Cluster
 from ..market import marketplace, nodes, raystatus
 from ..market.capacity import CapacityIndex
 from ..market.marketplace import OFFERS_CACHE_KEY, SUMMARY_CACHE_KEY, rules_of
 from ..settings import Settings
-from ..timeutil import utcnow
 from .cache import Cache, make_cache
 from .hubapi import HubAPI, HubUnavailable
 
@@ -153,7 +152,7 @@ class Portal:
 
         def housekeeping() -> None:
             with db.transaction(self.sessions) as session:
-                now = utcnow()
+                now = timeutil.utcnow()
                 marketplace.expire_held(session, now)
                 nodes.mark_offline(session, rules, now)
                 nodes.lapse_challenges(session, rules, now)
@@ -234,7 +233,7 @@ class Portal:
         def apply() -> list[str]:
             changed: list[str] = []
             with db.transaction(self.sessions) as session:
-                now = utcnow()
+                now = timeutil.utcnow()
                 for pk, (states, misses) in views.items():
                     changed += nodes.apply_ray_view(session, pk, states, misses, rules, now)
             return changed

@@ -27,9 +27,9 @@ from gpuportal.hub.portal import loops
 from gpuportal.hub.portal.app import create_app
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
 
+from ..fakes import FakeHub
 from .conftest import CREDIT, Clock, add_node, free_gpus, reserve
 
 USERS = {
@@ -43,22 +43,6 @@ USERS = {
 }
 API = "/services/portal/api/v1"
 DEPOSIT = Keypair()
-
-
-class FakeHub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-        self.stopped: list[tuple[str, str]] = []
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-    async def stop_server(self, user: str, server: str = "") -> bool:
-        self.stopped.append((user, server))
-        return True
 
 
 def auth(token: str) -> dict[str, str]:
@@ -80,7 +64,7 @@ def portal(tmp_path: Path, db_url: str, chain: deposits.LiteSVMChain) -> Portal:
         solana_micro_credits_per_sol=100 * CREDIT,
         signup_credits=0,  # exact balances: no sign-up credit here
     )
-    return Portal(settings, cache=MemoryCache(), hub=FakeHub(), chain=chain)
+    return Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS), chain=chain)
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
-from seed import root_conftest
+
+from .. import portal_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -25,7 +26,6 @@ OTHER_TOKEN = secrets.token_hex(16)
 
 @pytest.fixture(scope="module")
 def market_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    helpers = root_conftest()
     home = tmp_path_factory.mktemp("market-stack")
     extra = home / "extra_config.py"
     extra.write_text(
@@ -34,7 +34,7 @@ def market_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         "c.JupyterHub.services.append("
         f"{{'name': 'other-service', 'api_token': {OTHER_TOKEN!r}}})\n"
     )
-    stack = helpers.start_stack(
+    stack = portal_stack.start_stack(
         home / "data",
         GPUPORTAL_DEMO_GPUS="2xA100-80GB",
         GPUPORTAL_HUB_EXTRA_CONFIG=str(extra),
@@ -43,7 +43,7 @@ def market_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
         GPUPORTAL_SIGNUP_CREDIT_POLICY="identity",
     )
     yield stack
-    helpers.stop_stack(stack)
+    portal_stack.stop_stack(stack)
 
 
 class Portal:
@@ -64,11 +64,10 @@ class Portal:
 
 
 def as_user(stack: Any, name: str) -> Portal:
-    helpers = root_conftest()
     password = f"pw-{name}-12345"
-    browser = helpers.hub_login(stack.base_url, name, password)
+    browser = portal_stack.hub_login(stack.base_url, name, password)
     try:
-        token = helpers.hub_token(browser, name)
+        token = portal_stack.hub_token(browser, name)
     finally:
         browser.close()
     return Portal(stack.base_url, token)
