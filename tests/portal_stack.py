@@ -24,6 +24,9 @@ from gpuportal.provider.identity import KEY_FILE, Identity
 ROOT = Path(__file__).resolve().parent.parent
 #: The portal service's prefix under the hub (the default ``GPUPORTAL_SERVICE_PREFIX``).
 PORTAL = "/services/portal"
+#: The token of ``other-service``, a hub service the portal does not trust, in the
+#: shared default stack (``tests/conftest.py``).
+OTHER_SERVICE_TOKEN = secrets.token_hex(16)
 
 
 _handed_out: set[int] = set()
@@ -88,6 +91,10 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+#: The data dir of every ``gpuportal up`` this run started (the session summary counts them).
+STARTED: list[Path] = []
+
+
 def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
     password = "pw-" + secrets.token_hex(6)
     env = stack_env(data_dir, GPUPORTAL_ADMIN_PASSWORD=password, **extra)
@@ -101,6 +108,7 @@ def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
             stderr=subprocess.STDOUT,
             text=True,
         )
+    STARTED.append(data_dir)
     stack = Stack(
         proc, data_dir, f"http://127.0.0.1:{env['GPUPORTAL_PORT']}", password, env, output
     )
