@@ -18,7 +18,7 @@ import psutil
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.settings import load_settings
 from gpuportal.hub.stack.house import house_dir, verification_of
-from gpuportal.hub.stack.ready import NotReady, wait_ready
+from gpuportal.hub.stack.ready import wait_ready
 from gpuportal.provider.identity import KEY_FILE, Identity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -116,9 +116,12 @@ def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
     try:
         wait_ready(f"{stack.base_url}{PORTAL}/api/v1/health", timeout, proc=proc)
         _wait_house_decided(stack, deadline)
-    except (NotReady, AssertionError) as exc:
+    except Exception as exc:
         stop_stack(stack)
         raise AssertionError(f"gpuportal up not ready: {exc}\n{stack.read_output()}") from None
+    except BaseException:  # Ctrl-C: stop what was started, then stop
+        stop_stack(stack)
+        raise
     return stack
 
 
@@ -128,9 +131,10 @@ def _wait_house_decided(stack: Stack, deadline: float) -> None:
     The health endpoint says the hub and the portal answer; the house GPUs are on
     offer only once the house agent has answered its verification challenge.
     """
-    settings = load_settings(
-        data_dir=stack.data_dir, db_url=stack.env.get("GPUPORTAL_DB_URL") or None
-    )
+    where: dict[str, object] = {"data_dir": stack.data_dir}
+    if stack.env.get("GPUPORTAL_DB_URL"):
+        where["db_url"] = stack.env["GPUPORTAL_DB_URL"]
+    settings = load_settings(**where)
     if not (house_dir(settings) / KEY_FILE).exists():
         return  # an external Ray cluster: no house node
     node_id = Identity.load(house_dir(settings)).node_id
