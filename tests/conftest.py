@@ -249,15 +249,6 @@ SHARED_STACKS: dict[str, dict[str, str]] = {
         "GPUPORTAL_DEMO_GPUS": "2xA100-80GB",
         "GPUPORTAL_SIGNUP_CREDIT_POLICY": "identity",
     },
-    # Billing: exact balances (no sign-up credit), a one-second meter that charges
-    # while a test runs, and short minimum billable and grace periods.
-    "billing_stack": {
-        "GPUPORTAL_DEMO_GPUS": "2xA100-80GB",
-        "GPUPORTAL_SIGNUP_CREDITS": "0",
-        "GPUPORTAL_METER_INTERVAL_SECONDS": "1",
-        "GPUPORTAL_MIN_BILLABLE_SECONDS": "20",
-        "GPUPORTAL_GRACE_SECONDS": "3",
-    },
 }
 
 
@@ -321,23 +312,22 @@ def stack(shared_stacks: SharedStacks) -> Stack:
     return shared_stacks.get("stack")
 
 
-@pytest.fixture(scope="session")
-def billing_stack(shared_stacks: SharedStacks) -> Stack:
-    """The stack with a one-second meter and exact balances, shared by the billing tests."""
-    return shared_stacks.get("billing_stack")
-
-
 def _stack_of(item: pytest.Item) -> str | None:
-    """The shared stack a test uses: a module that names another one its ``stack``
-    (``def stack(billing_stack)``) uses that one."""
-    names = getattr(item, "fixturenames", ())
-    used = [name for name in SHARED_STACKS if name in names]
-    return next((name for name in used if name != "stack"), used[0] if used else None)
+    """The shared stack a test uses, if any: a module's own ``stack`` fixture is not."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    for name in SHARED_STACKS:
+        chain = info.name2fixturedefs.get(name)
+        if chain and getattr(chain[-1].func, "__module__", None) == __name__:
+            return name
+    return None
 
 
 @pytest.hookimpl(trylast=True)  # after -k and -m have deselected
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the modules that share a stack one after another, in their first one's place."""
+    """Run the modules that share a stack one after another, in their first one's place,
+    each with the tests that use it first."""
     modules: dict[Any, list[pytest.Item]] = {}
     for item in items:
         modules.setdefault(item.module, []).append(item)  # type: ignore[attr-defined]
@@ -352,7 +342,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         group = [module] if key[module] is None else [m for m in modules if key[m] == key[module]]
         for member in group:
             placed.add(member)
-            ordered.extend(modules[member])
+            # The shared stack's tests first, so it stops before the module's others run.
+            ordered.extend(sorted(modules[member], key=lambda item: _stack_of(item) is None))
     items[:] = ordered
     _last_user.clear()
     for item in items:

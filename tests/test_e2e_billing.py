@@ -15,6 +15,7 @@ that running out of credit takes seconds, not a quarter of an hour.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -25,7 +26,7 @@ from sqlalchemy import create_engine, text
 
 from gpuportal.provider.money import accrued
 
-from .portal_stack import Stack, hub_login, hub_token
+from .portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 PORTAL = "/services/portal/api/v1"
@@ -34,10 +35,17 @@ MIN_BILLABLE = 20  # seconds: a launch needs credit for this long
 
 
 @pytest.fixture(scope="module")
-def stack(billing_stack: Stack) -> Stack:
-    """The shared billing stack (``tests/conftest.py``): no sign-up credit, a one-second
-    meter, a minimum billable period of :data:`MIN_BILLABLE` s and 3 s of grace."""
-    return billing_stack
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    running = start_stack(
+        tmp_path_factory.mktemp("e2e") / "data",
+        GPUPORTAL_DEMO_GPUS="2xA100-80GB",
+        GPUPORTAL_SIGNUP_CREDITS="0",  # exact balances
+        GPUPORTAL_METER_INTERVAL_SECONDS="1",  # the meter loop charges while it runs
+        GPUPORTAL_MIN_BILLABLE_SECONDS=str(MIN_BILLABLE),
+        GPUPORTAL_GRACE_SECONDS="3",
+    )
+    yield running
+    stop_stack(running)
 
 
 def token_for(stack: Stack, name: str) -> str:

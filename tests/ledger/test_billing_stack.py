@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import httpx
 import pytest
 
-from ..portal_stack import Stack, hub_login, hub_token
+from ..portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
 API = "/services/portal/api/v1"
+
+
+@pytest.fixture(scope="module")
+def billing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The stack with a one-second meter, so the loop itself charges within the test."""
+    running = start_stack(
+        Path(tmp_path_factory.mktemp("billing")) / "data",
+        GPUPORTAL_DEMO_GPUS="2xA100-80GB",
+        GPUPORTAL_METER_INTERVAL_SECONDS="1",
+        GPUPORTAL_SIGNUP_CREDITS="0",  # exact balances
+    )
+    yield running
+    stop_stack(running)
 
 
 def call(stack: Stack, method: str, path: str, token: str, **kwargs: object) -> httpx.Response:
