@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 
+from gpuportal.hub.stack.ready import NotReady, wait_ready
 from gpuportal.provider.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -119,17 +120,10 @@ def measure(hub: Hub, prefix: str, sequential: int, burst: int) -> dict[str, lis
 def wait_http(
     url: str, proc: subprocess.Popen[Any], timeout: float, what: str, log: Callable[[], str]
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited {proc.returncode}:\n{log()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{what} not ready in {timeout}s:\n{log()[-3000:]}")
+    try:
+        wait_ready(url, timeout, proc=proc)
+    except NotReady as exc:
+        raise RuntimeError(f"{what} not ready ({exc}):\n{log()[-3000:]}") from None
 
 
 def start_ray_stack(work: Path, gpus: int) -> tuple[subprocess.Popen[Any], Hub]:
@@ -158,11 +152,7 @@ def start_ray_stack(work: Path, gpus: int) -> tuple[subprocess.Popen[Any], Hub]:
             stderr=subprocess.STDOUT,
         )
     base = f"http://127.0.0.1:{env['GPUPORTAL_PORT']}"
-    deadline = time.monotonic() + 240
-    while "[4/4] ready." not in out.read_text(errors="replace"):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("gpuportal up failed:\n" + out.read_text()[-3000:])
-        time.sleep(0.5)
+    wait_http(f"{base}/services/portal/api/v1/health", proc, 240, "gpuportal up", out.read_text)
     browser = httpx.Client(base_url=base, follow_redirects=True, timeout=30)
     browser.get("/hub/login")
     browser.post(

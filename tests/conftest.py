@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psutil
 import pytest
@@ -23,9 +24,12 @@ from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from gpuportal.hub import db as portal_db
+from gpuportal.hub import timeutil
 from gpuportal.hub.settings import Settings, load_settings
 
-from .portal_stack import Stack, free_port, start_stack, stop_stack
+from . import portal_stack
+from .fakes import Clock, FakeHub, PortalClientFactory
+from .portal_stack import OTHER_SERVICE_TOKEN, Stack, free_port, start_stack, stop_stack
 
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 #: Read before the GPUPORTAL_* variables are cleared below.
@@ -112,6 +116,61 @@ def db(db_url: str, tmp_path: Path) -> Iterator[Engine]:
 
 
 @pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The time every module reads (``timeutil.utcnow``), moved by the test."""
+    the_clock = Clock()
+    monkeypatch.setattr(timeutil, "utcnow", the_clock)
+    return the_clock
+
+
+@pytest.fixture
+def portal_client(tmp_path: Path, db_url: str) -> Iterator[PortalClientFactory]:
+    """Make the portal app (its background loops off) and a TestClient for it.
+
+    ``portal_client(hub=None, cache=None, chain=None, raise_server_exceptions=True,
+    **settings)``:
+    ``settings`` override :func:`load_settings` (the data dir is the test's tmp dir and
+    the DB is ``db_url``, on each backend, unless given); ``hub`` defaults to a
+    :class:`FakeHub` with no users. The client has started the app (its lifespan
+    ran) and is closed after the test; its ``Portal`` is ``client.app.state.portal``.
+    """
+    from fastapi.testclient import TestClient
+
+    from gpuportal.hub.portal.app import create_app
+    from gpuportal.hub.portal.cache import MemoryCache
+    from gpuportal.hub.portal.context import Portal
+
+    with ExitStack() as opened:
+
+        def make(
+            *,
+            hub: Any = None,
+            cache: Any = None,
+            chain: Any = None,
+            raise_server_exceptions: bool = True,
+            **overrides: Any,
+        ) -> TestClient:
+            overrides.setdefault("data_dir", tmp_path)
+            overrides.setdefault("db_url", db_url)
+            settings = load_settings(**overrides)
+            extra = {"chain": chain} if chain is not None else {}
+            portal = Portal(
+                settings,
+                cache=cache or MemoryCache(),
+                hub=hub if hub is not None else FakeHub({}),
+                **extra,
+            )
+            client = TestClient(
+                create_app(settings, portal, background=False),
+                raise_server_exceptions=raise_server_exceptions,
+            )
+            opened.enter_context(client)
+            return client
+
+        yield make
+
+
+@pytest.fixture
 def redis_url() -> str:
     reason = _redis_available()
     if reason:
@@ -181,14 +240,128 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster
     head.stop()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """The whole embedded stack, once per test module, with 2xA100-80GB demo GPUs."""
-    running = start_stack(
-        tmp_path_factory.mktemp("stack") / "data",
-        GPUPORTAL_DEMO_GPUS="2xA100-80GB",
-        # Sign-ups here get their credit at once (OAuth-like), so they can spawn.
-        GPUPORTAL_SIGNUP_CREDIT_POLICY="identity",
-    )
-    yield running
-    stop_stack(running)
+#: The stacks several test modules share, by the fixture that gives each, with the
+#: settings that tell them apart. A run starts each once (see :class:`SharedStacks`).
+SHARED_STACKS: dict[str, dict[str, str]] = {
+    # The default stack: a customer signs up and gets the sign-up credit at once
+    # (OAuth-like), so they can spawn; an untrusted hub service is known too.
+    "stack": {
+        "GPUPORTAL_DEMO_GPUS": "2xA100-80GB",
+        "GPUPORTAL_SIGNUP_CREDIT_POLICY": "identity",
+    },
+}
+
+
+class SharedStacks:
+    """The session's shared stacks: each started on first use, stopped after its last.
+
+    :func:`pytest_collection_modifyitems` runs the modules that use one stack one
+    after another and notes each stack's last test; once that test is done, its
+    stack stops, so at most one shared stack runs at a time.
+    """
+
+    def __init__(self, tmp_path_factory: pytest.TempPathFactory) -> None:
+        self.tmp_path_factory = tmp_path_factory
+        self.running: dict[str, Stack] = {}
+        self.starts: list[str] = []
+
+    def get(self, name: str) -> Stack:
+        if name not in self.running:
+            data = self.tmp_path_factory.mktemp(name) / "data"
+            extra = dict(SHARED_STACKS[name])
+            if name == "stack":
+                config = data.parent / "extra_config.py"
+                config.write_text(
+                    "c.JupyterHub.services.append("
+                    f"{{'name': 'other-service', 'api_token': {OTHER_SERVICE_TOKEN!r}}})\n"
+                )
+                extra["GPUPORTAL_HUB_EXTRA_CONFIG"] = str(config)
+            self.running[name] = start_stack(data, **extra)
+            self.starts.append(name)
+        return self.running[name]
+
+    def stop(self, name: str) -> None:
+        running = self.running.pop(name, None)
+        if running is not None:
+            stop_stack(running)
+
+    def stop_all(self) -> None:
+        for name in list(self.running):
+            self.stop(name)
+
+
+_shared: SharedStacks | None = None
+#: Each shared stack's last test, set at collection.
+_last_user: dict[str, str] = {}
+
+
+@pytest.fixture(scope="session")
+def shared_stacks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SharedStacks]:
+    global _shared
+    _shared = SharedStacks(tmp_path_factory)
+    try:
+        yield _shared
+    finally:
+        _shared.stop_all()
+        _shared = None
+
+
+@pytest.fixture(scope="session")
+def stack(shared_stacks: SharedStacks) -> Stack:
+    """The whole embedded stack with 2xA100-80GB demo GPUs, shared by every module."""
+    return shared_stacks.get("stack")
+
+
+def _stack_of(item: pytest.Item) -> str | None:
+    """The shared stack a test uses, if any: a module's own ``stack`` fixture is not."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return None
+    for name in SHARED_STACKS:
+        chain = info.name2fixturedefs.get(name)
+        if chain and getattr(chain[-1].func, "__module__", None) == __name__:
+            return name
+    return None
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the modules that share a stack one after another, in their first one's place,
+    each with the tests that use it first."""
+    modules: dict[Any, list[pytest.Item]] = {}
+    for item in items:
+        modules.setdefault(item.module, []).append(item)  # type: ignore[attr-defined]
+    key = {
+        module: next((k for k in map(_stack_of, its) if k), None) for module, its in modules.items()
+    }
+    ordered: list[pytest.Item] = []
+    placed: set[Any] = set()
+    for module in modules:
+        if module in placed:
+            continue
+        group = [module] if key[module] is None else [m for m in modules if key[m] == key[module]]
+        for member in group:
+            placed.add(member)
+            # The shared stack's tests first, so it stops before the module's others run.
+            ordered.extend(sorted(modules[member], key=lambda item: _stack_of(item) is None))
+    items[:] = ordered
+    _last_user.clear()
+    for item in items:
+        name = _stack_of(item)
+        if name:
+            _last_user[name] = item.nodeid
+
+
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    name = _stack_of(item)
+    if name and _shared is not None and _last_user.get(name) == item.nodeid:
+        _shared.stop(name)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Say how many times this run started ``gpuportal up``: sharing stacks keeps it low."""
+    if portal_stack.STARTED:
+        terminalreporter.write_line(
+            f"gpuportal up started {len(portal_stack.STARTED)} time(s): "
+            + ", ".join(path.parent.name for path in portal_stack.STARTED)
+        )

@@ -14,9 +14,19 @@ from pathlib import Path
 import httpx
 import psutil
 
+from gpuportal.hub import db as portal_db
+from gpuportal.hub.settings import load_settings
+from gpuportal.hub.stack.house import house_dir, verification_of
+from gpuportal.hub.stack.ready import wait_ready
 from gpuportal.provider import ports
+from gpuportal.provider.identity import KEY_FILE, Identity
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The portal service's prefix under the hub (the default ``GPUPORTAL_SERVICE_PREFIX``).
+PORTAL = "/services/portal"
+#: The token of ``other-service``, a hub service the portal does not trust, in the
+#: shared default stack (``tests/conftest.py``).
+OTHER_SERVICE_TOKEN = secrets.token_hex(16)
 
 
 def free_port() -> int:
@@ -65,6 +75,10 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+#: The data dir of every ``gpuportal up`` this run started (the session summary counts them).
+STARTED: list[Path] = []
+
+
 def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
     password = "pw-" + secrets.token_hex(6)
     env = stack_env(data_dir, GPUPORTAL_ADMIN_PASSWORD=password, **extra)
@@ -78,18 +92,46 @@ def start_stack(data_dir: Path, timeout: float = 150.0, **extra: str) -> Stack:
             stderr=subprocess.STDOUT,
             text=True,
         )
+    STARTED.append(data_dir)
     stack = Stack(
         proc, data_dir, f"http://127.0.0.1:{env['GPUPORTAL_PORT']}", password, env, output
     )
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"gpuportal up exited {proc.returncode}:\n{stack.read_output()}")
-        if "[4/4] ready." in stack.read_output():
-            return stack
-        time.sleep(0.5)
-    stop_stack(stack)
-    raise AssertionError(f"gpuportal up not ready in {timeout}s:\n{stack.read_output()}")
+    try:
+        wait_ready(f"{stack.base_url}{PORTAL}/api/v1/health", timeout, proc=proc)
+        _wait_house_decided(stack, deadline)
+    except Exception as exc:
+        stop_stack(stack)
+        raise AssertionError(f"gpuportal up not ready: {exc}\n{stack.read_output()}") from None
+    except BaseException:  # Ctrl-C: stop what was started, then stop
+        stop_stack(stack)
+        raise
+    return stack
+
+
+def _wait_house_decided(stack: Stack, deadline: float) -> None:
+    """Wait, as ``up`` does, until the house node passed or failed its challenge.
+
+    The health endpoint says the hub and the portal answer; the house GPUs are on
+    offer only once the house agent has answered its verification challenge.
+    """
+    where: dict[str, object] = {"data_dir": stack.data_dir}
+    if stack.env.get("GPUPORTAL_DB_URL"):
+        where["db_url"] = stack.env["GPUPORTAL_DB_URL"]
+    settings = load_settings(**where)
+    if not (house_dir(settings) / KEY_FILE).exists():
+        return  # an external Ray cluster: no house node
+    node_id = Identity.load(house_dir(settings)).node_id
+    engine = portal_db.make_engine(settings.database_url)
+    try:
+        while verification_of(engine, node_id) not in ("verified", "failed"):
+            if stack.proc.poll() is not None:
+                raise AssertionError(f"gpuportal up exited {stack.proc.returncode}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the house node was not verified in time")
+            time.sleep(0.5)
+    finally:
+        engine.dispose()
 
 
 def stop_stack(stack: Stack, timeout: float = 90.0) -> int:

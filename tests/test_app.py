@@ -10,21 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 
 from gpuportal.hub.errors import ConfigError
-from gpuportal.hub.portal.app import create_app
 from gpuportal.hub.portal.auth import TOKEN_COOKIE
 from gpuportal.hub.portal.cache import MemoryCache
-from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI, HubUnavailable
 from gpuportal.hub.portal.reqlog import RequestIdFilter
 from gpuportal.hub.settings import load_settings
+
+from .fakes import FakeHub, PortalClientFactory
 
 USERS = {
     "tok-admin": {"name": "admin", "kind": "user", "admin": True, "groups": ["admins"]},
@@ -33,41 +29,18 @@ USERS = {
 }
 
 
-class FakeHub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-        self.token_checks = 0
-        self.down = False
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        self.token_checks += 1
-        if self.down:
-            raise HubUnavailable("connection refused")
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-    async def users(self) -> list[dict[str, Any]]:
-        return [u for u in USERS.values() if u["kind"] == "user"]
-
-    async def groups(self) -> list[dict[str, Any]]:
-        return [{"name": "ml", "users": ["ann"]}, {"name": "admins", "users": ["admin"]}]
+GROUPS = [{"name": "ml", "users": ["ann"]}, {"name": "admins", "users": ["admin"]}]
+NO_RAY = "http://127.0.0.1:9"
 
 
 @pytest.fixture
 def hub() -> FakeHub:
-    return FakeHub()
+    return FakeHub(USERS, GROUPS)
 
 
 @pytest.fixture
-def client(tmp_path: Path, hub: FakeHub, db_url: str) -> Iterator[TestClient]:
-    settings = load_settings(
-        data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9"
-    )
-    portal = Portal(settings, cache=MemoryCache(), hub=hub)
-    with TestClient(create_app(settings, portal, background=False)) as test_client:
-        yield test_client
+def client(portal_client: PortalClientFactory, hub: FakeHub) -> TestClient:
+    return portal_client(hub=hub, ray_dashboard_url=NO_RAY)
 
 
 API = "/services/portal/api/v1"
@@ -206,26 +179,6 @@ def test_openapi_docs_are_served(client: TestClient) -> None:
 # --- Auth freshness (issue 9 item 5) and cookie writes (issue 8 item 7) ---
 
 
-class RevokingHub(FakeHub):
-    """The hub's answers for revoked tokens and changed users: ``GET /hub/api/user``
-    with a revoked token is a 403, which the real client maps to None."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.revoked: set[str] = set()
-        self.changed: dict[str, dict[str, Any]] = {}
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        self.token_checks += 1
-        if token in self.revoked:
-            return None
-        model = USERS.get(token)
-        return self.changed.get(model["name"], model) if model else None
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return self.changed.get(name) or await super().user(name)
-
-
 class TtlRecordingCache(MemoryCache):
     def __init__(self) -> None:
         super().__init__()
@@ -236,71 +189,59 @@ class TtlRecordingCache(MemoryCache):
         await super().set(key, value, ttl)
 
 
-def portal_client(
-    tmp_path: Path, db_url: str, hub: HubAPI, cache: MemoryCache | None = None, **overrides: Any
-) -> TestClient:
-    settings = load_settings(
-        data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9", **overrides
-    )
-    portal = Portal(settings, cache=cache or MemoryCache(), hub=hub)
-    return TestClient(create_app(settings, portal, background=False))
-
-
 RESERVE = {"user": "ann", "server_name": "", "gpu_count": 1}
 
 
 def test_a_revoked_token_cannot_reserve_even_while_its_read_is_cached(
-    tmp_path: Path, db_url: str
+    portal_client: PortalClientFactory, hub: FakeHub
 ) -> None:
-    hub = RevokingHub()
-    with portal_client(tmp_path, db_url, hub) as client:
-        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 200
-        before = client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
-        assert before.status_code == 409, before.text  # authenticated; no GPUs in this market
-        hub.revoked.add("tok-ann")
-        after = client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
-        assert after.status_code == 401, after.text
-        assert "invalid or has expired" in after.json()["error"]["message"]
-        # The refusal also dropped what the read had cached: reads stop at once too.
-        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 401
+    client = portal_client(hub=hub, ray_dashboard_url=NO_RAY)
+    assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 200
+    before = client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
+    assert before.status_code == 409, before.text  # authenticated; no GPUs in this market
+    hub.revoked.add("tok-ann")
+    after = client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
+    assert after.status_code == 401, after.text
+    assert "invalid or has expired" in after.json()["error"]["message"]
+    # The refusal also dropped what the read had cached: reads stop at once too.
+    assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 401
 
 
-def test_a_removed_admin_role_stops_working_at_the_next_write(tmp_path: Path, db_url: str) -> None:
-    hub = RevokingHub()
-    with portal_client(tmp_path, db_url, hub) as client:
-        assert client.post(f"{API}/sync", headers=auth("tok-admin")).status_code == 200
-        hub.changed["admin"] = {"name": "admin", "kind": "user", "admin": False, "groups": []}
-        reply = client.post(f"{API}/sync", headers=auth("tok-admin"))
-        assert reply.status_code == 403, reply.text
-        assert reply.json()["error"]["message"] == "This needs the admin role; you are a customer."
+def test_a_removed_admin_role_stops_working_at_the_next_write(
+    portal_client: PortalClientFactory, hub: FakeHub
+) -> None:
+    client = portal_client(hub=hub, ray_dashboard_url=NO_RAY)
+    assert client.post(f"{API}/sync", headers=auth("tok-admin")).status_code == 200
+    hub.changed["admin"] = {"name": "admin", "kind": "user", "admin": False, "groups": []}
+    reply = client.post(f"{API}/sync", headers=auth("tok-admin"))
+    assert reply.status_code == 403, reply.text
+    assert reply.json()["error"]["message"] == "This needs the admin role; you are a customer."
 
 
 def test_writes_always_ask_the_hub_and_reads_are_cached_a_few_seconds(
-    tmp_path: Path, db_url: str
+    portal_client: PortalClientFactory, hub: FakeHub
 ) -> None:
-    hub = RevokingHub()
     cache = TtlRecordingCache()
-    with portal_client(tmp_path, db_url, hub, cache) as client:
-        for _ in range(3):
-            client.get(f"{API}/me", headers=auth("tok-ann"))
-        assert hub.token_checks == 1
-        for _ in range(2):
-            client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
-        assert hub.token_checks == 3
+    client = portal_client(hub=hub, cache=cache, ray_dashboard_url=NO_RAY)
+    for _ in range(3):
+        client.get(f"{API}/me", headers=auth("tok-ann"))
+    assert hub.token_checks == 1
+    for _ in range(2):
+        client.post(f"{API}/reservations", json=RESERVE, headers=auth("tok-ann"))
+    assert hub.token_checks == 3
     auth_ttls = set(cache.ttls)
     assert auth_ttls == {3.0}, "the default read cache is 3 seconds, not 30"
 
 
 def test_a_cache_time_of_zero_caches_nothing_rather_than_forever(
-    tmp_path: Path, db_url: str
+    portal_client: PortalClientFactory, hub: FakeHub
 ) -> None:
-    hub = RevokingHub()
-    with portal_client(tmp_path, db_url, hub, auth_cache_seconds=0) as client:
-        for _ in range(3):
-            assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 200
-        assert hub.token_checks == 3
-        hub.revoked.add("tok-ann")
-        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 401
+    client = portal_client(hub=hub, auth_cache_seconds=0, ray_dashboard_url=NO_RAY)
+    for _ in range(3):
+        assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 200
+    assert hub.token_checks == 3
+    hub.revoked.add("tok-ann")
+    assert client.get(f"{API}/me", headers=auth("tok-ann")).status_code == 401
 
 
 @pytest.mark.parametrize("seconds", [-1, 30])

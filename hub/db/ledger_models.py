@@ -25,8 +25,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
-from ..timeutil import utcnow
-from .models import Base, UTCDateTime
+from .models import Base, UTCDateTime, column_now
 
 #: Ledger account kinds. ``external`` accounts stand for the world outside the
 #: platform (grants, deposits): their balances go negative as money comes in.
@@ -70,7 +69,7 @@ class LedgerAccount(Base):
     team_id: Mapped[int | None] = mapped_column(
         ForeignKey("teams.id", ondelete="RESTRICT"), index=True
     )
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
 
 class LedgerTransaction(Base):
@@ -99,7 +98,7 @@ class LedgerTransaction(Base):
     period_start: Mapped[datetime | None] = mapped_column(UTCDateTime())
     period_end: Mapped[datetime | None] = mapped_column(UTCDateTime())
     created_by: Mapped[str] = mapped_column(String(255), default="")
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
     postings: Mapped[list[Posting]] = relationship(
         back_populates="transaction", order_by="Posting.id"
@@ -163,7 +162,7 @@ class Allocation(Base):
     runway_warned_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     stopping_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     stop_reason: Mapped[str | None] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
 
 class Quota(Base):
@@ -187,4 +186,6 @@ class Quota(Base):
     rolling_window: Mapped[str] = mapped_column(String(8), default="day")
     gpu_seconds: Mapped[int | None] = mapped_column(BigInteger)
     spend_cap_per_hour: Mapped[int | None] = mapped_column(BigInteger)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=column_now, onupdate=column_now
+    )

@@ -31,8 +31,7 @@ from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from gpuportal.provider.rayresources import NODE_RESOURCE_PREFIX
 
-from ..timeutil import utcnow
-from .models import Account, Base, UTCDateTime
+from .models import Account, Base, UTCDateTime, column_now
 
 PROVIDER_STATUSES = ("listed", "paused", "delisted")
 NODE_STATUSES = ("pending", "online", "offline", "left")
@@ -75,8 +74,10 @@ class Provider(Base):
     status: Mapped[str] = mapped_column(String(16), default="listed")
     #: The platform's own provider (the embedded stack's local Ray head).
     house: Mapped[bool] = mapped_column(default=False)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=column_now, onupdate=column_now
+    )
 
     account: Mapped[Account] = relationship()
     clusters: Mapped[list[Cluster]] = relationship(back_populates="provider")
@@ -96,7 +97,7 @@ class Cluster(Base):
     #: The cluster's Ray token (Ray's token authentication). Given only to trusted
     #: callers (the spawner) and used by the portal's Ray cross-check; never shown.
     ray_token: Mapped[str | None] = mapped_column(String(256), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
     provider: Mapped[Provider] = relationship(back_populates="clusters")
     nodes: Mapped[list[Node]] = relationship(back_populates="cluster")
@@ -142,8 +143,10 @@ class Node(Base):
     driver_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     failed_starts: Mapped[int] = mapped_column(Integer, default=0)
     failed_verifications: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=column_now, onupdate=column_now
+    )
 
     cluster: Mapped[Cluster] = relationship(back_populates="nodes")
     gpus: Mapped[list[Gpu]] = relationship(back_populates="node", order_by="Gpu.index")
@@ -214,7 +217,7 @@ class Reservation(Base):
     user_name: Mapped[str] = mapped_column(String(255))
     server_name: Mapped[str] = mapped_column(String(255))
     status: Mapped[str] = mapped_column(String(16), default="held", index=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
     expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     activated_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     released_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
@@ -235,7 +238,7 @@ class GpuAllocation(Base):
     reservation_id: Mapped[str] = mapped_column(
         ForeignKey("reservations.id", ondelete="CASCADE"), index=True
     )
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
 
 class NodeChallenge(Base):
@@ -254,7 +257,7 @@ class NodeChallenge(Base):
     #: The rows the portal checks, per GPU UUID. Secret: never sent to the node.
     sample: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     status: Mapped[str] = mapped_column(String(16), default="pending")
-    issued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    issued_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
     deadline: Mapped[datetime] = mapped_column(UTCDateTime())
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     demo: Mapped[bool] = mapped_column(default=False)

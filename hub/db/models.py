@@ -22,7 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-from ..timeutil import as_utc, utcnow
+from .. import timeutil
+from ..timeutil import as_utc
 
 #: Roles an account can hold, most privileged last. Derived from hub groups.
 ROLES = ("customer", "provider", "admin")
@@ -35,6 +36,12 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+def column_now() -> datetime:
+    """A column's default time, read through ``timeutil`` at each insert (not bound at
+    import), so the tests' clock reaches it."""
+    return timeutil.utcnow()
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -71,8 +78,10 @@ class Account(Base):
     hub_name: Mapped[str] = mapped_column(String(255), unique=True)
     role: Mapped[str] = mapped_column(String(16), default="customer")
     active: Mapped[bool] = mapped_column(default=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=column_now, onupdate=column_now
+    )
 
     memberships: Mapped[list[TeamMembership]] = relationship(
         back_populates="account", cascade="all, delete-orphan"
@@ -88,8 +97,10 @@ class Team(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     hub_group: Mapped[str] = mapped_column(String(255), unique=True)
     active: Mapped[bool] = mapped_column(default=True)
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=column_now, onupdate=column_now
+    )
 
     memberships: Mapped[list[TeamMembership]] = relationship(
         back_populates="team", cascade="all, delete-orphan"
@@ -105,7 +116,7 @@ class TeamMembership(Base):
     account_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), index=True
     )
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
     team: Mapped[Team] = relationship(back_populates="memberships")
     account: Mapped[Account] = relationship(back_populates="memberships")

@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gpuportal.provider.money import format_credits
 
+from .. import timeutil
 from ..db import accounts, transaction
 from ..db.marketplace_models import (
     LIVE_STATUSES,
@@ -37,7 +38,6 @@ from ..db.marketplace_models import (
     Reservation,
 )
 from ..db.models import Account
-from ..timeutil import utcnow
 from . import capacity
 from .capacity import CapacityIndex, Rules, load_candidates
 from .nodes import score, uptime
@@ -156,7 +156,7 @@ def rules_of(settings: Settings) -> Rules:
 
 def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
     """Verified, schedulable capacity per (GPU model, region, provider, price, demo)."""
-    expire_held(session, utcnow())
+    expire_held(session, timeutil.utcnow())
     rows: dict[tuple[str, str, str, int, bool, bool], dict[str, Any]] = {}
     for c in load_candidates(session, rules):
         key = (c.model, c.region, c.provider, c.price, c.demo, c.exclusive)
@@ -191,7 +191,7 @@ def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
 def summary(session: Session, rules: Rules) -> list[dict[str, Any]]:
     """Availability per GPU model and region: free/total and price min/median/max."""
     by: dict[tuple[str, str], list[Candidate]] = {}
-    expire_held(session, utcnow())
+    expire_held(session, timeutil.utcnow())
     for c in load_candidates(session, rules):
         by.setdefault((c.model, c.region), []).append(c)
     out = []
@@ -367,7 +367,7 @@ def reserve(
         stale: int | None = None
         try:
             with transaction(sessions) as session:
-                now = utcnow()
+                now = timeutil.utcnow()
                 expire_held(session, now)
                 existing = _live_for_server(session, account_id, server_name)
                 if existing is not None:
@@ -459,7 +459,7 @@ def _free(session: Session, res: Reservation) -> None:
 def activate(session: Session, reservation_id: str) -> dict[str, Any]:
     """held → active (idempotent: active stays active). Expired or released: Conflict."""
     res = _locked(session, reservation_id)
-    now = utcnow()
+    now = timeutil.utcnow()
     if res.status == "held" and res.expires_at is not None and res.expires_at < now:
         res.status, res.released_at = "expired", now
         _free(session, res)
@@ -482,7 +482,7 @@ def release(session: Session, reservation_id: str) -> dict[str, Any]:
     """held/active → released, GPUs freed. Releasing again changes nothing."""
     res = _locked(session, reservation_id)
     if res.status in LIVE_STATUSES:
-        res.status, res.released_at = "released", utcnow()
+        res.status, res.released_at = "released", timeutil.utcnow()
         _free(session, res)
         session.flush()
         log.info(
@@ -505,7 +505,7 @@ def record_failed_start(
     res = _locked(session, reservation_id)
     if res.failed_at is not None:
         return public(res)
-    now = utcnow()
+    now = timeutil.utcnow()
     res.failed_at, res.failure_reason = now, reason.strip()[:500]
     node = session.get(Node, res.node_id, with_for_update=True)
     assert node is not None  # a foreign key

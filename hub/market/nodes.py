@@ -34,6 +34,7 @@ from sqlalchemy.orm import Session
 from gpuportal.provider import signing, workload
 from gpuportal.provider.nvml import marketplace_model
 
+from .. import timeutil
 from ..db.marketplace_models import (
     RAY_OFFLINE_REASONS,
     Cluster,
@@ -43,7 +44,6 @@ from ..db.marketplace_models import (
     Provider,
 )
 from ..settings import Settings
-from ..timeutil import utcnow
 from .placement import normalize_model
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def challenge_seconds(node: Node, spec: workload.Spec, rules: NodeRules) -> floa
 
 def issue_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChallenge:
     """A fresh challenge (earlier pending ones of the node lapse), sized to its claim."""
-    now = utcnow()
+    now = timeutil.utcnow()
     session.execute(
         update(NodeChallenge)
         .where(NodeChallenge.node_id == node.id, NodeChallenge.status == "pending")
@@ -240,7 +240,7 @@ def due_challenge(session: Session, node: Node, rules: NodeRules) -> NodeChallen
     A verified node is challenged again at a random moment (``next_challenge_at``,
     drawn at each pass), so it cannot prepare for it.
     """
-    now = utcnow()
+    now = timeutil.utcnow()
     lapse(session, node, rules, now)
     pending = session.scalar(
         select(NodeChallenge)
@@ -338,7 +338,7 @@ def record_verification(
     rules: NodeRules,
     received_at: datetime | None = None,
 ) -> dict[str, Any]:
-    now = utcnow()
+    now = timeutil.utcnow()
     took = None if received_at is None else (received_at - ch.issued_at).total_seconds()
     ch.completed_at = now
     ch.result = {"passed": failure is None, "seconds": took}

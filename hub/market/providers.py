@@ -21,8 +21,8 @@ from sqlalchemy.orm import Session
 
 from gpuportal.provider.money import format_credits
 
+from .. import timeutil
 from ..db.marketplace_models import Cluster, Gpu, Node, Provider
-from ..timeutil import utcnow
 from .marketplace import Invalid, vram_for
 
 NODE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -193,7 +193,7 @@ def register_node(
     """
     validate_node_id(node_id)
     node = session.scalar(select(Node).where(Node.node_id == node_id))
-    now = utcnow()
+    now = timeutil.utcnow()
     if node is None:
         node = Node(
             cluster_id=cluster.id,

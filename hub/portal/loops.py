@@ -21,13 +21,12 @@ import httpx
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from .. import egress
+from .. import egress, timeutil
 from ..billing import allocations, ledger, metering
 from ..db import accounts, transaction
 from ..db.ledger_models import Allocation
 from ..db.marketplace_models import Cluster
 from ..market import marketplace, nodes, raystatus
-from ..timeutil import utcnow
 from .context import Portal
 from .hubapi import HubUnavailable
 
@@ -129,7 +128,7 @@ async def marketplace_housekeeping(portal: Portal) -> None:
 
     def housekeeping() -> None:
         with transaction(portal.sessions) as session:
-            now = utcnow()
+            now = timeutil.utcnow()
             marketplace.expire_held(session, now)
             nodes.mark_offline(session, rules, now)
             nodes.lapse_challenges(session, rules, now)
@@ -205,7 +204,7 @@ async def check_ray(portal: Portal) -> list[str]:
     def apply() -> list[str]:
         changed: list[str] = []
         with transaction(portal.sessions) as session:
-            now = utcnow()
+            now = timeutil.utcnow()
             for pk, (states, misses) in views.items():
                 changed += nodes.apply_ray_view(session, pk, states, misses, rules, now)
         return changed

@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-import httpx
 import psutil
 
 from gpuportal.provider import raynode
@@ -37,6 +36,7 @@ from .admin import ensure_admin
 from .datadir import secure_data_dir
 from .house import house_dir, house_identity, register_house, verification_of
 from .localray import GpuPlan, LocalRayHead, plan_gpus, port_in_use, stop_process_group
+from .ready import NotReady, wait_ready
 
 Echo = Callable[[str], None]
 
@@ -119,19 +119,16 @@ def _tee(stream: IO[bytes], log_path: Path, echo: bool) -> threading.Thread:
 def _wait_ready(
     url: str, proc: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path
 ) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    try:
+        wait_ready(url, timeout, proc=proc)
+    except NotReady:
         if proc.poll() is not None:
             raise ConfigError(
                 f"JupyterHub exited with code {proc.returncode} while starting; see {log_path}"
-            )
-        try:
-            if httpx.get(url, timeout=3).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise ConfigError(f"{what} did not answer at {url} within {timeout:.0f}s; see {log_path}")
+            ) from None
+        raise ConfigError(
+            f"{what} did not answer at {url} within {timeout:.0f}s; see {log_path}"
+        ) from None
 
 
 def up(

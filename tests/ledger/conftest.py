@@ -1,13 +1,13 @@
 """Fixtures for the ledger, metering and billing tests.
 
-Time travels through :class:`Clock`, which patches ``gpuportal.hub.timeutil.utcnow``
+Time travels through :class:`tests.fakes.Clock`, which patches ``gpuportal.hub.timeutil.utcnow``
 (every billing module reads the time through it), so no test sleeps.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,26 +23,15 @@ from gpuportal.hub.db.models import Account, Team, TeamMembership
 from gpuportal.hub.settings import Settings, load_settings
 from gpuportal.provider import money
 
+from ..fakes import Clock
+
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 CREDIT = money.MICRO
 
 
-class Clock:
-    """A settable UTC clock installed as ``timeutil.utcnow``."""
-
-    def __init__(self, now: datetime) -> None:
-        self.now = now
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """The shared clock (``tests/conftest.py``), starting at :data:`T0`."""
     the_clock = Clock(T0)
     monkeypatch.setattr(timeutil, "utcnow", the_clock)
     return the_clock

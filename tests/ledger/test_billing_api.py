@@ -7,8 +7,6 @@ real: solders' in-process LiteSVM, with an airdrop and a signed transfer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,12 +22,9 @@ from gpuportal.hub.billing import deposits, ledger
 from gpuportal.hub.db.ledger_models import Allocation
 from gpuportal.hub.db.models import Account
 from gpuportal.hub.portal import loops
-from gpuportal.hub.portal.app import create_app
-from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
-from gpuportal.hub.settings import load_settings
 
+from ..fakes import FakeHub, PortalClientFactory
 from .conftest import CREDIT, Clock, add_node, free_gpus, reserve
 
 USERS = {
@@ -45,22 +40,6 @@ API = "/services/portal/api/v1"
 DEPOSIT = Keypair()
 
 
-class FakeHub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-        self.stopped: list[tuple[str, str]] = []
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-    async def stop_server(self, user: str, server: str = "") -> bool:
-        self.stopped.append((user, server))
-        return True
-
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"token {token}"}
 
@@ -71,24 +50,23 @@ def chain() -> deposits.LiteSVMChain:
 
 
 @pytest.fixture
-def portal(tmp_path: Path, db_url: str, chain: deposits.LiteSVMChain) -> Portal:
-    settings = load_settings(
-        data_dir=tmp_path,
-        db_url=db_url,
+def client(portal_client: PortalClientFactory, chain: deposits.LiteSVMChain) -> TestClient:
+    client = portal_client(
+        hub=FakeHub(USERS),
+        chain=chain,
         ray_dashboard_url="http://127.0.0.1:9",
         solana_deposit_address=str(DEPOSIT.pubkey()),
         solana_micro_credits_per_sol=100 * CREDIT,
         signup_credits=0,  # exact balances: no sign-up credit here
     )
-    return Portal(settings, cache=MemoryCache(), hub=FakeHub(), chain=chain)
+    for token in ("tok-admin", "tok-ann", "tok-bob"):  # first contact makes the accounts
+        assert client.get(f"{API}/me", headers=auth(token)).status_code == 200
+    return client
 
 
 @pytest.fixture
-def client(portal: Portal) -> Iterator[TestClient]:
-    with TestClient(create_app(portal.settings, portal, background=False)) as test_client:
-        for token in ("tok-admin", "tok-ann", "tok-bob"):  # first contact makes the accounts
-            assert test_client.get(f"{API}/me", headers=auth(token)).status_code == 200
-        yield test_client
+def portal(client: TestClient) -> Portal:
+    return client.app.state.portal  # type: ignore[no-any-return]
 
 
 def error(reply: Any) -> str:

@@ -24,9 +24,9 @@ from gpuportal.hub.db.models import Account
 from gpuportal.hub.portal.app import create_app
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import Settings, load_settings
 
+from ..fakes import FakeHub
 from .conftest import CREDIT, Clock
 
 API = "/services/portal/api/v1"
@@ -132,17 +132,6 @@ USERS = {
 }
 
 
-class Hub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"token {token}"}
 
@@ -151,7 +140,7 @@ def client_for(tmp_path: Path, db_url: str, **overrides: Any) -> Iterator[TestCl
     settings = load_settings(
         data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9", **overrides
     )
-    portal = Portal(settings, cache=MemoryCache(), hub=Hub())
+    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS))
     with TestClient(create_app(settings, portal, background=False)) as client:
         yield client
 

@@ -30,8 +30,9 @@ from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.settings import load_settings
 
+from ..fakes import FakeHub
 from .conftest import CREDIT
-from .test_billing_api import API, DEPOSIT, FakeHub, auth, error
+from .test_billing_api import API, DEPOSIT, USERS, auth, error
 
 USDC = 10**6  # base units per USDC
 
@@ -164,7 +165,7 @@ def make_client(settings_mint: str, tmp_path: Path, db_url: str, chain: Any) -> 
         micro_credits_per_usdc=2 * CREDIT,  # not 1:1, so the rate is visibly applied
         signup_credits=0,
     )
-    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub(), chain=chain)
+    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS), chain=chain)
     with TestClient(create_app(settings, portal, background=False)) as test_client:
         for token in ("tok-admin", "tok-ann", "tok-bob"):
             assert test_client.get(f"{API}/me", headers=auth(token)).status_code == 200

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -22,6 +21,8 @@ from gpuportal.hub.market.marketplace import Invalid, NoCapacity
 from gpuportal.hub.market.placement import Candidate, Request, choose
 from gpuportal.hub.market.providers import demo_claims, register_node
 from gpuportal.hub.timeutil import utcnow
+
+from .conftest import Market
 
 MODELS = ["A100-80GB", "L4", "H100-80GB"]
 REGIONS = ["eu-west", "us-east"]

@@ -7,13 +7,14 @@ from __future__ import annotations
 import threading
 
 import pytest
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
-from test_reservations import reserve
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.market import marketplace
 from gpuportal.hub.market.capacity import CapacityIndex
 from gpuportal.hub.market.marketplace import Conflict, NoCapacity
+
+from .conftest import Market
+from .test_reservations import reserve
 
 
 def test_an_exclusive_node_never_receives_a_second_customer(market: Market) -> None:

@@ -1,49 +1,32 @@
 """Offers and reservations through the real stack: `gpuportal up` with 2 demo A100-80GB.
 
-One stack for the whole module. A hub service named ``ray-spawner`` (trusted by
-default) and an untrusted one are added through GPUPORTAL_HUB_EXTRA_CONFIG.
+The suite's shared default stack (``tests/conftest.py``): the hub service
+``ray-spawner`` (trusted by default) acts with the token the hub keeps in the data
+dir, and an untrusted one (``other-service``) is added through
+GPUPORTAL_HUB_EXTRA_CONFIG.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from seed import root_conftest
+
+from .. import portal_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
 API = "/services/portal/api/v1"
-SPAWNER_TOKEN = secrets.token_hex(16)
-OTHER_TOKEN = secrets.token_hex(16)
+OTHER_TOKEN = portal_stack.OTHER_SERVICE_TOKEN
 
 
 @pytest.fixture(scope="module")
-def market_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    helpers = root_conftest()
-    home = tmp_path_factory.mktemp("market-stack")
-    extra = home / "extra_config.py"
-    extra.write_text(
-        "c.JupyterHub.services.append("
-        f"{{'name': 'ray-spawner', 'api_token': {SPAWNER_TOKEN!r}}})\n"
-        "c.JupyterHub.services.append("
-        f"{{'name': 'other-service', 'api_token': {OTHER_TOKEN!r}}})\n"
-    )
-    stack = helpers.start_stack(
-        home / "data",
-        GPUPORTAL_DEMO_GPUS="2xA100-80GB",
-        GPUPORTAL_HUB_EXTRA_CONFIG=str(extra),
-        # Every test user is vouched for, so each gets the sign-up credit its
-        # reservations need (tests/ledger/test_signup_credit.py covers who may).
-        GPUPORTAL_SIGNUP_CREDIT_POLICY="identity",
-    )
-    yield stack
-    helpers.stop_stack(stack)
+def market_stack(stack: portal_stack.Stack) -> portal_stack.Stack:
+    """The shared default stack (``tests/conftest.py``)."""
+    return stack
 
 
 class Portal:
@@ -64,11 +47,10 @@ class Portal:
 
 
 def as_user(stack: Any, name: str) -> Portal:
-    helpers = root_conftest()
     password = f"pw-{name}-12345"
-    browser = helpers.hub_login(stack.base_url, name, password)
+    browser = portal_stack.hub_login(stack.base_url, name, password)
     try:
-        token = helpers.hub_token(browser, name)
+        token = portal_stack.hub_token(browser, name)
     finally:
         browser.close()
     return Portal(stack.base_url, token)
@@ -194,7 +176,8 @@ def test_users_reserve_only_for_themselves(users: dict[str, Portal]) -> None:
 
 
 def test_trusted_service_acts_for_users(market_stack: Any, users: dict[str, Portal]) -> None:
-    spawner = Portal(market_stack.base_url, SPAWNER_TOKEN)
+    spawner_token = (market_stack.data_dir / "ray-spawner-token").read_text().strip()
+    spawner = Portal(market_stack.base_url, spawner_token)
     reply = spawner.post("/reservations", {"gpu_count": 2, "user": "ann", "server_name": "big"})
     assert reply.status_code == 201, reply.text
     res = reply.json()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
@@ -22,6 +21,8 @@ from gpuportal.hub.market.providers import GpuClaim, register_node, upsert_clust
 from gpuportal.hub.timeutil import utcnow
 from gpuportal.provider import signing, workload
 from gpuportal.provider.identity import Identity
+
+from .conftest import Market
 
 PATH = "/services/portal/api/v1/nodes/{}/heartbeat"
 RULES = nodes.NodeRules(heartbeat_seconds=10, heartbeat_missed=3)

@@ -16,8 +16,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
-from seed import Market
-from test_reservation_billing import Hub
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.market.marketplace import Rules
@@ -30,7 +28,11 @@ from tests.portal_stack import free_port
 from tests.spawner.contract_portal import ContractPortal, Node, Served
 from tests.spawner.contract_portal import create_app as create_contract_app
 
-TOKEN = "tok-spawner"  # the ray-spawner service in both (test_reservation_billing.Hub)
+from ..fakes import FakeHub
+from .conftest import Market
+from .test_reservation_billing import USERS
+
+TOKEN = "tok-spawner"  # the ray-spawner service in both (test_reservation_billing.USERS)
 JOBS_URL = "http://127.0.0.1:8265"
 CHEAP = 1_000_000  # 1 credit per GPU-hour: the sign-up credit covers it
 DEAR = 100_000_000  # 100 credits per GPU-hour: 15 minutes cost 25, more than the 10 given
@@ -67,7 +69,7 @@ def serve_real(tmp_path: Path) -> Iterator[str]:
         "prov-h", "node-h", {"H100-80GB": 1}, price=DEAR, region="local", jobs_url=JOBS_URL
     )
     engine.dispose()
-    portal = Portal(settings, cache=MemoryCache(), hub=Hub())
+    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS))
     port = free_port()
     with Served(create_app(settings, portal, background=False), port):
         yield f"http://127.0.0.1:{port}/services/portal/"

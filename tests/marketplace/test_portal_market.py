@@ -7,24 +7,20 @@ caller is exactly who the test says: a user, an admin, the trusted spawner.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from seed import Market
 from sqlalchemy import event, select
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.db.marketplace_models import Node
 from gpuportal.hub.market.capacity import load_candidates
 from gpuportal.hub.market.marketplace import rules_of
-from gpuportal.hub.portal.app import create_app
-from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
-from gpuportal.hub.settings import load_settings
+
+from ..fakes import FakeHub, PortalClientFactory
+from .conftest import Market
 
 API = "/services/portal/api/v1"
 USERS = {
@@ -35,32 +31,19 @@ USERS = {
 }
 
 
-class FakeHub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"token {token}"}
 
 
 @pytest.fixture
-def portal(tmp_path: Path, db_url: str) -> Portal:
+def client(portal_client: PortalClientFactory) -> TestClient:
     # Every user here is vouched for, so each gets the sign-up credit for reservations.
-    settings = load_settings(data_dir=tmp_path, db_url=db_url, signup_credit_policy="identity")
-    return Portal(settings, cache=MemoryCache(), hub=FakeHub())
+    return portal_client(hub=FakeHub(USERS), signup_credit_policy="identity")
 
 
 @pytest.fixture
-def client(portal: Portal) -> Iterator[TestClient]:
-    with TestClient(create_app(portal.settings, portal, background=False)) as test_client:
-        yield test_client
+def portal(client: TestClient) -> Portal:
+    return client.app.state.portal  # type: ignore[no-any-return]
 
 
 @pytest.fixture

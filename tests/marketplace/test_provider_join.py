@@ -15,10 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from seed import root_conftest
 
 from gpuportal.provider import signing
 from gpuportal.provider.identity import Identity
+
+from .. import portal_stack
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
@@ -28,9 +29,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    helpers = root_conftest()
     home = tmp_path_factory.mktemp("provider-site")
-    stack = helpers.start_stack(
+    stack = portal_stack.start_stack(
         home / "data",
         GPUPORTAL_DEMO_GPUS="1xA100-80GB",
         GPUPORTAL_HEARTBEAT_SECONDS="2",
@@ -54,14 +54,13 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         time.sleep(2.5)  # the portal's token cache (2 s here) forgets the old role
         yield {"stack": stack, "tokens": tokens, "home": home}
     finally:
-        helpers.stop_stack(stack)
+        portal_stack.stop_stack(stack)
 
 
 def _login(stack: Any, name: str, password: str) -> str:
-    helpers = root_conftest()
-    browser = helpers.hub_login(stack.base_url, name, password)
+    browser = portal_stack.hub_login(stack.base_url, name, password)
     try:
-        return str(helpers.hub_token(browser, name))
+        return str(portal_stack.hub_token(browser, name))
     finally:
         browser.close()
 
@@ -73,7 +72,7 @@ def gpuportal(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[s
         capture_output=True,
         text=True,
         timeout=timeout,
-        env={**root_conftest().stack_env(Path("/nonexistent")), "RAY_USAGE_STATS_ENABLED": "0"},
+        env={**portal_stack.stack_env(Path("/nonexistent")), "RAY_USAGE_STATS_ENABLED": "0"},
     )
 
 
@@ -135,7 +134,7 @@ def joined_agent(site: dict[str, Any]) -> Iterator[tuple[Identity, subprocess.Po
             stdout=sink,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**root_conftest().stack_env(Path("/nonexistent")), "RAY_USAGE_STATS_ENABLED": "0"},
+            env={**portal_stack.stack_env(Path("/nonexistent")), "RAY_USAGE_STATS_ENABLED": "0"},
         )
     try:
         wait_for(

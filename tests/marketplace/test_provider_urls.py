@@ -12,9 +12,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from seed import Market
 from sqlalchemy import select
-from test_verification import FakeHub, Identity, auth, registration
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub import egress
@@ -22,10 +20,13 @@ from gpuportal.hub.db.marketplace_models import Provider
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.market.marketplace import rules_of
 from gpuportal.hub.portal import loops
-from gpuportal.hub.portal.app import create_app
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.settings import load_settings
+
+from ..fakes import FakeHub, PortalClientFactory
+from .conftest import Market
+from .test_verification import USERS, Identity, auth, registration
 
 API = "/services/portal/api/v1"
 
@@ -84,15 +85,13 @@ def test_an_allowed_network_is_fetched() -> None:
 
 
 @pytest.fixture
-def portal(tmp_path: Path, db_url: str) -> Portal:
-    settings = load_settings(data_dir=tmp_path, db_url=db_url)  # no network allowed
-    return Portal(settings, cache=MemoryCache(), hub=FakeHub())
+def client(portal_client: PortalClientFactory) -> TestClient:
+    return portal_client(hub=FakeHub(USERS))  # no network allowed
 
 
 @pytest.fixture
-def client(portal: Portal) -> Iterator[TestClient]:
-    with TestClient(create_app(portal.settings, portal, background=False)) as test_client:
-        yield test_client
+def portal(client: TestClient) -> Portal:
+    return client.app.state.portal  # type: ignore[no-any-return]
 
 
 @pytest.mark.parametrize(
@@ -154,7 +153,7 @@ async def test_a_loopback_jobs_url_is_never_fetched_unless_trusted(
 ) -> None:
     allowed = "127.0.0.0/8" if who == "allowed" else ""
     settings = load_settings(data_dir=tmp_path, db_url=db_url, provider_networks_allowed=allowed)
-    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub())
+    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS))
     try:
         portal_db.upgrade(portal.engine)
         await portal.start()

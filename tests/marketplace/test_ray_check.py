@@ -19,7 +19,6 @@ from typing import Any
 
 import httpx
 import pytest
-from seed import Market
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
@@ -30,10 +29,12 @@ from gpuportal.hub.market.raystatus import marketplace_node_states
 from gpuportal.hub.portal import loops
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
 from gpuportal.hub.timeutil import utcnow
 from gpuportal.provider.ports import free_port
+
+from ..fakes import FakeHub
+from .conftest import Market
 
 
 def ray_node(state: str, *node_ids: str) -> dict[str, Any]:
@@ -64,11 +65,6 @@ class RayPair:
     jobs_url: str
     cluster: Any  # ray.cluster_utils.Cluster
     worker: Any  # the Ray node declaring n-dead
-
-
-class NoHub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
 
 
 def ray_states(jobs_url: str) -> dict[str, str]:
@@ -143,7 +139,7 @@ async def test_ray_dead_or_missing_nodes_go_offline_despite_heartbeats(
         heartbeat_missed=3,
         provider_networks_allowed="127.0.0.0/8",  # these test clusters are on loopback
     )
-    portal = Portal(settings, cache=MemoryCache(), hub=NoHub())
+    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub({}))
     portal_db.upgrade(portal.engine)
     await portal.start()
     market = Market(portal.sessions, rules_of(settings), {})

@@ -16,7 +16,6 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import select
 
 from gpuportal.hub import db as portal_db
@@ -25,9 +24,11 @@ from gpuportal.hub.db.ledger_models import Allocation
 from gpuportal.hub.portal.app import create_app
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
 from gpuportal.provider import money
+
+from ..fakes import FakeHub
+from .conftest import Market
 
 API = "/services/portal/api/v1"
 PRICE = 3_600_000  # 3.60 credits per GPU-hour: 1000 micro-credits per GPU-second
@@ -39,23 +40,6 @@ USERS = {
 }
 
 
-class Hub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-    async def users(self) -> list[dict[str, Any]]:
-        return [u for u in USERS.values() if u["kind"] == "user"]
-
-    async def groups(self) -> list[dict[str, Any]]:
-        return []
-
-
 def client_for(tmp_path: Path, db_url: str, **overrides: Any) -> Iterator[TestClient]:
     # Every hub user here is vouched for (as with an OAuth identity provider), so each
     # gets the 10-credit sign-up credit; tests/ledger/test_signup_credit.py covers who may.
@@ -63,7 +47,7 @@ def client_for(tmp_path: Path, db_url: str, **overrides: Any) -> Iterator[TestCl
     settings = load_settings(
         data_dir=tmp_path, db_url=db_url, ray_dashboard_url="http://127.0.0.1:9", **overrides
     )
-    portal = Portal(settings, cache=MemoryCache(), hub=Hub())
+    portal = Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS))
     with TestClient(
         create_app(settings, portal, background=False), raise_server_exceptions=False
     ) as client:

@@ -14,15 +14,16 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import select
-from test_reservation_billing import PRICE, client_for, spawner
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.billing import ledger, metering
 from gpuportal.hub.db.ledger_models import Allocation
 from gpuportal.hub.db.models import Account
 from gpuportal.provider import money
+
+from .conftest import Market
+from .test_reservation_billing import PRICE, client_for, spawner
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
-from test_reservation_billing import API, PRICE, client_for
+
+from .conftest import Market
+from .test_reservation_billing import API, PRICE, client_for
 
 INTERNAL = {"jobs_url", "cluster_id", "node_resource"}
 JOBS_URL = "http://127.0.0.1:8265"

@@ -6,7 +6,6 @@ import threading
 from datetime import timedelta
 
 import pytest
-from seed import Market, market_fixture  # noqa: F401  (the market fixture)
 from sqlalchemy import func, select
 
 from gpuportal.hub import db as portal_db
@@ -16,6 +15,8 @@ from gpuportal.hub.market.capacity import CapacityIndex
 from gpuportal.hub.market.marketplace import Conflict, Invalid, NoCapacity
 from gpuportal.hub.market.placement import Request
 from gpuportal.hub.timeutil import utcnow
+
+from .conftest import Market
 
 
 def reserve(

@@ -15,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +28,11 @@ from gpuportal.hub import db as portal_db
 from gpuportal.hub.db.marketplace_models import Node, NodeChallenge
 from gpuportal.hub.market import nodes
 from gpuportal.hub.portal.api import providers as provider_routes
-from gpuportal.hub.portal.app import create_app
-from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
-from gpuportal.hub.portal.hubapi import HubAPI
-from gpuportal.hub.settings import load_settings
 from gpuportal.provider import signing, workload
 from gpuportal.provider.identity import Identity
+
+from ..fakes import Clock, FakeHub, PortalClientFactory
 
 API = "/services/portal/api/v1"
 USERS = {
@@ -47,59 +44,24 @@ USERS = {
 H100 = "H100-80GB"
 
 
-class FakeHub(HubAPI):
-    def __init__(self) -> None:
-        super().__init__("http://127.0.0.1:1/hub/api", "service-token")
-
-    async def user_for_token(self, token: str) -> dict[str, Any] | None:
-        return USERS.get(token)
-
-    async def user(self, name: str) -> dict[str, Any] | None:
-        return next((u for u in USERS.values() if u["name"] == name), None)
-
-
 def auth(token: str) -> dict[str, str]:
     return {"Authorization": f"token {token}"}
 
 
-class Clock:
-    """The portal's clock (``utcnow`` of the node and route modules), moved by hand."""
-
-    def __init__(self) -> None:
-        self.now = datetime.now(UTC)
-
-    def __call__(self) -> datetime:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += timedelta(seconds=seconds)
-
-
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    the_clock = Clock()
-    monkeypatch.setattr(nodes, "utcnow", the_clock)
-    monkeypatch.setattr(provider_routes, "utcnow", the_clock)
-    return the_clock
-
-
-@pytest.fixture
-def portal(tmp_path: Path, db_url: str) -> Portal:
+def client(portal_client: PortalClientFactory) -> TestClient:
     # The fake providers' Ray dashboards are on loopback: the admin allows it here.
     # Customers get the sign-up credit at once, so a placed reservation is affordable.
-    settings = load_settings(
-        data_dir=tmp_path,
-        db_url=db_url,
+    return portal_client(
+        hub=FakeHub(USERS),
         provider_networks_allowed="127.0.0.0/8",
         signup_credit_policy="identity",
     )
-    return Portal(settings, cache=MemoryCache(), hub=FakeHub())
 
 
 @pytest.fixture
-def client(portal: Portal) -> Iterator[TestClient]:
-    with TestClient(create_app(portal.settings, portal, background=False)) as test_client:
-        yield test_client
+def portal(client: TestClient) -> Portal:
+    return client.app.state.portal  # type: ignore[no-any-return]
 
 
 def registration(

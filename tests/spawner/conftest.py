@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from gpuportal.hub.stack.localray import stop_process_group
+from gpuportal.hub.stack.ready import NotReady, wait_ready
 
 from .contract_portal import ContractPortal, Node, Served, create_app
 from .raynodes import RayNodes, free_port
@@ -86,17 +87,10 @@ class Hub:
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"hub exited {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/hub/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"hub not up in {timeout}s:\n{self.log()[-3000:]}")
+        try:
+            wait_ready(f"{self.url}/hub/health", timeout, proc=self.proc, interval=0.3)
+        except NotReady as exc:
+            raise AssertionError(f"hub not up: {exc}:\n{self.log()[-3000:]}") from None
 
     def stop(self) -> None:
         if self.proc is not None:

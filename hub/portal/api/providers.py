@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from gpuportal.provider import signing, workload
 from gpuportal.provider.money import format_credits
 
-from ... import egress
+from ... import egress, timeutil
 from ...db.marketplace_models import Cluster, Node, NodeChallenge, Provider
 from ...db.models import Account
 from ...market import nodes
@@ -41,7 +41,6 @@ from ...market.providers import (
     validate_wallet,
 )
 from ...settings import Settings
-from ...timeutil import utcnow
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
 from ..context import Portal
 from .plumbing import Admin, ApiError, api_error, in_db, small_body
@@ -347,7 +346,7 @@ async def _signed(
     ``handle`` does anything.
     """
     body = await read_capped(request, cap)
-    request.state.received_at = utcnow()
+    request.state.received_at = timeutil.utcnow()
     settings: Settings = portal.settings
 
     def run(session: Any) -> Any:
@@ -358,7 +357,7 @@ async def _signed(
             request.url.path,
             body,
             node_id,
-            utcnow(),
+            timeutil.utcnow(),
             settings.node_clock_skew_seconds,
         )
         return handle(session, node, body)
@@ -395,7 +394,7 @@ async def heartbeat(node_id: str, request: Request, portal: PortalDep) -> Any:
         data = Heartbeat.model_validate_json(body or b"{}")
         if node.status == "left":
             raise ApiError(409, f"node {node.node_id} has left the marketplace; join again.")
-        state = nodes.record_heartbeat(session, node, data.gpus, utcnow())
+        state = nodes.record_heartbeat(session, node, data.gpus, timeutil.utcnow())
         challenge = nodes.due_challenge(session, node, rules)
         return {
             "state": state,

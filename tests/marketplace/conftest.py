@@ -1,10 +1,8 @@
-"""A seeded marketplace on the real portal DB, for the marketplace tests."""
+"""Fixtures for the marketplace tests: a seeded marketplace on the real portal DB."""
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from types import ModuleType
 
 import pytest
 from sqlalchemy import Engine
@@ -65,16 +63,7 @@ class Market:
             return account.id
 
 
-@pytest.fixture(name="market")
-def market_fixture(db: Engine) -> Market:
+@pytest.fixture
+def market(db: Engine) -> Market:
     """An empty marketplace on the ``db`` fixture's engine (SQLite and PostgreSQL)."""
     return Market(portal_db.session_factory(db), Rules(hold_seconds=600), {})
-
-
-def root_conftest() -> ModuleType:
-    """The shared stack helpers (``tests/portal_stack.py``): start/stop the stack, log in.
-
-    Imported as ``tests.portal_stack``, the same module the root conftest uses,
-    so this folder's tests (which import ``seed`` by its bare name) share it.
-    """
-    return importlib.import_module("tests.portal_stack")
