@@ -41,6 +41,10 @@ from gpuportal.hub.stack.ready import NotReady, wait_ready
 from gpuportal.provider.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
+# The test suite's stack launcher: one way to start `gpuportal up` and wait for it.
+sys.path.insert(0, str(ROOT))
+from tests.portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack  # noqa: E402
+
 BIN = Path(sys.executable).parent
 
 
@@ -126,58 +130,30 @@ def wait_http(
         raise RuntimeError(f"{what} not ready ({exc}):\n{log()[-3000:]}") from None
 
 
-def start_ray_stack(work: Path, gpus: int) -> tuple[subprocess.Popen[Any], Hub]:
-    """``gpuportal up`` with ``gpus`` demo A100s; an admin token from the hub API."""
-    password = "bench-" + secrets.token_hex(6)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GPUPORTAL_")}
-    env.update(
-        GPUPORTAL_DATA_DIR=str(work / "stack"),
-        GPUPORTAL_PORT=str(free_port()),
-        GPUPORTAL_HUB_PORT=str(free_port()),
-        GPUPORTAL_PROXY_API_PORT=str(free_port()),
-        GPUPORTAL_PORTAL_PORT=str(free_port()),
-        GPUPORTAL_RAY_PORT=str(free_port()),
-        GPUPORTAL_RAY_DASHBOARD_PORT=str(free_port()),
-        GPUPORTAL_ADMIN_PASSWORD=password,
+def start_ray_stack(work: Path, gpus: int) -> tuple[Stack, Hub]:
+    """``gpuportal up`` with ``gpus`` demo A100s, started and waited for as the test
+    suite starts it (tests/portal_stack.py); an admin token from the hub API."""
+    stack = start_stack(
+        work / "stack",
+        timeout=240,
         GPUPORTAL_DEMO_GPUS=f"{gpus}xA100-80GB",
-        RAY_USAGE_STATS_ENABLED="0",
+        GPUPORTAL_RAY_NUM_CPUS=str(os.cpu_count() or 1),
     )
-    out = work / "stack-up.log"
-    with open(out, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gpuportal.hub.stack.cli", "up", "--quiet"],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{env['GPUPORTAL_PORT']}"
-    wait_http(f"{base}/services/portal/api/v1/health", proc, 240, "gpuportal up", out.read_text)
-    browser = httpx.Client(base_url=base, follow_redirects=True, timeout=30)
-    browser.get("/hub/login")
-    browser.post(
-        "/hub/login",
-        data={"username": "admin", "password": password, "_xsrf": browser.cookies.get("_xsrf")},
-    )
-    reply = browser.post(
-        "/hub/api/users/admin/tokens",
-        json={"note": "benchmark"},
-        headers={"X-XSRFToken": browser.cookies.get("_xsrf", path="/hub/") or ""},
-    )
-    reply.raise_for_status()
-    token = reply.json()["token"]
+    browser = hub_login(stack.base_url, "admin", stack.admin_password)
+    token = hub_token(browser, "admin")
     browser.close()
     # The house GPUs are offered once the node passed its verification challenge.
     for _ in range(240):
         offers = httpx.get(
-            f"{base}/services/portal/api/v1/offers",
+            f"{stack.base_url}/services/portal/api/v1/offers",
             headers={"Authorization": f"token {token}"},
             timeout=10,
         ).json()
         if sum(o["free_gpus"] for o in offers) >= gpus:
             break
         time.sleep(0.5)
-    return proc, Hub(base, token, {"profile": "gpu", "gpu_model": "A100-80GB", "gpu_count": 1})
+    gpu = {"profile": "gpu", "gpu_model": "A100-80GB", "gpu_count": 1}
+    return stack, Hub(stack.base_url, token, gpu)
 
 
 LOCAL_CONFIG = """
@@ -235,12 +211,10 @@ def start_local_hub(work: Path) -> tuple[subprocess.Popen[Any], Hub]:
     return proc, Hub(base, token, {})
 
 
-def stop(proc: subprocess.Popen[Any], group: bool) -> None:
+def stop_local(proc: subprocess.Popen[Any]) -> None:
+    """Stop the local hub and its servers (its own process group)."""
     if proc.poll() is None:
-        if group:
-            os.killpg(proc.pid, signal.SIGTERM)
-        else:
-            proc.send_signal(signal.SIGINT)
+        os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(90)
         except subprocess.TimeoutExpired:
@@ -266,12 +240,12 @@ def main() -> int:
         try:
             results["local"] = measure(local_hub, "l", args.sequential, args.burst)
         finally:
-            stop(local_proc, group=True)
-        ray_proc, ray_hub = start_ray_stack(work, max(args.burst, 1))
+            stop_local(local_proc)
+        ray_stack, ray_hub = start_ray_stack(work, max(args.burst, 1))
         try:
             results["ray"] = measure(ray_hub, "r", args.sequential, args.burst)
         finally:
-            stop(ray_proc, group=False)
+            stop_stack(ray_stack)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
