@@ -61,6 +61,12 @@ class DepositNotFound(LedgerError):
     status = 404
 
 
+class ChainUnavailable(LedgerError):
+    """The chain did not answer; nothing is decided, the caller tries again later."""
+
+    status = 503
+
+
 class DepositsUnconfigured(LedgerError):
     """The platform, not the request, lacks what a deposit needs (e.g. the USDC mint)."""
 
@@ -95,11 +101,48 @@ class ChainTransaction:
     token_transfers: list[TokenTransfer] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class SignatureStatus:
+    """Where a sent transaction stands: its commitment, and its error if it failed."""
+
+    commitment: str  # "processed" | "confirmed" | "finalized"
+    err: str | None = None
+
+
+#: Commitment levels, weakest first.
+COMMITMENTS = ("processed", "confirmed", "finalized")
+
+
 class Chain(Protocol):
+    """One Solana cluster: deposits read it, payouts also send to it.
+
+    ``real`` is False only for the embedded LiteSVM chain, whose money is play
+    money: a demo node's earnings may be paid there and never on a real chain.
+    """
+
     name: str
+    real: bool
 
     def lookup(self, signature: str) -> ChainTransaction | None:
         """The confirmed transaction, or None when the chain does not know it (yet)."""
+
+    def latest_blockhash(self) -> tuple[Any, int]:
+        """A recent blockhash and the last block height at which it is still valid."""
+
+    def block_height(self) -> int:
+        """The current block height (a blockhash expires once this passes its last valid)."""
+
+    def send_raw(self, raw: bytes) -> None:
+        """Hand signed transaction bytes to the chain; sending the same bytes again is safe."""
+
+    def signature_status(self, signature: str) -> SignatureStatus | None:
+        """The status of a sent transaction, or None when the chain has not seen it."""
+
+    def balance(self, address: str) -> int:
+        """Lamports held by ``address`` (0 when the account does not exist)."""
+
+    def token_balance(self, token_account: str) -> int:
+        """Base units held by an SPL token account (0 when it does not exist)."""
 
 
 def check_signature(text: str) -> str:
@@ -198,19 +241,153 @@ class LiteSVMChain:
     """
 
     name = "litesvm"
+    real = False
 
-    def __init__(self, svm: Any | None = None) -> None:
+    def __init__(self, svm: Any | None = None, state_path: Path | None = None) -> None:
         from solders.litesvm import LiteSVM
 
         self.svm = svm if svm is not None else LiteSVM()
         self._sent: dict[str, Any] = {}
+        #: signature -> error text ("" when it succeeded) of every transaction that landed.
+        self._landed: dict[str, str] = {}
+        #: Our block height: one block per blockhash (a blockhash expires with its block).
+        self.height = 0
+        #: Addresses persisted though no transaction touched them (airdrops, restored state).
+        self._extra: set[str] = set()
+        self.state_path = state_path
+        if state_path is not None and state_path.exists():
+            self._load(state_path)
+
+    # --- persistence: a restart forgets neither a payout nor a deposit -------------------
+
+    def _load(self, path: Path) -> None:
+        import base64
+
+        from solders.account import Account
+        from solders.transaction import VersionedTransaction
+
+        state = json.loads(path.read_text())
+        self.height = int(state.get("height", 0))
+        for address, raw in state.get("accounts", {}).items():
+            self._extra.add(address)
+            self.svm.set_account(_pubkey(address), Account.from_bytes(base64.b64decode(raw)))
+        for signature, entry in state.get("sent", {}).items():
+            self._sent[signature] = VersionedTransaction.from_bytes(base64.b64decode(entry["tx"]))
+            if entry.get("landed") is not None:
+                self._landed[signature] = entry["landed"]
+
+    def save(self) -> None:
+        """Write the touched accounts and the signatures seen (atomically, 0600)."""
+        import base64
+
+        if self.state_path is None:
+            return
+        addresses: set[str] = set()
+        for transaction in self._sent.values():
+            addresses.update(str(k) for k in transaction.message.account_keys)
+        addresses.update(self._extra)
+        accounts = {}
+        for address in sorted(addresses):
+            account = self.svm.get_account(_pubkey(address))
+            if account is None or account.executable or str(account.owner) in _NOT_PERSISTED:
+                continue
+            accounts[address] = base64.b64encode(bytes(account)).decode()
+        sent = {
+            signature: {
+                "tx": base64.b64encode(bytes(transaction)).decode(),
+                "landed": self._landed.get(signature),
+            }
+            for signature, transaction in self._sent.items()
+        }
+        body = json.dumps({"height": self.height, "accounts": accounts, "sent": sent})
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(body)
+        os.replace(tmp, self.state_path)
+
+    def remember(self, address: str) -> None:
+        """Persist ``address`` from now on even if no transaction touched it (an airdrop)."""
+        self._extra.add(address)
+
+    def airdrop(self, address: str, lamports: int) -> None:
+        """Add play lamports to ``address``. Written to the account directly: LiteSVM's own
+        airdrop is a transaction, and a second one of the same amount in the same block
+        would be refused as a duplicate."""
+        from solders.account import Account
+
+        key = _pubkey(address)
+        found = self.svm.get_account(key)
+        if found is None:
+            self.svm.set_account(key, Account(lamports, b"", _pubkey(SYSTEM_PROGRAM), False, 0))
+        else:
+            self.svm.set_account(
+                key,
+                Account(
+                    found.lamports + lamports,
+                    bytes(found.data),
+                    found.owner,
+                    found.executable,
+                    found.rent_epoch,
+                ),
+            )
+        self.remember(address)
+        self.save()
+
+    # --- sending ---------------------------------------------------------------------
 
     def send(self, transaction: Any) -> str:
         """Submit a signed transaction; returns its signature (also when it failed)."""
-        self.svm.send_transaction(transaction)
+        from solders.transaction_metadata import FailedTransactionMetadata
+
+        result = self.svm.send_transaction(transaction)
         signature = str(transaction.signatures[0])
         self._sent.setdefault(signature, transaction)
+        if isinstance(result, FailedTransactionMetadata):
+            err = str(result.err())
+            # Not executed at all (stale blockhash, a duplicate, an unpayable fee): it did not
+            # land. A duplicate keeps the first result.
+            if not any(word in err for word in _NOT_LANDED):
+                self._landed.setdefault(signature, err)
+        else:
+            self._landed.setdefault(signature, "")
+        self.save()
         return signature
+
+    def send_raw(self, raw: bytes) -> None:
+        from solders.transaction import VersionedTransaction
+
+        self.send(VersionedTransaction.from_bytes(raw))
+
+    def latest_blockhash(self) -> tuple[Any, int]:
+        # LiteSVM accepts only its latest blockhash, so it is valid for this block only.
+        return self.svm.latest_blockhash(), self.height
+
+    def block_height(self) -> int:
+        return self.height
+
+    def next_block(self) -> None:
+        """Move to a new block: every earlier blockhash expires (tests, and the demo)."""
+        self.svm.expire_blockhash()
+        self.height += 1
+        self.save()
+
+    def signature_status(self, signature: str) -> SignatureStatus | None:
+        if signature not in self._landed:
+            return None
+        err = self._landed[signature]
+        return SignatureStatus("finalized", err or None)
+
+    def balance(self, address: str) -> int:
+        account = self.svm.get_account(_pubkey(address))
+        return 0 if account is None else int(account.lamports)
+
+    def token_balance(self, token_account: str) -> int:
+        account = self.svm.get_account(_pubkey(token_account))
+        if account is None or len(bytes(account.data)) < 72:
+            return 0
+        return int.from_bytes(bytes(account.data)[64:72], "little")
 
     def lookup(self, signature: str) -> ChainTransaction | None:
         from solders.signature import Signature
@@ -218,8 +395,14 @@ class LiteSVMChain:
 
         meta = self.svm.get_transaction(Signature.from_string(signature))
         sent = self._sent.get(signature)
-        if meta is None or sent is None:
+        if sent is None:
             return None
+        if meta is None:  # from before a restart: the result was persisted
+            if signature not in self._landed:
+                return None
+            meta_ok = self._landed[signature] == ""
+        else:
+            meta_ok = isinstance(meta, TransactionMetadata)
         message = sent.message
         keys = [str(k) for k in message.account_keys]
         instructions = [
@@ -227,7 +410,7 @@ class LiteSVMChain:
         ]
         return ChainTransaction(
             signature,
-            isinstance(meta, TransactionMetadata),
+            meta_ok,
             system_transfers(keys, instructions),
             token_transfers(keys, instructions),
         )
@@ -270,6 +453,26 @@ class LiteSVMChain:
         result = self.svm.send_transaction(VersionedTransaction(message, [payer, mint]))
         if self.svm.get_account(mint.pubkey()) is None:  # pragma: no cover - a LiteSVM bug
             raise DepositsUnconfigured(f"could not create the demo USDC mint: {result}")
+        self.remember(str(mint.pubkey()))
+        self.save()
+
+
+#: Errors of a transaction that was never executed, so it did not land.
+_NOT_LANDED = (
+    "BlockhashNotFound",
+    "AlreadyProcessed",
+    "InsufficientFundsForFee",
+    "AccountNotFound",
+)
+#: Owners whose accounts the embedded chain's state file leaves out (sysvars, loaders).
+_NOT_PERSISTED = frozenset(
+    {
+        "Sysvar1111111111111111111111111111111111111",
+        "NativeLoader1111111111111111111111111111111",
+        "BPFLoader2111111111111111111111111111111111",
+        "BPFLoaderUpgradeab1e11111111111111111111111",
+    }
+)
 
 
 def _pubkey(text: str) -> Any:
@@ -289,6 +492,7 @@ class RpcChain:
     """
 
     name = "rpc"
+    real = True
 
     def __init__(self, url: str) -> None:
         try:
@@ -312,6 +516,69 @@ class RpcChain:
                 commitment=Finalized,
                 max_supported_transaction_version=0,
             )
+
+    # --- payouts: each call one short-lived client, bounded by its timeout ---------------
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        async def go() -> Any:
+            async with self._client_class(self._url, timeout=10) as client:
+                return await getattr(client, method)(*args, **kwargs)
+
+        try:
+            return asyncio.run(go())
+        except LedgerError:
+            raise
+        except Exception as exc:  # the network, the endpoint or its answer
+            raise ChainUnavailable(
+                f"the Solana RPC endpoint did not answer {method}: {type(exc).__name__}"
+            ) from None
+
+    def latest_blockhash(self) -> tuple[Any, int]:
+        from solana.rpc.commitment import Finalized
+
+        value = self._call("get_latest_blockhash", Finalized).value
+        return value.blockhash, int(value.last_valid_block_height)
+
+    def block_height(self) -> int:
+        from solana.rpc.commitment import Confirmed
+
+        return int(self._call("get_block_height", Confirmed).value)
+
+    def send_raw(self, raw: bytes) -> None:
+        from solana.rpc.models import TxOpts
+
+        # No preflight: a re-send of bytes that already landed must not be refused
+        # by simulation; the outcome is read from getSignatureStatuses.
+        self._call("send_raw_transaction", raw, TxOpts(skip_preflight=True, max_retries=0))
+
+    def signature_status(self, signature: str) -> SignatureStatus | None:
+        from solders.signature import Signature
+
+        reply = self._call(
+            "get_signature_statuses",
+            [Signature.from_string(signature)],
+            search_transaction_history=True,
+        )
+        status = reply.value[0] if reply.value else None
+        if status is None:
+            return None
+        level = str(status.confirmation_status or "processed").rsplit(".", 1)[-1].lower()
+        return SignatureStatus(level, None if status.err is None else str(status.err))
+
+    def balance(self, address: str) -> int:
+        from solana.rpc.commitment import Confirmed
+
+        return int(self._call("get_balance", _pubkey(address), Confirmed).value)
+
+    def token_balance(self, token_account: str) -> int:
+        from solana.rpc.commitment import Confirmed
+
+        try:
+            reply = self._call("get_token_account_balance", _pubkey(token_account), Confirmed)
+        except ChainUnavailable:
+            return 0
+        value = getattr(reply, "value", None)
+        return 0 if value is None else int(value.amount)
 
     def lookup(self, signature: str) -> ChainTransaction | None:
         reply = asyncio.run(self._get_transaction(signature))
@@ -348,7 +615,14 @@ class RpcChain:
 
 
 def make_chain(settings: Settings) -> Chain:
-    return RpcChain(settings.solana_rpc_url) if settings.solana_rpc_url else LiteSVMChain()
+    """The configured chain; the embedded one keeps its state in the data dir."""
+    if settings.solana_rpc_url:
+        return RpcChain(settings.solana_rpc_url)
+    return LiteSVMChain(state_path=settings.data_dir / LITESVM_STATE)
+
+
+#: The embedded chain's state file in the data dir (accounts it touched, signatures seen).
+LITESVM_STATE = "litesvm-state.json"
 
 
 def deposit_address(settings: Settings) -> str:
