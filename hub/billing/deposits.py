@@ -28,6 +28,7 @@ credited for both, each once.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -43,6 +44,13 @@ from .ledger import LedgerError
 SYSTEM_PROGRAM = "11111111111111111111111111111111"
 TOKEN_PROGRAM = "TokenkegQfeZyiNwAJbNbGKPFXCWuBvf9Ss623VQ5DA"  # noqa: S105 - a program id
 ASSOCIATED_TOKEN_PROGRAM = "ATokenGPvbdGVxr1b2hvZbsiqW5xWH25efTNsLJA8knL"  # noqa: S105
+TOKEN_2022_PROGRAM = "TokenzQdBNbLqP5VEhdkAS6EPFLC1PHnBqCXEpPxuEb"  # noqa: S105 - a program id
+#: The SPL Memo program, v2 and v1: a deposit names its account in a memo.
+MEMO_PROGRAMS = (
+    "MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr",
+    "Memo1UhkJRfHyvLMcVucJwxXeuD728EqVDDwQDxFMNo",
+)
+MEMO_PREFIX = "gpuportal-"
 LAMPORTS_PER_SOL = 1_000_000_000
 USDC_DECIMALS = 6
 USDC_UNITS = 10**USDC_DECIMALS  # base units per USDC
@@ -55,6 +63,12 @@ _MINT_SIZE = 82
 
 class DepositRefused(LedgerError):
     status = 400
+
+
+class DepositNotYours(LedgerError):
+    """The transaction's memo names another account: the claim credits nothing."""
+
+    status = 403
 
 
 class DepositNotFound(LedgerError):
@@ -89,6 +103,7 @@ class TokenTransfer:
     destination: str
     amount: int
     mint: str | None = None
+    program: str = TOKEN_PROGRAM
 
 
 @dataclass(frozen=True)
@@ -99,6 +114,8 @@ class ChainTransaction:
     succeeded: bool
     transfers: list[Transfer] = field(default_factory=list)
     token_transfers: list[TokenTransfer] = field(default_factory=list)
+    #: The text of every SPL Memo instruction, top-level or inner.
+    memos: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -191,12 +208,14 @@ def token_transfers(
 ) -> list[TokenTransfer]:
     """Decode SPL Token ``Transfer`` and ``TransferChecked`` from a compiled message.
 
-    Only the classic Token program: the associated account customers are told
-    to pay is derived with it, so a Token-2022 transfer cannot reach it.
+    Token-2022 transfers (same layouts) are decoded too, marked by ``program``,
+    so that :func:`verify_usdc` can refuse them with a sentence: the associated
+    account customers are told to pay is derived with the classic program.
     """
     out = []
     for program_index, accounts, data in instructions:
-        if account_keys[program_index] != TOKEN_PROGRAM or not data:
+        program = account_keys[program_index]
+        if program not in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM) or not data:
             continue
         if data[0] == _TOKEN_TRANSFER and len(data) == 9 and len(accounts) >= 3:
             out.append(
@@ -204,6 +223,7 @@ def token_transfers(
                     account_keys[accounts[0]],
                     account_keys[accounts[1]],
                     int.from_bytes(data[1:9], "little"),
+                    program=program,
                 )
             )
         elif data[0] == _TOKEN_TRANSFER_CHECKED and len(data) == 10 and len(accounts) >= 4:
@@ -213,9 +233,35 @@ def token_transfers(
                     account_keys[accounts[2]],
                     int.from_bytes(data[1:9], "little"),
                     account_keys[accounts[1]],
+                    program=program,
                 )
             )
     return out
+
+
+def memo_texts(
+    account_keys: list[str], instructions: list[tuple[int, list[int], bytes]]
+) -> list[str]:
+    """The text of every SPL Memo instruction (undecodable bytes are skipped)."""
+    out = []
+    for program_index, _, data in instructions:
+        if account_keys[program_index] in MEMO_PROGRAMS:
+            try:
+                out.append(data.decode("utf-8").strip())
+            except UnicodeDecodeError:
+                continue
+    return out
+
+
+def deposit_memo(address: str, account_id: int) -> str:
+    """The memo that binds a deposit to one account: it must be in the transaction.
+
+    Derived from the deposit address and the account, so nothing is stored; it
+    need not be secret: whoever puts another account's memo on a transfer pays
+    that account, never themselves.
+    """
+    digest = hashlib.sha256(f"{address}:{account_id}".encode()).hexdigest()
+    return f"{MEMO_PREFIX}{digest[:20]}"
 
 
 def associated_token_account(owner: str, mint: str) -> str:
@@ -250,6 +296,8 @@ class LiteSVMChain:
         self._sent: dict[str, Any] = {}
         #: signature -> error text ("" when it succeeded) of every transaction that landed.
         self._landed: dict[str, str] = {}
+        #: signature -> its inner instructions (program index, accounts, data), as run.
+        self._inner: dict[str, list[tuple[int, list[int], bytes]]] = {}
         #: Our block height: one block per blockhash (a blockhash expires with its block).
         self.height = 0
         #: Addresses persisted though no transaction touched them (airdrops, restored state).
@@ -275,6 +323,10 @@ class LiteSVMChain:
             self._sent[signature] = VersionedTransaction.from_bytes(base64.b64decode(entry["tx"]))
             if entry.get("landed") is not None:
                 self._landed[signature] = entry["landed"]
+            self._inner[signature] = [
+                (int(p), [int(a) for a in accounts], base64.b64decode(data))
+                for p, accounts, data in entry.get("inner", [])
+            ]
 
     def save(self) -> None:
         """Write the touched accounts and the signatures seen (atomically, 0600)."""
@@ -296,6 +348,10 @@ class LiteSVMChain:
             signature: {
                 "tx": base64.b64encode(bytes(transaction)).decode(),
                 "landed": self._landed.get(signature),
+                "inner": [
+                    [p, accounts, base64.b64encode(data).decode()]
+                    for p, accounts, data in self._inner.get(signature, [])
+                ],
             }
             for signature, transaction in self._sent.items()
         }
@@ -350,8 +406,10 @@ class LiteSVMChain:
             # land. A duplicate keeps the first result.
             if not any(word in err for word in _NOT_LANDED):
                 self._landed.setdefault(signature, err)
+                self._inner.setdefault(signature, _inner_of(result.meta()))
         else:
             self._landed.setdefault(signature, "")
+            self._inner.setdefault(signature, _inner_of(result))
         self.save()
         return signature
 
@@ -408,11 +466,14 @@ class LiteSVMChain:
         instructions = [
             (ix.program_id_index, list(ix.accounts), bytes(ix.data)) for ix in message.instructions
         ]
+        # Transfers made by another program (cross-program invocations) count too.
+        instructions += self._inner.get(signature, [])
         return ChainTransaction(
             signature,
             meta_ok,
             system_transfers(keys, instructions),
             token_transfers(keys, instructions),
+            memo_texts(keys, instructions),
         )
 
     def ensure_mint(self, mint: Any, decimals: int = USDC_DECIMALS) -> None:
@@ -455,6 +516,16 @@ class LiteSVMChain:
             raise DepositsUnconfigured(f"could not create the demo USDC mint: {result}")
         self.remember(str(mint.pubkey()))
         self.save()
+
+
+def _inner_of(meta: Any) -> list[tuple[int, list[int], bytes]]:
+    """The inner instructions LiteSVM ran for one transaction, flattened."""
+    out = []
+    for group in meta.inner_instructions():
+        for inner in group:
+            ix = inner.instruction()
+            out.append((ix.program_id_index, list(ix.accounts), bytes(ix.data)))
+    return out
 
 
 #: Errors of a transaction that was never executed, so it did not land.
@@ -588,8 +659,14 @@ class RpcChain:
         meta = body.get("meta") or {}
         transfers = []
         tokens: list[TokenTransfer] = []
-        for ix in body["transaction"]["message"]["instructions"]:
+        memos: list[str] = []
+        everything = list(body["transaction"]["message"]["instructions"])
+        for group in meta.get("innerInstructions") or []:  # transfers made through programs
+            everything += group.get("instructions", [])
+        for ix in everything:
             parsed = ix.get("parsed") if isinstance(ix, dict) else None
+            if ix.get("programId") in MEMO_PROGRAMS and isinstance(parsed, str):
+                memos.append(parsed.strip())
             if (
                 ix.get("programId") == SYSTEM_PROGRAM
                 and isinstance(parsed, dict)
@@ -600,7 +677,7 @@ class RpcChain:
                     Transfer(info["source"], info["destination"], int(info["lamports"]))
                 )
             if (
-                ix.get("programId") == TOKEN_PROGRAM
+                ix.get("programId") in (TOKEN_PROGRAM, TOKEN_2022_PROGRAM)
                 and isinstance(parsed, dict)
                 and parsed.get("type") in ("transfer", "transferChecked")
             ):
@@ -608,10 +685,14 @@ class RpcChain:
                 amount = info.get("amount") or info.get("tokenAmount", {}).get("amount", 0)
                 tokens.append(
                     TokenTransfer(
-                        info["source"], info["destination"], int(amount), info.get("mint")
+                        info["source"],
+                        info["destination"],
+                        int(amount),
+                        info.get("mint"),
+                        ix["programId"],
                     )
                 )
-        return ChainTransaction(signature, meta.get("err") is None, transfers, tokens)
+        return ChainTransaction(signature, meta.get("err") is None, transfers, tokens, memos)
 
 
 def make_chain(settings: Settings) -> Chain:
@@ -665,7 +746,24 @@ def _write_keypair(path: Path) -> None:
         handle.write(json.dumps(list(bytes(Keypair()))))
 
 
-def verify(found: ChainTransaction | None, *, signature: str, address: str, lamports: int) -> int:
+def check_memo(found: ChainTransaction, *, signature: str, memo: str) -> None:
+    """A deposit is credited only to the account whose deposit memo it carries."""
+    if memo in found.memos:
+        return
+    if any(text.startswith(MEMO_PREFIX) for text in found.memos):
+        raise DepositNotYours(
+            f"transaction {signature} carries another account's deposit memo; a deposit is "
+            "credited only to the account its memo names, so nothing was credited."
+        )
+    raise DepositRefused(
+        f"transaction {signature} carries no deposit memo; a deposit must include your memo "
+        f"{memo!r} (GET /api/v1/deposits/solana shows it). Ask an admin about this one."
+    )
+
+
+def verify(
+    found: ChainTransaction | None, *, signature: str, address: str, lamports: int, memo: str
+) -> int:
     """Check a deposit against the chain; returns the lamports to credit or raises."""
     if found is None:
         raise DepositNotFound(
@@ -674,6 +772,7 @@ def verify(found: ChainTransaction | None, *, signature: str, address: str, lamp
         )
     if not found.succeeded:
         raise DepositRefused(f"transaction {signature} failed on chain, so it moved no SOL.")
+    check_memo(found, signature=signature, memo=memo)
     to_us = [t for t in found.transfers if t.destination == address]
     if not to_us:
         raise DepositRefused(
@@ -690,7 +789,13 @@ def verify(found: ChainTransaction | None, *, signature: str, address: str, lamp
 
 
 def verify_usdc(
-    found: ChainTransaction | None, *, signature: str, token_account: str, mint: str, amount: int
+    found: ChainTransaction | None,
+    *,
+    signature: str,
+    token_account: str,
+    mint: str,
+    amount: int,
+    memo: str,
 ) -> int:
     """Check a USDC deposit against the chain; returns the base units to credit or raises."""
     if found is None:
@@ -700,13 +805,23 @@ def verify_usdc(
         )
     if not found.succeeded:
         raise DepositRefused(f"transaction {signature} failed on chain, so it moved no USDC.")
+    check_memo(found, signature=signature, memo=memo)
+    classic = [t for t in found.token_transfers if t.program == TOKEN_PROGRAM]
+    if not any(t.destination == token_account for t in classic) and any(
+        t.program == TOKEN_2022_PROGRAM for t in found.token_transfers
+    ):
+        raise DepositRefused(
+            f"transaction {signature} is a Token-2022 transfer; USDC deposits are accepted only "
+            "through the classic SPL Token program, to the token account shown by GET "
+            "/api/v1/deposits/solana."
+        )
     other = sorted({t.mint for t in found.token_transfers if t.mint and t.mint != mint})
     if other:
         raise DepositRefused(
             f"transaction {signature} moves token {other[0]}, not USDC (mint {mint}); "
             "only USDC can be credited."
         )
-    to_us = [t for t in found.token_transfers if t.destination == token_account]
+    to_us = [t for t in classic if t.destination == token_account]
     if not to_us:
         raise DepositRefused(
             f"transaction {signature} sends no USDC to the platform's USDC token account "

@@ -450,6 +450,10 @@ class DepositPublic(BaseModel):
 
 class DepositInfo(BaseModel):
     address: str
+    memo: str = Field(
+        description="Put this text in an SPL Memo instruction of every deposit: a deposit is "
+        "credited only to the account whose memo it carries."
+    )
     chain: str
     micro_credits_per_sol: int
     currency: str
@@ -499,6 +503,7 @@ async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
         mint = None
     return {
         "address": address,
+        "memo": deposits.deposit_memo(address, caller.account_id),
         "chain": chain.name,
         "micro_credits_per_sol": portal.settings.solana_micro_credits_per_sol,
         "currency": portal.settings.currency_name,
@@ -556,7 +561,11 @@ async def deposit(
         chain = chain_of(portal)
         found = await run_in_threadpool(chain.lookup, signature)
         lamports = deposits.verify(
-            found, signature=signature, address=address, lamports=body.lamports
+            found,
+            signature=signature,
+            address=address,
+            lamports=body.lamports,
+            memo=deposits.deposit_memo(address, caller.account_id),
         )
     except LedgerError as exc:
         raise HTTPException(exc.status, _sentence(str(exc))) from None
@@ -586,6 +595,7 @@ async def deposit_usdc(
             token_account=deposits.associated_token_account(address, mint),
             mint=mint,
             amount=body.amount,
+            memo=deposits.deposit_memo(address, caller.account_id),
         )
     except LedgerError as exc:
         raise HTTPException(exc.status, _sentence(str(exc))) from None
