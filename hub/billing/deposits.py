@@ -31,6 +31,8 @@ import asyncio
 import hashlib
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -303,8 +305,47 @@ class LiteSVMChain:
         #: Addresses persisted though no transaction touched them (airdrops, restored state).
         self._extra: set[str] = set()
         self.state_path = state_path
+        #: (mtime, size) of the state file as this process last read or wrote it.
+        self._seen: tuple[int, int] | None = None
         if state_path is not None and state_path.exists():
             self._load(state_path)
+
+    def _stat(self) -> tuple[int, int] | None:
+        if self.state_path is None:
+            return None
+        try:
+            found = self.state_path.stat()
+        except FileNotFoundError:
+            return None
+        return found.st_mtime_ns, found.st_size
+
+    def _refresh(self) -> None:
+        """Another process (the CLI, a second portal) wrote the state: start from it."""
+        if self.state_path is None or self._stat() == self._seen or self._stat() is None:
+            return
+        from solders.litesvm import LiteSVM
+
+        self.svm = LiteSVM()
+        self._sent, self._landed, self._inner, self._extra = {}, {}, {}, set()
+        self._load(self.state_path)
+
+    @contextmanager
+    def _writing(self) -> Iterator[None]:
+        """One writer at a time across processes: read the latest state, change, save."""
+        if self.state_path is None:
+            yield
+            return
+        import fcntl
+
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = os.open(self.state_path.with_suffix(".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._refresh()
+            yield
+            self.save()
+        finally:
+            os.close(lock)
 
     # --- persistence: a restart forgets neither a payout nor a deposit -------------------
 
@@ -314,8 +355,14 @@ class LiteSVMChain:
         from solders.account import Account
         from solders.transaction import VersionedTransaction
 
+        self._seen = self._stat()
         state = json.loads(path.read_text())
         self.height = int(state.get("height", 0))
+        # LiteSVM's blockhashes are deterministic: replaying the expiries restores the
+        # blockhash this chain had, so a transaction signed before a restart stays valid
+        # exactly as long as it would have.
+        for _ in range(self.height):
+            self.svm.expire_blockhash()
         for address, raw in state.get("accounts", {}).items():
             self._extra.add(address)
             self.svm.set_account(_pubkey(address), Account.from_bytes(base64.b64decode(raw)))
@@ -362,6 +409,7 @@ class LiteSVMChain:
         with os.fdopen(fd, "w") as handle:
             handle.write(body)
         os.replace(tmp, self.state_path)
+        self._seen = self._stat()
 
     def remember(self, address: str) -> None:
         """Persist ``address`` from now on even if no transaction touched it (an airdrop)."""
@@ -373,32 +421,37 @@ class LiteSVMChain:
         would be refused as a duplicate."""
         from solders.account import Account
 
-        key = _pubkey(address)
-        found = self.svm.get_account(key)
-        if found is None:
-            self.svm.set_account(key, Account(lamports, b"", _pubkey(SYSTEM_PROGRAM), False, 0))
-        else:
-            self.svm.set_account(
-                key,
-                Account(
+        with self._writing():
+            key = _pubkey(address)
+            found = self.svm.get_account(key)
+            if found is None:
+                account = Account(lamports, b"", _pubkey(SYSTEM_PROGRAM), False, 0)
+            else:
+                account = Account(
                     found.lamports + lamports,
                     bytes(found.data),
                     found.owner,
                     found.executable,
                     found.rent_epoch,
-                ),
-            )
-        self.remember(address)
-        self.save()
+                )
+            self.svm.set_account(key, account)
+            self.remember(address)
 
     # --- sending ---------------------------------------------------------------------
 
     def send(self, transaction: Any) -> str:
         """Submit a signed transaction; returns its signature (also when it failed)."""
+        with self._writing():
+            signature = str(transaction.signatures[0])
+            if signature in self._landed:  # the chain runs a signature once, restarts or not
+                return signature
+            result = self.svm.send_transaction(transaction)
+            self._record(signature, transaction, result)
+        return signature
+
+    def _record(self, signature: str, transaction: Any, result: Any) -> None:
         from solders.transaction_metadata import FailedTransactionMetadata
 
-        result = self.svm.send_transaction(transaction)
-        signature = str(transaction.signatures[0])
         self._sent.setdefault(signature, transaction)
         if isinstance(result, FailedTransactionMetadata):
             err = str(result.err())
@@ -410,8 +463,6 @@ class LiteSVMChain:
         else:
             self._landed.setdefault(signature, "")
             self._inner.setdefault(signature, _inner_of(result))
-        self.save()
-        return signature
 
     def send_raw(self, raw: bytes) -> None:
         from solders.transaction import VersionedTransaction
@@ -420,28 +471,33 @@ class LiteSVMChain:
 
     def latest_blockhash(self) -> tuple[Any, int]:
         # LiteSVM accepts only its latest blockhash, so it is valid for this block only.
+        self._refresh()
         return self.svm.latest_blockhash(), self.height
 
     def block_height(self) -> int:
+        self._refresh()
         return self.height
 
     def next_block(self) -> None:
         """Move to a new block: every earlier blockhash expires (tests, and the demo)."""
-        self.svm.expire_blockhash()
-        self.height += 1
-        self.save()
+        with self._writing():
+            self.svm.expire_blockhash()
+            self.height += 1
 
     def signature_status(self, signature: str) -> SignatureStatus | None:
+        self._refresh()
         if signature not in self._landed:
             return None
         err = self._landed[signature]
         return SignatureStatus("finalized", err or None)
 
     def balance(self, address: str) -> int:
+        self._refresh()
         account = self.svm.get_account(_pubkey(address))
         return 0 if account is None else int(account.lamports)
 
     def token_balance(self, token_account: str) -> int:
+        self._refresh()
         account = self.svm.get_account(_pubkey(token_account))
         if account is None or len(bytes(account.data)) < 72:
             return 0
@@ -451,6 +507,7 @@ class LiteSVMChain:
         from solders.signature import Signature
         from solders.transaction_metadata import TransactionMetadata
 
+        self._refresh()
         meta = self.svm.get_transaction(Signature.from_string(signature))
         sent = self._sent.get(signature)
         if sent is None:
@@ -489,6 +546,7 @@ class LiteSVMChain:
         from solders.system_program import CreateAccountParams, create_account
         from solders.transaction import VersionedTransaction
 
+        self._refresh()
         if self.svm.get_account(mint.pubkey()) is not None:
             return
         payer = Keypair()

@@ -457,3 +457,15 @@ def test_a_usdc_payout_moves_token_units_to_the_wallets_token_account(
         (ata, share, str(mint.pubkey()))
     ]
     assert total(sessions) == 0
+
+
+def test_two_processes_share_the_embedded_chain_through_its_state_file(tmp_path: Path) -> None:
+    """The portal and the CLI each hold a LiteSVM; the state file is the one truth."""
+    path = tmp_path / deposits.LITESVM_STATE
+    portal_side, cli_side = (deposits.LiteSVMChain(state_path=path) for _ in range(2))
+    someone = str(Keypair().pubkey())
+    cli_side.airdrop(someone, 5 * 10**9)
+    assert portal_side.balance(someone) == 5 * 10**9
+    portal_side.next_block()
+    assert cli_side.block_height() == 1
+    assert cli_side.latest_blockhash() == portal_side.latest_blockhash()
