@@ -322,6 +322,7 @@ def run(
     chain: Chain,
     treasury: Treasury,
     now: datetime | None = None,
+    mint: str | None = None,
 ) -> RunResult:
     """Make this period's payouts, then advance every open payout. Each provider and each
     payout is its own DB transaction: one failing is reported and the rest go on."""
@@ -341,7 +342,7 @@ def run(
             continue
         if made is not None:
             result.created.append(made)
-    result.advanced, errors = resume(sessions, settings, chain, treasury, now)
+    result.advanced, errors = resume(sessions, settings, chain, treasury, now, mint)
     result.errors.update(errors)
     return result
 
@@ -356,6 +357,7 @@ def resume(
     chain: Chain,
     treasury: Treasury,
     now: datetime | None = None,
+    mint: str | None = None,
 ) -> tuple[dict[int, str], dict[str, str]]:
     """Advance every open payout from its persisted state (after a restart, every round)."""
     with sessions() as session:
@@ -368,7 +370,9 @@ def resume(
     errors: dict[str, str] = {}
     for payout_id in open_ids:
         try:
-            done[payout_id] = advance(sessions, settings, chain, treasury, payout_id, now)
+            done[payout_id] = advance(
+                sessions, settings, chain, treasury, payout_id, now, mint=mint
+            )
         except LedgerError as exc:
             errors[f"payout {payout_id}"] = str(exc)
             log.warning("payout %s not advanced: %s", payout_id, exc)
@@ -385,7 +389,9 @@ def _locked(session: Session, payout_id: int) -> Payout:
     return payout
 
 
-def treasury_shortfall(settings: Settings, chain: Chain, treasury: Treasury, units: int) -> str:
+def treasury_shortfall(
+    settings: Settings, chain: Chain, treasury: Treasury, units: int, mint: str | None = None
+) -> str:
     """Why the treasury cannot pay ``units`` now ("" when it can)."""
     lamports = chain.balance(str(treasury.pubkey))
     if settings.payout_asset == "SOL":
@@ -396,7 +402,8 @@ def treasury_shortfall(settings: Settings, chain: Chain, treasury: Treasury, uni
                 "with fees); it is tried again when the treasury is topped up."
             )
         return ""
-    mint = settings.usdc_mint or ""
+    if not mint:
+        return "USDC payouts need a USDC mint (GPUPORTAL_USDC_MINT)."
     held = chain.token_balance(deposits.associated_token_account(str(treasury.pubkey), mint))
     if held < units:
         return (
@@ -511,7 +518,7 @@ def _sign_if_pending(
 ) -> _State:
     payout = _locked(session, payout_id)
     if payout.status == "pending":
-        short = treasury_shortfall(settings, chain, treasury, payout.units)
+        short = treasury_shortfall(settings, chain, treasury, payout.units, mint)
         if short:
             if payout.reason != short:
                 log.warning("payout %s waits: %s", payout.id, short)
@@ -663,9 +670,67 @@ def history(
     return [(payout, name) for payout, name in rows]
 
 
+def one(session: Session, payout_id: int) -> tuple[Payout, str]:
+    row = session.execute(
+        select(Payout, Account.hub_name)
+        .join(Account, Account.id == Payout.provider_account_id)
+        .where(Payout.id == payout_id)
+    ).first()
+    if row is None:
+        raise PayoutNotFound(f"there is no payout {payout_id}.")
+    return row[0], row[1]
+
+
 def totals(session: Session) -> dict[str, int]:
     """Micro-credits per payout status (the admin view)."""
     rows = session.execute(
         select(Payout.status, func.coalesce(func.sum(Payout.amount), 0)).group_by(Payout.status)
     )
     return {status: int(total) for status, total in rows}
+
+
+# --- the service's side: the treasury ready to pay, and what admins see of it ----------
+
+
+def payout_mint(settings: Settings, chain: Chain) -> str | None:
+    """The USDC mint payouts use (the demo mint on the embedded chain); None for SOL."""
+    if settings.payout_asset != "USDC":
+        return None
+    return deposits.usdc_mint(settings, chain)
+
+
+def prepare(settings: Settings, chain: Chain) -> Treasury:
+    """Load the treasury; on the embedded chain, top it up (SOL, and demo USDC)."""
+    from . import treasury as treasury_module
+
+    the_treasury = treasury_module.load(settings, chain)
+    if isinstance(chain, deposits.LiteSVMChain):
+        demo_mint = None
+        if settings.payout_asset == "USDC" and not settings.usdc_mint:
+            import json
+
+            from solders.keypair import Keypair
+
+            payout_mint(settings, chain)  # makes the demo mint (and its key) when missing
+            path = settings.data_dir / "usdc-demo-mint-keypair.json"
+            demo_mint = Keypair.from_bytes(bytes(json.loads(path.read_text())))
+        treasury_module.fund_embedded(chain, the_treasury, settings, usdc_mint=demo_mint)
+    return the_treasury
+
+
+def treasury_view(settings: Settings, chain: Chain, treasury: Treasury) -> dict[str, Any]:
+    """The treasury's address and balances (never its key)."""
+    address = str(treasury.pubkey)
+    view: dict[str, Any] = {
+        "address": address,
+        "chain": chain.name,
+        "asset": settings.payout_asset,
+        "lamports": chain.balance(address),
+        "usdc_mint": None,
+        "usdc_units": None,
+    }
+    mint = payout_mint(settings, chain) if settings.payout_asset == "USDC" else None
+    if mint:
+        view["usdc_mint"] = mint
+        view["usdc_units"] = chain.token_balance(deposits.associated_token_account(address, mint))
+    return view
