@@ -27,6 +27,7 @@ from gpuportal.provider import signing, workload
 from gpuportal.provider.money import format_credits
 
 from ... import db, egress
+from ...billing import payouts
 from ...db.marketplace_models import Cluster, Node, NodeChallenge, Provider
 from ...db.models import Account
 from ...market import nodes
@@ -302,6 +303,10 @@ async def update_provider(body: ProviderUpdate, user: CurrentUser, portal: Porta
             provider.price_per_gpu_hour = body.price_per_gpu_hour
         if body.payout_wallet:
             provider.payout_wallet = validate_wallet(body.payout_wallet)
+            # recorded now; it pays from the next payout period on (docs/payouts.md)
+            payouts.record_wallet(
+                session, settings, user.account_id, provider.payout_wallet, utcnow()
+            )
         session.flush()
         log.info(
             "provider %s: status %s, price %s/h",
