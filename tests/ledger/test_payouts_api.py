@@ -254,3 +254,30 @@ def test_a_real_chain_without_a_treasury_file_is_refused_with_a_sentence(tmp_pat
 def test_payout_period_grid_and_units(portal: Portal) -> None:
     start, end = payouts.last_complete_period(portal.settings, T0 + timedelta(minutes=90))
     assert (start, end) == (T0, T0 + timedelta(hours=1))
+
+
+def test_the_treasury_reaches_no_user_server_or_provider_node(tmp_path: Path) -> None:
+    """The control plane's environment names the treasury file (and a careless operator
+    may export the key itself); the environments built for a user server and for a
+    provider node's Ray carry neither."""
+    from gpuportal.provider import isolation, raynode
+    from gpuportal.spawners.singleuser import server_env
+
+    keypair = Keypair()
+    control_plane = {
+        "PATH": "/usr/bin:/bin",
+        "HOME": "/root",
+        "GPUPORTAL_SOLANA_TREASURY_KEYPAIR": str(tmp_path / "treasury.json"),
+        "SOLANA_TREASURY_SECRET": str(keypair),
+        "JUPYTERHUB_SERVICE_PREFIX": "/user/alice/",
+    }
+    account = isolation.Account("gp-alice-0123456789", 4242, 4242, tmp_path)
+    built = [
+        server_env(control_plane, "alices-token", account, "http://127.0.0.1:5000/u/"),
+        raynode.ray_env(tmp_path / "ray-auth-token", {}, source=control_plane),
+    ]
+    for env in built:
+        text = "\n".join(f"{k}={v}" for k, v in env.items()).encode()
+        assert b"TREASURY" not in text
+        for form in secret_forms(keypair):
+            assert form not in text
