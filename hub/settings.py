@@ -192,8 +192,8 @@ class Settings(BaseSettings):
         "never (run them with `gpuportal payouts run`). Open payouts are resumed every "
         "meter interval either way.",
     )
-    solana_treasury_keypair: Path | None = Field(
-        None,
+    solana_treasury_keypair: str = Field(
+        "",
         description="Path of the treasury keypair file (a JSON array of 64 bytes, mode 0600) "
         "that pays providers; required with GPUPORTAL_SOLANA_RPC_URL. Empty on the embedded "
         "chain: a treasury made once in the data dir and funded at start. The path is read, "

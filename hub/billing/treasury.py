@@ -56,8 +56,8 @@ class Treasury:
 
 
 def treasury_path(settings: Settings, chain: deposits.Chain) -> Path:
-    if settings.solana_treasury_keypair is not None:
-        return settings.solana_treasury_keypair.expanduser()
+    if settings.solana_treasury_keypair:
+        return Path(settings.solana_treasury_keypair).expanduser()
     if chain.real:
         raise TreasuryUnavailable(
             "payouts on a real chain need GPUPORTAL_SOLANA_TREASURY_KEYPAIR, the path of the "

@@ -229,7 +229,7 @@ def dump_db(portal: Portal) -> bytes:
 
 
 def test_the_treasury_file_must_be_private_and_well_formed(tmp_path: Path) -> None:
-    settings = load_settings(data_dir=tmp_path, solana_treasury_keypair=tmp_path / "t.json")
+    settings = load_settings(data_dir=tmp_path, solana_treasury_keypair=str(tmp_path / "t.json"))
     chain: Any = deposits.LiteSVMChain()
     path = tmp_path / "t.json"
     with pytest.raises(treasury.TreasuryUnavailable, match="cannot be read"):
@@ -281,3 +281,18 @@ def test_the_treasury_reaches_no_user_server_or_provider_node(tmp_path: Path) ->
         assert b"TREASURY" not in text
         for form in secret_forms(keypair):
             assert form not in text
+
+
+def test_payout_settings_survive_the_hub_configs_round_trip(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """jupyterhub_config.py hands the portal every setting as ``str(value)``: an unset
+    treasury path must come back unset (it once came back as a file named "None")."""
+    first = load_settings(data_dir=tmp_path)
+    for name in first.model_fields:
+        if name.startswith(("payout_", "solana_", "litesvm_")):
+            monkeypatch.setenv(f"GPUPORTAL_{name.upper()}", str(getattr(first, name)))
+    again = load_settings(data_dir=tmp_path)
+    chain = deposits.LiteSVMChain()
+    assert treasury.treasury_path(again, chain) == tmp_path / treasury.EMBEDDED_TREASURY
+    assert again.payout_asset == "SOL" and again.payout_commitment == "finalized"

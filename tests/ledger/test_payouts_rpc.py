@@ -138,7 +138,7 @@ def rpc_settings(settings: Settings, cluster: StandInCluster, tmp_path: Path) ->
     return settings.model_copy(
         update={
             "solana_rpc_url": cluster.url,
-            "solana_treasury_keypair": key,
+            "solana_treasury_keypair": str(key),
             "payout_period_seconds": 3600,
             "payout_minimum": 1,
         }
