@@ -289,7 +289,7 @@ def test_payout_settings_survive_the_hub_configs_round_trip(
     """jupyterhub_config.py hands the portal every setting as ``str(value)``: an unset
     treasury path must come back unset (it once came back as a file named "None")."""
     first = load_settings(data_dir=tmp_path)
-    for name in first.model_fields:
+    for name in type(first).model_fields:
         if name.startswith(("payout_", "solana_", "litesvm_")):
             monkeypatch.setenv(f"GPUPORTAL_{name.upper()}", str(getattr(first, name)))
     again = load_settings(data_dir=tmp_path)
