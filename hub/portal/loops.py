@@ -93,6 +93,8 @@ async def payout_loop(portal: Portal) -> None:
             await run_in_threadpool(once, full)
             if full:
                 last_round = now
+        except ledger.LedgerError as exc:  # e.g. no treasury configured: one line, no trace
+            log.warning("payouts wait: %s", exc)
         except Exception:
             log.exception("payout round failed; retrying next interval")
         await asyncio.sleep(settings.meter_interval_seconds)
