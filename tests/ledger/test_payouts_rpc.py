@@ -274,3 +274,17 @@ def test_an_unreachable_endpoint_decides_nothing(
     assert payout.status == "pending" and payout.signature is None
     account = provider
     assert balance_of(sessions, f"payouts:{account}") == 2 * CREDIT  # in flight, not lost
+
+
+@pytest.mark.parametrize(
+    ("url", "link"),
+    [
+        ("https://api.devnet.solana.com", "https://explorer.solana.com/tx/S?cluster=devnet"),
+        ("https://api.mainnet-beta.solana.com", "https://explorer.solana.com/tx/S"),
+        ("http://127.0.0.1:8899", None),
+    ],
+)
+def test_explorer_links_only_for_known_real_clusters(settings: Settings, url: str, link) -> None:
+    configured = settings.model_copy(update={"solana_rpc_url": url})
+    assert payouts.explorer_url(configured, deposits.RpcChain(url), "S") == link
+    assert payouts.explorer_url(configured, deposits.LiteSVMChain(), "S") is None
