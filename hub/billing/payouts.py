@@ -699,12 +699,13 @@ def payout_mint(settings: Settings, chain: Chain) -> str | None:
     return deposits.usdc_mint(settings, chain)
 
 
-def prepare(settings: Settings, chain: Chain) -> Treasury:
-    """Load the treasury; on the embedded chain, top it up (SOL, and demo USDC)."""
+def prepare(settings: Settings, chain: Chain, *, fund: bool = True) -> Treasury:
+    """Load the treasury; on the embedded chain, top it up (SOL, and demo USDC) unless
+    ``fund`` is False (a read-only look must not change the balance it shows)."""
     from . import treasury as treasury_module
 
     the_treasury = treasury_module.load(settings, chain)
-    if isinstance(chain, deposits.LiteSVMChain):
+    if fund and isinstance(chain, deposits.LiteSVMChain):
         demo_mint = None
         if settings.payout_asset == "USDC" and not settings.usdc_mint:
             import json

@@ -23,21 +23,23 @@ from ..settings import Settings
 
 
 @contextmanager
-def _payout_side(settings: Settings) -> Iterator[tuple[Any, Any, Any, str | None]]:
+def _payout_side(
+    settings: Settings, *, fund: bool = True
+) -> Iterator[tuple[Any, Any, Any, str | None]]:
     """Sessions, chain, treasury and mint; a refusal becomes a ConfigError (one line)."""
     engine = db.make_engine(settings.database_url)
     try:
         db.upgrade(engine)
         chain = deposits.make_chain(settings)
-        yield db.session_factory(engine), chain, *_treasury(settings, chain)
+        yield db.session_factory(engine), chain, *_treasury(settings, chain, fund)
     except ledger.LedgerError as exc:
         raise ConfigError(str(exc)) from None
     finally:
         engine.dispose()
 
 
-def _treasury(settings: Settings, chain: Any) -> tuple[Any, str | None]:
-    return payouts.prepare(settings, chain), payouts.payout_mint(settings, chain)
+def _treasury(settings: Settings, chain: Any, fund: bool) -> tuple[Any, str | None]:
+    return payouts.prepare(settings, chain, fund=fund), payouts.payout_mint(settings, chain)
 
 
 def _line(payout: dict[str, Any], currency: str) -> str:
@@ -113,7 +115,7 @@ def register(main: click.Group, settings_with: Callable[..., Settings], options:
         from ..db.models import Account
 
         settings = settings_with(data_dir=data_dir)
-        with _payout_side(settings) as (sessions, chain, vault, _):
+        with _payout_side(settings, fund=False) as (sessions, chain, vault, _):
             view = payouts.treasury_view(settings, chain, vault)
             usdc = f", {view['usdc_units']} USDC units" if view["usdc_units"] is not None else ""
             click.echo(
