@@ -469,3 +469,37 @@ def test_two_processes_share_the_embedded_chain_through_its_state_file(tmp_path:
     portal_side.next_block()
     assert cli_side.block_height() == 1
     assert cli_side.latest_blockhash() == portal_side.latest_blockhash()
+
+
+def test_two_runs_racing_make_one_payout_and_one_transfer(
+    sessions, psettings, clock, chain, vault, earned
+) -> None:
+    """Two workers (each with its own chain object on the shared state file) run at once:
+    the unique (provider, period) key and the row lock leave one payout, one transfer."""
+    import threading
+
+    wallet, share = earned
+    settings = replace_minimum(psettings, 1)
+    other = restarted(chain)
+    gate = threading.Barrier(2)
+    problems: list[BaseException] = []
+
+    def work(worker_chain: deposits.LiteSVMChain) -> None:
+        try:
+            gate.wait(timeout=60)
+            payouts.run(sessions, settings, worker_chain, vault, clock.now)
+        except BaseException as exc:  # reported below, in the test's thread
+            problems.append(exc)
+
+    threads = [threading.Thread(target=work, args=(c,)) for c in (chain, other)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert problems == []
+    payouts.resume(sessions, settings, restarted(chain), vault, clock.now)
+    (payout,) = all_payouts(sessions)
+    assert payout.status == "settled" and payout.signings == 1
+    final = restarted(chain)
+    assert final.balance(wallet) == share * LAMPORTS_PER_MICRO
+    assert total(sessions) == 0
