@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from solders.keypair import Keypair
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
@@ -503,3 +505,30 @@ def test_two_runs_racing_make_one_payout_and_one_transfer(
     final = restarted(chain)
     assert final.balance(wallet) == share * LAMPORTS_PER_MICRO
     assert total(sessions) == 0
+
+
+@given(
+    micro=st.integers(min_value=1, max_value=10**15),
+    per_sol=st.integers(min_value=1, max_value=10**12),
+    per_usdc=st.integers(min_value=1, max_value=10**12),
+)
+def test_conversion_never_pays_more_than_the_earnings_it_moves(
+    micro: int, per_sol: int, per_usdc: int
+) -> None:
+    """Integer units, never worth more than the micro-credits moved, and less than one
+    unit of dust left over (or a refusal with a sentence)."""
+    from gpuportal.hub.settings import load_settings
+
+    for asset, rate, scale in (("SOL", per_sol, 10**9), ("USDC", per_usdc, 10**6)):
+        settings = load_settings(
+            payout_asset=asset,
+            payout_micro_credits_per_sol=per_sol,
+            payout_micro_credits_per_usdc=per_usdc,
+        )
+        try:
+            units = payouts.to_units(settings, micro)
+        except payouts.PayoutError as exc:
+            assert str(exc).endswith(".")
+            continue
+        assert isinstance(units, int) and 0 < units <= payouts.payout_tx.U64_MAX
+        assert units * rate <= micro * scale < (units + 1) * rate
