@@ -17,6 +17,7 @@ from pathlib import Path
 
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.settings import load_settings
+from gpuportal.hub.stack import dashboards
 from gpuportal.hub.stack.admin import ensure_admin, extra_admins, passwords_dbm
 from gpuportal.hub.stack.datadir import secure_data_dir
 
@@ -46,7 +47,8 @@ c.ConfigurableHTTPProxy.pid_file = str(gp.run_dir / "jupyterhub-proxy.pid")
 
 
 # configurable-http-proxy: Node's when one is on PATH (outside this Python
-# environment), else the PyPI port installed with gpuportal.
+# environment), else the PyPI port installed with gpuportal (with its websocket
+# subprotocol answer mended, so kernels connect through it).
 def _proxy_command() -> list[str]:
     venv_bin = Path(sys.executable).parent
     path = os.pathsep.join(
@@ -55,7 +57,8 @@ def _proxy_command() -> list[str]:
     node_chp = shutil.which("configurable-http-proxy", path=path)
     if node_chp and shutil.which("node"):
         return [node_chp]
-    return [str(venv_bin / "configurable-http-proxy")]
+    # The PyPI port, answering websocket subprotocols (gpuportal/hub/stack/proxy.py).
+    return [sys.executable, "-m", "gpuportal.hub.stack.proxy"]
 
 
 c.ConfigurableHTTPProxy.command = _proxy_command()
@@ -107,8 +110,8 @@ c.JupyterHub.load_groups = {
 }
 _portal_access = "access:services!service=portal"
 c.JupyterHub.load_roles = [
-    # Every user may reach the portal API as themselves.
-    {"name": "user", "scopes": ["self", _portal_access]},
+    # Every user may reach the portal API as themselves, and the dashboards.
+    {"name": "user", "scopes": ["self", _portal_access, dashboards.ACCESS]},
     {"name": "customers", "groups": ["customers"], "scopes": ["self", _portal_access]},
     {"name": "providers", "groups": ["providers"], "scopes": ["self", _portal_access]},
     {
@@ -176,16 +179,20 @@ c.JupyterHub.services = [
     },
     # No URL: an identity with a token, and no hub scopes at all.
     {"name": "ray-spawner", "api_token": _spawner_token},
+    # Voila dashboards behind hub OAuth (docs/dashboards.md): GPUPORTAL_DASHBOARDS_PORT.
+    dashboards.service(gp),
 ]
+# /hub/dashboards lists the dashboards for each user's role; the navigation bar links it.
+c.JupyterHub.extra_handlers, _templates = dashboards.hub_page()
+c.JupyterHub.template_paths = [_templates]
 
 # --- User servers --------------------------------------------------------------
 # RaySpawner: each server is a Ray job on a GPU node reserved through the portal's
 # marketplace (docs/spawner.md). The house cluster (the local Ray head) also runs
 # CPU-only servers. The wrapper on the node (gpuportal-singleuser) binds 127.0.0.1,
 # which the hub reaches because the house node is this machine.
-import gpuportal.spawners.report  # noqa: E402,F401  (registers the hub's report handler)
 from gpuportal.hub.stack.localray import plan_gpus  # noqa: E402
-from gpuportal.spawners.spawner import default_profile_list  # noqa: E402
+from gpuportal.spawners.profiles import default_profile_list  # noqa: E402
 
 c.JupyterHub.spawner_class = "ray"
 c.RaySpawner.portal_url = f"http://127.0.0.1:{gp.portal_port}{gp.service_prefix}"

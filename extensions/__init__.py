@@ -16,3 +16,8 @@ def _jupyter_server_extension_points() -> list[dict[str, Any]]:
     from .app import GpuPortalExtension
 
     return [{"module": "gpuportal.extensions", "app": GpuPortalExtension}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """Where the prebuilt JupyterLab front end is (``jupyter labextension develop``)."""
+    return [{"src": "labextension", "dest": "@gpuportal/jupyterlab"}]

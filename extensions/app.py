@@ -6,6 +6,7 @@ whose defaults the spawner sets through the server's environment:
 * ``GPUPORTAL_PORTAL_URL``: the portal's public URL, e.g.
   ``https://hub.example.org/services/portal/``;
 * ``GPUPORTAL_IDLE_TIMEOUT_SECONDS``: the profile's idle limit (0 disables);
+* ``GPUPORTAL_TOPUP_URL``: where the front end's low-credit dialog links to;
 * ``JUPYTERHUB_API_TOKEN``, ``JUPYTERHUB_USER``, ``JUPYTERHUB_SERVER_NAME``:
   what JupyterHub gives every server;
 * ``CUDA_VISIBLE_DEVICES``: the GPUs this server holds.
@@ -13,9 +14,10 @@ whose defaults the spawner sets through the server's environment:
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -24,12 +26,15 @@ from tornado.ioloop import PeriodicCallback
 from traitlets import Float, Int, List, Unicode, default
 
 from . import gpuuse
-from .handlers import MetricsHandler, UsageHandler
+from .handlers import MetricsHandler, SaveAckHandler, UsageHandler
 from .idle import IdleCuller
-from .portal import PortalClient, utcnow
-from .usage import build_report
+from .portal import PortalClient, PortalReading, utcnow
+from .savestop import SaveBeforeStop
+from .usage import build_report, parse_time
 
 DEFAULT_IDLE_TIMEOUT = 30 * 60
+#: The portal's stop reasons that a top-up cancels (docs/billing.md).
+CREDIT_STOP_REASONS = ("out_of_credit", "quota_exhausted")
 
 
 def portal_url_from_env(env: dict[str, str] | os._Environ[str]) -> str:
@@ -140,12 +145,47 @@ class GpuPortalExtension(ExtensionApp):
         raw = os.environ.get("CUDA_VISIBLE_DEVICES", "")
         return [part.strip() for part in raw.split(",") if part.strip()]
 
+    save_wait_seconds = Float(
+        30.0,
+        help="""Longest wait for the front end to save open documents before a stop, seconds.
+
+        The stop goes ahead when the front end acknowledges its save, or after this long
+        (no browser open, a browser that hangs): never later. 0 stops without waiting.
+        Example: c.GpuPortalExtension.save_wait_seconds = 15
+        """,
+    ).tag(config=True)
+
+    save_lead_seconds = Float(
+        60.0,
+        help="""How long before the portal's scheduled credit stop the front end is asked
+        to save, seconds (the portal's grace period is 120 s by default).
+        Example: c.GpuPortalExtension.save_lead_seconds = 90
+        """,
+    ).tag(config=True)
+
+    topup_url = Unicode(
+        help="""Where the low-credit dialog sends the user to add credits (http or https).
+
+        Default: $GPUPORTAL_TOPUP_URL, else the portal's API docs (portal_url + "docs").
+        Example: c.GpuPortalExtension.topup_url = "https://hub.example.org/hub/credits"
+        """,
+    ).tag(config=True)
+
+    @default("topup_url")
+    def _topup_url_default(self) -> str:
+        explicit = os.environ.get("GPUPORTAL_TOPUP_URL", "").strip()
+        if explicit:
+            return explicit
+        return self.portal_url + "docs" if self.portal_url else ""
+
     #: The extension's clock; tests replace it to travel in time.
     clock: Callable[[], datetime] = staticmethod(utcnow)
 
     portal: PortalClient
     culler: IdleCuller
+    saves: SaveBeforeStop
     _idle_callback: PeriodicCallback | None = None
+    _stop_task: asyncio.Task[None] | None = None
 
     def initialize_settings(self) -> None:
         self.portal = PortalClient(
@@ -157,6 +197,7 @@ class GpuPortalExtension(ExtensionApp):
             cache_seconds=self.portal_cache_seconds,
             clock=lambda: self.clock(),
         )
+        self.saves = SaveBeforeStop(wait_seconds=self.save_wait_seconds)
         self.culler = IdleCuller(
             timeout_seconds=self.idle_timeout_seconds,
             busy_gpu_pct=self.busy_gpu_percent,
@@ -183,18 +224,75 @@ class GpuPortalExtension(ExtensionApp):
             [
                 (r"/api/gpuportal/usage", UsageHandler),
                 (r"/api/gpuportal/metrics", MetricsHandler),
+                (r"/api/gpuportal/save-ack", SaveAckHandler),
             ]
         )
 
     async def stop_extension(self) -> None:
         if self._idle_callback is not None:
             self._idle_callback.stop()
+        if self._stop_task is not None:
+            self._stop_task.cancel()
         await self.portal.close()
 
     def shutdown_server(self, reason: str) -> None:
+        """The idle culler's hook: ask the front end to save, then stop (bounded)."""
+        self.stop_after_save("idle", self.clock())
+
+    def stop_after_save(self, reason: str, stop_at: datetime) -> None:
+        """Raise a save request and stop the server at ``stop_at`` once it is saved, or
+        ``save_wait_seconds`` after the request at the latest (one stop task at a time)."""
+        self.saves.request(reason, self.clock(), stop_at)
+        if self._stop_task is None or self._stop_task.done():
+            self._stop_task = asyncio.ensure_future(self._stop_when_due())
+
+    async def _stop_when_due(self) -> None:
+        # Ends when the stop time passes; each round waits at most one second, and the
+        # stop time is at most save_wait_seconds (or the portal's stopping_at) away.
+        while True:
+            pending, stop_time = self.saves.current, self.saves.stop_time()
+            if pending is None or stop_time is None:
+                return  # called off: the credit was topped up
+            remaining = (stop_time - self.clock()).total_seconds()
+            if remaining <= 0:
+                break
+            if pending.acknowledged_at is None:
+                await self.saves.wait_for_ack(min(remaining, 1.0))
+            else:
+                await asyncio.sleep(min(remaining, 1.0))
+        self.log.info(
+            "gpuportal: server %s/%s stops (%s); documents saved: %s, failed: %s",
+            self.hub_user,
+            self.server_name,
+            pending.reason,
+            len(pending.saved) if pending.acknowledged_at else "no answer",
+            len(pending.failed),
+        )
+        self.stop_server(pending.reason)
+
+    def stop_server(self, reason: str) -> None:
         """Stop the whole server cleanly, as jupyter-server's own idle shutdown does."""
         assert self.serverapp is not None  # set before any extension is initialized
         self.serverapp.stop()
+
+    def acknowledge_save(self, request_id: str, saved: list[str], failed: list[str]) -> bool:
+        """The front end's answer to a save request (``POST /api/gpuportal/save-ack``)."""
+        return self.saves.acknowledge(request_id, self.clock(), saved, failed)
+
+    def follow_credit_stop(self, reading: PortalReading, now: datetime) -> None:
+        """Raise a save request ``save_lead_seconds`` before the portal's credit stop, and
+        drop it when a fresh reading shows the stop called off."""
+        alloc = reading.allocation or {}
+        stopping_at = parse_time(alloc.get("stopping_at"))
+        if stopping_at is not None:
+            if now >= stopping_at - timedelta(seconds=self.save_lead_seconds):
+                self.stop_after_save(str(alloc.get("stop_reason") or "out_of_credit"), stopping_at)
+            return
+        pending = self.saves.current
+        fresh = reading.reachable and not reading.stale and reading.allocation is not None
+        if fresh and pending is not None and pending.reason in CREDIT_STOP_REASONS:
+            self.log.info("gpuportal: credit stop called off; dropping the save request")
+            self.saves.cancel()
 
     async def sample(
         self,
@@ -225,6 +323,7 @@ class GpuPortalExtension(ExtensionApp):
         _, _, sample, rows = await self.sample()
         reading = await self.portal.read()
         now = self.clock()
+        self.follow_credit_stop(reading, now)
         report = build_report(
             user=self.hub_user,
             server=self.server_name,
@@ -234,5 +333,7 @@ class GpuPortalExtension(ExtensionApp):
             kernels=rows,
             idle=self.culler.report(now),
             now=now,
+            save=self.saves.report(),
+            topup_url=self.topup_url,
         )
         return report, reading.forbidden

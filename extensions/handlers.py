@@ -1,4 +1,5 @@
-"""``GET /api/gpuportal/usage`` (JSON) and ``GET /api/gpuportal/metrics`` (Prometheus).
+"""``GET /api/gpuportal/usage`` (JSON), ``GET /api/gpuportal/metrics`` (Prometheus) and
+``POST /api/gpuportal/save-ack`` (the front end saved before a stop; savestop.py).
 
 Both need a logged-in user allowed to read the resource ``gpuportal``
 (``@web.authenticated`` + ``@authorized``), as jupyter-server's own kernel
@@ -28,6 +29,12 @@ class Reporter(Protocol):
     so this module does not import the app that registers it."""
 
     async def report(self) -> tuple[dict[str, Any], bool]: ...
+
+    def acknowledge_save(self, request_id: str, saved: list[str], failed: list[str]) -> bool: ...
+
+
+#: A save acknowledgement lists paths; more than this is not a real answer.
+MAX_ACK_BYTES = 256 * 1024
 
 
 class GpuPortalHandler(ExtensionHandlerMixin, APIHandler):
@@ -59,3 +66,35 @@ class MetricsHandler(GpuPortalHandler):
         report, _ = await self.gpuportal.report()
         self.set_header("Content-Type", metrics.CONTENT_TYPE)
         self.finish(metrics.render(report))
+
+
+def _paths(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise web.HTTPError(400, f"{key!r} must be a list of paths.")
+    return value
+
+
+class SaveAckHandler(GpuPortalHandler):
+    @web.authenticated
+    @authorized
+    async def post(self) -> None:
+        """The front end saved its open documents for save request ``id`` (before a stop).
+
+        Body: ``{"id": "...", "saved": [paths], "failed": [paths]}``. Answers
+        ``{"acknowledged": true}`` when that request was pending, false for an old,
+        unknown or already acknowledged one (nothing changes then).
+        """
+        if len(self.request.body) > MAX_ACK_BYTES:
+            raise web.HTTPError(413, "The acknowledgement is too large.")
+        try:
+            body = json.loads(self.request.body or b"{}")
+        except ValueError:
+            raise web.HTTPError(400, "The body must be JSON.") from None
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str):
+            raise web.HTTPError(400, "The body must be an object with the request's 'id'.")
+        done = self.gpuportal.acknowledge_save(
+            body["id"], _paths(body, "saved"), _paths(body, "failed")
+        )
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps({"acknowledged": done}))

@@ -39,6 +39,8 @@ def build_report(
     kernels: list[dict[str, Any]],
     idle: dict[str, Any],
     now: datetime,
+    save: dict[str, Any] | None = None,
+    topup_url: str = "",
 ) -> dict[str, Any]:
     """The JSON of ``GET /api/gpuportal/usage`` (documented in docs/extension.md)."""
     alloc = reading.allocation
@@ -100,5 +102,7 @@ def build_report(
         ],
         "kernels": kernels,
         "idle": idle,
+        "save": save,
+        "topup_url": topup_url,
         "at": now.isoformat(),
     }

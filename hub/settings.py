@@ -49,6 +49,7 @@ class Settings(BaseSettings):
     hub_port: int = Field(8081, description="Internal port of the JupyterHub process.")
     proxy_api_port: int = Field(8001, description="Port of the proxy's REST API.")
     portal_port: int = Field(8002, description="Port of the portal service (FastAPI).")
+    dashboards_port: int = Field(8003, description="Port of the dashboards service (Voila).")
     db_url: str = Field(
         "",
         description="Portal DB URL. Empty: SQLite in the data dir. "
@@ -279,7 +280,13 @@ class Settings(BaseSettings):
     api_token: SecretStr = Field(SecretStr(""), validation_alias="JUPYTERHUB_API_TOKEN")
 
     @field_validator(
-        "port", "hub_port", "proxy_api_port", "portal_port", "ray_port", "ray_dashboard_port"
+        "port",
+        "hub_port",
+        "proxy_api_port",
+        "portal_port",
+        "dashboards_port",
+        "ray_port",
+        "ray_dashboard_port",
     )
     @classmethod
     def _valid_port(cls, value: int) -> int:

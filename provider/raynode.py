@@ -21,25 +21,20 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Collection
 from pathlib import Path
 
 import httpx
 
+from .ports import free_port
 from .rayresources import DEMO_RESOURCE, NODE_RESOURCE_PREFIX
 
 
 class RayStartError(RuntimeError):
     """Ray did not start; the message says why and where the log is."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def resources(node_id: str | None, models: dict[str, int], demo: bool) -> dict[str, float]:
@@ -148,8 +143,37 @@ def auth_headers(token: str | None) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
+def end_process_group(pgid: int, wait: float = 10.0) -> None:
+    """End a process group we started (``start_new_session``): SIGTERM, then SIGKILL
+    what is still there after ``wait`` seconds. Only that group is touched."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.2)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+class RayMissing(RayStartError):
+    """The ``ray`` command is not installed."""
+
+
+class RayExited(RayStartError):
+    """The ``ray start`` process ended before Ray was up; ``code`` is its exit code."""
+
+    def __init__(self, code: int | None, log_path: Path) -> None:
+        super().__init__(f"Ray exited with code {code}; see {log_path}")
+        self.code = code
+
+
 class RayNode:
-    """One ``ray start --block`` process this agent started."""
+    """One ``ray start --block`` process we started: a provider's node, or the house head
+    of ``gpuportal up`` (the one place gpuportal starts Ray)."""
 
     def __init__(
         self, proc: subprocess.Popen[bytes], jobs_url: str, address: str, token: str = ""
@@ -162,7 +186,7 @@ class RayNode:
     @classmethod
     def start(
         cls,
-        node_id: str,
+        node_id: str | None,
         models: dict[str, int],
         demo: bool,
         log_path: Path,
@@ -170,16 +194,37 @@ class RayNode:
         num_cpus: int = 1,
         timeout: float = 120.0,
         token_path: Path | None = None,
+        *,
+        port: int | None = None,
+        dashboard_port: int | None = None,
+        object_store_bytes: int = 100_000_000,
+        temp_dir: Path | None = None,
+        extra_env: dict[str, str] | None = None,
+        avoid: Collection[int] = frozenset(),
     ) -> RayNode:
-        """``token_path``: the cluster's Ray token (created when missing); default
+        """Start a head (or, with ``address``, a worker joining that cluster) and, for a
+        head, wait until its Jobs API answers and its raylet has registered.
+
+        ``token_path``: the cluster's Ray token (created when missing); default
         ``ray-auth-token`` beside ``log_path``. A worker joining a cluster needs the
-        head's token there."""
+        head's token there. ``port`` and ``dashboard_port``: the head's GCS and
+        dashboard ports (default: free ones). Every other port Ray opens is a fixed
+        free one, never one of ``avoid``, so two clusters on one machine never collide.
+        ``temp_dir``: default a private one named after the GCS port. ``extra_env``:
+        added to :func:`ray_env`'s allow-listed environment.
+
+        Raises :class:`RayExited` when Ray ends while starting (after ending what it
+        left behind in its process group) and :class:`RayStartError` when it does
+        not answer within ``timeout`` seconds (after stopping it).
+        """
         ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
         if ray is None:
-            raise RayStartError("the `ray` command is missing; install gpuportal first.")
+            raise RayMissing("the `ray` command is missing; install gpuportal first.")
         token_path = token_path or log_path.parent / AUTH_TOKEN_FILE
         token = ensure_auth_token(token_path)
-        port, dashboard = free_port(), free_port()
+        port = port or free_port(avoid=avoid)
+        dashboard_port = dashboard_port or free_port(avoid=avoid)
+        temp_dir = temp_dir or private_temp_dir(f"gpuportal-provider-ray-{os.getuid()}-{port}")
         common = [
             "--block",
             "--disable-usage-stats",
@@ -187,14 +232,14 @@ class RayNode:
             f"--num-cpus={num_cpus}",
             f"--num-gpus={sum(models.values())}",
             f"--resources={json.dumps(resources(node_id, models, demo))}",
-            f"--node-manager-port={free_port()}",
-            f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}",
-            f"--metrics-export-port={free_port()}",
-            "--object-store-memory=100000000",
-            f"--temp-dir={private_temp_dir(f'gpuportal-provider-ray-{os.getuid()}-{port}')}",
+            f"--node-manager-port={free_port(avoid=avoid)}",
+            f"--object-manager-port={free_port(avoid=avoid)}",
+            f"--dashboard-agent-listen-port={free_port(avoid=avoid)}",
+            f"--dashboard-agent-grpc-port={free_port(avoid=avoid)}",
+            f"--runtime-env-agent-port={free_port(avoid=avoid)}",
+            f"--metrics-export-port={free_port(avoid=avoid)}",
+            f"--object-store-memory={object_store_bytes}",
+            f"--temp-dir={temp_dir}",
         ]
         if address:
             cmd = [ray, "start", f"--address={address}", *common]
@@ -207,11 +252,11 @@ class RayNode:
                 f"--port={port}",
                 "--include-dashboard=true",
                 "--dashboard-host=127.0.0.1",
-                f"--dashboard-port={dashboard}",
-                f"--ray-client-server-port={free_port()}",
+                f"--dashboard-port={dashboard_port}",
+                f"--ray-client-server-port={free_port(avoid=avoid)}",
                 *common,
             ]
-            jobs_url, addr = f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{port}"
+            jobs_url, addr = f"http://127.0.0.1:{dashboard_port}", f"127.0.0.1:{port}"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
@@ -219,7 +264,7 @@ class RayNode:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=ray_env(token_path),
+                env=ray_env(token_path, extra_env),
                 start_new_session=True,
             )
         node = cls(proc, jobs_url, addr, token)
@@ -228,10 +273,12 @@ class RayNode:
         return node
 
     def wait_ready(self, timeout: float, log_path: Path) -> None:
+        """Until the head's raylet has registered, so its GPUs show at once."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RayStartError(f"Ray exited with code {self.proc.returncode}; see {log_path}")
+                end_process_group(self.proc.pid)  # what it left behind (a GCS server, say)
+                raise RayExited(self.proc.returncode, log_path)
             try:
                 reply = httpx.get(
                     f"{self.jobs_url}/api/v0/nodes", timeout=2, headers=auth_headers(self.token)

@@ -1,167 +1,424 @@
-"""The spawn form: profiles as radio cards, options as selects, live offers beside them.
+"""The spawn form: profiles as radio cards, options as selects built from the live offers.
 
-Rendering is pure (profiles + offers in, HTML out) so it is tested without a hub.
-Availability and price come from the marketplace's ``/offers``; the cost per
-hour of the chosen size is computed in the page from the same numbers (the
-lowest listed price of the chosen model times the GPU count). Every value is
-HTML-escaped: display names are admin-written, offers come from providers.
+Rendering is pure (profiles, offers and the user's balance in; HTML out), so it
+is tested without a hub. The HTML is a Jinja template
+(``templates/spawn_form.html``, shipped as package data) with autoescape on, as
+JupyterHub renders its own pages: this module builds plain data for it and
+never writes markup. Display names are admin-written and offers come from
+providers, so every one of them is text to the template.
+
+What the form offers follows the marketplace's ``/offers``:
+
+- GPU models: those with offers, plus the admin's listed ones; a model with no
+  offer, none free, or a name that cannot be chosen is shown disabled with the
+  reason;
+- GPU counts: up to what the largest node of the chosen model has free;
+- regions: one select of the regions with offers;
+- max price: one input, empty for no limit.
+
+Costs are worked out here, with the one rounding rule of the money module, for
+every model and count, and the page only looks them up: per hour (lowest free
+price times count) and the minimum billable charge the portal names.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
-from html import escape
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any
+
+import jinja2
 
 from gpuportal.provider.money import format_credits
 
+from .portal_client import Balance
 from .profiles import FORM_PREFIX, UNLISTED, default_choice, default_profile
 
-_SCRIPT = """
-<script>
-(function () {
-  function update() {
-    var form = document.getElementById("gpuportal-profiles");
-    if (!form) { return; }
-    var checked = form.querySelector("input[name=profile]:checked");
-    form.querySelectorAll(".gpuportal-options").forEach(function (el) {
-      el.hidden = !checked || el.dataset.profile !== checked.value;
-      el.querySelectorAll("select,input").forEach(function (i) { i.disabled = el.hidden; });
-    });
-    if (!checked) { return; }
-    var slug = checked.value;
-    var model = form.querySelector("[name='profile-option-" + slug + "--gpu_model']");
-    var count = form.querySelector("[name='profile-option-" + slug + "--gpu_count']");
-    var out = form.querySelector("#gpuportal-cost-" + slug);
-    if (!out || !count) { return; }
-    var opt = model ? model.options[model.selectedIndex] : null;
-    var price = parseInt((opt && opt.dataset.price) || out.dataset.cheapest || "0", 10);
-    var n = parseInt(count.value, 10) || 0;
-    out.textContent = price > 0 && n > 0
-      ? "Cost: about " + (price * n / 1000000).toFixed(2) + " credits per hour"
-      : "Cost: no live price for this choice right now";
-  }
-  document.addEventListener("change", update);
-  document.addEventListener("DOMContentLoaded", update);
-  update();
-})();
-</script>
-"""
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+#: Options whose values the live offers list (their unlisted choice takes those values).
+LIVE_OPTIONS = {"gpu_model": "models", "region": "regions"}
 
 
-def summarize_offers(offers: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """``{gpu_model: {"free": n, "price": lowest micro-credits/GPU-h among free}}``."""
-    summary: dict[str, dict[str, int]] = {}
+@dataclass
+class ModelLive:
+    """One GPU model across the offers: free GPUs, the most on one node, the lowest
+    price among free ones (micro-credits per GPU-hour) and whether all are demo GPUs."""
+
+    free: int = 0
+    largest: int = 0
+    price: int = 0
+    demo: bool = True
+
+
+@dataclass
+class Live:
+    models: dict[str, ModelLive] = field(default_factory=dict)
+    regions: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def any(self) -> ModelLive:
+        free = [m for m in self.models.values() if m.free > 0]
+        prices = [m.price for m in free if m.price]
+        return ModelLive(
+            free=sum(m.free for m in free),
+            largest=max((m.largest for m in free), default=0),
+            price=min(prices, default=0),
+            demo=bool(free) and all(m.demo for m in free),
+        )
+
+
+def summarize_offers(offers: list[dict[str, Any]]) -> Live:
+    """Per model and per region, from the marketplace's offers; malformed rows are skipped."""
+    live = Live()
     for offer in offers:
         try:
             model = str(offer["gpu_model"])
-            free = int(offer.get("free_gpus", 0))
+            region = str(offer.get("region") or "")
+            free = max(int(offer.get("free_gpus", 0)), 0)
+            largest = max(int(offer.get("largest_free_gpus", free)), 0)
             price = int(offer.get("price_per_gpu_hour", 0))
+            demo = bool(offer.get("demo", False))
         except (KeyError, TypeError, ValueError):
             continue
-        entry = summary.setdefault(model, {"free": 0, "price": 0})
-        entry["free"] += max(free, 0)
-        if free > 0 and price > 0 and (entry["price"] == 0 or price < entry["price"]):
-            entry["price"] = price
-    return summary
+        entry = live.models.setdefault(model, ModelLive())
+        entry.free += free
+        entry.largest = max(entry.largest, min(largest, free))
+        entry.demo = entry.demo and demo
+        if free > 0 and price > 0 and (entry.price == 0 or price < entry.price):
+            entry.price = price
+        if region:
+            live.regions[region] = live.regions.get(region, 0) + free
+    return live
 
 
-def _model_label(
-    key: str, label: str, live: Mapping[str, dict[str, int]], offers_ok: bool
-) -> tuple[str, int]:
-    if not offers_ok:
-        return f"{label} (availability unknown)", 0
-    if key == "any":
-        free = sum(v["free"] for v in live.values())
-        prices = [v["price"] for v in live.values() if v["price"]]
-        cheapest = min(prices) if prices else 0
-        price = f", from {format_credits(cheapest)}/GPU-hour" if cheapest else ""
-        return f"{label} ({free} free{price})", cheapest
-    entry = live.get(key)
-    if not entry or entry["free"] == 0:
-        return f"{label} (none free now)", 0
-    return f"{label} ({entry['free']} free, from {format_credits(entry['price'])}/GPU-hour)", entry[
-        "price"
+def free_now(offers: list[dict[str, Any]]) -> str:
+    """A sentence on what is free, for a refusal for capacity."""
+    live = summarize_offers(offers)
+    free = [(name, m) for name, m in sorted(live.models.items()) if m.free > 0]
+    if not free:
+        return "Nothing is free right now; try again later, or start a CPU-only server."
+    parts = [
+        f"{m.free}x {name} (up to {m.largest} on one server, from "
+        f"{format_credits(m.price)} per GPU-hour)"
+        for name, m in free
     ]
+    regions = ", ".join(sorted(r for r, n in live.regions.items() if n > 0))
+    where = f" in {regions}" if regions else ""
+    return f"Free now{where}: {', '.join(parts)}."
+
+
+def minutes(seconds: int) -> str:
+    if seconds % 60 == 0:
+        n = seconds // 60
+        return f"{n} minute{'s' if n != 1 else ''}"
+    return f"{seconds} seconds"
+
+
+@cache
+def _environment() -> jinja2.Environment:
+    environment = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATES),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return environment
+
+
+def _acceptable(option: Mapping[str, Any], value: str) -> bool:
+    unlisted: Mapping[str, Any] = option.get("unlisted_choice") or {}
+    if value in (option.get("choices") or {}):
+        return True
+    regex = unlisted.get("validation_regex") or ".*"
+    return bool(unlisted.get("enabled")) and bool(re.fullmatch(regex, value))
+
+
+def _model_choices(
+    option: Mapping[str, Any], live: Live | None, current: str | None
+) -> list[dict[str, Any]]:
+    choices: Mapping[str, Any] = option.get("choices") or {}
+    keys = list(choices)
+    if live is not None and (option.get("unlisted_choice") or {}).get("enabled"):
+        keys += [m for m in sorted(live.models) if m not in choices]
+    views = []
+    for key in keys:
+        key = str(key)
+        label = str((choices.get(key) or {}).get("display_name") or key)
+        reason = ""
+        entry = ModelLive()
+        if live is not None:
+            entry = live.any if key == "any" else live.models.get(key, ModelLive(demo=False))
+            if not _acceptable(option, key):
+                reason = "this name cannot be chosen"
+            elif key != "any" and key not in live.models:
+                reason = "no offers now"
+            elif entry.free == 0:
+                reason = "none free now"
+        if live is None:
+            text = f"{label} (availability unknown)"
+        elif reason:
+            text = f"{label} ({reason})"
+        else:
+            demo = ", demo GPU" if entry.demo else ""
+            text = f"{label} ({entry.free} free, from {format_credits(entry.price)}/GPU-hour{demo})"
+        views.append(
+            {
+                "value": key,
+                "text": text,
+                "disabled": bool(reason),
+                "selected": key == current and not reason,
+                "largest": entry.largest,
+            }
+        )
+    return views
+
+
+def _region_choices(
+    option: Mapping[str, Any], live: Live | None, current: str | None
+) -> list[dict[str, Any]]:
+    choices: Mapping[str, Any] = option.get("choices") or {}
+    views = [
+        {
+            "value": str(key),
+            "text": str(choice.get("display_name") or key),
+            "disabled": False,
+            "selected": str(key) == current,
+        }
+        for key, choice in choices.items()
+    ]
+    if live is not None:
+        for region, free in sorted(live.regions.items()):
+            if region in choices:
+                continue
+            reason = "" if _acceptable(option, region) else "this name cannot be chosen"
+            reason = reason or ("" if free else "none free now")
+            views.append(
+                {
+                    "value": region,
+                    "text": f"{region} ({reason or f'{free} GPUs free'})",
+                    "disabled": bool(reason),
+                    "selected": region == current and not reason,
+                }
+            )
+    return views
+
+
+def _count_choices(
+    option: Mapping[str, Any], largest: int | None, current: str | None
+) -> list[dict[str, Any]]:
+    views = []
+    for key, choice in (option.get("choices") or {}).items():
+        override = dict(choice.get("spawner_override") or choice.get("kubespawner_override") or {})
+        count = override.get("gpu_count", key)
+        try:
+            n = int(count)
+        except (TypeError, ValueError):
+            n = 0
+        too_many = largest is not None and n > largest
+        views.append(
+            {
+                "value": str(key),
+                "text": str(choice.get("display_name") or key),
+                "count": n,
+                "disabled": too_many,
+                "selected": str(key) == current and not too_many,
+            }
+        )
+    return views
+
+
+def _costs(
+    live: Live | None, model_keys: list[str], counts: list[int], min_seconds: int | None
+) -> dict[str, dict[str, list[str]]]:
+    """``{model: {count: [per hour, minimum charge]}}`` as display text, for the page."""
+    if live is None:
+        return {}
+    table: dict[str, dict[str, list[str]]] = {}
+    for key in model_keys:
+        entry = live.any if key == "any" else live.models.get(key)
+        if entry is None or not entry.price:
+            continue
+        table[key] = {}
+        for n in counts:
+            hourly = entry.price * n
+            minimum = -(-hourly * min_seconds // 3600) if min_seconds else 0
+            table[key][str(n)] = [format_credits(hourly), format_credits(minimum)]
+    return table
+
+
+def _cost_text(
+    costs: dict[str, dict[str, list[str]]],
+    option_views: list[dict[str, Any]],
+    balance: Balance | None,
+) -> str:
+    """The cost line as the page's script writes it, for the choice shown first."""
+    chosen = {
+        v["name"]: next((c["value"] for c in v.get("choices", []) if c["selected"]), None)
+        for v in option_views
+    }
+    row = costs.get(chosen.get("gpu_model") or "any", {}).get(chosen.get("gpu_count") or "")
+    if not row:
+        return "Cost: no live price for this choice right now"
+    currency = balance.currency if balance is not None else "credits"
+    text = f"About {row[0]} {currency} per hour"
+    if balance is None:
+        return text + "."
+    return (
+        f"{text}; at least {row[1]} {currency} "
+        f"({minutes(balance.min_billable_seconds)}) once it starts."
+    )
+
+
+def _option_view(
+    profile: Mapping[str, Any],
+    name: str,
+    option: Mapping[str, Any],
+    live: Live | None,
+    current: str | None,
+    largest: int | None,
+) -> dict[str, Any]:
+    field_name = f"{FORM_PREFIX}{profile['slug']}--{name}"
+    label = str(option.get("display_name") or name)
+    choices: Mapping[str, Any] = option.get("choices") or {}
+    unlisted: Mapping[str, Any] = option.get("unlisted_choice") or {}
+    view: dict[str, Any] = {
+        "name": name,
+        "field": field_name,
+        "label": label,
+        "kind": "select",
+        "other": None,
+    }
+    if name == "gpu_model":
+        view["choices"] = _model_choices(option, live, current)
+    elif name == "region":
+        view["choices"] = _region_choices(option, live, current)
+    elif name == "gpu_count":
+        view["choices"] = _count_choices(option, largest, current)
+    elif unlisted.get("enabled") and len(choices) <= 1:
+        # One input: empty means the one listed choice (e.g. "No limit").
+        fallback: Mapping[str, Any] = next(iter(choices.values()), {})
+        view.update(
+            kind="text",
+            placeholder=str(fallback.get("display_name") or unlisted.get("display_name") or ""),
+            value=current if current is not None and current not in choices else "",
+            hint=str(unlisted.get("display_name") or ""),
+        )
+        return view
+    else:
+        view["choices"] = [
+            {
+                "value": str(key),
+                "text": str(choice.get("display_name") or key),
+                "disabled": False,
+                "selected": str(key) == current,
+            }
+            for key, choice in choices.items()
+        ]
+        if unlisted.get("enabled"):
+            is_other = current is not None and current not in choices
+            view["other"] = {
+                "label": str(unlisted.get("display_name") or "Other"),
+                "selected": is_other,
+                "value": current if is_other else "",
+            }
+    if not any(c["selected"] for c in view["choices"]):
+        for choice in view["choices"]:  # the first choice that can be placed
+            if not choice["disabled"]:
+                choice["selected"] = True
+                break
+    return view
 
 
 def render(
     profiles: list[dict[str, Any]],
     offers: list[dict[str, Any]] | None,
     selected: Mapping[str, Any] | None = None,
+    *,
+    balance: Balance | None = None,
+    refusal: Mapping[str, Any] | None = None,
+    add_credit_url: str = "",
 ) -> str:
-    """The options form HTML. ``offers=None`` means the marketplace did not answer."""
-    offers_ok = offers is not None
-    live = summarize_offers(offers or [])
+    """The options form HTML.
+
+    ``offers=None``: the marketplace did not answer (nothing is disabled then).
+    ``selected``: the user's options to show; after a refusal the spawner passes
+    only the profile, so the choices that caused it are not kept.
+    ``refusal``: ``{"message", "credit"}`` of the last refusal, shown with what to do.
+    """
+    live = summarize_offers(offers) if offers is not None else None
     selected = selected or {}
-    chosen_profile = str(selected.get("profile") or default_profile(profiles)["slug"])
-    if chosen_profile not in {p["slug"] for p in profiles}:
-        chosen_profile = default_profile(profiles)["slug"]
-    parts = ['<div id="gpuportal-profiles" class="gpuportal-profiles">']
-    if not offers_ok:
-        parts.append(
-            '<p class="alert alert-warning">Live GPU availability is not available '
-            "right now; you can still choose, and the spawn will say if nothing "
-            "fits.</p>"
-        )
+    chosen = str(selected.get("profile") or default_profile(profiles)["slug"])
+    if chosen not in {p["slug"] for p in profiles}:
+        chosen = default_profile(profiles)["slug"]
+    min_seconds = balance.min_billable_seconds if balance is not None else None
+    views = []
     for profile in profiles:
-        slug = escape(profile["slug"])
-        checked = " checked" if profile["slug"] == chosen_profile else ""
-        parts.append(
-            f'<div class="card mb-2"><div class="card-body">'
-            f'<label class="form-check-label"><input class="form-check-input" type="radio" '
-            f'name="profile" value="{slug}"{checked}> '
-            f"<strong>{escape(str(profile['display_name']))}</strong></label>"
-        )
-        if profile.get("description"):
-            parts.append(f'<p class="text-muted mb-1">{escape(str(profile["description"]))}</p>')
         options: Mapping[str, Any] = profile.get("profile_options") or {}
-        parts.append(f'<div class="gpuportal-options" data-profile="{slug}">')
-        cheapest_any = 0
+        mine = profile["slug"] == chosen
+        currents: dict[str, str | None] = {}
         for name, option in options.items():
-            field = f"{FORM_PREFIX}{profile['slug']}--{name}"
-            label = escape(str(option.get("display_name") or name))
-            current = selected.get(name) if profile["slug"] == chosen_profile else None
-            current = str(current) if current is not None else default_choice(option)
-            parts.append(
-                f'<div class="mb-1"><label class="form-label">{label} '
-                f'<select class="form-select" name="{escape(field)}">'
-            )
-            choices: Mapping[str, Any] = option.get("choices") or {}
-            for key, choice in choices.items():
-                text = str(choice.get("display_name") or key)
-                price = 0
-                if name == "gpu_model":
-                    text, price = _model_label(str(key), text, live, offers_ok)
-                    if key == "any":
-                        cheapest_any = price
-                sel = " selected" if str(key) == current else ""
-                data = f' data-price="{price}"' if price else ""
-                parts.append(
-                    f'<option value="{escape(str(key))}"{data}{sel}>{escape(text)}</option>'
-                )
-            unlisted: Mapping[str, Any] = option.get("unlisted_choice") or {}
-            if unlisted.get("enabled"):
-                is_other = current is not None and current not in choices
-                sel = " selected" if is_other else ""
-                parts.append(
-                    f'<option value="{UNLISTED}"{sel}>'
-                    f"{escape(str(unlisted.get('display_name') or 'Other'))}</option>"
-                )
-            parts.append("</select></label>")
-            if unlisted.get("enabled"):
-                value = escape(current) if current is not None and current not in choices else ""
-                parts.append(
-                    f'<input class="form-control" type="text" '
-                    f'name="{escape(field)}--{UNLISTED}" value="{value}" '
-                    f'placeholder="{escape(str(unlisted.get("display_name") or ""))}">'
-                )
-            parts.append("</div>")
-        if "gpu_count" in options:
-            parts.append(
-                f'<p class="fw-bold" id="gpuportal-cost-{slug}" data-cheapest="{cheapest_any}"></p>'
-            )
-        parts.append("</div></div></div>")
-    parts.append("</div>")
-    parts.append(_SCRIPT)
-    return "\n".join(parts)
+            value = selected.get(name) if mine else None
+            currents[name] = str(value) if value is not None else default_choice(option)
+        largest: int | None = None
+        unavailable = ""
+        if live is not None and "gpu_count" in options:
+            model = currents.get("gpu_model") or "any"
+            entry = live.any if model == "any" else live.models.get(model, ModelLive())
+            largest = entry.largest if entry.free else live.any.largest
+            if live.any.free == 0:
+                unavailable = "No GPUs are free right now."
+        option_views = [
+            _option_view(profile, name, option, live, currents[name], largest)
+            for name, option in options.items()
+        ]
+        model_keys = [
+            c["value"] for v in option_views if v["name"] == "gpu_model" for c in v["choices"]
+        ]
+        counts = [
+            c["count"] for v in option_views if v["name"] == "gpu_count" for c in v["choices"]
+        ]
+        override = dict(
+            profile.get("spawner_override") or profile.get("kubespawner_override") or {}
+        )
+        costs = _costs(live, model_keys or ["any"], counts, min_seconds) if counts else {}
+        views.append(
+            {
+                "slug": profile["slug"],
+                "display_name": str(profile["display_name"]),
+                "description": str(profile.get("description") or ""),
+                "checked": mine and not unavailable,
+                "unavailable": unavailable,
+                "options": option_views,
+                "has_count": "gpu_count" in options,
+                "free": override.get("gpu_count", 1) == 0 and not options,
+                "costs": costs,
+                "cost": _cost_text(costs, option_views, balance),
+            }
+        )
+    if not any(v["checked"] for v in views):
+        for view in views:
+            if not view["unavailable"]:
+                view["checked"] = True
+                break
+    demo = live is not None and any(m.demo and m.free for m in live.models.values())
+    account = None
+    if balance is not None:
+        account = {
+            "owed": format_credits(-balance.balance) if balance.balance < 0 else "",
+            "balance": format_credits(balance.balance),
+            "available": format_credits(balance.available),
+            "currency": balance.currency,
+            "min_billable": minutes(balance.min_billable_seconds),
+        }
+    template = _environment().get_template("spawn_form.html")
+    return template.render(
+        profiles=views,
+        offers_ok=live is not None,
+        account=account,
+        demo=demo,
+        refusal=dict(refusal) if refusal else None,
+        add_credit_url=add_credit_url,
+        unlisted_value=UNLISTED,
+    )

@@ -17,9 +17,14 @@ from typing import Any
 
 import httpx
 
+from .loopclient import LoopClient
+
 log = logging.getLogger(__name__)
 
 API = "api/v1"
+#: Where a user adds credit, under the portal's public path: its API page on
+#: balances and deposits until the hub has a billing page. The one place to change it.
+ADD_CREDIT_PAGE = "docs#/billing"
 
 
 class PortalError(Exception):
@@ -80,6 +85,26 @@ class Reservation:
         )
 
 
+@dataclass(frozen=True)
+class Balance:
+    """What the spawn form shows of a user's money: micro-credits, and how long a
+    launch must be covered for."""
+
+    balance: int
+    available: int
+    currency: str
+    min_billable_seconds: int
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> Balance:
+        return cls(
+            balance=int(body["balance"]),
+            available=int(body.get("available", body["balance"])),
+            currency=str(body.get("currency") or "credits"),
+            min_billable_seconds=int(body["min_billable_seconds"]),
+        )
+
+
 class PortalClient:
     """Async client for the marketplace endpoints of the portal service."""
 
@@ -95,25 +120,23 @@ class PortalClient:
         self._token = token
         self.timeout = timeout
         self.retries = retries
-        self._client: httpx.AsyncClient | None = None
-
-    def _http(self) -> httpx.AsyncClient:
-        # One client per event loop: a hub restart or a test loop gets a fresh one.
-        if self._client is None or self._client.is_closed:
-            self._client = httpx.AsyncClient(
-                base_url=self.base_url,
-                timeout=self.timeout,
-                headers={"Authorization": f"token {self._token}"},
-            )
-        return self._client
+        self._http = LoopClient(
+            base_url=self.base_url,
+            timeout=self.timeout,
+            headers={"Authorization": f"token {self._token}"},
+        )
 
     async def close(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        await self._http.aclose()
 
     async def _request(
-        self, method: str, path: str, *, retry: bool, json: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        *,
+        retry: bool,
+        json: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
     ) -> httpx.Response:
         attempts = self.retries if retry else 1
         delay = 0.2
@@ -121,7 +144,7 @@ class PortalClient:
         for attempt in range(attempts):
             try:
                 reply = await asyncio.wait_for(
-                    self._http().request(method, f"{API}/{path}", json=json),
+                    self._http.client().request(method, f"{API}/{path}", json=json, params=params),
                     timeout=self.timeout + 1,
                 )
             except (httpx.HTTPError, TimeoutError) as exc:
@@ -157,6 +180,16 @@ class PortalClient:
             raise self._error(reply)
         body = reply.json()
         return body if isinstance(body, list) else []
+
+    async def balance(self, user: str) -> Balance | None:
+        """A user's balance and the minimum billable period; None when the portal has
+        no account for them yet (a first spawn creates it)."""
+        reply = await self._request("GET", "balance", retry=True, params={"user": user})
+        if reply.status_code == 404:
+            return None
+        if reply.status_code != 200:
+            raise self._error(reply)
+        return Balance.from_json(reply.json())
 
     async def reserve(
         self,

@@ -18,7 +18,7 @@ is pure and side-effect free.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,11 @@ from typing import Any
 FORM_PREFIX = "profile-option-"
 UNLISTED = "unlisted-choice"
 OVERRIDE_KEYS = ("spawner_override", "kubespawner_override")
+#: A GPU model name a user may choose: letters, digits, spaces and ``._-()/+``, as GPU
+#: names are written ("A100-80GB", "NVIDIA L4", "RTX 6000 Ada"); up to 64 characters.
+MODEL_NAME = r"^[A-Za-z0-9][A-Za-z0-9 ._()/+-]{0,63}$"
+#: A region as the marketplace names them (providers register with this pattern).
+REGION_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 
 class InvalidOptions(ValueError):
@@ -147,6 +152,8 @@ def options_from_form(form_data: Mapping[str, list[str]]) -> dict[str, Any]:
         value = first(key)
         if value == UNLISTED:
             value = first(f"{key}--{UNLISTED}")
+            if value is not None and not value.strip():
+                value = None  # an empty free-text box (e.g. "No limit"): the default
         if value is not None:
             options[name] = value
     return options
@@ -226,3 +233,107 @@ def select(profiles: list[dict[str, Any]], user_options: Any) -> Selection:
                 f"{value[:64]!r} is not a valid {label}; choose one of: {', '.join(choices)}."
             )
     return Selection(profile["slug"], chosen, overrides)
+
+
+COMMON_MODELS = {
+    "A100-80GB": "NVIDIA A100 80GB",
+    "H100-80GB": "NVIDIA H100 80GB",
+    "L4": "NVIDIA L4",
+}
+
+
+def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """A CPU profile (the default: free, and always placeable) and a GPU profile
+    (model, count, region, max price).
+
+    ``models``: GPU model names to list besides the common ones (e.g. the house
+    node's), as the marketplace spells them. The form offers what the live offers
+    have; any model or region the marketplace lists can be chosen (the unlisted
+    choice), since providers join after the hub starts.
+    """
+    names = dict(COMMON_MODELS)
+    for model in models:
+        names.setdefault(model, model.replace("-", " "))
+    model_choices: dict[str, Any] = {
+        "any": {
+            "display_name": "Any model",
+            "default": True,
+            "spawner_override": {"gpu_model": ""},
+        },
+    }
+    for model, label in names.items():
+        model_choices[model] = {"display_name": label, "spawner_override": {"gpu_model": model}}
+    return [
+        {
+            "display_name": "CPU only",
+            "slug": "cpu",
+            "description": "A notebook server without a GPU, for editing and light work. Free.",
+            "default": True,
+            "spawner_override": {"gpu_count": 0},
+        },
+        {
+            "display_name": "GPU",
+            "slug": "gpu",
+            "description": "A notebook server on a provider's GPU, billed per second "
+            "at the price shown.",
+            "profile_options": {
+                "gpu_model": {
+                    "display_name": "GPU model",
+                    "choices": model_choices,
+                    "unlisted_choice": {
+                        "enabled": True,
+                        "display_name": "Model name",
+                        "validation_regex": MODEL_NAME,
+                        "validation_message": "name a GPU model the marketplace lists",
+                        "spawner_override": {"gpu_model": "{value}"},
+                    },
+                },
+                "gpu_count": {
+                    "display_name": "GPUs",
+                    "choices": {
+                        str(n): {
+                            "display_name": str(n),
+                            "default": n == 1,
+                            "spawner_override": {"gpu_count": n},
+                        }
+                        for n in (1, 2, 4, 8)
+                    },
+                },
+                "region": {
+                    "display_name": "Region",
+                    "choices": {
+                        "any": {
+                            "display_name": "Any region",
+                            "default": True,
+                            "spawner_override": {"region": ""},
+                        }
+                    },
+                    "unlisted_choice": {
+                        "enabled": True,
+                        "display_name": "Region name",
+                        "validation_regex": REGION_NAME,
+                        "validation_message": "use letters, digits, dots, dashes and "
+                        "underscores, as the marketplace names regions",
+                        "spawner_override": {"region": "{value}"},
+                    },
+                },
+                "max_price": {
+                    "display_name": "Max price per GPU-hour (credits)",
+                    "choices": {
+                        "any": {
+                            "display_name": "No limit",
+                            "default": True,
+                            "spawner_override": {"max_price": ""},
+                        }
+                    },
+                    "unlisted_choice": {
+                        "enabled": True,
+                        "display_name": "Max credits per GPU-hour, e.g. 2.00",
+                        "validation_regex": r"^\d{1,6}(\.\d{1,6})?$",
+                        "validation_message": "give a number of credits such as 2 or 1.50",
+                        "spawner_override": {"max_price": "{value}"},
+                    },
+                },
+            },
+        },
+    ]

@@ -19,6 +19,8 @@ import httpx
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+from .loopclient import LoopClient
+
 log = logging.getLogger(__name__)
 
 TERMINAL = {JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED}
@@ -62,6 +64,9 @@ class RayJobs:
         self.timeout = timeout
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client: _BoundedClient | None = None
+        self._http = LoopClient(timeout=timeout, headers=self.headers)
+        #: How many SDK clients were made (each makes a version request): one per cluster.
+        self.sdk_clients_made = 0
 
     async def _call(self, fn_name: str, *args: Any, **kwargs: Any) -> Any:
         def run() -> Any:
@@ -71,6 +76,7 @@ class RayJobs:
                 # The constructor itself makes a request (version check).
                 JobSubmissionClient.__init__(client, self.jobs_url, headers=dict(self.headers))
                 self._client = client
+                self.sdk_clients_made += 1
             return getattr(self._client, fn_name)(*args, **kwargs)
 
         try:
@@ -145,18 +151,17 @@ class RayJobs:
     async def _node(self, node_id: str) -> dict[str, Any] | None:
         """The state API's record of one node; None when unknown. Raises RayUnavailable."""
         try:
-            async with httpx.AsyncClient(timeout=self.timeout, headers=self.headers) as client:
-                reply = await client.get(
-                    f"{self.jobs_url}/api/v0/nodes",
-                    params={
-                        "detail": "1",
-                        "filter_keys": "node_id",
-                        "filter_predicates": "=",
-                        "filter_values": node_id,
-                    },
-                )
-                reply.raise_for_status()
-                nodes = reply.json()["data"]["result"]["result"]
+            reply = await self._http.get(
+                f"{self.jobs_url}/api/v0/nodes",
+                params={
+                    "detail": "1",
+                    "filter_keys": "node_id",
+                    "filter_predicates": "=",
+                    "filter_values": node_id,
+                },
+            )
+            reply.raise_for_status()
+            nodes = reply.json()["data"]["result"]["result"]
         except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
             raise RayUnavailable(f"{type(exc).__name__} from {self.jobs_url}") from None
         return dict(nodes[0]) if nodes else None

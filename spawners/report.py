@@ -14,9 +14,9 @@ claim is gone. A second claim for the same job is refused and fails the spawn,
 since someone else has read the job. The token never travels in the job's
 runtime env, which the Jobs API shows to whoever may list jobs.
 
-Importing this module registers the handlers with JupyterHub (the hub builds
-its handler table from ``jupyterhub.apihandlers.default_handlers`` at start),
-which is what the ``ray`` spawner entry point and ``jupyterhub_config.py`` do.
+``register()`` adds the handlers to JupyterHub's API handlers (the hub builds its
+handler table from ``jupyterhub.apihandlers.default_handlers`` at start). It is
+called in one place, when the hub loads ``RaySpawner`` (``spawner.py``).
 """
 
 from __future__ import annotations
@@ -138,6 +138,3 @@ def register() -> None:
     for path, handler in ((HANDLER_PATH, ReportHandler), (CLAIM_HANDLER_PATH, ClaimHandler)):
         if not any(entry[0] == path for entry in default_handlers):
             default_handlers.append((path, handler))
-
-
-register()

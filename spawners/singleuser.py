@@ -41,6 +41,7 @@ from types import FrameType
 from typing import Any
 
 from gpuportal.provider import isolation
+from gpuportal.provider.ports import free_port
 
 REPORT_PATH = "gpuportal/report"
 CLAIM_PATH = "gpuportal/claim"
@@ -84,12 +85,6 @@ def die_with_parent(sig: int = signal.SIGTERM) -> None:
         libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
     except (OSError, AttributeError):
         pass
-
-
-def free_port(ip: str) -> int:
-    with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as sock:
-        sock.bind((ip, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_listening(ip: str, port: int, child: subprocess.Popen[bytes], timeout: float) -> bool:

@@ -24,11 +24,12 @@ restart resumes running servers.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import secrets
 import shlex
 import time
-from collections.abc import Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from jupyterhub.spawner import Spawner, SpawnException
@@ -37,15 +38,21 @@ from traitlets import Float, Integer, List, TraitError, Unicode, default, valida
 
 from gpuportal.provider import money
 
-from . import form, profiles
+from . import form, profiles, report
+from .loopclient import LoopClient
 from .naming import escape, job_submission_id, oauth_client_id
-from .portal_client import PortalClient, PortalError, PortalUnavailable
+from .portal_client import ADD_CREDIT_PAGE, PortalClient, PortalError, PortalUnavailable
+from .profiles import default_profile_list
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
+from .refusals import CREDIT_CODES, SpawnRefusal
 from .report import expect_claim, forget_claim
-from .report import register as _register_report_handler
 from .singleuser import ENV_CLAIM, ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
 
-_register_report_handler()
+# The one place the hub's report and claim handlers are registered: the hub loads
+# its spawner class (``spawner_class = "ray"``) before it builds its handler table.
+report.register()
+
+__all__ = ["RaySpawner", "default_profile_list"]
 
 #: How much of the node's ``gpuportal/node:<id>`` resource one server takes:
 #: a sliver, so the resource only pins; the GPUs themselves are counted by Ray's GPU resource.
@@ -55,7 +62,17 @@ MAX_PRICE_CREDITS = 10**6
 #: The server's hub token never goes into a job's env (the wrapper claims it).
 _TOKEN_VARS = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"})
 #: One Jobs API client per (cluster, token, timeout), shared by every spawner of the hub.
+#: Keyed by the token's digest, never the token itself.
 _JOBS_CLIENTS: dict[tuple[str, str, float], RayJobs] = {}
+#: One portal client per (portal URL, token digest, timeout), shared likewise.
+_PORTAL_CLIENTS: dict[tuple[str, str, float], PortalClient] = {}
+#: One HTTP client per liveness timeout for the servers' liveness checks.
+_LIVENESS_CLIENTS: dict[float, LoopClient] = {}
+#: Version of the spawner state's layout, stored under STATE_VERSION_KEY (as KubeSpawner
+#: stores ``kubespawner_version``). A state without it was written by version 0, whose
+#: keys are the same; bump it when a key changes meaning, and convert in load_state.
+STATE_VERSION = 1
+STATE_VERSION_KEY = "rayspawner_state_version"
 #: node_id is the marketplace's node; ray_node_id is Ray's id of the node the job runs on.
 STATE_KEYS = (
     "jobs_url",
@@ -67,96 +84,6 @@ STATE_KEYS = (
     "url",
     "gpus",
 )
-
-
-COMMON_MODELS = {
-    "A100-80GB": "NVIDIA A100 80GB",
-    "H100-80GB": "NVIDIA H100 80GB",
-    "L4": "NVIDIA L4",
-}
-
-
-def default_profile_list(models: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """A CPU profile and a GPU profile (model, count, region, max price).
-
-    ``models``: GPU model names to offer besides the common ones (e.g. the house
-    node's), as the marketplace spells them.
-    """
-    names = dict(COMMON_MODELS)
-    for model in models:
-        names.setdefault(model, model.replace("-", " "))
-    model_choices: dict[str, Any] = {
-        "any": {
-            "display_name": "Any model",
-            "default": True,
-            "spawner_override": {"gpu_model": ""},
-        },
-    }
-    for model, label in names.items():
-        model_choices[model] = {"display_name": label, "spawner_override": {"gpu_model": model}}
-    return [
-        {
-            "display_name": "CPU only",
-            "slug": "cpu",
-            "description": "A notebook server without a GPU, for editing and light work. Free.",
-            "spawner_override": {"gpu_count": 0},
-        },
-        {
-            "display_name": "GPU",
-            "slug": "gpu",
-            "description": "A notebook server on a provider's GPU, billed per second "
-            "at the price shown.",
-            "default": True,
-            "profile_options": {
-                "gpu_model": {"display_name": "GPU model", "choices": model_choices},
-                "gpu_count": {
-                    "display_name": "GPUs",
-                    "choices": {
-                        str(n): {
-                            "display_name": str(n),
-                            "default": n == 1,
-                            "spawner_override": {"gpu_count": n},
-                        }
-                        for n in (1, 2, 4, 8)
-                    },
-                },
-                "region": {
-                    "display_name": "Region",
-                    "choices": {
-                        "any": {
-                            "display_name": "Any region",
-                            "default": True,
-                            "spawner_override": {"region": ""},
-                        }
-                    },
-                    "unlisted_choice": {
-                        "enabled": True,
-                        "display_name": "Region name",
-                        "validation_regex": r"^[a-z0-9][a-z0-9-]{0,31}$",
-                        "validation_message": "use lower-case letters, digits and dashes",
-                        "spawner_override": {"region": "{value}"},
-                    },
-                },
-                "max_price": {
-                    "display_name": "Max price per GPU-hour (credits)",
-                    "choices": {
-                        "any": {
-                            "display_name": "No limit",
-                            "default": True,
-                            "spawner_override": {"max_price": ""},
-                        }
-                    },
-                    "unlisted_choice": {
-                        "enabled": True,
-                        "display_name": "Max credits per GPU-hour, e.g. 2.00",
-                        "validation_regex": r"^\d{1,6}(\.\d{1,6})?$",
-                        "validation_message": "give a number of credits such as 2 or 1.50",
-                        "spawner_override": {"max_price": "{value}"},
-                    },
-                },
-            },
-        },
-    ]
 
 
 class RaySpawner(Spawner):
@@ -197,6 +124,18 @@ class RaySpawner(Spawner):
     ).tag(config=True)
 
     portal_timeout = Float(10.0, help="Seconds one portal request may take.").tag(config=True)
+
+    add_credit_url = Unicode(
+        help="Where a user adds credit, as the browser reaches it: the spawn form and a "
+        "refusal for credit link here. Default: the portal's page for it under the path "
+        "of portal_url. Example: c.RaySpawner.add_credit_url = '/hub/billing'",
+    ).tag(config=True)
+
+    @default("add_credit_url")
+    def _default_add_credit_url(self) -> str:
+        # The portal's public path (never its internal host) and the one constant.
+        path = urlsplit(self.portal_url).path.rstrip("/")
+        return f"{path}/{ADD_CREDIT_PAGE}"
 
     cpu_jobs_url = Unicode(
         "",
@@ -313,23 +252,28 @@ class RaySpawner(Spawner):
             # Before the hub registers the client: see naming.oauth_client_id.
             self.oauth_client_id = oauth_client_id(user.name, self.name or "")
         self._events: list[dict[str, Any]] = []
+        #: Set (and replaced) on every event, so progress() wakes when the start moves.
+        self._progress_wake = asyncio.Event()
         self._start_done = True
         self._report: asyncio.Future[tuple[int, str]] | None = None
         self._unreachable_since: float | None = None
         self._config_values: dict[str, Any] = {}
         self._options_applied = False
-        self._portal: PortalClient | None = None
         self._ray_token: str | None = None
         self._claim_conflict = False
+        self._last_refusal: dict[str, Any] | None = None
 
     # --- helpers ---------------------------------------------------------------
     @property
     def portal(self) -> PortalClient:
-        if self._portal is None or self._portal.base_url.rstrip("/") != self.portal_url.rstrip("/"):
-            self._portal = PortalClient(
+        """The hub's one client of the portal (per URL, token and timeout)."""
+        key = (self.portal_url.rstrip("/"), _digest(self.portal_token), self.portal_timeout)
+        client = _PORTAL_CLIENTS.get(key)
+        if client is None:
+            client = _PORTAL_CLIENTS[key] = PortalClient(
                 self.portal_url, self.portal_token, timeout=self.portal_timeout
             )
-        return self._portal
+        return client
 
     async def _jobs(self) -> RayJobs:
         """The Jobs API of this server's cluster, with the cluster's Ray token: from the
@@ -349,7 +293,7 @@ class RaySpawner(Spawner):
                 token = self._ray_token = self.cpu_ray_token
         else:
             token = self._ray_token
-        key = (self.jobs_url, token, self.ray_timeout)
+        key = (self.jobs_url, _digest(token), self.ray_timeout)
         jobs = _JOBS_CLIENTS.get(key)
         if jobs is None:
             # One client per cluster (the SDK's constructor makes a request itself).
@@ -380,6 +324,11 @@ class RaySpawner(Spawner):
     def _emit(self, progress: int, message: str) -> None:
         self.log.info("%s: %s", self._log_name, message)
         self._events.append({"progress": progress, "message": message})
+        self._wake_progress()
+
+    def _wake_progress(self) -> None:
+        wake, self._progress_wake = self._progress_wake, asyncio.Event()
+        wake.set()
 
     # --- user options -------------------------------------------------------------
     @default("options_from_form")
@@ -409,12 +358,32 @@ class RaySpawner(Spawner):
             p.get("profile_options") for p in spawner.profile_list
         ):
             return ""
-        try:
-            offers: list[dict[str, Any]] | None = await spawner.portal.offers()
-        except PortalError as exc:
-            spawner.log.warning("offers unavailable for the spawn form: %s", exc.code)
-            offers = None
-        return form.render(spawner.profile_list, offers, spawner.user_options)
+        offers_reply, balance_reply = await asyncio.gather(
+            spawner.portal.offers(),
+            spawner.portal.balance(spawner.user.name),
+            return_exceptions=True,
+        )
+        offers = offers_reply if isinstance(offers_reply, list) else None
+        if offers is None:
+            spawner.log.warning("offers unavailable for the spawn form: %s", offers_reply)
+        balance = None if isinstance(balance_reply, BaseException) else balance_reply
+        if isinstance(balance_reply, BaseException):
+            spawner.log.info(
+                "no balance for the spawn form of %s: %s", spawner._log_name, balance_reply
+            )
+        refusal = spawner._last_refusal
+        selected: Any = spawner.user_options
+        if refusal is not None:
+            # Keep the profile, not the choices that were refused.
+            selected = {"profile": refusal["profile"]} if refusal.get("profile") else {}
+        return form.render(
+            spawner.profile_list,
+            offers,
+            selected if isinstance(selected, dict) else {},
+            balance=balance,
+            refusal=refusal,
+            add_credit_url=spawner.add_credit_url,
+        )
 
     @default("apply_user_options")
     def _default_apply_user_options(self) -> Any:
@@ -424,8 +393,22 @@ class RaySpawner(Spawner):
 
     @staticmethod
     def _apply_user_options_hook(spawner: RaySpawner, user_options: Any) -> None:
-        spawner._apply_options()
+        try:
+            spawner._apply_options()
+        except SpawnException as exc:
+            spawner._remember_refusal(exc)
+            raise
         spawner._options_applied = True
+
+    def _remember_refusal(self, exc: SpawnException) -> None:
+        """The next form shows that the last start was refused, without the choices
+        that caused it (they are not kept silently for the next try)."""
+        options = self.user_options if isinstance(self.user_options, dict) else {}
+        profile = options.get("profile")
+        self._last_refusal = {
+            "profile": profile if isinstance(profile, str) else None,
+            "credit": bool(getattr(exc, "credit", False)),
+        }
 
     def _apply_options(self) -> profiles.Selection:
         """Validate user_options against profile_list and apply the chosen overrides.
@@ -439,7 +422,7 @@ class RaySpawner(Spawner):
         try:
             selection = profiles.select(self.profile_list, self.user_options)
         except profiles.InvalidOptions as exc:
-            raise SpawnException(str(exc), reason="invalid_options", status_code=400) from None
+            raise SpawnRefusal(str(exc), reason="invalid_options", status_code=400) from None
         traits = self.traits(config=True)
         for name, value in selection.overrides.items():
             trait = traits.get(name)
@@ -447,7 +430,7 @@ class RaySpawner(Spawner):
                 self.log.error(
                     "profile %s overrides unknown RaySpawner trait %s", selection.profile, name
                 )
-                raise SpawnException(
+                raise SpawnRefusal(
                     "This profile is misconfigured; tell the administrator.",
                     reason="bad_profile",
                     status_code=500,
@@ -458,7 +441,7 @@ class RaySpawner(Spawner):
                     value = trait.from_string(value)
                 setattr(self, name, value)
             except (TraitError, ValueError) as exc:
-                raise SpawnException(
+                raise SpawnRefusal(
                     f"{str(value)[:64]!r} is not a valid {name}: {str(exc)[:200]}",
                     reason="invalid_options",
                     status_code=400,
@@ -487,9 +470,15 @@ class RaySpawner(Spawner):
         self._events = []
         self._start_done = False
         try:
-            return await self._start()
+            url = await self._start()
+            self._last_refusal = None
+            return url
+        except SpawnException as exc:
+            self._remember_refusal(exc)
+            raise
         finally:
             self._start_done = True
+            self._wake_progress()
             self._report = None
             forget_claim(self.job_id)
 
@@ -524,7 +513,7 @@ class RaySpawner(Spawner):
                 )
             else:
                 if not self.cpu_jobs_url:
-                    raise SpawnException(
+                    raise SpawnRefusal(
                         "CPU-only servers are not offered here; choose a GPU profile.",
                         reason="no_cpu_cluster",
                     )
@@ -556,7 +545,7 @@ class RaySpawner(Spawner):
         except Exception:
             self.log.exception("%s: start failed", self._log_name)
             await self._cleanup(failed="internal error while starting")
-            raise SpawnException(
+            raise SpawnRefusal(
                 "Your server could not be started because of an internal error; it has been "
                 "logged. Try again in a minute.",
                 reason="error",
@@ -576,14 +565,27 @@ class RaySpawner(Spawner):
                 min_reliability=self.min_reliability or None,
             )
         except PortalUnavailable as exc:
-            raise SpawnException(
-                exc.message, reason="portal_unavailable", status_code=503
-            ) from None
+            raise SpawnRefusal(exc.message, reason="portal_unavailable", status_code=503) from None
         except PortalError as exc:
             status = exc.status if 400 <= exc.status < 500 else 500
-            raise SpawnException(
-                exc.message, reason=exc.code or "refused", status_code=status
+            message = exc.message
+            if exc.code == "no_capacity":
+                message = f"{message.rstrip()} {await self._free_now()}".rstrip()
+            credit = exc.code in CREDIT_CODES
+            raise SpawnRefusal(
+                message,
+                reason=exc.code or "refused",
+                status_code=status,
+                link=(self.add_credit_url, "Add credit") if credit else None,
+                credit=credit,
             ) from None
+
+    async def _free_now(self) -> str:
+        """What is free, for a refusal for capacity (empty if the portal cannot say)."""
+        try:
+            return form.free_now(await self.portal.offers())
+        except PortalError:
+            return ""
 
     async def _submit(self, resources: dict[str, float]) -> None:
         entrypoint = shlex.join([*self.entrypoint, *self.get_args()])
@@ -606,7 +608,7 @@ class RaySpawner(Spawner):
             )
         except RayUnavailable as exc:
             self.log.warning("%s: submit failed: %s", self._log_name, exc)
-            raise SpawnException(
+            raise SpawnRefusal(
                 "The GPU provider's cluster is not answering; try again "
                 "in a minute or choose another GPU.",
                 reason="ray_unavailable",
@@ -624,7 +626,7 @@ class RaySpawner(Spawner):
         while time.monotonic() < deadline:
             done, _ = await asyncio.wait({self._report}, timeout=1.0)
             if self._claim_conflict:
-                raise SpawnException(
+                raise SpawnRefusal(
                     "Your server's start-up credentials were requested twice, so it was "
                     "stopped for your safety; start it again.",
                     reason="claim_conflict",
@@ -639,7 +641,7 @@ class RaySpawner(Spawner):
                 unavailable_since = unavailable_since or now
                 if now - unavailable_since > self.dead_after:
                     self.log.warning("%s: cluster lost while starting: %s", self._log_name, exc)
-                    raise SpawnException(
+                    raise SpawnRefusal(
                         "The GPU provider's cluster stopped answering while "
                         "your server was starting; try again.",
                         reason="ray_unavailable",
@@ -657,7 +659,7 @@ class RaySpawner(Spawner):
                     state.message[:300],
                     tail,
                 )
-                raise SpawnException(
+                raise SpawnRefusal(
                     f"Your server exited before it was ready (Ray job {state.status.lower()}). "
                     "The details are in the hub log; try again or choose another GPU.",
                     reason="job_failed",
@@ -670,9 +672,7 @@ class RaySpawner(Spawner):
                     50,
                     f"Scheduled on Ray node {state.node_id[:12]}; starting Jupyter",
                 )
-        raise SpawnException(
-            "Your server did not report in time.", reason="timeout", status_code=500
-        )
+        raise SpawnRefusal("Your server did not report in time.", reason="timeout", status_code=500)
 
     def accept_report(self, body: dict[str, Any]) -> None:
         """Called by the report handler for this server's token; ValueError → 400."""
@@ -704,7 +704,7 @@ class RaySpawner(Spawner):
             except RayUnavailable:
                 node_ip = None
         if not node_ip:
-            raise SpawnException(
+            raise SpawnRefusal(
                 "The server's node has no address the hub can reach.",
                 reason="no_address",
                 status_code=500,
@@ -721,7 +721,7 @@ class RaySpawner(Spawner):
                 self.reservation_id,
                 exc.code,
             )
-            raise SpawnException(
+            raise SpawnRefusal(
                 "The marketplace could not confirm your GPUs; the server was stopped. "
                 + exc.message,
                 reason="activate_failed",
@@ -875,24 +875,38 @@ class RaySpawner(Spawner):
 
     async def _answers(self) -> bool:
         base = self.server.base_url if self.server else "/"
+        http = _LIVENESS_CLIENTS.get(self.liveness_timeout)
+        if http is None:
+            http = _LIVENESS_CLIENTS[self.liveness_timeout] = LoopClient(
+                timeout=self.liveness_timeout
+            )
         try:
-            async with httpx.AsyncClient(timeout=self.liveness_timeout) as client:
-                await client.get(f"{self.url}{base}api")
+            await http.get(f"{self.url}{base}api")
         except httpx.HTTPError:
             return False
         return True
 
     async def progress(self) -> Any:
-        """Yield reserved → submitted → scheduled → server up, as they happen."""
+        """Yield reserved → submitted → scheduled → server up, as start() emits them.
+
+        Follows the start's events: each ``_emit`` wakes every reader (the spawn page
+        may open more than one event stream), so an event is sent when it happens.
+        Bounded by start_timeout, after which the hub has cancelled the start anyway.
+        """
         seen = 0
         deadline = time.monotonic() + self.start_timeout + 10
-        while time.monotonic() < deadline:
+        while True:
+            wake = self._progress_wake  # taken before reading, so no event is missed
             while seen < len(self._events):
                 yield self._events[seen]
                 seen += 1
-            if self._start_done:
+            left = deadline - time.monotonic()
+            if self._start_done or left <= 0:
                 break
-            await asyncio.sleep(0.25)
+            try:
+                await asyncio.wait_for(wake.wait(), timeout=left)
+            except TimeoutError:
+                break
 
     async def get_url(self) -> str:
         if self.url and self.server:
@@ -917,10 +931,21 @@ class RaySpawner(Spawner):
             value = getattr(self, key)
             if value:
                 state[key] = value
+        if any(key in state for key in STATE_KEYS):
+            state[STATE_VERSION_KEY] = STATE_VERSION
         return state
 
     def load_state(self, state: dict[str, Any]) -> None:
         super().load_state(state)
+        version = state.get(STATE_VERSION_KEY, 0)
+        if not isinstance(version, int) or version > STATE_VERSION:
+            # Written by a newer spawner (a downgrade): its keys may mean something else.
+            self.log.warning(
+                "%s: state version %r is newer than %s; reading the keys it shares",
+                self._log_name,
+                version,
+                STATE_VERSION,
+            )
         for key in STATE_KEYS:
             if key in state:
                 setattr(self, key, str(state[key]))
@@ -929,3 +954,8 @@ class RaySpawner(Spawner):
         super().clear_state()
         self.clear_ids()
         self._unreachable_since = None
+
+
+def _digest(token: str) -> str:
+    """A cache key for a credential: its digest, so no token sits in a dict's keys."""
+    return hashlib.sha256(token.encode()).hexdigest()

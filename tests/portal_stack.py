@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,30 +14,15 @@ from pathlib import Path
 import httpx
 import psutil
 
+from gpuportal.provider import ports
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-_handed_out: set[int] = set()
-
-
 def free_port() -> int:
-    """A free port below the kernel's ephemeral range (32768+) and above Ray's
-    worker ports (10002-19999), so nothing that binds port 0 (Ray's processes,
-    clients) can take it between now and when the test's server binds it."""
-    import random
-
-    for _ in range(500):
-        port = random.randint(20000, 32000)
-        if port in _handed_out:
-            continue
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _handed_out.add(port)
-        return port
-    raise RuntimeError("no free port between 20000 and 32000")
+    """A port for a test's server, below the kernel's ephemeral range so nothing that
+    binds port 0 (Ray's processes, clients) takes it before the server binds it."""
+    return ports.free_port(span=ports.BELOW_EPHEMERAL)
 
 
 @dataclass
@@ -70,6 +54,7 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         GPUPORTAL_HUB_PORT=str(free_port()),
         GPUPORTAL_PROXY_API_PORT=str(free_port()),
         GPUPORTAL_PORTAL_PORT=str(free_port()),
+        GPUPORTAL_DASHBOARDS_PORT=str(free_port()),
         GPUPORTAL_RAY_PORT=str(free_port()),
         GPUPORTAL_RAY_DASHBOARD_PORT=str(free_port()),
         GPUPORTAL_RAY_NUM_CPUS="1",

@@ -1,16 +1,18 @@
 """The layout is the architecture: layers, import rules and no cycles, checked from the source.
 
-An AST walk of ``hub/``, ``spawners/``, ``provider/`` and ``extensions/`` (every import
-statement, also those inside functions and ``if TYPE_CHECKING:`` blocks) enforces:
+An AST walk of ``hub/``, ``spawners/``, ``provider/``, ``extensions/`` and ``dashboards/``
+(every import statement, also those inside functions and ``if TYPE_CHECKING:`` blocks)
+enforces:
 
 * the control plane's layers, kernel ← db ← market ← billing ← portal ← stack: a module
   imports only from its own layer and those below it; every subpackage of ``hub`` is a
   layer, and only the kernel's modules sit flat in ``hub/``;
-* node-side code and the spawner (``provider/``, ``extensions/``, ``spawners/``) never
-  import ``gpuportal.hub``, directly or through anything they import;
+* node-side code, the spawner and the dashboards (``provider/``, ``extensions/``,
+  ``spawners/``, ``dashboards/``) never import ``gpuportal.hub``, directly or through
+  anything they import: the dashboards read the portal over HTTP as their user;
 * ``spawners/`` reach the portal only through ``spawners/portal_client.py``: no other
   spawner module names a path of the portal's API;
-* no import cycle among the modules of those four folders.
+* no import cycle among the modules of those folders.
 
 The checker is plain functions over a folder, so the test of the test below runs it on a
 small tree with one violation of each kind and sees each reported.
@@ -28,14 +30,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 #: The folders checked; each is the subpackage ``gpuportal.<folder>``.
-PACKAGES = ("hub", "spawners", "provider", "extensions")
+PACKAGES = ("hub", "spawners", "provider", "extensions", "dashboards")
 #: The control plane's layers, lowest first; "kernel" is the modules flat in ``hub/``.
 LAYERS = ("kernel", "db", "market", "billing", "portal", "stack")
 #: The only modules that may sit flat in ``hub/`` (besides ``__init__``).
 KERNEL = frozenset({"settings", "errors", "timeutil", "egress"})
 #: Code that must not reach the control plane: it runs on provider machines or in the hub
 #: process, and talks to the portal over HTTP.
-NO_HUB = ("gpuportal.provider", "gpuportal.extensions", "gpuportal.spawners")
+NO_HUB = (
+    "gpuportal.provider",
+    "gpuportal.extensions",
+    "gpuportal.spawners",
+    "gpuportal.dashboards",
+)
 #: The one spawner module that may talk to the portal's API.
 PORTAL_CLIENT = "gpuportal.spawners.portal_client"
 #: A string naming a path of the portal's API (``api/v1``, ``/api/v1/offers``, ...).
@@ -304,6 +311,8 @@ CLEAN = {
     "spawners/form.py": "from gpuportal.provider.money import MICRO\n",
     "extensions/__init__.py": "",
     "extensions/usage.py": "from gpuportal.provider import money\n",
+    "dashboards/__init__.py": "",
+    "dashboards/display.py": "from gpuportal.provider.money import format_credits\n",
 }
 
 
@@ -358,6 +367,11 @@ def test_the_checker_passes_a_clean_tree(tmp_path: Path) -> None:
             "gpuportal.extensions.usage -> gpuportal.provider.money -> "
             "gpuportal.hub.billing.ledger",
             id="the-extension-reaches-the-hub-through-the-provider",
+        ),
+        pytest.param(
+            {"dashboards/client.py": "def f():\n    from gpuportal.hub.db import transaction\n"},
+            "gpuportal.dashboards.client -> gpuportal.hub.db (never import the hub)",
+            id="a-dashboard-reads-the-db-instead-of-the-portal-api",
         ),
         pytest.param(
             {"spawners/spawner.py": 'URL = f"{base}/api/v1/reservations"\n'},

@@ -141,7 +141,22 @@ class Authorization:
     runway_seconds: float | None
 
 
-def authorize(
+@dataclass(frozen=True)
+class _Budget:
+    """A quota a launch must fit (the user's own, or their paying team's), and what
+    already weighs on it."""
+
+    #: Whose quota, as a sentence starts ("Your", "Team x's") and inside one ("your").
+    whose: str
+    whose_inside: str
+    quota: Quota | None
+    open_allocs: list[Allocation]
+    #: Held reservations (GPUs, micro-credits per hour): ready soon, so counted now.
+    held_gpus: int
+    held_rate: int
+
+
+def authorize_launch(
     session: Session,
     settings: Settings,
     *,
@@ -152,7 +167,7 @@ def authorize(
     now: datetime,
     reservation_id: str | None = None,
 ) -> Authorization:
-    """Grant the launch or raise :class:`PaymentRequired` / :class:`QuotaExceeded`.
+    """Grant the launch of a server or raise :class:`PaymentRequired` / :class:`QuotaExceeded`.
 
     ``reservation_id``: the reservation this launch is (it is already held, so
     it is the new server, not one of the held ones counted next to it).
@@ -198,9 +213,10 @@ def authorize(
     )
     if why:
         raise PaymentRequired(why)
-    limits: list[tuple[str, Quota | None, list[Allocation], int, int]] = [
-        (
+    budgets = [
+        _Budget(
             "Your",
+            "your",
             metering.quota_for(session, account_id=account.id),
             list(
                 session.scalars(
@@ -214,39 +230,12 @@ def authorize(
         ),
     ]
     if team_row is not None:
-        limits.append(
-            (f"Team {team}'s", metering.quota_for(session, team_id=team_row.id), running, 0, 0)
+        whose = f"Team {team}'s"
+        budgets.append(
+            _Budget(whose, whose, metering.quota_for(session, team_id=team_row.id), running, 0, 0)
         )
-    for whose, quota, open_allocs, extra_gpus, extra_rate in limits:
-        if quota is None:
-            continue
-        if quota.gpu_seconds is not None:
-            left = metering.quota_left(session, quota, now) or 0
-            # The running servers keep burning the budget during the minimum period too.
-            # So do held GPUs, which start burning it as soon as their servers are ready.
-            left -= (
-                sum(a.gpu_count for a in open_allocs) + extra_gpus
-            ) * settings.min_billable_seconds
-            why = quota_refusal(
-                whose,
-                quota.gpu_seconds,
-                quota.rolling_window,
-                left,
-                gpu_count,
-                settings.min_billable_seconds,
-            )
-            if why:
-                raise QuotaExceeded(why)
-        if quota.spend_cap_per_hour is not None:
-            why = spend_cap_refusal(
-                whose.lower() if whose == "Your" else whose,
-                quota.spend_cap_per_hour,
-                sum(metering.hourly_rate(a) for a in open_allocs) + extra_rate,
-                new_rate,
-                currency,
-            )
-            if why:
-                raise QuotaExceeded(why)
+    for budget in budgets:
+        _check_budget(session, settings, budget, gpu_count, new_rate, now)
     total_rate = state.rate_per_hour + personal_held_rate + new_rate
     return Authorization(
         user,
@@ -256,6 +245,48 @@ def authorize(
         total_rate,
         metering.runway_seconds(state.available, total_rate),
     )
+
+
+def _check_budget(
+    session: Session,
+    settings: Settings,
+    budget: _Budget,
+    gpu_count: int,
+    new_rate: int,
+    now: datetime,
+) -> None:
+    """Raise :class:`QuotaExceeded` unless the launch fits ``budget``'s GPU-hours and
+    spend cap for the minimum billable period."""
+    quota = budget.quota
+    if quota is None:
+        return
+    if quota.gpu_seconds is not None:
+        left = metering.quota_left(session, quota, now) or 0
+        # The running servers keep burning the budget during the minimum period too.
+        # So do held GPUs, which start burning it as soon as their servers are ready.
+        left -= (
+            sum(a.gpu_count for a in budget.open_allocs) + budget.held_gpus
+        ) * settings.min_billable_seconds
+        why = quota_refusal(
+            budget.whose,
+            quota.gpu_seconds,
+            quota.rolling_window,
+            left,
+            gpu_count,
+            settings.min_billable_seconds,
+        )
+        if why:
+            raise QuotaExceeded(why)
+    if quota.spend_cap_per_hour is not None:
+        why = spend_cap_refusal(
+            budget.whose_inside,
+            quota.spend_cap_per_hour,
+            sum(metering.hourly_rate(a) for a in budget.open_allocs) + budget.held_rate,
+            new_rate,
+            settings.currency_name,
+        )
+        if why:
+            raise QuotaExceeded(why)
 
 
 def held_reservations(

@@ -34,7 +34,9 @@ def provider_name(session: Session, res: Reservation) -> str | None:
     return node.cluster.provider.account.hub_name
 
 
-def authorize(session: Session, settings: Settings, res: Reservation, now: datetime) -> None:
+def authorize_reservation(
+    session: Session, settings: Settings, res: Reservation, now: datetime
+) -> None:
     """Raise a ledger error (402/403 with a sentence) unless the user can pay for it.
 
     The user's other live reservations count as if they ran (see
@@ -59,7 +61,7 @@ def authorize(session: Session, settings: Settings, res: Reservation, now: datet
     if res.gpu_count <= 0 or res.price_per_gpu_hour <= 0:
         return
     credits.welcome(session, settings, res.account_id)
-    quotas.authorize(
+    quotas.authorize_launch(
         session,
         settings,
         user=res.user_name,

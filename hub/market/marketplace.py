@@ -169,6 +169,7 @@ def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
                 "price_per_gpu_hour": c.price,
                 "price_per_gpu_hour_display": format_credits(c.price),
                 "free_gpus": 0,
+                "largest_free_gpus": 0,
                 "total_gpus": 0,
                 "reliability": 0.0,
                 "demo": c.demo,
@@ -177,6 +178,7 @@ def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
             },
         )
         offer["free_gpus"] += c.free_gpus
+        offer["largest_free_gpus"] = max(offer["largest_free_gpus"], c.free_gpus)
         offer["total_gpus"] += c.total_gpus
         offer["vram_gb"] = min(offer["vram_gb"], c.vram_mib // 1024)
         offer["reliability"] = round(max(offer["reliability"], c.reliability), 3)

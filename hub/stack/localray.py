@@ -12,16 +12,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
@@ -93,18 +88,6 @@ def ray_resources(plan: GpuPlan, node_id: str | None = None) -> dict[str, float]
     return raynode.resources(node_id, plan.models, plan.demo)
 
 
-def free_port(avoid: frozenset[int] = frozenset()) -> int:
-    """A port nobody listens on now, never one of ``avoid`` (ports the stack will
-    bind later, which are free until then)."""
-    for _ in range(100):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = int(sock.getsockname()[1])
-        if port not in avoid:
-            return port
-    raise ConfigError("no free TCP port on 127.0.0.1")
-
-
 def port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -115,32 +98,11 @@ def port_in_use(port: int) -> bool:
     return False
 
 
-def ray_env(settings: Settings) -> dict[str, str]:
-    """The whole environment of the house Ray head: the node-side allow-list
-    (``raynode.ray_env``) with token authentication, and where customers' homes
-    live. Every job inherits it, so no setting of the control plane is on it."""
-    return raynode.ray_env(
-        settings.ray_token_path,
-        {
-            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-            isolation.ENV_HOMES: str(settings.homes_path),
-        },
-    )
-
-
-def _end_group(pgid: int, wait: float = 10.0) -> None:
-    """End the process group we started (``start_new_session``), leader already gone."""
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except (ProcessLookupError, PermissionError):
-            return
-        time.sleep(0.2)
-    with suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGKILL)
+def house_env(settings: Settings) -> dict[str, str]:
+    """What the house Ray head adds to the node-side allow-list (``raynode.ray_env``,
+    with token authentication): where customers' homes live. Every job inherits the
+    head's environment, so no setting of the control plane is on it."""
+    return {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", isolation.ENV_HOMES: str(settings.homes_path)}
 
 
 class _HeadExited(Exception):
@@ -204,12 +166,6 @@ class LocalRayHead:
                 ) from None
 
     def _start_once(self, plan: GpuPlan, timeout: float, node_id: str | None) -> dict[str, object]:
-        ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
-        if ray is None:
-            raise ConfigError(
-                "the `ray` command is missing: install gpuportal with its dependencies "
-                "(make run does) or put Ray on PATH."
-            )
         s = self.settings
         for name, port in (
             ("GPUPORTAL_RAY_PORT", s.ray_port),
@@ -218,75 +174,49 @@ class LocalRayHead:
             if port_in_use(port):
                 raise ConfigError(f"port {port} ({name}) is already in use; choose another.")
         temp_dir = raynode.private_temp_dir(f"gpuportal-ray-{os.getuid()}-{s.ray_port}")
-        headers = self.headers  # creates the token before Ray reads it
-        # The stack's own ports are free until it binds them: never hand them to Ray.
-        avoid = frozenset(
-            {s.port, s.hub_port, s.proxy_api_port, s.portal_port, s.ray_port, s.ray_dashboard_port}
-        )
-        cmd = [
-            ray,
-            "start",
-            "--head",
-            "--block",
-            "--disable-usage-stats",
-            "--node-ip-address=127.0.0.1",
-            f"--port={s.ray_port}",
-            "--include-dashboard=true",
-            "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={s.ray_dashboard_port}",
-            f"--num-cpus={s.ray_num_cpus}",
-            f"--num-gpus={plan.count}",
-            f"--resources={json.dumps(ray_resources(plan, node_id))}",
-            f"--object-store-memory={s.ray_object_store_mb * 1024 * 1024}",
-            f"--temp-dir={temp_dir}",
-            # Fixed free ports so two stacks on one machine (tests) never collide.
-            f"--node-manager-port={free_port(avoid)}",
-            f"--object-manager-port={free_port(avoid)}",
-            f"--ray-client-server-port={free_port(avoid)}",
-            f"--dashboard-agent-listen-port={free_port(avoid)}",
-            f"--dashboard-agent-grpc-port={free_port(avoid)}",
-            f"--runtime-env-agent-port={free_port(avoid)}",
-            f"--metrics-export-port={free_port(avoid)}",
-        ]
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as log:
-            proc = subprocess.Popen(
-                cmd,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=ray_env(s),
-                start_new_session=True,
+        raynode.ensure_auth_token(self.token_path)  # its own errors, before Ray starts
+        try:
+            head = raynode.RayNode.start(
+                node_id,
+                plan.models,
+                plan.demo,
+                self.log_file,
+                num_cpus=s.ray_num_cpus,
+                timeout=timeout,
+                token_path=self.token_path,
+                port=s.ray_port,
+                dashboard_port=s.ray_dashboard_port,
+                object_store_bytes=s.ray_object_store_mb * 1024 * 1024,
+                temp_dir=temp_dir,
+                extra_env=house_env(s),
+                # The stack's own ports are free until it binds them: never hand them to Ray.
+                avoid={
+                    *(s.port, s.hub_port, s.proxy_api_port, s.portal_port),
+                    *(s.ray_port, s.ray_dashboard_port),
+                },
             )
+        except raynode.RayMissing:
+            raise ConfigError(
+                "the `ray` command is missing: install gpuportal with its dependencies "
+                "(make run does) or put Ray on PATH."
+            ) from None
+        except raynode.RayExited as exc:
+            raise _HeadExited(exc.code) from None
+        except raynode.RayStartError:
+            raise ConfigError(
+                f"the local Ray head did not answer within {timeout:.0f}s; see {self.log_file}"
+            ) from None
         state: dict[str, object] = {
-            "pid": proc.pid,
-            "address": f"127.0.0.1:{s.ray_port}",
-            "jobs_url": self.jobs_url,
+            "pid": head.proc.pid,
+            "address": head.address,
+            "jobs_url": head.jobs_url,
             "gpus": plan.models,
             "demo": plan.demo,
             "node_id": node_id,
         }
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                _end_group(proc.pid)  # what it left behind (a GCS server, say)
-                raise _HeadExited(proc.returncode)
-            # Ready once the head's raylet has registered, so GPUs show at once.
-            try:
-                reply = httpx.get(f"{self.jobs_url}/api/v0/nodes", timeout=2, headers=headers)
-                ready = reply.status_code == 200 and reply.json()["data"]["result"]["total"] > 0
-            except (httpx.HTTPError, ValueError, KeyError, TypeError):
-                ready = False
-            if not ready:
-                time.sleep(0.5)
-                continue
-            self.state_file.write_text(json.dumps(state))
-            return state
-        stop_process_group(proc.pid)
-        raise ConfigError(
-            f"the local Ray head did not answer within {timeout:.0f}s; see {self.log_file}"
-        )
+        self.state_file.write_text(json.dumps(state))
+        return state
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Stop the recorded head and everything it started. False if none was running."""

@@ -25,16 +25,18 @@ import httpx
 import psutil
 
 from gpuportal.provider import raynode
+from gpuportal.provider.identity import Identity
 from gpuportal.provider.money import format_credits
 
 from .. import db
 from ..errors import ConfigError
 from ..portal.cache import check_redis
 from ..settings import Settings
+from . import dashboards
 from .admin import ensure_admin
 from .datadir import secure_data_dir
 from .house import house_dir, house_identity, register_house, verification_of
-from .localray import LocalRayHead, plan_gpus, port_in_use, stop_process_group
+from .localray import GpuPlan, LocalRayHead, plan_gpus, port_in_use, stop_process_group
 
 Echo = Callable[[str], None]
 
@@ -79,6 +81,7 @@ def preflight(settings: Settings, config: Path) -> None:
         ("GPUPORTAL_HUB_PORT", settings.hub_port),
         ("GPUPORTAL_PROXY_API_PORT", settings.proxy_api_port),
         ("GPUPORTAL_PORTAL_PORT", settings.portal_port),
+        ("GPUPORTAL_DASHBOARDS_PORT", settings.dashboards_port),
     ):
         if port_in_use(port):
             raise ConfigError(f"port {port} ({name}) is already in use; set {name} to a free port.")
@@ -144,13 +147,7 @@ def up(
     secure_data_dir(settings.data_dir)
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.logs_dir.mkdir(parents=True, exist_ok=True)
-
-    echo(f"[1/4] portal database: {settings.database_url.render_as_string(hide_password=True)}")
-    engine = db.make_engine(settings.database_url)
-    try:
-        db.upgrade(engine)
-    finally:
-        engine.dispose()
+    _migrate(settings, echo)
 
     stop_event = threading.Event()
 
@@ -170,33 +167,8 @@ def up(
             plan = plan_gpus(settings)
             echo(f"[2/4] GPUs: {plan.describe()}")
             identity = house_identity(settings, plan, f"http://127.0.0.1:{settings.port}")
-            node_id = identity.node_id
-            reused = head.running()
-            if reused:
-                ray_pid = int(str(reused["pid"]))
-                echo(f"      Ray: reusing the local head (pid {ray_pid}) at {reused['jobs_url']}")
-                if reused.get("node_id") != node_id:
-                    echo(
-                        "      Ray: that head does not declare this house node; stop it "
-                        "with `gpuportal down` so the next start can."
-                    )
-            else:
-                echo("      Ray: starting a local head on 127.0.0.1 ...")
-                started = head.start(plan, node_id=node_id)
-                ray_pid = int(str(started["pid"]))
-                echo(f"      Ray: up (pid {ray_pid}), Jobs API at {started['jobs_url']}")
-            engine = db.make_engine(settings.database_url)
-            try:
-                house = register_house(
-                    settings, engine, identity, head.jobs_url, f"127.0.0.1:{settings.ray_port}"
-                )
-            finally:
-                engine.dispose()
-            echo(
-                f"      house provider: node {house['node_id']}, {house['gpus']} GPU(s) at "
-                f"{format_credits(house['price'])}/h in {settings.region}"
-                f"{' (DEMO)' if house['demo'] else ''}"
-            )
+            ray_pid = _start_house_head(head, plan, identity.node_id, echo)
+            house = _register_house_node(settings, identity, head, echo)
         if stop_event.is_set():
             return 130
 
@@ -210,23 +182,9 @@ def up(
             )
 
         echo(f"[3/4] JupyterHub: starting on http://127.0.0.1:{settings.port} ...")
-        # The hub and the portal are the control plane: they get our environment.
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
-        env["GPUPORTAL_DATA_DIR"] = str(settings.data_dir)
-        env["PATH"] = _path_with_venv()
+        env = _control_plane_env(settings)
         log_path = settings.logs_dir / "jupyterhub.log"
-        jupyterhub = shutil.which("jupyterhub", path=env["PATH"]) or "jupyterhub"
-        hub = subprocess.Popen(
-            [jupyterhub, "-f", str(config.resolve())],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env,
-            start_new_session=True,
-            cwd=settings.data_dir,
-        )
-        assert hub.stdout is not None
-        _tee(hub.stdout, log_path, hub_output)
+        hub = _start_hub(config, env, settings.data_dir, log_path, hub_output)
         stack_file(settings).write_text(
             json.dumps(
                 {
@@ -250,32 +208,8 @@ def up(
             agent = _start_house_agent(settings, env)
             outcome = _wait_verified(settings, house["node_id"], agent, ready_timeout)
             echo(f"      house node {house['node_id']}: {outcome}")
-        echo("[4/4] ready.")
-        echo("")
-        echo(f"  Portal:      {base}/hub/login")
-        echo(f"  Portal API:  {base}{settings.service_prefix}docs")
-        if settings.authenticator == "firstuse":
-            if generated:
-                echo(
-                    f"  Admin:       {settings.admin_user} / {generated}   (shown once; saved "
-                    f"0600 in {settings.data_dir / 'admin-password'})"
-                )
-            else:
-                echo(
-                    f"  Admin:       {settings.admin_user} (password from "
-                    "GPUPORTAL_ADMIN_PASSWORD or the first start)"
-                )
-            echo("  New users sign up by logging in with a name and password of their choice.")
-        echo(f"  Logs:        {settings.logs_dir}")
-        echo("  Stop:        Ctrl-C here, or `gpuportal down`")
-        while not stop_event.wait(1.0):
-            if hub.poll() is not None:
-                echo(
-                    f"JupyterHub exited unexpectedly (code {hub.returncode}); stopping; "
-                    f"see {log_path}"
-                )
-                return 1
-        return 0
+        _announce_ready(settings, echo, base, generated)
+        return _supervise(hub, stop_event, echo, log_path)
     finally:
         echo("stopping ...")
         if agent is not None:
@@ -288,6 +222,119 @@ def up(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         echo("stopped.")
+
+
+def _migrate(settings: Settings, echo: Echo) -> None:
+    """Step 1: bring the portal database to the current schema."""
+    echo(f"[1/4] portal database: {settings.database_url.render_as_string(hide_password=True)}")
+    engine = db.make_engine(settings.database_url)
+    try:
+        db.upgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def _start_house_head(head: LocalRayHead, plan: GpuPlan, node_id: str, echo: Echo) -> int:
+    """Step 2 without an external cluster: the house Ray head, started or the one an
+    earlier ``up`` left running. Returns its pid."""
+    reused = head.running()
+    if reused:
+        ray_pid = int(str(reused["pid"]))
+        echo(f"      Ray: reusing the local head (pid {ray_pid}) at {reused['jobs_url']}")
+        if reused.get("node_id") != node_id:
+            echo(
+                "      Ray: that head does not declare this house node; stop it "
+                "with `gpuportal down` so the next start can."
+            )
+        return ray_pid
+    echo("      Ray: starting a local head on 127.0.0.1 ...")
+    started = head.start(plan, node_id=node_id)
+    ray_pid = int(str(started["pid"]))
+    echo(f"      Ray: up (pid {ray_pid}), Jobs API at {started['jobs_url']}")
+    return ray_pid
+
+
+def _register_house_node(
+    settings: Settings, identity: Identity, head: LocalRayHead, echo: Echo
+) -> dict[str, Any]:
+    """The house provider and its node in the marketplace, on the house head."""
+    engine = db.make_engine(settings.database_url)
+    try:
+        house = register_house(
+            settings, engine, identity, head.jobs_url, f"127.0.0.1:{settings.ray_port}"
+        )
+    finally:
+        engine.dispose()
+    echo(
+        f"      house provider: node {house['node_id']}, {house['gpus']} GPU(s) at "
+        f"{format_credits(house['price'])}/h in {settings.region}"
+        f"{' (DEMO)' if house['demo'] else ''}"
+    )
+    return house
+
+
+def _control_plane_env(settings: Settings) -> dict[str, str]:
+    """The hub and the portal are the control plane: they get our environment."""
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    env["GPUPORTAL_DATA_DIR"] = str(settings.data_dir)
+    env["PATH"] = _path_with_venv()
+    return env
+
+
+def _start_hub(
+    config: Path, env: dict[str, str], cwd: Path, log_path: Path, echo_output: bool
+) -> subprocess.Popen[bytes]:
+    """JupyterHub (which starts the proxy and the portal service) in its own process
+    group, its output copied to ``log_path`` (and to stderr with ``echo_output``)."""
+    jupyterhub = shutil.which("jupyterhub", path=env["PATH"]) or "jupyterhub"
+    hub = subprocess.Popen(
+        [jupyterhub, "-f", str(config.resolve())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+        cwd=cwd,
+    )
+    assert hub.stdout is not None
+    _tee(hub.stdout, log_path, echo_output)
+    return hub
+
+
+def _announce_ready(settings: Settings, echo: Echo, base: str, generated: str | None) -> None:
+    """Step 4: where everything is, and the admin's password if it was just made."""
+    echo("[4/4] ready.")
+    echo("")
+    echo(f"  Portal:      {base}/hub/login")
+    echo(f"  Portal API:  {base}{settings.service_prefix}docs")
+    echo(f"  Dashboards:  {dashboards.url(settings)}")
+    if settings.authenticator == "firstuse":
+        if generated:
+            echo(
+                f"  Admin:       {settings.admin_user} / {generated}   (shown once; saved "
+                f"0600 in {settings.data_dir / 'admin-password'})"
+            )
+        else:
+            echo(
+                f"  Admin:       {settings.admin_user} (password from "
+                "GPUPORTAL_ADMIN_PASSWORD or the first start)"
+            )
+        echo("  New users sign up by logging in with a name and password of their choice.")
+    echo(f"  Logs:        {settings.logs_dir}")
+    echo("  Stop:        Ctrl-C here, or `gpuportal down`")
+
+
+def _supervise(
+    hub: subprocess.Popen[bytes], stop_event: threading.Event, echo: Echo, log_path: Path
+) -> int:
+    """Stay in the foreground until asked to stop (0) or the hub dies (1)."""
+    while not stop_event.wait(1.0):
+        if hub.poll() is not None:
+            echo(
+                f"JupyterHub exited unexpectedly (code {hub.returncode}); stopping; see {log_path}"
+            )
+            return 1
+    return 0
 
 
 def _start_house_agent(settings: Settings, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -339,6 +386,25 @@ def _wait_verified(
         engine.dispose()
 
 
+def _wait_exit(pid: int, timeout: float) -> bool:
+    """True once ``pid`` has exited, within ``timeout`` seconds.
+
+    A process that has exited but that its parent has not reaped yet is a zombie:
+    it is stopped, although ``psutil.Process.wait`` on a process that is not our
+    child waits out the whole timeout for it.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.1)
+
+
 def down(settings: Settings, echo: Echo, timeout: float = 90.0) -> int:
     """Stop what ``up`` started for this data dir. 0 when something was stopped."""
     state = _read_stack(settings)
@@ -346,15 +412,10 @@ def down(settings: Settings, echo: Echo, timeout: float = 90.0) -> int:
     if state and _ours(state.get("pid"), "gpuportal"):
         echo(f"stopping gpuportal (pid {state['pid']}) ...")
         os.kill(int(state["pid"]), signal.SIGTERM)
-        try:
-            psutil.Process(int(state["pid"])).wait(timeout)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:
-            echo("it did not stop in time; stopping its processes directly")
-        else:
+        if _wait_exit(int(state["pid"]), timeout):
             echo("stopped.")
             return 0
+        echo("it did not stop in time; stopping its processes directly")
         stopped_any = True
     # `up` is gone (killed hard?): stop what it left behind, if still ours.
     if state and _ours(state.get("hub_pid"), "jupyterhub"):

@@ -226,7 +226,7 @@ def test_runway_at_spawn(sessions, settings, clock, ann) -> None:
         pytest.raises(quotas.PaymentRequired) as refused,
         portal_db.transaction(sessions) as session,
     ):
-        quotas.authorize(
+        quotas.authorize_launch(
             session,
             settings,
             user="ann",
@@ -241,7 +241,7 @@ def test_runway_at_spawn(sessions, settings, clock, ann) -> None:
     )
     grant(sessions, ann, 600_000, "g2")
     with portal_db.transaction(sessions) as session:
-        ok = quotas.authorize(
+        ok = quotas.authorize_launch(
             session,
             settings,
             user="ann",
@@ -454,7 +454,7 @@ def test_gpu_hour_quota_refuses_and_stops(sessions, settings, clock, ann) -> Non
         pytest.raises(quotas.QuotaExceeded, match=r"budget of 0\.5 GPU-h per day"),
         portal_db.transaction(sessions) as session,
     ):
-        quotas.authorize(
+        quotas.authorize_launch(
             session, s, user="ann", gpu_count=4, price_per_gpu_hour=1, team=None, now=clock.now
         )
     alloc_id = open_alloc(sessions, s, "ann", gpus=1)
@@ -479,7 +479,7 @@ def test_spend_cap(sessions, settings, clock, ann) -> None:
         pytest.raises(quotas.QuotaExceeded, match=r"spend cap of 5\.00 credits/hour"),
         portal_db.transaction(sessions) as session,
     ):
-        quotas.authorize(
+        quotas.authorize_launch(
             session,
             settings,
             user="ann",

@@ -47,10 +47,12 @@ PRICE = 3_600_000  # 3.60 credits per GPU-hour: 1000 micro-credits per GPU-secon
 HOUR = timedelta(hours=1)
 
 
-def authorize(session: Session, settings: Settings, user: str, **kw: Any) -> quotas.Authorization:
+def authorize_launch(
+    session: Session, settings: Settings, user: str, **kw: Any
+) -> quotas.Authorization:
     args: dict[str, Any] = {"gpu_count": 1, "price_per_gpu_hour": PRICE, "team": None, "now": T0}
     args.update(kw)
-    return quotas.authorize(session, settings, user=user, **args)
+    return quotas.authorize_launch(session, settings, user=user, **args)
 
 
 def set_quota(sessions: sessionmaker[Session], **kw: Any) -> None:
@@ -112,9 +114,9 @@ def test_a_gpu_hour_quota_counts_the_minimum_period_of_running_servers(
     open_alloc(sessions, settings, "ann", server="running")
     with portal_db.transaction(sessions) as session:
         with pytest.raises(quotas.QuotaExceeded, match="Your GPU-hour budget"):
-            authorize(session, settings, "ann")
+            authorize_launch(session, settings, "ann")
         # The same quota without a running server takes the launch.
-        assert authorize(session, settings, "bob").payer == "user:bob"
+        assert authorize_launch(session, settings, "bob").payer == "user:bob"
 
 
 def test_a_team_quota_limits_the_servers_the_team_pays_for(
@@ -124,13 +126,13 @@ def test_a_team_quota_limits_the_servers_the_team_pays_for(
     team = add_team(sessions, "ml", [ann])
     fund_team(sessions, team, 100 * CREDIT)
     with portal_db.transaction(sessions) as session:
-        assert authorize(session, settings, "ann", team="ml").payer == "team:ml"
+        assert authorize_launch(session, settings, "ann", team="ml").payer == "team:ml"
     set_quota(sessions, team="ml", gpu_hours=0.1)  # 360 GPU-s: less than 900
     with (
         portal_db.transaction(sessions) as session,
         pytest.raises(quotas.QuotaExceeded, match="Team ml's GPU-hour budget"),
     ):
-        authorize(session, settings, "ann", team="ml")
+        authorize_launch(session, settings, "ann", team="ml")
 
 
 def test_a_personal_launch_does_not_count_the_servers_a_team_pays_for(
@@ -143,7 +145,7 @@ def test_a_personal_launch_does_not_count_the_servers_a_team_pays_for(
     open_alloc(sessions, settings, "ann", server="team-gpu", gpus=8, price=36_000_000, team="ml")
     grant(sessions, ann, CREDIT, "g-ann")
     with portal_db.transaction(sessions) as session:
-        ok = authorize(session, settings, "ann")
+        ok = authorize_launch(session, settings, "ann")
     assert (ok.payer, ok.balance, ok.available, ok.rate_per_hour) == (
         "user:ann",
         CREDIT,
@@ -164,7 +166,7 @@ def test_a_deactivated_account_may_not_launch(
         portal_db.transaction(sessions) as session,
         pytest.raises(allocations.Forbidden, match="the account 'ann' is deactivated"),
     ):
-        authorize(session, settings, "ann")
+        authorize_launch(session, settings, "ann")
 
 
 # --- metering.py: quota windows, runway, warnings --------------------------------------------

@@ -123,6 +123,7 @@ def test_offers_show_the_house_demo_gpus(users: dict[str, Portal]) -> None:
             "price_per_gpu_hour": 1_000_000,
             "price_per_gpu_hour_display": "1.00",
             "free_gpus": 2,
+            "largest_free_gpus": 2,
             "total_gpus": 2,
             "reliability": 0.9,
             "demo": True,

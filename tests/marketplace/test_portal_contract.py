@@ -117,6 +117,26 @@ async def test_a_reservation_names_the_node_its_resource_and_jobs_url(
     assert await free(portal, "A100-80GB") == 1
 
 
+async def test_offers_say_how_many_gpus_one_server_can_get(portal: PortalClient) -> None:
+    largest = {o["gpu_model"]: o["largest_free_gpus"] for o in await portal.offers()}
+    assert largest == {"A100-80GB": 2, "H100-80GB": 1}
+    await portal.reserve(user="ann", server_name="", gpu_count=1, gpu_model="A100-80GB")
+    largest = {o["gpu_model"]: o["largest_free_gpus"] for o in await portal.offers()}
+    assert largest["A100-80GB"] == 1
+
+
+async def test_a_users_balance_names_the_minimum_billable_period(portal: PortalClient) -> None:
+    # A reservation makes sure the real portal has ann's account (and sign-up credit).
+    await portal.reserve(user="ann", server_name="", gpu_count=1, gpu_model="A100-80GB")
+    balance = await portal.balance("ann")
+    assert balance is not None
+    assert (balance.balance, balance.currency, balance.min_billable_seconds) == (
+        10_000_000,
+        "credits",
+        900,
+    )
+
+
 async def test_a_retry_for_the_same_server_returns_the_same_reservation(
     portal: PortalClient,
 ) -> None:

@@ -199,6 +199,7 @@ def test_joined_demo_node_is_verified_and_offered(
         "price_per_gpu_hour": 500_000,
         "price_per_gpu_hour_display": "0.50",
         "free_gpus": 1,
+        "largest_free_gpus": 1,
         "total_gpus": 1,
         "reliability": 0.9,
         "demo": True,

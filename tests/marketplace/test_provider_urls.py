@@ -21,6 +21,7 @@ from gpuportal.hub import egress
 from gpuportal.hub.db.marketplace_models import Provider
 from gpuportal.hub.errors import ConfigError
 from gpuportal.hub.market.marketplace import rules_of
+from gpuportal.hub.portal import loops
 from gpuportal.hub.portal.app import create_app
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
@@ -165,7 +166,7 @@ async def test_a_loopback_jobs_url_is_never_fetched_unless_trusted(
                 for provider in session.scalars(select(Provider)):
                     provider.house = True
         for _ in range(3):
-            await portal.check_ray()
+            await loops.check_ray(portal)
         assert dashboard.hits == (0 if who == "provider" else 3)
     finally:
         await portal.close()

@@ -27,12 +27,13 @@ from gpuportal.hub.db.marketplace_models import Node
 from gpuportal.hub.market import nodes
 from gpuportal.hub.market.marketplace import rules_of
 from gpuportal.hub.market.raystatus import marketplace_node_states
+from gpuportal.hub.portal import loops
 from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.portal.hubapi import HubAPI
 from gpuportal.hub.settings import load_settings
-from gpuportal.hub.stack.localray import free_port
 from gpuportal.hub.timeutil import utcnow
+from gpuportal.provider.ports import free_port
 
 
 def ray_node(state: str, *node_ids: str) -> dict[str, Any]:
@@ -153,7 +154,7 @@ async def test_ray_dead_or_missing_nodes_go_offline_despite_heartbeats(
     caplog.set_level(logging.INFO)
 
     # Ray runs n-alive and n-dead; n-missing declares nothing in its cluster.
-    assert await portal.check_ray() == ["n-missing"]
+    assert await loops.check_ray(portal) == ["n-missing"]
     assert statuses(portal) == {
         "n-alive": ("online", None),
         "n-dead": ("online", None),
@@ -168,7 +169,7 @@ async def test_ray_dead_or_missing_nodes_go_offline_despite_heartbeats(
     # The worker stops: Ray keeps it in its list, DEAD.
     ray_pair.cluster.remove_node(ray_pair.worker)
     wait_for(ray_pair.jobs_url, "n-dead", "DEAD")
-    assert await portal.check_ray() == ["n-dead"]
+    assert await loops.check_ray(portal) == ["n-dead"]
     assert statuses(portal)["n-dead"] == ("offline", "ray")
     assert (
         "node n-dead: Ray reports its resource gpuportal/node:n-dead on a DEAD Ray node "
@@ -182,7 +183,7 @@ async def test_ray_dead_or_missing_nodes_go_offline_despite_heartbeats(
     assert statuses(portal)["n-dead"] == ("offline", "ray")
 
     # The silent dashboard: logged each time, offline after K missed checks in a row.
-    assert await portal.check_ray() == ["n-far"]
+    assert await loops.check_ray(portal) == ["n-far"]
     assert statuses(portal)["n-far"] == ("offline", "ray-unreachable")
     assert any(
         m.startswith("Ray dashboard of cluster") and "(3 missed checks in a row)" in m
@@ -197,7 +198,7 @@ async def test_ray_dead_or_missing_nodes_go_offline_despite_heartbeats(
         alive = session.scalar(select(Node).where(Node.node_id == "n-alive"))
         assert alive is not None
         alive.status, alive.offline_reason = "offline", "ray"
-    assert await portal.check_ray() == ["n-alive"]
+    assert await loops.check_ray(portal) == ["n-alive"]
     assert statuses(portal)["n-alive"] == ("online", None)
     assert {c.node_id for c in portal.capacity.candidates()} == {"n-alive"}
     await portal.close()

@@ -226,9 +226,9 @@ def test_the_per_user_limit_on_live_reservations(
 #: Each step ``create_reservation`` takes after the GPUs are held: (module, function).
 STEPS = [
     ("gpuportal.hub.market.marketplace", "get"),
-    ("gpuportal.hub.billing.reservation_billing", "authorize"),
+    ("gpuportal.hub.billing.reservation_billing", "authorize_reservation"),
     ("gpuportal.hub.billing.credits", "welcome"),
-    ("gpuportal.hub.billing.quotas", "authorize"),
+    ("gpuportal.hub.billing.quotas", "authorize_launch"),
     ("gpuportal.hub.billing.quotas", "held_reservations"),
     ("gpuportal.hub.billing.metering", "payer_state"),
     ("gpuportal.hub.billing.ledger", "balance"),

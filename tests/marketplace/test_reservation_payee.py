@@ -55,7 +55,7 @@ def test_a_providers_node_pays_that_provider(client: TestClient, market: Market)
 def test_even_the_cheapest_reservation_needs_credit(
     tmp_path: Path, db_url: str, market: Market
 ) -> None:
-    """Survivor of ``make mutate`` (reservation_billing.authorize: ``price <= 0`` became
+    """Survivor of ``make mutate`` (reservation_billing.authorize_reservation: ``price <= 0`` became
     ``price <= 1``): a node at 1 micro-credit per GPU-hour is not free, so a user with
     no credit is refused (900 s at that price rounds up to 1 micro-credit)."""
     market.add_node("cheap", "node-c", {"A100-80GB": 1}, price=1, region="local")

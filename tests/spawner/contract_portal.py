@@ -6,8 +6,8 @@ serialises reservations with a lock (so the last GPU goes to exactly one
 caller) and checks the ``ray-spawner`` service token. It is a test double for
 the marketplace only; Ray, the hub and the servers in these tests are real.
 
-It answers every route the spawner calls (offers, reserve, get, activate,
-failed, release) and refuses a user who cannot pay for the minimum billable
+It answers every route the spawner calls (offers, a user's balance, reserve,
+get, activate, failed, release) and refuses a user who cannot pay for the minimum billable
 period with the real portal's 402 (``payment_required``), using the same
 rule: every user starts with the sign-up credit, and a launch needs
 ``gpu_count x price x min_billable_seconds`` of it (rounded up). The contract
@@ -39,6 +39,7 @@ class Node:
     cluster_id: int = 1
     vram_gb: int = 80
     ray_token: str = ""  # the cluster's Ray token: trusted callers get it with a reservation
+    demo: bool = True
 
 
 @dataclass
@@ -98,13 +99,32 @@ def create_app(portal: ContractPortal) -> FastAPI:
                     "price_per_gpu_hour": n.price,
                     "price_per_gpu_hour_display": f"{n.price / 1e6:.2f}",
                     "free_gpus": n.gpus - len(portal.used(n.node_id)),
+                    "largest_free_gpus": n.gpus - len(portal.used(n.node_id)),
                     "total_gpus": n.gpus,
                     "reliability": 1.0,
-                    "demo": True,
+                    "demo": n.demo,
                     "provider": "house",
                 }
                 for n in portal.nodes
             ]
+
+    @app.get(f"{prefix}/balance")
+    async def balance(user: str = "") -> Any:
+        if not user:
+            return error(422, "invalid", "Name the user.")
+        micro = portal.balances.get(user, portal.signup_credits)
+        return {
+            "user": user,
+            "balance": micro,
+            "available": micro,
+            "display": f"{micro / 1e6:.2f} credits",
+            "currency": "credits",
+            "rate_per_hour": 0,
+            "runway_seconds": None,
+            "warning": None,
+            "allocations": [],
+            "min_billable_seconds": portal.min_billable_seconds,
+        }
 
     @app.post(f"{prefix}/reservations")
     async def reserve(request: Request) -> Any:

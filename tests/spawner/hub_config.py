@@ -5,7 +5,7 @@ import os
 import sys
 from pathlib import Path
 
-from gpuportal.spawners.spawner import default_profile_list
+from gpuportal.spawners.profiles import default_profile_list
 
 env = os.environ
 data = Path(env["TEST_HUB_DATA"])

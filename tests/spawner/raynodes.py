@@ -25,6 +25,7 @@ import psutil
 
 from gpuportal.hub.stack.localray import stop_process_group
 from gpuportal.provider import isolation, raynode
+from tests.portal_stack import free_port
 
 RAY = str(Path(sys.executable).parent / "ray")
 FAST_HEALTH = {
@@ -33,12 +34,6 @@ FAST_HEALTH = {
     "RAY_health_check_timeout_ms": "500",
     "RAY_health_check_failure_threshold": "4",
 }
-
-
-def free_port() -> int:
-    from tests.portal_stack import free_port as below_ephemeral
-
-    return below_ephemeral()
 
 
 def _ports(*names: str) -> list[str]:

@@ -11,10 +11,10 @@ import httpx
 import pytest
 from ray.job_submission import JobSubmissionClient
 
-from gpuportal.spawners.rayjobs import RayJobs, RayUnavailable
+from gpuportal.spawners.rayjobs import JobNotFound, RayJobs, RayUnavailable
 
 from .conftest import Hub
-from .contract_portal import ContractPortal
+from .contract_portal import ContractPortal, Node
 from .kernel import run_code
 from .raynodes import RayNodes
 
@@ -157,3 +157,107 @@ def test_the_jobs_api_refuses_whoever_lacks_the_clusters_token(ray_nodes: RayNod
         asyncio.run(RayJobs(ray_nodes.jobs_url).state("no-such-job"))
     trusted = RayJobs(ray_nodes.jobs_url, token=ray_nodes.token)
     assert asyncio.run(trusted.stop("no-such-job")) is False  # authenticated; job unknown
+
+
+def test_polls_reuse_one_jobs_client_and_one_http_client_per_cluster(
+    ray_nodes: RayNodes,
+) -> None:
+    """Each new SDK client asks the cluster for its version first; a poll must not."""
+    jobs = RayJobs(ray_nodes.jobs_url, token=ray_nodes.token)
+
+    async def poll_three_times() -> None:
+        for _ in range(3):
+            with pytest.raises(JobNotFound):
+                await jobs.state("gpuportal--nobody--never-submitted")
+            assert await jobs.node_alive("f" * 56) is False
+
+    asyncio.run(poll_three_times())
+    assert (jobs.sdk_clients_made, jobs._http.made) == (1, 1)
+
+
+# --- the spawn form in Chromium, against the real hub -------------------------------------
+
+HOSTILE_MODEL = '<img src=x onerror="window.pwned=1">'
+HOSTILE_REGION = 'x"><script>window.pwned=2</script>'
+
+
+def log_in(page: Any, hub: Hub, name: str) -> None:
+    page.goto(f"{hub.url}/hub/login")
+    page.fill("input[name=username]", name)
+    page.fill("input[name=password]", "any-password")
+    page.click("input[type=submit], button[type=submit]")
+    page.wait_for_url("**/hub/**", timeout=30_000)
+
+
+def selected_value(page: Any, field: str) -> str:
+    return str(page.eval_on_selector(f"select[name='{field}']", "s => s.value"))
+
+
+@pytest.mark.browser
+def test_the_form_in_chromium_offers_what_can_be_placed_and_escapes_provider_names(
+    hub: Hub, portal: ContractPortal, browser_page: Any
+) -> None:
+    """CPU by default; disabled models and counts; the portal's own minimum period
+    (10 minutes here, not a hard-coded 15); a provider's hostile names stay text."""
+    hostile = Node("evil", 1, HOSTILE_MODEL, HOSTILE_REGION, 500_000, "http://127.0.0.1:9")
+    portal.nodes.append(hostile)
+    portal.min_billable_seconds = 600
+    try:
+        page = browser_page
+        log_in(page, hub, "uma")
+        page.goto(f"{hub.url}/hub/spawn")
+        assert page.is_checked("input[name=profile][value=cpu]")
+        assert page.evaluate("window.pwned") is None
+        models = page.locator("select[name='profile-option-gpu--gpu_model'] option")
+        texts = models.all_inner_texts()
+        assert f"{HOSTILE_MODEL} (this name cannot be chosen)" in texts
+        assert "NVIDIA H100 80GB (no offers now)" in texts
+        assert page.is_disabled("select[name='profile-option-gpu--gpu_model'] option[value=L4]")
+        regions = page.locator("select[name='profile-option-gpu--region'] option")
+        assert f"{HOSTILE_REGION} (this name cannot be chosen)" in regions.all_inner_texts()
+        assert page.inner_text("#gpuportal-balance") == "10.00 credits"
+        assert page.inner_text("#gpuportal-min-billable") == "10 minutes"
+        assert page.is_visible("#gpuportal-demo")
+        page.check("input[name=profile][value=gpu]")
+        page.select_option("select[name='profile-option-gpu--gpu_model']", "A100-80GB")
+        count = "select[name='profile-option-gpu--gpu_count']"
+        assert page.is_disabled(f"{count} option[value='4']")  # n1 has 2 GPUs
+        page.select_option(count, "2")
+        assert page.inner_text("#gpuportal-cost-gpu") == (
+            "About 3.00 credits per hour; at least 0.50 credits (10 minutes) once it starts."
+        )
+        assert page.evaluate("window.pwned") is None
+    finally:
+        portal.nodes.remove(hostile)
+        portal.min_billable_seconds = 900
+
+
+@pytest.mark.browser
+def test_a_refusal_in_chromium_is_a_sentence_that_keeps_the_form_and_drops_the_choice(
+    hub: Hub, portal: ContractPortal, browser_page: Any
+) -> None:
+    portal.balances["vic"] = 0
+    before = len(portal.reservations)
+    try:
+        page = browser_page
+        log_in(page, hub, "vic")
+        page.goto(f"{hub.url}/hub/spawn")
+        page.check("input[name=profile][value=gpu]")
+        page.select_option("select[name='profile-option-gpu--gpu_model']", "A100-80GB")
+        page.click("#spawn_form button[type=submit]")
+        page.wait_for_selector(".spawn-error-msg", timeout=60_000)
+        error = page.inner_text(".spawn-error-msg")
+        assert "add credits" in error, error
+        assert "SpawnException" not in error and "402" not in error and "reason=" not in error
+        refusal = page.inner_text("#gpuportal-refusal")
+        assert "choices were reset" in refusal
+        link = page.get_attribute("#gpuportal-refusal a", "href")
+        assert link == "/services/portal/docs#/billing"
+        # The form is there and usable, at the refused profile without the refused model.
+        assert page.is_checked("input[name=profile][value=gpu]")
+        assert selected_value(page, "profile-option-gpu--gpu_model") == "any"
+        assert page.is_enabled("#spawn_form button[type=submit]")
+        assert len(portal.reservations) == before
+        assert hub.server_model("vic") is None
+    finally:
+        del portal.balances["vic"]

@@ -91,6 +91,11 @@ def test_form_shows_live_availability_and_price(stack: Stack, tokens: dict[str, 
     assert "NVIDIA A100 80GB (2 free, from" in page
     assert "/GPU-hour" in page
     assert "gpuportal-cost-gpu" in page  # cost per hour of the chosen size
+    # The real portal answers the spawner's balance call: balance and minimum period.
+    assert 'id="gpuportal-balance">10.00 credits<' in page
+    assert 'id="gpuportal-min-billable">15 minutes<' in page
+    assert 'name="profile" value="cpu" checked' in page
+    assert 'id="gpuportal-demo"' in page
 
 
 def test_spawn_on_the_house_gpu_and_give_it_back(stack: Stack, tokens: dict[str, str]) -> None:

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Query
 from fastapi.responses import PlainTextResponse, Response
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
 from starlette.concurrency import run_in_threadpool
@@ -42,9 +42,17 @@ from ...db.models import Account
 from ..auth import CurrentCaller, PortalDep, PortalUser
 from ..context import Portal
 from ..hubapi import HubUnavailable
+from .plumbing import (
+    Admin,
+    ApiError,
+    Trusted,
+    api_error,
+    check_owner,
+    in_db,
+    sentence,
+)
 
-router = APIRouter(prefix="/api/v1")
-T = TypeVar("T")
+router = APIRouter()
 
 #: Largest deposit amounts accepted before the chain is asked: all the SOL there is
 #: (about 6e17 lamports), and a USDC amount worth at most MAX_AMOUNT at 1 credit/USDC.
@@ -52,40 +60,8 @@ MAX_LAMPORTS = 10**18
 MAX_USDC_UNITS = MAX_AMOUNT
 
 
-async def trusted(user: CurrentCaller) -> PortalUser:
-    """Admins and trusted hub services (the spawner)."""
-    if user.role not in ("admin", "service"):
-        raise HTTPException(403, "Only admins and the spawner service may do this.")
-    return user
-
-
-async def admin_only(user: CurrentCaller) -> PortalUser:
-    if user.role != "admin":
-        raise HTTPException(403, f"This needs the admin role; you are a {user.role}.")
-    return user
-
-
-Trusted = Annotated[PortalUser, Depends(trusted)]
-Admin = Annotated[PortalUser, Depends(admin_only)]
-
-
-def may_see(caller: PortalUser, user_name: str) -> None:
-    """A user sees only their own data; admins and trusted services see everyone's."""
-    if caller.role in ("admin", "service") or caller.name == user_name:
-        return
-    raise HTTPException(403, "You can only see your own usage, balance and servers.")
-
-
-async def in_db(portal: Portal, work: Callable[[Any], T]) -> T:
-    """Run ``work(session)`` in a DB transaction off the event loop; domain errors → 4xx."""
-    try:
-        return await run_in_threadpool(ledger.with_retry, portal.sessions, work)
-    except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
-
-
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
+#: Why a user may not see another's data.
+OWN_DATA_ONLY = "You can only see your own usage, balance and servers."
 
 
 async def account_from_hub(portal: Portal, name: str) -> None:
@@ -105,9 +81,9 @@ async def account_from_hub(portal: Portal, name: str) -> None:
     try:
         model = await portal.hub.user(name)
     except HubUnavailable:
-        raise HTTPException(503, "The hub is not answering; try again in a moment.") from None
+        raise ApiError(503, "The hub is not answering; try again in a moment.") from None
     if model is None:
-        raise HTTPException(404, f"There is no hub user named {name!r}.")
+        raise ApiError(404, f"There is no hub user named {name!r}.")
 
     def create(session: Any) -> None:
         accounts.upsert_account(session, model)
@@ -185,7 +161,9 @@ def _public(session: Any, alloc: Allocation) -> dict[str, Any]:
     }
 
 
-@router.post("/allocations", response_model=AllocationPublic, status_code=201, tags=["metering"])
+@router.post(
+    "/api/v1/allocations", response_model=AllocationPublic, status_code=201, tags=["metering"]
+)
 async def open_allocation(
     body: AllocationCreate, portal: PortalDep, caller: Trusted, response: Response
 ) -> Any:
@@ -210,7 +188,7 @@ async def open_allocation(
 
 
 @router.post(
-    "/allocations/{allocation_id}/close", response_model=AllocationPublic, tags=["metering"]
+    "/api/v1/allocations/{allocation_id}/close", response_model=AllocationPublic, tags=["metering"]
 )
 async def close_allocation(
     allocation_id: int, portal: PortalDep, caller: Trusted, body: AllocationClose | None = None
@@ -226,7 +204,7 @@ async def close_allocation(
     return await in_db(portal, work)
 
 
-@router.get("/allocations", response_model=list[AllocationPublic], tags=["metering"])
+@router.get("/api/v1/allocations", response_model=list[AllocationPublic], tags=["metering"])
 async def list_allocations(
     portal: PortalDep,
     caller: CurrentCaller,
@@ -238,7 +216,7 @@ async def list_allocations(
     from sqlalchemy import select
 
     name = user or caller.name
-    may_see(caller, name)
+    check_owner(caller, name, OWN_DATA_ONLY)
 
     def work(session: Any) -> list[dict[str, Any]]:
         query = select(Allocation).where(Allocation.user_name == name)
@@ -252,11 +230,13 @@ async def list_allocations(
     return await in_db(portal, work)
 
 
-@router.get("/allocations/{allocation_id}", response_model=AllocationPublic, tags=["metering"])
+@router.get(
+    "/api/v1/allocations/{allocation_id}", response_model=AllocationPublic, tags=["metering"]
+)
 async def get_allocation(allocation_id: int, portal: PortalDep, caller: CurrentCaller) -> Any:
     def work(session: Any) -> dict[str, Any]:
         alloc = allocations.get_allocation(session, allocation_id)
-        may_see(caller, alloc.user_name)
+        check_owner(caller, alloc.user_name, OWN_DATA_ONLY)
         return _public(session, alloc)
 
     return await in_db(portal, work)
@@ -277,9 +257,13 @@ class BalancePublic(BaseModel):
     runway_seconds: float | None
     warning: str | None
     allocations: list[AllocationPublic]
+    min_billable_seconds: int = Field(
+        description="A launch needs credit for at least this long (seconds); the spawn "
+        "form shows it."
+    )
 
 
-@router.get("/balance", response_model=BalancePublic, tags=["billing"])
+@router.get("/api/v1/balance", response_model=BalancePublic, tags=["billing"])
 async def get_balance(
     portal: PortalDep,
     caller: CurrentCaller,
@@ -289,7 +273,7 @@ async def get_balance(
     from sqlalchemy import select
 
     name = user or caller.name
-    may_see(caller, name)
+    check_owner(caller, name, OWN_DATA_ONLY)
     now = timeutil.utcnow()
     settings = portal.settings
 
@@ -329,6 +313,7 @@ async def get_balance(
             "runway_seconds": state.runway,
             "warning": warning,
             "allocations": [_public(session, a) for a in running],
+            "min_billable_seconds": settings.min_billable_seconds,
         }
 
     return await in_db(portal, work)
@@ -354,7 +339,9 @@ class TransactionPublic(BaseModel):
     created_at: datetime
 
 
-@router.post("/credits/grants", response_model=TransactionPublic, status_code=201, tags=["billing"])
+@router.post(
+    "/api/v1/credits/grants", response_model=TransactionPublic, status_code=201, tags=["billing"]
+)
 async def grant_credits(
     body: GrantCreate, portal: PortalDep, caller: Admin, response: Response
 ) -> Any:
@@ -366,7 +353,7 @@ async def grant_credits(
     try:
         ledger.positive_amount(body.amount)
     except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
+        raise api_error(exc) from None
     if body.user is not None:
         await account_from_hub(portal, body.user)
 
@@ -409,7 +396,7 @@ class SignupPublic(BaseModel):
     balance: int
 
 
-@router.post("/credits/signup", response_model=SignupPublic, tags=["billing"])
+@router.post("/api/v1/credits/signup", response_model=SignupPublic, tags=["billing"])
 async def approve_signup(body: SignupApproval, portal: PortalDep, caller: Admin) -> Any:
     """Vouch for a person (admins): their account gets the sign-up credit, once.
 
@@ -489,14 +476,14 @@ def chain_of(portal: Portal) -> deposits.Chain:
     return chain
 
 
-@router.get("/deposits/solana", response_model=DepositInfo, tags=["billing"])
+@router.get("/api/v1/deposits/solana", response_model=DepositInfo, tags=["billing"])
 async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
     """Where to send SOL, and what it is worth."""
     try:
         address = await run_in_threadpool(deposits.deposit_address, portal.settings)
         chain = chain_of(portal)
     except LedgerError as exc:
-        raise HTTPException(503, _sentence(str(exc))) from None
+        raise ApiError(503, sentence(str(exc))) from None
     try:  # SOL deposits work without a USDC mint, so its absence only blanks these two
         mint: str | None = await run_in_threadpool(deposits.usdc_mint, portal.settings, chain)
     except LedgerError:
@@ -547,13 +534,15 @@ async def _credit_deposit(
     return result
 
 
-@router.post("/deposits/solana", response_model=DepositPublic, status_code=201, tags=["billing"])
+@router.post(
+    "/api/v1/deposits/solana", response_model=DepositPublic, status_code=201, tags=["billing"]
+)
 async def deposit(
     body: DepositCreate, portal: PortalDep, caller: CurrentCaller, response: Response
 ) -> Any:
     """Credit a SOL transfer to the deposit address, once (yourself only)."""
     if caller.kind != "user":
-        raise HTTPException(403, "Deposits are credited to the hub user who submits them.")
+        raise ApiError(403, "Deposits are credited to the hub user who submits them.")
     try:
         ledger.positive_amount(body.lamports, "lamports", MAX_LAMPORTS)
         signature = deposits.check_signature(body.signature)
@@ -568,20 +557,22 @@ async def deposit(
             memo=deposits.deposit_memo(address, caller.account_id),
         )
     except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
+        raise api_error(exc) from None
 
     return await _credit_deposit(
         portal, caller, response, signature, "lamports", lamports, deposits.credit
     )
 
 
-@router.post("/deposits/usdc", response_model=UsdcDepositPublic, status_code=201, tags=["billing"])
+@router.post(
+    "/api/v1/deposits/usdc", response_model=UsdcDepositPublic, status_code=201, tags=["billing"]
+)
 async def deposit_usdc(
     body: UsdcDepositCreate, portal: PortalDep, caller: CurrentCaller, response: Response
 ) -> Any:
     """Credit a USDC transfer to the platform's USDC token account, once (yourself only)."""
     if caller.kind != "user":
-        raise HTTPException(403, "Deposits are credited to the hub user who submits them.")
+        raise ApiError(403, "Deposits are credited to the hub user who submits them.")
     try:
         ledger.positive_amount(body.amount, "amount", MAX_USDC_UNITS)
         signature = deposits.check_signature(body.signature)
@@ -598,7 +589,7 @@ async def deposit_usdc(
             memo=deposits.deposit_memo(address, caller.account_id),
         )
     except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
+        raise api_error(exc) from None
 
     return await _credit_deposit(
         portal, caller, response, signature, "amount", amount, deposits.credit_usdc
@@ -625,7 +616,7 @@ class QuotaPublic(BaseModel):
     spend_cap_per_hour: int | None
 
 
-@router.put("/quotas", response_model=QuotaPublic, tags=["quotas"])
+@router.put("/api/v1/quotas", response_model=QuotaPublic, tags=["quotas"])
 async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
     """Set (replace) the quota of one user or one team (admins); a hub user who has not
     used the portal yet is looked up in the hub on demand."""
@@ -647,7 +638,7 @@ async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
     return await in_db(portal, work)
 
 
-@router.get("/quotas", response_model=QuotaPublic | None, tags=["quotas"])
+@router.get("/api/v1/quotas", response_model=QuotaPublic | None, tags=["quotas"])
 async def get_quota(
     portal: PortalDep,
     caller: CurrentCaller,
@@ -655,7 +646,7 @@ async def get_quota(
 ) -> Any:
     """Your quota (or a user's, for admins); null when there is none."""
     name = user or caller.name
-    may_see(caller, name)
+    check_owner(caller, name, OWN_DATA_ONLY)
     now = timeutil.utcnow()
 
     def work(session: Any) -> dict[str, Any] | None:
@@ -684,17 +675,17 @@ class AuthorizePublic(BaseModel):
     min_billable_seconds: int
 
 
-@router.post("/authorize", response_model=AuthorizePublic, tags=["quotas"])
-async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentCaller) -> Any:
+@router.post("/api/v1/authorize", response_model=AuthorizePublic, tags=["quotas"])
+async def check_launch(body: AuthorizeRequest, portal: PortalDep, caller: CurrentCaller) -> Any:
     """May ``user`` launch this now? 402 or 403 with the reason and what to do.
 
     The spawner calls it before it submits; a user may ask about themselves.
     """
-    may_see(caller, body.user)
+    check_owner(caller, body.user, OWN_DATA_ONLY)
     now = timeutil.utcnow()
 
     def work(session: Any) -> dict[str, Any]:
-        ok = quotas.authorize(
+        ok = quotas.authorize_launch(
             session,
             portal.settings,
             user=body.user,
@@ -720,7 +711,7 @@ async def authorize(body: AuthorizeRequest, portal: PortalDep, caller: CurrentCa
 # --- usage ------------------------------------------------------------------------------------
 
 
-@router.get("/usage", tags=["billing"], response_model=None)
+@router.get("/api/v1/usage", tags=["billing"], response_model=None)
 async def get_usage(
     portal: PortalDep,
     caller: CurrentCaller,
@@ -732,7 +723,7 @@ async def get_usage(
 ) -> Any:
     """What your servers cost, per server or per day; ``format=csv`` for a spreadsheet."""
     name = user or caller.name
-    may_see(caller, name)
+    check_owner(caller, name, OWN_DATA_ONLY)
 
     def work(session: Any) -> list[dict[str, Any]]:
         account = allocations.account_named(session, name)

@@ -19,17 +19,18 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime
+from functools import partial
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from ... import db, timeutil
+from ... import timeutil
 from ...billing import reservation_billing
-from ...billing.ledger import LedgerError
 from ...market import marketplace
 from ...market.marketplace import (
     OFFERS_CACHE_KEY,
@@ -42,38 +43,20 @@ from ...market.placement import Request as PlacementRequest
 from ..auth import CurrentCaller, PortalDep, PortalUser
 from ..context import Portal
 from ..hubapi import HubUnavailable
+from .plumbing import (
+    LAUNCH_REFUSAL_CODES,
+    ApiError,
+    api_error,
+    check_owner,
+    check_trusted,
+    in_db,
+    small_body,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["marketplace"])
 
-#: Request bodies larger than this are refused before they are parsed.
-MAX_BODY_BYTES = 16 * 1024
 _NAME = r"^[^\s/\\?#%]*$"
-
-
-class ApiError(HTTPException):
-    """An HTTP error with its own machine-readable code (see app.error_body)."""
-
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
-        super().__init__(status_code=status, detail=message)
-        self.code = code
-
-
-def market_error(exc: MarketError) -> ApiError:
-    return ApiError(exc.status, exc.message, exc.code)
-
-
-def billing_error(exc: LedgerError) -> ApiError:
-    text = str(exc)
-    codes = {402: "payment_required", 403: "quota_exceeded"}
-    return ApiError(exc.status, text[:1].upper() + text[1:], codes.get(exc.status))
-
-
-async def small_body(request: Request) -> None:
-    """Refuse oversized bodies by their declared length, before parsing them."""
-    length = request.headers.get("content-length", "0")
-    if not length.isdigit() or int(length) > MAX_BODY_BYTES:
-        raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", "too_large")
 
 
 class Offer(BaseModel):
@@ -83,6 +66,9 @@ class Offer(BaseModel):
     price_per_gpu_hour: int = Field(description="Micro-credits per GPU-hour.")
     price_per_gpu_hour_display: str = Field(description="Credits per GPU-hour, e.g. 1.20.")
     free_gpus: int
+    largest_free_gpus: int = Field(
+        0, description="The most GPUs free on one node: the largest count one server can get."
+    )
     total_gpus: int
     reliability: float
     demo: bool
@@ -179,8 +165,11 @@ class FailedStart(BaseModel):
     reason: str = Field(min_length=1, max_length=500)
 
 
-async def _cached(portal: Portal, key: str, compute: Callable[[], list[dict[str, Any]]]) -> Any:
-    """``compute()`` (in a thread), served from the cache until it expires or capacity changes.
+async def _cached(
+    portal: Portal, key: str, compute: Callable[[Session], list[dict[str, Any]]]
+) -> Any:
+    """``compute(session)`` (see :func:`in_db`), served from the cache until it expires
+    or capacity changes.
 
     An entry counts only if it was computed after this process last saw a
     capacity change (``portal.capacity.changed_at``), so a reservation shows in
@@ -198,7 +187,7 @@ async def _cached(portal: Portal, key: str, compute: Callable[[], list[dict[str,
         if entry.get("at", 0.0) > portal.capacity.changed_at:
             return entry["data"]
     started = time.time()
-    data = await run_in_threadpool(compute)
+    data = await in_db(portal, compute)
     try:
         await portal.cache.set(
             key, json.dumps({"at": started, "data": data}), ttl=OFFERS_CACHE_SECONDS
@@ -215,9 +204,8 @@ async def list_offers(caller: CurrentCaller, portal: PortalDep) -> Any:
     seconds, and invalidated by every capacity change."""
     rules = rules_of(portal.settings)
 
-    def load() -> list[dict[str, Any]]:
-        with db.transaction(portal.sessions) as session:
-            return marketplace.offers(session, rules)
+    def load(session: Session) -> list[dict[str, Any]]:
+        return marketplace.offers(session, rules)
 
     return await _cached(portal, OFFERS_CACHE_KEY, load)
 
@@ -228,27 +216,27 @@ async def offers_summary(caller: CurrentCaller, portal: PortalDep) -> Any:
     the offers)."""
     rules = rules_of(portal.settings)
 
-    def load() -> list[dict[str, Any]]:
-        with db.transaction(portal.sessions) as session:
-            return marketplace.summary(session, rules)
+    def load(session: Session) -> list[dict[str, Any]]:
+        return marketplace.summary(session, rules)
 
     return await _cached(portal, SUMMARY_CACHE_KEY, load)
 
 
 async def _account_for(portal: Portal, caller: PortalUser, user: str) -> int:
     """The account the reservation is for; a user only for themselves."""
+    check_owner(
+        caller,
+        user,
+        f"You may reserve GPUs only for yourself ({caller.name}), not for {user!r}.",
+        admins=False,
+    )
     if not caller.is_service:
-        if user != caller.name:
-            raise ApiError(
-                403, f"You may reserve GPUs only for yourself ({caller.name}), not for {user!r}."
-            )
         return caller.account_id
 
-    def lookup() -> int | None:
-        with db.transaction(portal.sessions) as session:
-            return marketplace.account_id_for(session, user)
+    def lookup(session: Session) -> int | None:
+        return marketplace.account_id_for(session, user)
 
-    account_id = await run_in_threadpool(lookup)
+    account_id = await in_db(portal, lookup)
     if account_id is not None:
         return account_id
     try:
@@ -258,11 +246,10 @@ async def _account_for(portal: Portal, caller: PortalUser, user: str) -> int:
     if model is None:
         raise ApiError(422, f"There is no hub user named {user!r}.")
 
-    def create() -> int:
-        with db.transaction(portal.sessions) as session:
-            return marketplace.ensure_account(session, model)
+    def create(session: Session) -> int:
+        return marketplace.ensure_account(session, model)
 
-    return await run_in_threadpool(create)
+    return await in_db(portal, create)
 
 
 @router.post(
@@ -313,7 +300,7 @@ async def create_reservation(
             body.server_name,
             exc.message,
         )
-        raise market_error(exc) from None
+        raise api_error(exc) from None
     if not created:
         return JSONResponse(reservation_body(caller, answer), status_code=200)
     # The GPUs are held from here on. The user must afford the minimum billable
@@ -322,13 +309,12 @@ async def create_reservation(
     # the GPUs straight back.
     rid = str(answer["id"])
     try:
-        await run_in_threadpool(_authorize, portal, rid)
+        await in_db(portal, partial(_authorize_reservation, portal, rid), LAUNCH_REFUSAL_CODES)
         return JSONResponse(reservation_body(caller, answer), status_code=201)
     except BaseException as exc:
         await _release_after_failure(portal, rid, body.user, exc)
-        if isinstance(exc, LedgerError):
-            log.info("reservation refused for user %s: %s", body.user, exc)
-            raise billing_error(exc) from None
+        if isinstance(exc, ApiError):
+            log.info("reservation refused for user %s: %s", body.user, exc.detail)
         raise
 
 
@@ -340,26 +326,23 @@ async def list_reservations(
 ) -> Any:
     """Live (held or active) reservations: your own, or a user's for services and admins."""
     name = user or caller.name
-    if name != caller.name and not (caller.is_service or caller.admin):
-        raise ApiError(403, "You may list only your own reservations.")
+    check_owner(caller, name, "You may list only your own reservations.")
 
-    def load() -> list[dict[str, Any]]:
-        with db.transaction(portal.sessions) as session:
-            account_id = marketplace.account_id_for(session, name)
-            if account_id is None:
-                return []
-            return [
-                reservation_body(caller, marketplace.public(r))
-                for r in marketplace.live_reservations(session, account_id)
-            ]
+    def load(session: Session) -> list[dict[str, Any]]:
+        account_id = marketplace.account_id_for(session, name)
+        if account_id is None:
+            return []
+        return [
+            reservation_body(caller, marketplace.public(r))
+            for r in marketplace.live_reservations(session, account_id)
+        ]
 
-    return JSONResponse(await run_in_threadpool(load))
+    return JSONResponse(await in_db(portal, load))
 
 
-def _authorize(portal: Portal, reservation_id: str) -> None:
-    with db.transaction(portal.sessions) as session:
-        res = marketplace.get(session, reservation_id)
-        reservation_billing.authorize(session, portal.settings, res, timeutil.utcnow())
+def _authorize_reservation(portal: Portal, reservation_id: str, session: Session) -> None:
+    res = marketplace.get(session, reservation_id)
+    reservation_billing.authorize_reservation(session, portal.settings, res, timeutil.utcnow())
 
 
 async def _release_after_failure(
@@ -370,7 +353,7 @@ async def _release_after_failure(
     Runs even when the request was cancelled; if the release itself fails, the
     hold still expires after ``reservation_hold_seconds``.
     """
-    if not isinstance(exc, LedgerError):
+    if not isinstance(exc, ApiError):
         log.warning(
             "reservation %s for user %s failed after its GPUs were held (%s); releasing it",
             reservation_id,
@@ -378,47 +361,39 @@ async def _release_after_failure(
             type(exc).__name__,
         )
 
-    def release() -> None:
-        with db.transaction(portal.sessions) as session:
-            marketplace.release(session, reservation_id)
+    def release(session: Session) -> None:
+        marketplace.release(session, reservation_id)
 
     try:
-        await asyncio.shield(run_in_threadpool(release))
+        await asyncio.shield(in_db(portal, release))
     except Exception:
         log.exception("could not release reservation %s; its hold will expire", reservation_id)
 
 
-def _check_owner(caller: PortalUser, owner: str, *, admin_ok: bool) -> None:
-    if caller.is_service or caller.name == owner or (admin_ok and caller.admin):
-        return
-    raise ApiError(403, "This reservation belongs to another user.")
-
-
 async def _act(portal: Portal, caller: PortalUser, reservation_id: str, action: str) -> Any:
-    def run() -> dict[str, Any]:
-        with db.transaction(portal.sessions) as session:
-            res = marketplace.get(session, reservation_id)
-            _check_owner(caller, res.user_name, admin_ok=action != "activate")
-            # The bill follows the reservation in the same transaction: the
-            # server is ready when it is activated, gone when it is released.
-            if action == "activate":
-                answer = marketplace.activate(session, reservation_id)
-                reservation_billing.open_for(session, portal.settings, res, timeutil.utcnow())
-                return answer
-            if action == "release":
-                answer = marketplace.release(session, reservation_id)
-                reservation_billing.close_for(
-                    session, portal.settings, reservation_id, timeutil.utcnow()
-                )
-                return answer
-            return marketplace.public(res)
+    def run(session: Session) -> dict[str, Any]:
+        res = marketplace.get(session, reservation_id)
+        check_owner(
+            caller,
+            res.user_name,
+            "This reservation belongs to another user.",
+            admins=action != "activate",
+        )
+        # The bill follows the reservation in the same transaction: the
+        # server is ready when it is activated, gone when it is released.
+        if action == "activate":
+            answer = marketplace.activate(session, reservation_id)
+            reservation_billing.open_for(session, portal.settings, res, timeutil.utcnow())
+            return answer
+        if action == "release":
+            answer = marketplace.release(session, reservation_id)
+            reservation_billing.close_for(
+                session, portal.settings, reservation_id, timeutil.utcnow()
+            )
+            return answer
+        return marketplace.public(res)
 
-    try:
-        return JSONResponse(reservation_body(caller, await run_in_threadpool(run)))
-    except MarketError as exc:
-        raise market_error(exc) from None
-    except LedgerError as exc:
-        raise billing_error(exc) from None
+    return JSONResponse(reservation_body(caller, await in_db(portal, run, LAUNCH_REFUSAL_CODES)))
 
 
 @router.get("/api/v1/reservations/{reservation_id}", response_model=ReservationPublic)
@@ -454,17 +429,12 @@ async def failed_start(
     admins only): the failure lowers the node's reliability score and the GPUs
     are released. Idempotent: reporting the same reservation again changes
     nothing and answers the same."""
-    if not (caller.is_service or caller.admin):
-        raise ApiError(
-            403, "Only the spawner (a trusted hub service) or an admin may report a failed start."
-        )
+    check_trusted(
+        caller, "Only the spawner (a trusted hub service) or an admin may report a failed start."
+    )
     start = portal.settings.reliability_start
 
-    def run() -> dict[str, Any]:
-        with db.transaction(portal.sessions) as session:
-            return marketplace.record_failed_start(session, reservation_id, body.reason, start)
+    def run(session: Session) -> dict[str, Any]:
+        return marketplace.record_failed_start(session, reservation_id, body.reason, start)
 
-    try:
-        return JSONResponse(reservation_body(caller, await run_in_threadpool(run)))
-    except MarketError as exc:
-        raise market_error(exc) from None
+    return JSONResponse(reservation_body(caller, await in_db(portal, run)))

@@ -15,28 +15,20 @@ from contextlib import suppress
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, Query
 from pydantic import BaseModel
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from ...billing import ledger, payouts
+from ...billing import payouts
 from ...billing.ledger import LedgerError
 from ...db.models import Account
 from ...db.payout_models import PAYOUT_STATES
-from ..auth import CurrentCaller, PortalDep, PortalUser
+from ..auth import CurrentCaller, PortalDep
 from ..context import Portal
+from .plumbing import Admin, ApiError, api_error, check_owner, in_db, sentence
 
-router = APIRouter(prefix="/api/v1")
-
-
-async def admin_only(user: CurrentCaller) -> PortalUser:
-    if user.role != "admin":
-        raise HTTPException(403, f"This needs the admin role; you are a {user.role}.")
-    return user
-
-
-Admin = Annotated[PortalUser, Depends(admin_only)]
+router = APIRouter()
 Status = Literal["pending", "signed", "sent", "settled", "failed"]
 
 
@@ -84,22 +76,11 @@ class RunPublic(BaseModel):
     errors: dict[str, str]
 
 
-def _sentence(text: str) -> str:
-    return text[:1].upper() + text[1:]
-
-
 async def _side(portal: Portal) -> tuple[Any, Any, str | None]:
     try:
         return await run_in_threadpool(portal.payout_side)
     except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
-
-
-async def _in_db(portal: Portal, work: Any) -> Any:
-    try:
-        return await run_in_threadpool(ledger.with_retry, portal.sessions, work)
-    except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
+        raise api_error(exc) from None
 
 
 def _chain_for_links(portal: Portal) -> Any:
@@ -112,7 +93,7 @@ class _NoChain:
     real = False
 
 
-@router.get("/payouts", response_model=list[PayoutPublic], tags=["payouts"])
+@router.get("/api/v1/payouts", response_model=list[PayoutPublic], tags=["payouts"])
 async def list_payouts(
     portal: PortalDep,
     caller: CurrentCaller,
@@ -120,10 +101,10 @@ async def list_payouts(
     status: Annotated[Status | None, Query()] = None,
 ) -> Any:
     """Your payout history, newest first; admins may name any ``provider``."""
-    if provider is not None and provider != caller.name and caller.role != "admin":
-        raise HTTPException(403, "You can only see your own payouts.")
+    if provider is not None:
+        check_owner(caller, provider, "You can only see your own payouts.")
     if provider is None and caller.kind != "user":
-        raise HTTPException(400, "Name the provider whose payouts you want (?provider=NAME).")
+        raise ApiError(400, "Name the provider whose payouts you want (?provider=NAME).")
     chain = _chain_for_links(portal)
 
     def work(session: Any) -> list[dict[str, Any]]:
@@ -138,10 +119,10 @@ async def list_payouts(
         )
         return [payouts.public(p, portal.settings, chain, name) for p, name in rows]
 
-    return await _in_db(portal, work)
+    return await in_db(portal, work)
 
 
-@router.get("/payouts/admin", response_model=PayoutAdminView, tags=["payouts"])
+@router.get("/api/v1/payouts/admin", response_model=PayoutAdminView, tags=["payouts"])
 async def payouts_admin(portal: PortalDep, caller: Admin) -> Any:
     """Pending (not yet settled) and failed payouts, totals per status, and the treasury."""
     treasury: dict[str, Any] | None = None
@@ -150,7 +131,7 @@ async def payouts_admin(portal: PortalDep, caller: Admin) -> Any:
         chain, vault, _ = await run_in_threadpool(portal.payout_side)
         treasury = await run_in_threadpool(payouts.treasury_view, portal.settings, chain, vault)
     except LedgerError as exc:  # a misconfigured treasury must not hide the payouts
-        problem = _sentence(str(exc))
+        problem = sentence(str(exc))
         chain = _chain_for_links(portal)
 
     def work(session: Any) -> dict[str, Any]:
@@ -164,11 +145,11 @@ async def payouts_admin(portal: PortalDep, caller: Admin) -> Any:
             "totals": {state: payouts.totals(session).get(state, 0) for state in PAYOUT_STATES},
         }
 
-    view = await _in_db(portal, work)
+    view = await in_db(portal, work)
     return {**view, "treasury": treasury, "treasury_error": problem}
 
 
-@router.post("/payouts/run", response_model=RunPublic, tags=["payouts"])
+@router.post("/api/v1/payouts/run", response_model=RunPublic, tags=["payouts"])
 async def run_payouts(portal: PortalDep, caller: Admin) -> Any:
     """Run a payout round now: this period's payouts (once each), then every open one."""
     chain, vault, mint = await _side(portal)
@@ -177,11 +158,11 @@ async def run_payouts(portal: PortalDep, caller: Admin) -> Any:
             payouts.run, portal.sessions, portal.settings, chain, vault, None, mint
         )
     except LedgerError as exc:
-        raise HTTPException(exc.status, _sentence(str(exc))) from None
+        raise api_error(exc) from None
     return result.__dict__
 
 
-@router.post("/payouts/{payout_id}/retry", response_model=PayoutPublic, tags=["payouts"])
+@router.post("/api/v1/payouts/{payout_id}/retry", response_model=PayoutPublic, tags=["payouts"])
 async def retry_payout(payout_id: int, portal: PortalDep, caller: Admin) -> Any:
     """Try a failed payout again (its amount moves out of earnings once more)."""
     chain, vault, mint = await _side(portal)
@@ -189,7 +170,7 @@ async def retry_payout(payout_id: int, portal: PortalDep, caller: Admin) -> Any:
     def work(session: Any) -> int:
         return payouts.retry(session, payout_id).id
 
-    await _in_db(portal, work)
+    await in_db(portal, work)
     with suppress(LedgerError):  # if this fails it stays pending; the loop tries again
         await run_in_threadpool(
             lambda: payouts.advance(
@@ -201,4 +182,4 @@ async def retry_payout(payout_id: int, portal: PortalDep, caller: Admin) -> Any:
         payout, name = payouts.one(session, payout_id)
         return payouts.public(payout, portal.settings, chain, name)
 
-    return await _in_db(portal, read)
+    return await in_db(portal, read)

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from gpuportal.provider import signing, workload
 from gpuportal.provider.money import format_credits
 
-from ... import db, egress
+from ... import egress
 from ...billing import payouts
 from ...db.marketplace_models import Cluster, Node, NodeChallenge, Provider
 from ...db.models import Account
@@ -45,7 +45,7 @@ from ...settings import Settings
 from ...timeutil import utcnow
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
 from ..context import Portal
-from .market import ApiError, market_error, small_body
+from .plumbing import Admin, ApiError, api_error, in_db, small_body
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["providers"])
@@ -129,21 +129,6 @@ class Verification(BaseModel):
     nonce: str = Field(min_length=1, max_length=64)
     inventory: list[dict[str, Any]] = Field(max_length=64)
     results: list[GpuAnswer] = Field(max_length=64)
-
-
-def _run(portal: Portal, fn: Any) -> Any:
-    def wrapped() -> Any:
-        with db.transaction(portal.sessions) as session:
-            return fn(session)
-
-    return run_in_threadpool(wrapped)
-
-
-async def _guarded(portal: Portal, fn: Any) -> Any:
-    try:
-        return await _run(portal, fn)
-    except MarketError as exc:
-        raise market_error(exc) from None
 
 
 def _provider_of(session: Any, user: PortalUser) -> Provider:
@@ -264,20 +249,20 @@ async def register(
             "challenge": nodes.challenge_public(challenge),
         }
 
-    return await _guarded(portal, write)
+    return await in_db(portal, write)
 
 
 def validate_or_raise(check: Any) -> None:
     try:
         check()
     except MarketError as exc:
-        raise market_error(exc) from None
+        raise api_error(exc) from None
 
 
 @router.get("/api/v1/providers/me")
 async def my_provider(user: CurrentUser, portal: PortalDep) -> Any:
     """Your provider record and nodes: status, verification, reliability."""
-    return await _guarded(portal, lambda s: _provider_view(s, _provider_of(s, user)))
+    return await in_db(portal, lambda s: _provider_view(s, _provider_of(s, user)))
 
 
 @router.patch("/api/v1/providers/me", dependencies=[Depends(small_body)])
@@ -316,7 +301,7 @@ async def update_provider(body: ProviderUpdate, user: CurrentUser, portal: Porta
         )
         return _provider_view(session, provider)
 
-    return await _guarded(portal, write)
+    return await in_db(portal, write)
 
 
 @router.delete("/api/v1/providers/me/nodes/{node_id}")
@@ -336,7 +321,7 @@ async def leave(node_id: str, user: CurrentUser, portal: PortalDep) -> Any:
         log.info("provider %s: node %s left", user.name, node_id)
         return node_summary(node)
 
-    return await _guarded(portal, write)
+    return await in_db(portal, write)
 
 
 # --- signed node calls ----------------------------------------------------------------
@@ -384,7 +369,7 @@ async def _signed(
         return handle(session, node, body)
 
     try:
-        return await _run(portal, run)
+        return await in_db(portal, run)
     except nodes.NodeAuthError as exc:
         log.warning(
             "rejected %s %s from %s: %s (%s)",
@@ -497,25 +482,23 @@ async def verification(node_id: str, request: Request, portal: PortalDep) -> Any
         verdict = failure or nodes.check_results(node, ch, results, expected)
         return nodes.record_verification(session, node, ch, verdict, rules, arrived["at"])
 
-    return await _guarded(portal, judge)
+    return await in_db(portal, judge)
 
 
 # --- admin ------------------------------------------------------------------------------
 
-AdminUser = Annotated[PortalUser, require_role("admin")]
-
 
 @router.get("/api/v1/admin/providers", tags=["admin"])
-async def admin_providers(_admin: AdminUser, portal: PortalDep) -> Any:
+async def admin_providers(_admin: Admin, portal: PortalDep) -> Any:
     """Every provider with its nodes, verification and reliability."""
-    return await _run(
+    return await in_db(
         portal,
         lambda s: [_provider_view(s, p) for p in s.scalars(select(Provider).order_by(Provider.id))],
     )
 
 
 @router.get("/api/v1/admin/nodes", tags=["admin"])
-async def admin_nodes(_admin: AdminUser, portal: PortalDep) -> Any:
+async def admin_nodes(_admin: Admin, portal: PortalDep) -> Any:
     """Every node with status, verification, reliability and last heartbeat."""
 
     def load(session: Any) -> list[dict[str, Any]]:
@@ -526,7 +509,7 @@ async def admin_nodes(_admin: AdminUser, portal: PortalDep) -> Any:
             out.append(view)
         return out
 
-    answer = await _run(portal, load)
+    answer = await in_db(portal, load)
     for view in answer:
         cached = await portal.cache.get(nodes.cache_key(view["node_id"]))
         view["latest"] = None if cached is None else json.loads(cached)
@@ -534,7 +517,7 @@ async def admin_nodes(_admin: AdminUser, portal: PortalDep) -> Any:
 
 
 def _admin_node(action: str) -> Any:
-    async def act(node_id: str, _admin: AdminUser, portal: PortalDep) -> Any:
+    async def act(node_id: str, _admin: Admin, portal: PortalDep) -> Any:
         def write(session: Any) -> dict[str, Any]:
             node = session.scalar(select(Node).where(Node.node_id == node_id))
             if node is None:
@@ -544,7 +527,7 @@ def _admin_node(action: str) -> Any:
             log.warning("admin %s: node %s %sed", _admin.name, node_id, action)
             return node_summary(node)
 
-        return await _run(portal, write)
+        return await in_db(portal, write)
 
     act.__doc__ = f"{action.capitalize()} a node: blocked nodes are never placed."
     return act
@@ -555,9 +538,7 @@ router.post("/api/v1/admin/nodes/{node_id}/unblock", tags=["admin"])(_admin_node
 
 
 @router.post("/api/v1/admin/providers/{provider_id}/delist", tags=["admin"])
-async def delist(
-    provider_id: int, _admin: AdminUser, portal: PortalDep, listed: bool = False
-) -> Any:
+async def delist(provider_id: int, _admin: Admin, portal: PortalDep, listed: bool = False) -> Any:
     """Delist a provider (none of its nodes is placed); ``?listed=true`` lists it again."""
 
     def write(session: Any) -> dict[str, Any]:
@@ -569,4 +550,4 @@ async def delist(
         log.warning("admin %s: provider %s %s", _admin.name, provider.display_name, provider.status)
         return _provider_view(session, provider)
 
-    return await _run(portal, write)
+    return await in_db(portal, write)

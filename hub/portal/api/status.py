@@ -6,10 +6,11 @@ import logging
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import RedirectResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ... import __version__, db
@@ -21,10 +22,10 @@ from ..auth import (
     TOKEN_COOKIE,
     CurrentUser,
     PortalDep,
-    PortalUser,
-    require_role,
     safe_next,
 )
+from ..loops import sync_from_hub
+from .plumbing import Admin, ApiError, in_db
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -94,7 +95,7 @@ async def health(portal: PortalDep) -> Any:
         "ray": ray,
     }
     if db_info["status"] != "ok":
-        raise HTTPException(503, "The portal database is not answering.")
+        raise ApiError(503, "The portal database is not answering.")
     return body
 
 
@@ -102,56 +103,52 @@ async def health(portal: PortalDep) -> Any:
 async def me(user: CurrentUser, portal: PortalDep) -> Any:
     """The calling hub user's portal account: role and teams."""
 
-    def load() -> dict[str, Any]:
-        with db.transaction(portal.sessions) as session:
-            account = session.get(Account, user.account_id)
-            if account is None:  # pragma: no cover - _record created it
-                raise HTTPException(404, "No portal account for you yet; try again.")
-            return {
-                "name": account.hub_name,
-                "role": account.role,
-                "admin": user.admin,
-                "teams": accounts.teams_of(session, account),
-                "active": account.active,
-                "created_at": account.created_at,
-            }
+    def load(session: Session) -> dict[str, Any]:
+        account = session.get(Account, user.account_id)
+        if account is None:  # pragma: no cover - _record created it
+            raise ApiError(404, "No portal account for you yet; try again.")
+        return {
+            "name": account.hub_name,
+            "role": account.role,
+            "admin": user.admin,
+            "teams": accounts.teams_of(session, account),
+            "active": account.active,
+            "created_at": account.created_at,
+        }
 
-    return await run_in_threadpool(load)
+    return await in_db(portal, load)
 
 
 @router.get("/api/v1/accounts", response_model=list[AccountPublic], tags=["accounts"])
 async def list_accounts(
     portal: PortalDep,
-    _admin: Annotated[PortalUser, require_role("admin")],
+    _admin: Admin,
     role: Annotated[str | None, Query(pattern="^(customer|provider|admin)$")] = None,
 ) -> Any:
     """Every account (admins only), optionally of one role."""
 
-    def load() -> list[dict[str, Any]]:
-        with db.transaction(portal.sessions) as session:
-            query = select(Account).order_by(Account.hub_name)
-            if role:
-                query = query.where(Account.role == role)
-            return [
-                {
-                    "name": a.hub_name,
-                    "role": a.role,
-                    "active": a.active,
-                    "teams": accounts.teams_of(session, a),
-                    "created_at": a.created_at,
-                }
-                for a in session.scalars(query)
-            ]
+    def load(session: Session) -> list[dict[str, Any]]:
+        query = select(Account).order_by(Account.hub_name)
+        if role:
+            query = query.where(Account.role == role)
+        return [
+            {
+                "name": a.hub_name,
+                "role": a.role,
+                "active": a.active,
+                "teams": accounts.teams_of(session, a),
+                "created_at": a.created_at,
+            }
+            for a in session.scalars(query)
+        ]
 
-    return await run_in_threadpool(load)
+    return await in_db(portal, load)
 
 
 @router.post("/api/v1/sync", tags=["accounts"])
-async def sync_now(
-    portal: PortalDep, _admin: Annotated[PortalUser, require_role("admin")]
-) -> dict[str, int]:
+async def sync_now(portal: PortalDep, _admin: Admin) -> dict[str, int]:
     """Sync accounts and teams from the hub now (admins only)."""
-    return dict(await portal.sync_from_hub())
+    return dict(await sync_from_hub(portal))
 
 
 @router.get("/oauth_callback", include_in_schema=False)
@@ -160,7 +157,7 @@ async def oauth_callback(
 ) -> Response:
     """End of the hub OAuth flow: trade the code for a token, set the cookie."""
     if not code or not state or request.cookies.get(STATE_COOKIE) != state:
-        raise HTTPException(
+        raise ApiError(
             400, "This login link is stale or was not started here; open the portal page again."
         )
     oauth = portal.oauth
@@ -170,9 +167,7 @@ async def oauth_callback(
         )
     except Exception as exc:
         log.warning("OAuth code exchange failed: %s", type(exc).__name__)
-        raise HTTPException(
-            400, "The hub refused this login; open the portal page again."
-        ) from None
+        raise ApiError(400, "The hub refused this login; open the portal page again.") from None
     next_url = safe_next(portal, oauth.get_next_url(state))
     oauth.clear_oauth_state(state)
     response = RedirectResponse(next_url, status_code=302)
