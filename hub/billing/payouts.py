@@ -142,10 +142,15 @@ def to_units(settings: Settings, micro: int) -> int:
 
 
 def record_wallet(
-    session: Session, settings: Settings, account_id: int, wallet: str, now: datetime
+    session: Session,
+    settings: Settings,
+    account_id: int,
+    wallet: str,
+    now: datetime | None = None,
 ) -> PayoutWalletChange | None:
     """Record ``wallet`` as the provider's, from the next period on (the first one recorded
     applies from the start). None when it is already the wallet in effect last."""
+    now = now or timeutil.utcnow()
     latest = session.scalar(
         select(PayoutWalletChange)
         .where(PayoutWalletChange.provider_account_id == account_id)

@@ -296,3 +296,22 @@ def test_payout_settings_survive_the_hub_configs_round_trip(
     chain = deposits.LiteSVMChain()
     assert treasury.treasury_path(again, chain) == tmp_path / treasury.EMBEDDED_TREASURY
     assert again.payout_asset == "SOL" and again.payout_commitment == "finalized"
+
+
+def test_a_wallet_changed_through_the_api_pays_from_the_next_period(
+    client: TestClient, portal: Portal, clock: Clock
+) -> None:
+    account = make_provider(portal, "ann", 2 * CREDIT)
+    new_wallet = str(Keypair().pubkey())
+    clock.advance(30 * 60)  # in the middle of the period that earned
+    reply = client.patch(
+        f"{API}/providers/me", json={"payout_wallet": new_wallet}, headers=auth("tok-ann")
+    )
+    assert reply.status_code == 200, reply.text
+    with portal_db.transaction(portal.sessions) as session:
+        assert payouts.wallet_for(session, account, T0) == WALLET  # the period it changed in
+        assert payouts.wallet_for(session, account, T0 + timedelta(hours=1)) == new_wallet
+    clock.advance(3600)
+    client.post(f"{API}/payouts/run", headers=auth("tok-admin"))
+    (payout,) = client.get(f"{API}/payouts", headers=auth("tok-ann")).json()
+    assert payout["wallet"] == WALLET

@@ -287,11 +287,12 @@ async def update_provider(body: ProviderUpdate, user: CurrentUser, portal: Porta
         if body.price_per_gpu_hour is not None:
             provider.price_per_gpu_hour = body.price_per_gpu_hour
         if body.payout_wallet:
+            # Recorded now, it pays from the next payout period on (docs/payouts.md); the
+            # wallet it replaces is recorded first, so the current period keeps it.
+            for wallet in (provider.payout_wallet, validate_wallet(body.payout_wallet)):
+                if wallet:
+                    payouts.record_wallet(session, settings, user.account_id, wallet)
             provider.payout_wallet = validate_wallet(body.payout_wallet)
-            # recorded now; it pays from the next payout period on (docs/payouts.md)
-            payouts.record_wallet(
-                session, settings, user.account_id, provider.payout_wallet, utcnow()
-            )
         session.flush()
         log.info(
             "provider %s: status %s, price %s/h",
