@@ -162,6 +162,49 @@ class Settings(BaseSettings):
         "decimals, so 1 micro-credit per base unit).",
     )
 
+    # --- Payouts to providers (docs/payouts.md) ---
+    payout_asset: Literal["SOL", "USDC"] = Field(
+        "SOL",
+        description="What providers are paid in: SOL (lamports) or USDC (to the wallet's "
+        "associated token account for GPUPORTAL_USDC_MINT).",
+    )
+    payout_period_seconds: int = Field(
+        86_400,
+        description="Length of one payout period, seconds, on a fixed grid from 1970-01-01 UTC "
+        "(default one UTC day). One payout per provider and period.",
+    )
+    payout_minimum: int = Field(
+        1_000_000,
+        description="Smallest payout, micro-credits (1_000_000 = 1 credit); less waits for a "
+        "later period.",
+    )
+    payout_micro_credits_per_sol: int = Field(
+        100_000_000, description="Micro-credits paid out per SOL (default 100 credits per SOL)."
+    )
+    payout_micro_credits_per_usdc: int = Field(
+        1_000_000, description="Micro-credits paid out per USDC (default 1 credit per USDC)."
+    )
+    payout_commitment: Literal["processed", "confirmed", "finalized"] = Field(
+        "finalized", description="A payout settles only when its transfer reaches this commitment."
+    )
+    payout_schedule_seconds: int = Field(
+        86_400,
+        description="How often the portal runs payouts by itself, seconds (default daily); 0: "
+        "never (run them with `gpuportal payouts run`). Open payouts are resumed every "
+        "meter interval either way.",
+    )
+    solana_treasury_keypair: str = Field(
+        "",
+        description="Path of the treasury keypair file (a JSON array of 64 bytes, mode 0600) "
+        "that pays providers; required with GPUPORTAL_SOLANA_RPC_URL. Empty on the embedded "
+        "chain: a treasury made once in the data dir and funded at start. The path is read, "
+        "never the key itself from the environment.",
+    )
+    litesvm_treasury_lamports: int = Field(
+        1_000 * 10**9,
+        description="Lamports the embedded chain's treasury is topped up to at start.",
+    )
+
     # --- Marketplace -------------------------------------------------------------
     trusted_services: str = Field(
         "ray-spawner",
@@ -264,6 +307,10 @@ class Settings(BaseSettings):
         "min_billable_seconds",
         "solana_micro_credits_per_sol",
         "micro_credits_per_usdc",
+        "payout_period_seconds",
+        "payout_minimum",
+        "payout_micro_credits_per_sol",
+        "payout_micro_credits_per_usdc",
         "reservation_hold_seconds",
         "max_live_reservations",
         "house_price",

@@ -26,7 +26,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError
-from . import ledger_models, marketplace_models, models  # noqa: F401  (registers every table)
+from . import ledger_models, marketplace_models, models, payout_models  # noqa: F401  (registers every table)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

@@ -25,11 +25,12 @@ from ..settings import Settings
 from .api.billing import router as billing_router
 from .api.dashboards import router as dashboards_router
 from .api.market import router as marketplace_router
+from .api.payouts import router as payouts_router
 from .api.providers import router as provider_router
 from .api.status import router
 from .auth import STATE_COOKIE, AuthRequired, oauth_redirect_url
 from .context import Portal
-from .loops import marketplace_loop, meter_loop, sync_loop
+from .loops import marketplace_loop, meter_loop, payout_loop, sync_loop
 from .reqlog import RequestIdMiddleware, request_id
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def create_app(
                 asyncio.create_task(sync_loop(the_portal)),
                 asyncio.create_task(meter_loop(the_portal)),
                 asyncio.create_task(marketplace_loop(the_portal)),
+                asyncio.create_task(payout_loop(the_portal)),
             ]
             if background
             else []
@@ -147,6 +149,7 @@ def create_app(
     app.include_router(marketplace_router, prefix=prefix.rstrip("/"))
     app.include_router(provider_router, prefix=prefix.rstrip("/"))
     app.include_router(dashboards_router, prefix=prefix.rstrip("/"))
+    app.include_router(payouts_router, prefix=prefix.rstrip("/"))
     _mount_docs(app, prefix)
     _declare_token_auth(app)
     return app

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 from starlette.concurrency import run_in_threadpool
 
 from .. import db
+from ..billing import deposits, payouts
 from ..market.capacity import CapacityIndex
 from ..market.marketplace import OFFERS_CACHE_KEY, SUMMARY_CACHE_KEY, rules_of
 from ..settings import Settings
@@ -46,6 +47,8 @@ class Portal:
         self.hub = hub or HubAPI(settings.hub_api_url, settings.api_token.get_secret_value())
         #: The Solana chain deposits are verified on (hub.billing.deposits); made on first use.
         self.chain = chain
+        #: The payout treasury (hub.billing.treasury), loaded on first use; never logged.
+        self.treasury: Any | None = None
         #: This process's placement index, following every commit made through
         #: ``sessions``; loaded by ``start`` (see hub.market.capacity).
         self.capacity = CapacityIndex(rules_of(settings))
@@ -91,6 +94,15 @@ class Portal:
             if path.is_file():
                 self._house_ray_token = path.read_text().strip() or None
         return self._house_ray_token
+
+    def payout_side(self) -> tuple[Any, Any, str | None]:
+        """The chain, the treasury and the USDC mint payouts use (made on first use;
+        blocking: call it in a thread)."""
+        if self.chain is None:
+            self.chain = deposits.make_chain(self.settings)
+        if self.treasury is None:
+            self.treasury = payouts.prepare(self.settings, self.chain)
+        return self.chain, self.treasury, payouts.payout_mint(self.settings, self.chain)
 
     @cached_property
     def oauth(self) -> HubOAuth:

@@ -22,7 +22,7 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from .. import egress, timeutil
-from ..billing import allocations, ledger, metering
+from ..billing import allocations, ledger, metering, payouts
 from ..db import accounts, transaction
 from ..db.ledger_models import Allocation
 from ..db.marketplace_models import Cluster
@@ -219,3 +219,34 @@ def _host(url: str) -> str:
     except (httpx.InvalidURL, TypeError):
         return "?"
     return f"{parsed.host}:{parsed.port}" if parsed.port else parsed.host
+
+
+async def payout_loop(portal: Portal) -> None:
+    """Payouts in the background: every meter interval, resume the open ones (a restart
+    picks each up from its persisted state); every ``payout_schedule_seconds`` (daily by
+    default), run a full round. An error is logged and never ends the loop."""
+    settings = portal.settings
+    last_round: datetime | None = None
+
+    def once(full: bool) -> None:
+        chain, treasury, mint = portal.payout_side()
+        if full:
+            result = payouts.run(portal.sessions, settings, chain, treasury, mint=mint)
+            if result.created or result.errors:
+                log.info("payout round: %d made, errors %s", len(result.created), result.errors)
+        else:
+            payouts.resume(portal.sessions, settings, chain, treasury, mint=mint)
+
+    while True:
+        now = timeutil.utcnow()
+        every = settings.payout_schedule_seconds
+        full = every > 0 and (last_round is None or (now - last_round).total_seconds() >= every)
+        try:
+            await run_in_threadpool(once, full)
+            if full:
+                last_round = now
+        except ledger.LedgerError as exc:  # e.g. no treasury configured: one line, no trace
+            log.warning("payouts wait: %s", exc)
+        except Exception:
+            log.exception("payout round failed; retrying next interval")
+        await asyncio.sleep(settings.meter_interval_seconds)

@@ -244,6 +244,15 @@ def version() -> None:
             click.echo(f"  {dist} not installed")
 
 
+def _add_payout_commands() -> None:
+    from .payouts_cli import register
+
+    register(main, settings_with, lambda func: data_dir_option(friendly(func)))
+
+
+_add_payout_commands()
+
+
 def _add_provider_commands() -> None:
     # Node-side commands live with the agent (they never import the hub).
     from gpuportal.provider.cli import provider

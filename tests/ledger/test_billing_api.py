@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
+from solders.instruction import AccountMeta, Instruction
 from solders.keypair import Keypair
 from solders.message import Message
 from solders.pubkey import Pubkey
@@ -215,16 +216,34 @@ def test_meter_stops_a_server_through_the_hub(
     assert free_gpus(portal.sessions) == 1
 
 
-def send_sol(chain: deposits.LiteSVMChain, to: Pubkey, lamports: int) -> str:
+def memo_ix(text: str, signer: Pubkey) -> Instruction:
+    """An SPL Memo instruction, built here (not with the portal's code)."""
+    return Instruction(
+        Pubkey.from_string("MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr"),
+        text.encode(),
+        [AccountMeta(signer, is_signer=True, is_writable=False)],
+    )
+
+
+def memo_of(client: TestClient, token: str) -> str:
+    """The deposit memo the portal shows this caller."""
+    memo: str = client.get(f"{API}/deposits/solana", headers=auth(token)).json()["memo"]
+    return memo
+
+
+def send_sol(
+    chain: deposits.LiteSVMChain, to: Pubkey, lamports: int, memo: str | None = None
+) -> str:
     payer = Keypair()
     chain.svm.airdrop(payer.pubkey(), 5 * 10**9)
     ix = transfer(TransferParams(from_pubkey=payer.pubkey(), to_pubkey=to, lamports=lamports))
-    message = Message.new_with_blockhash([ix], payer.pubkey(), chain.svm.latest_blockhash())
+    extra = [] if memo is None else [memo_ix(memo, payer.pubkey())]
+    message = Message.new_with_blockhash([*extra, ix], payer.pubkey(), chain.svm.latest_blockhash())
     return chain.send(VersionedTransaction(message, [payer]))
 
 
 def test_solana_deposit_is_credited_once(client: TestClient, chain: deposits.LiteSVMChain) -> None:
-    signature = send_sol(chain, DEPOSIT.pubkey(), 250_000_000)  # 0.25 SOL
+    signature = send_sol(chain, DEPOSIT.pubkey(), 250_000_000, memo_of(client, "tok-ann"))
     body = {"signature": signature, "lamports": 250_000_000}
     first = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-ann"))
     assert first.status_code == 201, first.text
@@ -236,9 +255,29 @@ def test_solana_deposit_is_credited_once(client: TestClient, chain: deposits.Lit
         25 * CREDIT,
     )
     stolen = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-bob"))
-    assert stolen.status_code == 409
-    assert "already credited to another account" in error(stolen)
+    assert stolen.status_code == 403
+    assert "another account's deposit memo" in error(stolen)
     assert client.get(f"{API}/balance", headers=auth("tok-bob")).json()["balance"] == 0
+
+
+def test_a_deposit_claimed_first_by_the_wrong_account_credits_nothing_and_stays_its_owners(
+    client: TestClient, chain: deposits.LiteSVMChain
+) -> None:
+    """The front-run: bob watches the deposit address and submits ann's signature first."""
+    signature = send_sol(chain, DEPOSIT.pubkey(), 250_000_000, memo_of(client, "tok-ann"))
+    body = {"signature": signature, "lamports": 250_000_000}
+    stolen = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-bob"))
+    assert stolen.status_code == 403, stolen.text
+    assert client.get(f"{API}/balance", headers=auth("tok-bob")).json()["balance"] == 0
+    mine = client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-ann"))
+    assert mine.status_code == 201 and mine.json()["balance"] == 25 * CREDIT
+    unbound = send_sol(chain, DEPOSIT.pubkey(), 250_000_000)  # no memo: nobody's
+    reply = client.post(
+        f"{API}/deposits/solana",
+        json={"signature": unbound, "lamports": 250_000_000},
+        headers=auth("tok-ann"),
+    )
+    assert reply.status_code == 400 and "carries no deposit memo" in error(reply)
 
 
 @pytest.mark.parametrize(
@@ -255,7 +294,7 @@ def test_bad_deposits_credit_nothing(
     client: TestClient, chain: deposits.LiteSVMChain, case: str, status: int, words: str
 ) -> None:
     to = Pubkey.new_unique() if case == "wrong recipient" else DEPOSIT.pubkey()
-    signature = send_sol(chain, to, 250_000_000)
+    signature = send_sol(chain, to, 250_000_000, memo_of(client, "tok-ann"))
     lamports = {"wrong amount": 999, "zero": 0}.get(case, 250_000_000)
     if case == "unknown":
         signature = str(Keypair().sign_message(b"never sent"))
@@ -274,6 +313,8 @@ def test_bad_deposits_credit_nothing(
 def test_deposit_address_is_published(client: TestClient) -> None:
     info = client.get(f"{API}/deposits/solana", headers=auth("tok-ann")).json()
     usdc = {k: info.pop(k) for k in ("usdc_mint", "usdc_token_account")}  # tested with USDC
+    memo = info.pop("memo")
+    assert memo.startswith("gpuportal-") and memo != memo_of(client, "tok-bob")
     assert info == {
         "address": str(DEPOSIT.pubkey()),
         "chain": "litesvm",

@@ -383,14 +383,18 @@ SIGNATURE = (
 )
 
 
-def rpc_reply(err: Any = None) -> str:
+#: The deposit memo of account 7 at PLATFORM: what a deposit bound to that account carries.
+MEMO = deposits.deposit_memo(PLATFORM, 7)
+
+
+def rpc_reply(err: Any = None, inner: list[dict[str, Any]] | None = None) -> str:
     meta = {
         "err": err,
         "status": {"Ok": None} if err is None else {"Err": err},
         "fee": 5000,
         "preBalances": [2_000_000_000, 0, 1],
         "postBalances": [499_995_000, 1_500_000_000, 1],
-        "innerInstructions": [],
+        "innerInstructions": inner or [],
         "logMessages": [],
         "preTokenBalances": [],
         "postTokenBalances": [],
@@ -436,7 +440,7 @@ def rpc_reply(err: Any = None) -> str:
             "program": "spl-memo",
             "programId": "MemoSq4gqABAXKb96qnH8TysNcWxMyWCqXgDLGmfcHr",
             "stackHeight": None,
-            "parsed": "gpuportal deposit",
+            "parsed": MEMO,
         },
     ]
     result = {
@@ -513,6 +517,7 @@ def test_rpc_lookup_reads_sol_and_token_transfers_from_a_finalized_transaction(
         True,
         [deposits.Transfer(PAYER, PLATFORM, 1_500_000_000)],
         [deposits.TokenTransfer(TOKEN_SRC, TOKEN_DST, 2_500_000, MINT)],
+        [MEMO],
     )
     (call,) = stand_in.calls
     assert call["method"] == "getTransaction"
@@ -521,7 +526,45 @@ def test_rpc_lookup_reads_sol_and_token_transfers_from_a_finalized_transaction(
         {"encoding": "jsonParsed", "commitment": "finalized", "maxSupportedTransactionVersion": 0},
     ]
     # What it read is what verify() credits.
-    assert deposits.verify(found, signature=SIGNATURE, address=PLATFORM, lamports=1_500_000_000)
+    assert deposits.verify(
+        found, signature=SIGNATURE, address=PLATFORM, lamports=1_500_000_000, memo=MEMO
+    )
+    # Bound to account 7: account 8 claiming it is refused.
+    with pytest.raises(deposits.DepositNotYours):
+        deposits.verify(
+            found,
+            signature=SIGNATURE,
+            address=PLATFORM,
+            lamports=1_500_000_000,
+            memo=deposits.deposit_memo(PLATFORM, 8),
+        )
+
+
+def test_rpc_lookup_reads_transfers_made_through_another_program(
+    rpc: Callable[[str], tuple[deposits.RpcChain, StandInRpc]],
+) -> None:
+    """A SOL transfer made by a program (an inner instruction) counts as a deposit."""
+    extra = {
+        "index": 0,
+        "instructions": [
+            {
+                "program": "system",
+                "programId": deposits.SYSTEM_PROGRAM,
+                "stackHeight": 2,
+                "parsed": {
+                    "type": "transfer",
+                    "info": {"source": TOKEN_SRC, "destination": PLATFORM, "lamports": 7},
+                },
+            }
+        ],
+    }
+    chain, _ = rpc(rpc_reply(inner=[extra]))
+    found = chain.lookup(SIGNATURE)
+    assert found is not None
+    assert deposits.Transfer(TOKEN_SRC, PLATFORM, 7) in found.transfers
+    assert deposits.verify(
+        found, signature=SIGNATURE, address=PLATFORM, lamports=1_500_000_007, memo=MEMO
+    )
 
 
 def test_rpc_lookup_of_a_failed_transaction_says_it_failed(
@@ -531,7 +574,9 @@ def test_rpc_lookup_of_a_failed_transaction_says_it_failed(
     found = chain.lookup(SIGNATURE)
     assert found is not None and found.succeeded is False
     with pytest.raises(deposits.DepositRefused, match="failed on chain"):
-        deposits.verify(found, signature=SIGNATURE, address=PLATFORM, lamports=1_500_000_000)
+        deposits.verify(
+            found, signature=SIGNATURE, address=PLATFORM, lamports=1_500_000_000, memo=MEMO
+        )
 
 
 def test_rpc_lookup_of_an_unknown_signature_is_none(

@@ -32,7 +32,7 @@ from gpuportal.hub.settings import load_settings
 
 from ..fakes import FakeHub
 from .conftest import CREDIT
-from .test_billing_api import API, DEPOSIT, USERS, auth, error
+from .test_billing_api import API, DEPOSIT, USERS, auth, error, memo_ix, memo_of
 
 USDC = 10**6  # base units per USDC
 
@@ -44,7 +44,9 @@ def send(chain: deposits.LiteSVMChain, instructions: list[Any], signers: list[Ke
     return chain.send(VersionedTransaction(message, signers))
 
 
-def make_mint(chain: deposits.LiteSVMChain, authority: Keypair) -> Pubkey:
+def make_mint(
+    chain: deposits.LiteSVMChain, authority: Keypair, program: Pubkey = TOKEN_PROGRAM_ID
+) -> Pubkey:
     """A fresh 6-decimal mint whose authority is ``authority`` (funded here)."""
     mint = Keypair()
     chain.svm.airdrop(authority.pubkey(), 10 * 10**9)
@@ -54,13 +56,13 @@ def make_mint(chain: deposits.LiteSVMChain, authority: Keypair) -> Pubkey:
             to_pubkey=mint.pubkey(),
             lamports=chain.svm.minimum_balance_for_rent_exemption(82),
             space=82,
-            owner=TOKEN_PROGRAM_ID,
+            owner=program,
         )
     )
     init = spl.initialize_mint(
         models.InitializeMintParams(
             decimals=6,
-            program_id=TOKEN_PROGRAM_ID,
+            program_id=program,
             mint=mint.pubkey(),
             mint_authority=authority.pubkey(),
         )
@@ -71,19 +73,24 @@ def make_mint(chain: deposits.LiteSVMChain, authority: Keypair) -> Pubkey:
 
 
 def fund(
-    chain: deposits.LiteSVMChain, mint: Pubkey, authority: Keypair, owner: Pubkey, amount: int
+    chain: deposits.LiteSVMChain,
+    mint: Pubkey,
+    authority: Keypair,
+    owner: Pubkey,
+    amount: int,
+    program: Pubkey = TOKEN_PROGRAM_ID,
 ) -> None:
     """Mint ``amount`` base units into ``owner``'s associated token account."""
-    ata = spl.get_associated_token_address(owner, mint)
+    ata = spl.get_associated_token_address(owner, mint, program)
     payer = Keypair()  # not the authority: the demo mint's authority is the mint account itself
     chain.svm.airdrop(payer.pubkey(), 10**9)
     send(
         chain,
         [
-            spl.create_idempotent_associated_token_account(payer.pubkey(), owner, mint),
+            spl.create_idempotent_associated_token_account(payer.pubkey(), owner, mint, program),
             spl.mint_to_checked(
                 models.MintToCheckedParams(
-                    program_id=TOKEN_PROGRAM_ID,
+                    program_id=program,
                     mint=mint,
                     dest=ata,
                     mint_authority=authority.pubkey(),
@@ -104,17 +111,19 @@ def send_usdc(
     amount: int,
     *,
     checked: bool = True,
+    memo: str | None = None,
+    program: Pubkey = TOKEN_PROGRAM_ID,
 ) -> str:
     """A customer, funded with ``amount``, pays it to ``to_owner``'s token account."""
     customer = Keypair()
     chain.svm.airdrop(customer.pubkey(), 10**9)
-    fund(chain, mint, authority, customer.pubkey(), amount)
-    source = spl.get_associated_token_address(customer.pubkey(), mint)
-    dest = spl.get_associated_token_address(to_owner, mint)
+    fund(chain, mint, authority, customer.pubkey(), amount, program)
+    source = spl.get_associated_token_address(customer.pubkey(), mint, program)
+    dest = spl.get_associated_token_address(to_owner, mint, program)
     if checked:
         move = spl.transfer_checked(
             models.TransferCheckedParams(
-                program_id=TOKEN_PROGRAM_ID,
+                program_id=program,
                 source=source,
                 mint=mint,
                 dest=dest,
@@ -126,15 +135,18 @@ def send_usdc(
     else:
         move = spl.transfer(
             models.TransferParams(
-                program_id=TOKEN_PROGRAM_ID,
+                program_id=program,
                 source=source,
                 dest=dest,
                 owner=customer.pubkey(),
                 amount=amount,
             )
         )
-    create = spl.create_idempotent_associated_token_account(customer.pubkey(), to_owner, mint)
-    signature = send(chain, [create, move], [customer])
+    create = spl.create_idempotent_associated_token_account(
+        customer.pubkey(), to_owner, mint, program
+    )
+    extra = [] if memo is None else [memo_ix(memo, customer.pubkey())]
+    signature = send(chain, [*extra, create, move], [customer])
     found = chain.lookup(signature)
     assert found is not None and found.succeeded, f"the test's own transfer failed: {found}"
     return signature
@@ -191,7 +203,15 @@ def test_usdc_deposit_is_credited_once_at_the_rate(
     authority: Keypair,
     checked: bool,
 ) -> None:
-    signature = send_usdc(chain, mint, authority, DEPOSIT.pubkey(), 3 * USDC + 1, checked=checked)
+    signature = send_usdc(
+        chain,
+        mint,
+        authority,
+        DEPOSIT.pubkey(),
+        3 * USDC + 1,
+        checked=checked,
+        memo=memo_of(client, "tok-ann"),
+    )
     body = {"signature": signature, "amount": 3 * USDC + 1}
     first = client.post(f"{API}/deposits/usdc", json=body, headers=auth("tok-ann"))
     assert first.status_code == 201, first.text
@@ -200,8 +220,8 @@ def test_usdc_deposit_is_credited_once_at_the_rate(
     assert (replay.status_code, replay.json()["created"]) == (200, False)
     assert balance(client, "tok-ann") == 6 * CREDIT + 2
     stolen = client.post(f"{API}/deposits/usdc", json=body, headers=auth("tok-bob"))
-    assert stolen.status_code == 409
-    assert "already credited to another account" in error(stolen)
+    assert stolen.status_code == 403
+    assert "another account's deposit memo" in error(stolen)
     assert balance(client, "tok-bob") == 0
     # The same signature is no SOL deposit: the SOL path still refuses it.
     as_sol = client.post(
@@ -209,7 +229,7 @@ def test_usdc_deposit_is_credited_once_at_the_rate(
         json={"signature": signature, "lamports": 3 * USDC + 1},
         headers=auth("tok-bob"),
     )
-    assert as_sol.status_code == 400 and "sends no SOL" in error(as_sol)
+    assert as_sol.status_code == 403  # bound to ann: bob is refused whatever he calls it
 
 
 @pytest.mark.parametrize(
@@ -239,7 +259,13 @@ def test_bad_usdc_deposits_credit_nothing(
         authority = Keypair()  # a look-alike token, sent to the right owner
         token = make_mint(chain, authority)
     signature = send_usdc(
-        chain, token, authority, to, 5 * USDC, checked=case != "wrong mint unchecked"
+        chain,
+        token,
+        authority,
+        to,
+        5 * USDC,
+        checked=case != "wrong mint unchecked",
+        memo=memo_of(client, "tok-ann"),
     )
     amount = {"wrong amount": 4 * USDC, "zero": 0}.get(case, 5 * USDC)
     if case == "unknown":
@@ -276,7 +302,14 @@ def test_demo_mint_is_made_once_in_the_data_dir(
             bytes(json.loads((tmp_path / "usdc-demo-mint-keypair.json").read_text()))
         )
         assert info["usdc_mint"] == str(keypair.pubkey())
-        signature = send_usdc(chain, keypair.pubkey(), keypair, DEPOSIT.pubkey(), USDC)
+        signature = send_usdc(
+            chain,
+            keypair.pubkey(),
+            keypair,
+            DEPOSIT.pubkey(),
+            USDC,
+            memo=memo_of(client, "tok-ann"),
+        )
         reply = client.post(
             f"{API}/deposits/usdc",
             json={"signature": signature, "amount": USDC},
@@ -289,3 +322,53 @@ def test_demo_mint_is_made_once_in_the_data_dir(
         again = client.get(f"{API}/deposits/solana", headers=auth("tok-ann")).json()
         assert again["usdc_mint"] == info["usdc_mint"]
         assert fresh.svm.get_account(keypair.pubkey()) is not None
+
+
+def test_a_token_2022_transfer_is_refused_with_a_sentence(
+    client: TestClient, chain: deposits.LiteSVMChain
+) -> None:
+    """Token-2022 is refused, documented in docs/billing.md: the token account customers are
+    shown is derived with the classic Token program."""
+    from spl.token.constants import TOKEN_2022_PROGRAM_ID
+
+    authority = Keypair()
+    mint = make_mint(chain, authority, TOKEN_2022_PROGRAM_ID)
+    signature = send_usdc(
+        chain,
+        mint,
+        authority,
+        DEPOSIT.pubkey(),
+        USDC,
+        memo=memo_of(client, "tok-ann"),
+        program=TOKEN_2022_PROGRAM_ID,
+    )
+    reply = client.post(
+        f"{API}/deposits/usdc",
+        json={"signature": signature, "amount": USDC},
+        headers=auth("tok-ann"),
+    )
+    assert reply.status_code == 400, reply.text
+    assert "is a Token-2022 transfer" in error(reply)
+    assert balance(client, "tok-ann") == 0
+
+
+def test_transfers_made_through_another_program_are_decoded(chain: deposits.LiteSVMChain) -> None:
+    """Inner instructions count: the Associated Token program, creating an account that
+    already holds some lamports, tops it up with a System transfer it makes itself (a
+    cross-program invocation); the lookup sees that transfer, and not as top-level."""
+    mint = Keypair()
+    chain.ensure_mint(mint)
+    payer, owner = Keypair(), Keypair()
+    chain.airdrop(str(payer.pubkey()), 10**9)
+    ata = spl.get_associated_token_address(owner.pubkey(), mint.pubkey())
+    chain.airdrop(str(ata), 1_000)  # not enough for rent: the program transfers the rest
+    create = spl.create_idempotent_associated_token_account(
+        payer.pubkey(), owner.pubkey(), mint.pubkey()
+    )
+    signature = send(chain, [create], [payer])
+    found = chain.lookup(signature)
+    assert found is not None and found.succeeded
+    inner = [t for t in found.transfers if t.destination == str(ata)]
+    assert len(inner) == 1 and inner[0].source == str(payer.pubkey())
+    assert inner[0].lamports == chain.svm.minimum_balance_for_rent_exemption(165) - 1_000
+    assert deposits.LiteSVMChain(state_path=None).lookup(signature) is None  # nothing shared

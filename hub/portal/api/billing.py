@@ -437,6 +437,10 @@ class DepositPublic(BaseModel):
 
 class DepositInfo(BaseModel):
     address: str
+    memo: str = Field(
+        description="Put this text in an SPL Memo instruction of every deposit: a deposit is "
+        "credited only to the account whose memo it carries."
+    )
     chain: str
     micro_credits_per_sol: int
     currency: str
@@ -486,6 +490,7 @@ async def deposit_info(portal: PortalDep, caller: CurrentCaller) -> Any:
         mint = None
     return {
         "address": address,
+        "memo": deposits.deposit_memo(address, caller.account_id),
         "chain": chain.name,
         "micro_credits_per_sol": portal.settings.solana_micro_credits_per_sol,
         "currency": portal.settings.currency_name,
@@ -545,7 +550,11 @@ async def deposit(
         chain = chain_of(portal)
         found = await run_in_threadpool(chain.lookup, signature)
         lamports = deposits.verify(
-            found, signature=signature, address=address, lamports=body.lamports
+            found,
+            signature=signature,
+            address=address,
+            lamports=body.lamports,
+            memo=deposits.deposit_memo(address, caller.account_id),
         )
     except LedgerError as exc:
         raise api_error(exc) from None
@@ -577,6 +586,7 @@ async def deposit_usdc(
             token_account=deposits.associated_token_account(address, mint),
             mint=mint,
             amount=body.amount,
+            memo=deposits.deposit_memo(address, caller.account_id),
         )
     except LedgerError as exc:
         raise api_error(exc) from None

@@ -27,6 +27,7 @@ from gpuportal.provider import signing, workload
 from gpuportal.provider.money import format_credits
 
 from ... import egress, timeutil
+from ...billing import payouts
 from ...db.marketplace_models import Cluster, Node, NodeChallenge, Provider
 from ...db.models import Account
 from ...market import nodes
@@ -285,6 +286,11 @@ async def update_provider(body: ProviderUpdate, user: CurrentUser, portal: Porta
         if body.price_per_gpu_hour is not None:
             provider.price_per_gpu_hour = body.price_per_gpu_hour
         if body.payout_wallet:
+            # Recorded now, it pays from the next payout period on (docs/payouts.md); the
+            # wallet it replaces is recorded first, so the current period keeps it.
+            for wallet in (provider.payout_wallet, validate_wallet(body.payout_wallet)):
+                if wallet:
+                    payouts.record_wallet(session, settings, user.account_id, wallet)
             provider.payout_wallet = validate_wallet(body.payout_wallet)
         session.flush()
         log.info(
