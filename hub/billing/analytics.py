@@ -33,6 +33,7 @@ from ..db.marketplace_models import (
     Reservation,
 )
 from ..db.models import Account, Team
+from ..db.payout_models import Payout
 from . import usage as usage_rows
 
 USAGE_KINDS = ("usage", "usage_reversal")
@@ -80,12 +81,29 @@ def payouts(
 ) -> list[dict[str, Any]]:
     """Payouts to one provider (or all, for ``None``) since ``since``, newest first.
 
-    Each row: ``id``, ``provider``, ``amount`` (micro-credits), ``lamports``, ``status``,
-    ``signature`` (the Solana transaction, once sent) and ``created_at``. The payouts
-    table is not part of this schema yet, so there are none; when it lands, this is
-    the one query to write, with the same row shape, and every dashboard shows it.
+    Each row: ``id``, ``provider``, ``amount`` (micro-credits), ``asset`` (SOL or USDC),
+    ``units`` (lamports or token base units), ``status``, ``signature`` (the Solana
+    transaction, once signed), ``chain`` and ``created_at``. Never the signed bytes.
     """
-    return []
+    query = (
+        select(
+            Payout.id,
+            Account.hub_name.label("provider"),
+            Payout.amount,
+            Payout.asset,
+            Payout.units,
+            Payout.status,
+            Payout.signature,
+            Payout.chain,
+            Payout.created_at,
+        )
+        .join(Account, Account.id == Payout.provider_account_id)
+        .where(Payout.created_at >= since)
+        .order_by(Payout.created_at.desc(), Payout.id.desc())
+    )
+    if provider_account_id is not None:
+        query = query.where(Payout.provider_account_id == provider_account_id)
+    return [dict(row._mapping) for row in session.execute(query)]
 
 
 # --- the provider's earnings dashboard -----------------------------------------------------

@@ -28,8 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from ..timeutil import utcnow
-from .models import Base, UTCDateTime
+from .models import Base, UTCDateTime, column_now
 
 #: ``pending``: created, funds in flight, not signed yet (or waiting for treasury funds);
 #: ``signed``: signature, bytes and last valid block height stored, maybe sent;
@@ -78,8 +77,10 @@ class Payout(Base):
     #: How many times it was returned to earnings and retried.
     retries: Mapped[int] = mapped_column(Integer, default=0)
     reason: Mapped[str | None] = mapped_column(String(500))
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        UTCDateTime(), default=column_now, onupdate=column_now
+    )
     settled_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
@@ -93,4 +94,4 @@ class PayoutWalletChange(Base):
     wallet: Mapped[str] = mapped_column(String(44))
     #: Periods starting at or after this moment pay to ``wallet``.
     effective_from: Mapped[datetime] = mapped_column(UTCDateTime())
-    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)

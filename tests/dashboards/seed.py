@@ -29,6 +29,7 @@ from gpuportal.hub.db.marketplace_models import (
     Reservation,
 )
 from gpuportal.hub.db.models import Team, TeamMembership
+from gpuportal.hub.db.payout_models import Payout
 from gpuportal.hub.timeutil import utcnow
 
 MICRO = 1_000_000
@@ -75,6 +76,8 @@ class Seeded:
     #: Platform fee over the period.
     fee: int = 0
     servers: dict[str, set[str]] = field(default_factory=dict)
+    #: Provider name -> the signature of its one settled payout.
+    payouts: dict[str, str] = field(default_factory=dict)
 
 
 def hub_model(name: str) -> dict[str, object]:
@@ -265,6 +268,25 @@ def _seed(session: Session, now: datetime, days: int, result: Seeded) -> None:
                 result.fee += fee
                 result.spend[user] = result.spend.get(user, 0) + charge
                 result.servers.setdefault(user, set()).add(server)
+    # One settled payout per provider, two days ago (made up: the chain is not involved).
+    for index, (name, *_rest) in enumerate(PROVIDERS):
+        signature = f"seedpayout{index}" + "1" * 78
+        session.add(
+            Payout(
+                provider_account_id=acct[name].id,
+                period_start=now - timedelta(days=3),
+                period_end=now - timedelta(days=2),
+                amount=1_000_000 + index,
+                asset="SOL",
+                units=10_000_000 + index,
+                wallet="11111111111111111111111111111111",
+                chain="litesvm",
+                status="settled",
+                signature=signature,
+                created_at=now - timedelta(days=2),
+            )
+        )
+        result.payouts[name] = signature
     # One failed spawn today, on Bravo's H100 (the node that then failed verification).
     session.add(
         Reservation(

@@ -28,7 +28,9 @@ def test_a_provider_report_holds_only_that_providers_nodes_and_earnings(db: Engi
     assert {r["node"] for r in report["utilisation"]} == {"bravo-node-1", "bravo-node-2"}
     assert sum(r["earned"] for r in report["earnings"]) == seeded.earnings["prov-bravo"]
     assert report["earnings_total"] == seeded.earnings["prov-bravo"]
-    assert report["payouts"] == []
+    assert [p["signature"] for p in report["payouts"]] == [seeded.payouts["prov-bravo"]]
+    assert report["payouts"][0]["provider"] == "prov-bravo"
+    assert "tx_bytes" not in report["payouts"][0]
     # Alpha (2.00) and Bravo (2.50) both list A100s: the median is between them.
     assert report["market_median"]["A100-80GB"] == 2_250_000
     messages = [a["message"] for a in report["alerts"]]
@@ -93,7 +95,7 @@ def test_the_analytics_add_up_across_payers_providers_and_the_fee(db: Engine) ->
     assert report["spawns"]["latency_p50_seconds"] is not None
     assert report["faults"]["failed_verifications"] == 1
     assert [n["node"] for n in report["faults"]["offline_nodes"]] == ["alpha-node-2"]
-    assert report["payouts"] == []
+    assert {p["signature"] for p in report["payouts"]} == set(seeded.payouts.values())
 
 
 def test_a_range_before_any_usage_is_empty_not_an_error(db: Engine) -> None:
