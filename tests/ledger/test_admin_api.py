@@ -116,6 +116,10 @@ def test_a_refund_gives_back_at_most_what_was_charged_and_only_once(
     assert balance_of(portal.sessions, "platform:revenue") == 0
     assert total(portal.sessions) == 0
 
+    history = client.get(f"{API}/credits/history", headers=auth("tok-ann")).json()
+    assert (history[0]["kind"], history[0]["amount"]) == ("refund", 90_000)
+    assert "node lost" in history[0]["memo"]
+
     again = client.post(url, json={"amount": 1, "reason": "again"}, headers=ADMIN)
     assert again.status_code == 409 and "already refunded" in error(again)
     assert balance_of(portal.sessions, _wallet(portal, "ann")) == 10 * CREDIT
@@ -286,3 +290,38 @@ def _wallet(portal: Portal, name: str) -> str:
 
     with transaction(portal.sessions) as session:
         return f"wallet:{session.scalar(select(Account.id).where(Account.hub_name == name))}"
+
+
+def test_a_team_paid_session_is_refunded_to_the_team_budget(
+    client: TestClient, portal: Portal, clock: Clock
+) -> None:
+    from sqlalchemy import select
+
+    from gpuportal.hub.db.models import Account
+
+    from .conftest import add_team
+
+    with transaction(portal.sessions) as session:
+        ann = session.scalar(select(Account.id).where(Account.hub_name == "ann"))
+    team = add_team(portal.sessions, "ml", [ann])
+    grant = {"team": "ml", "amount": 5 * CREDIT}
+    assert client.post(f"{API}/credits/grants", json=grant, headers=ADMIN).status_code == 201
+    add_node(portal.sessions)
+    rid = reserve(portal.sessions, "ann", server="gpu")
+    opened = client.post(
+        f"{API}/allocations",
+        json={"reservation_id": rid, "team": "ml"},
+        headers=auth("tok-spawner"),
+    )
+    assert opened.status_code == 201, opened.text
+    clock.advance(60)
+    alloc = opened.json()["id"]
+    client.post(f"{API}/allocations/{alloc}/close", headers=auth("tok-spawner"))
+    assert balance_of(portal.sessions, f"team:{team}") == 5 * CREDIT - 60_000
+    reply = client.post(
+        f"{API}/admin/allocations/{alloc}/refund", json={"reason": "outage"}, headers=ADMIN
+    )
+    assert reply.status_code == 200, reply.text
+    assert balance_of(portal.sessions, f"team:{team}") == 5 * CREDIT
+    assert balance_of(portal.sessions, _wallet(portal, "ann")) == 0
+    assert total(portal.sessions) == 0
