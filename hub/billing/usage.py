@@ -14,7 +14,7 @@ from collections import defaultdict
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from ..db.ledger_models import Allocation, LedgerAccount, LedgerTransaction, Posting
@@ -106,10 +106,11 @@ def _cell(value: Any) -> Any:
 
 def top_ups(session: Session, account_id: int, limit: int = 200) -> list[dict[str, Any]]:
     """Money that came into one account's wallet: grants, promo and sign-up credit,
-    deposits (and any correction of them), newest first.
+    deposits (and any correction of them), and an admin's refund of a session,
+    newest first.
 
-    These are the wallet's postings that belong to no allocation; charges and
-    their reversals are the usage report's business.
+    These are the wallet's postings that belong to no allocation, and refunds;
+    charges and their reversals are the usage report's business.
     """
     query = (
         select(
@@ -123,7 +124,7 @@ def top_ups(session: Session, account_id: int, limit: int = 200) -> list[dict[st
         .where(
             LedgerAccount.account_id == account_id,
             LedgerAccount.kind == "customer_wallet",
-            LedgerTransaction.allocation_id.is_(None),
+            or_(LedgerTransaction.allocation_id.is_(None), LedgerTransaction.kind == "refund"),
         )
         .order_by(LedgerTransaction.created_at.desc(), LedgerTransaction.id.desc())
         .limit(limit)

@@ -26,7 +26,13 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from ..errors import ConfigError
-from . import ledger_models, marketplace_models, models, payout_models  # noqa: F401  (registers every table)
+from . import (  # noqa: F401  (registers every table)
+    audit_models,
+    ledger_models,
+    marketplace_models,
+    models,
+    payout_models,
+)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

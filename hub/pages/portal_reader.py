@@ -46,6 +46,11 @@ class _Token:
 class PortalReader:
     """Reads the portal API as a hub user (GET only)."""
 
+    #: The page token's hub scopes, note and lifetime (seconds).
+    scopes = TOKEN_SCOPES
+    note = TOKEN_NOTE
+    seconds = TOKEN_SECONDS
+
     def __init__(self, portal_url: str, timeout: float = 5.0) -> None:
         self.portal_url = portal_url.rstrip("/") + "/"
         self._client = httpx.AsyncClient(timeout=timeout)
@@ -55,10 +60,10 @@ class PortalReader:
         """The user's current page token, made (in the hub's DB) when none is fresh."""
         now = time.monotonic()
         held = self._tokens.get(user.name)
-        if held is not None and held.expires - TOKEN_RENEW_BEFORE > now:
+        if held is not None and held.expires - min(TOKEN_RENEW_BEFORE, self.seconds / 2) > now:
             return held.value
-        value = user.new_api_token(note=TOKEN_NOTE, expires_in=TOKEN_SECONDS, scopes=TOKEN_SCOPES)
-        self._tokens[user.name] = _Token(value, now + TOKEN_SECONDS)
+        value = user.new_api_token(note=self.note, expires_in=self.seconds, scopes=self.scopes)
+        self._tokens[user.name] = _Token(value, now + self.seconds)
         return str(value)
 
     def forget(self, user: Any) -> None:
@@ -111,3 +116,48 @@ def _message(reply: httpx.Response) -> str:
     if isinstance(message, str) and message:
         return message[:300]
     return f"The billing service answered {reply.status_code}; try again in a moment."
+
+
+#: The admin pages' token: it may use the portal (``access:services!service=portal``),
+#: since the portal's admin API refuses read-only tokens, even for reads.
+ADMIN_TOKEN_SCOPES = ["read:users:name!user", "access:services!service=portal"]
+
+
+class PortalAdminClient(PortalReader):
+    """Reads and acts on the portal's admin API as a hub admin (``/hub/portal-admin``).
+
+    Its tokens are made only for users the hub's page handler has checked are admins
+    (``admin-ui``), live 15 minutes and stay in this process's memory; the portal checks
+    the admin role again on every call.
+    """
+
+    scopes = ADMIN_TOKEN_SCOPES
+    note = "gpuportal admin pages (renewed automatically)"
+    seconds = 900
+
+    async def send(
+        self,
+        user: Any,
+        method: str,
+        path: str,
+        body: Any = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        """``<method> <portal>/api/v1/<path>`` as ``user``: the JSON answer, or
+        :class:`PortalUnavailable` with the portal's sentence."""
+        url = self.portal_url + "api/v1/" + quote(path, safe="/")
+        headers = {"Authorization": f"token {self.token_for(user)}"}
+        try:
+            reply = await self._client.request(
+                method, url, json=body, params=params, headers=headers
+            )
+        except httpx.HTTPError as exc:
+            log.warning(
+                "portal %s %s for %s failed: %s", method, path, user.name, type(exc).__name__
+            )
+            raise PortalUnavailable(
+                "The portal is not answering right now; nothing was done. Try again."
+            ) from None
+        if reply.status_code >= 300:
+            raise PortalUnavailable(_message(reply))
+        return reply.json()

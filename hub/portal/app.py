@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__, db
 from ..settings import Settings
+from .api.admin import router as admin_router
 from .api.billing import router as billing_router
 from .api.dashboards import router as dashboards_router
 from .api.market import router as marketplace_router
@@ -150,6 +151,7 @@ def create_app(
     app.include_router(provider_router, prefix=prefix.rstrip("/"))
     app.include_router(dashboards_router, prefix=prefix.rstrip("/"))
     app.include_router(payouts_router, prefix=prefix.rstrip("/"))
+    app.include_router(admin_router, prefix=prefix.rstrip("/"))
     _mount_docs(app, prefix)
     _declare_token_auth(app)
     return app

@@ -36,7 +36,7 @@ from ...billing import (
     usage,
 )
 from ...billing.ledger import MAX_AMOUNT, MAX_PRICE, LedgerError
-from ...db import accounts
+from ...db import accounts, audit
 from ...db.ledger_models import OPEN_STATES, Allocation
 from ...db.models import Account
 from ..auth import CurrentCaller, PortalDep, PortalUser
@@ -368,6 +368,16 @@ async def grant_credits(
             by=caller.name,
             memo=body.memo,
         )
+        if created:
+            audit.record(
+                session,
+                actor=caller.name,
+                action="credits.grant",
+                target_kind="user" if body.user is not None else "team",
+                target=str(body.user if body.user is not None else body.team),
+                reason=body.memo,
+                detail={"amount": body.amount, "source": body.source, "transaction": txn.id},
+            )
         return {
             "id": txn.id,
             "idempotency_key": txn.idempotency_key,
@@ -408,6 +418,14 @@ async def approve_signup(body: SignupApproval, portal: PortalDep, caller: Admin)
     def work(session: Any) -> dict[str, Any]:
         account = allocations.account_named(session, body.user)
         micro = credits.welcome(session, portal.settings, account.id, approved_by=caller.name)
+        audit.record(
+            session,
+            actor=caller.name,
+            action="credits.signup",
+            target_kind="user",
+            target=body.user,
+            detail={"credited": micro},
+        )
         return {
             "user": body.user,
             "credited": micro,
@@ -607,6 +625,7 @@ class QuotaSet(BaseModel):
     spend_cap_per_hour: StrictInt | None = Field(
         None, ge=0, le=quotas.MAX_SPEND_CAP, description="Micro-credits per hour."
     )
+    reason: str = Field("", max_length=500, description="Why (goes into the audit log).")
 
 
 class QuotaPublic(BaseModel):
@@ -632,6 +651,19 @@ async def put_quota(body: QuotaSet, portal: PortalDep, caller: Admin) -> Any:
             window=body.window,
             gpu_hours=body.gpu_hours,
             spend_cap_per_hour=body.spend_cap_per_hour,
+        )
+        audit.record(
+            session,
+            actor=caller.name,
+            action="quota.set",
+            target_kind="user" if body.user is not None else "team",
+            target=str(body.user if body.user is not None else body.team),
+            reason=body.reason,
+            detail={
+                "window": body.window,
+                "gpu_hours": body.gpu_hours,
+                "spend_cap_per_hour": body.spend_cap_per_hour,
+            },
         )
         return quotas.quota_view(session, quota, now)
 

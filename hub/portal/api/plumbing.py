@@ -9,9 +9,10 @@ domain refusal becomes an HTTP error, who may act on what, and how paths are spe
   transactions) runs through ``run_in_threadpool`` itself.
 * Errors: :func:`api_error` turns the domains' refusals (:class:`MarketError`,
   :class:`LedgerError`) into a 4xx with one sentence; :func:`in_db` applies it.
-* Who: :data:`Admin` (the admin role), :func:`check_trusted` / :data:`Trusted`
-  (admins and trusted hub services such as the spawner), :func:`check_owner` (a user's
-  own things; services, and admins unless refused, act on anyone's).
+* Who: :data:`Admin` (the admin role, never with a read-only token),
+  :func:`check_trusted` / :data:`Trusted` (admins and trusted hub services such as
+  the spawner), :func:`check_owner` (a user's own things; services, and admins unless
+  refused, act on anyone's).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -69,6 +71,14 @@ async def in_db(
         raise api_error(exc, codes) from None
 
 
+class AdminReason(BaseModel):
+    """Why an admin acts (an optional body of admin actions); it goes into the audit log."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: str = Field("", max_length=500)
+
+
 async def small_body(request: Request) -> None:
     """Refuse oversized bodies by their declared length, before parsing them."""
     length = request.headers.get("content-length", "0")
@@ -76,8 +86,21 @@ async def small_body(request: Request) -> None:
         raise ApiError(413, f"The request body is larger than {MAX_BODY_BYTES} bytes.", "too_large")
 
 
-#: The caller, who must have the admin role (a hub admin).
-Admin = Annotated[PortalUser, require_role("admin")]
+async def full_admin(caller: Annotated[PortalUser, require_role("admin")]) -> PortalUser:
+    """A hub admin with a token that may use the portal: a read-only token (a user
+    server's own, or the hub pages' reading token) is refused even for reads, so code
+    running in an admin's server cannot read what only admins see."""
+    if caller.read_only:
+        raise ApiError(
+            403,
+            "Admin endpoints need a token that may use the portal; a user server's "
+            "read-only token cannot call them.",
+        )
+    return caller
+
+
+#: The caller, who must have the admin role (a hub admin) and a full token.
+Admin = Annotated[PortalUser, Depends(full_admin)]
 
 
 def check_trusted(

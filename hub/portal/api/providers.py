@@ -28,6 +28,7 @@ from gpuportal.provider.money import format_credits
 
 from ... import egress, timeutil
 from ...billing import payouts
+from ...db import audit
 from ...db.marketplace_models import Cluster, Node, NodeChallenge, Provider
 from ...db.models import Account
 from ...market import nodes
@@ -44,7 +45,7 @@ from ...market.providers import (
 from ...settings import Settings
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
 from ..context import Portal
-from .plumbing import Admin, ApiError, api_error, in_db, small_body
+from .plumbing import Admin, AdminReason, ApiError, api_error, in_db, small_body
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["providers"])
@@ -517,13 +518,24 @@ async def admin_nodes(_admin: Admin, portal: PortalDep) -> Any:
 
 
 def _admin_node(action: str) -> Any:
-    async def act(node_id: str, _admin: Admin, portal: PortalDep) -> Any:
+    async def act(
+        node_id: str, _admin: Admin, portal: PortalDep, body: AdminReason | None = None
+    ) -> Any:
         def write(session: Any) -> dict[str, Any]:
             node = session.scalar(select(Node).where(Node.node_id == node_id))
             if node is None:
                 raise ApiError(404, f"no node {node_id[:64]!r}.")
             node.blocked = action == "block"
             session.flush()
+            audit.record(
+                session,
+                actor=_admin.name,
+                action=f"node.{action}",
+                target_kind="node",
+                target=node_id,
+                reason=body.reason if body else "",
+                detail={"provider": node.cluster.provider.display_name},
+            )
             log.warning("admin %s: node %s %sed", _admin.name, node_id, action)
             return node_summary(node)
 
@@ -538,7 +550,13 @@ router.post("/api/v1/admin/nodes/{node_id}/unblock", tags=["admin"])(_admin_node
 
 
 @router.post("/api/v1/admin/providers/{provider_id}/delist", tags=["admin"])
-async def delist(provider_id: int, _admin: Admin, portal: PortalDep, listed: bool = False) -> Any:
+async def delist(
+    provider_id: int,
+    _admin: Admin,
+    portal: PortalDep,
+    listed: bool = False,
+    body: AdminReason | None = None,
+) -> Any:
     """Delist a provider (none of its nodes is placed); ``?listed=true`` lists it again."""
 
     def write(session: Any) -> dict[str, Any]:
@@ -547,6 +565,15 @@ async def delist(provider_id: int, _admin: Admin, portal: PortalDep, listed: boo
             raise ApiError(404, f"no provider {provider_id}.")
         provider.status = "listed" if listed else "delisted"
         session.flush()
+        audit.record(
+            session,
+            actor=_admin.name,
+            action="provider.list" if listed else "provider.delist",
+            target_kind="provider",
+            target=str(provider_id),
+            reason=body.reason if body else "",
+            detail={"name": provider.display_name},
+        )
         log.warning("admin %s: provider %s %s", _admin.name, provider.display_name, provider.status)
         return _provider_view(session, provider)
 
