@@ -30,8 +30,9 @@ from gpuportal.hub.portal.cache import MemoryCache
 from gpuportal.hub.portal.context import Portal
 from gpuportal.hub.settings import load_settings
 
+from ..fakes import FakeHub
 from .conftest import CREDIT, T0, Clock
-from .test_billing_api import API, FakeHub, auth, error
+from .test_billing_api import API, USERS, auth, error
 
 WALLET = str(Keypair().pubkey())
 
@@ -46,7 +47,7 @@ def portal(tmp_path: Path, db_url: str) -> Portal:
         payout_period_seconds=3600,
     )
     chain = deposits.make_chain(settings)
-    return Portal(settings, cache=MemoryCache(), hub=FakeHub(), chain=chain)
+    return Portal(settings, cache=MemoryCache(), hub=FakeHub(USERS), chain=chain)
 
 
 @pytest.fixture
