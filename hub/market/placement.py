@@ -14,16 +14,15 @@ marketplace):
 
 :class:`PlacementIndex` keeps candidates bucketed by GPU model, and each
 bucket split again by region and by free-GPU class, every list sorted by price,
-so a decision over 100k nodes merges, in price order, only the lists that can
+so a decision over 100k nodes reads, cheapest first, only the lists that can
 fit the request (its model or all models, its region or all regions, classes
-with enough free GPUs) and stops at the first price above the best fit;
+with enough free GPUs), each only up to the first price above the best fit;
 :func:`choose` is the plain scan it must always agree with. The live index, kept consistent
 with the DB, is :mod:`gpuportal.hub.market.capacity`.
 """
 
 from __future__ import annotations
 
-import heapq
 from bisect import bisect_left, insort
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -268,24 +267,24 @@ class PlacementIndex:
     def choose(self, request: Request) -> Candidate | None:
         """Same answer as :func:`choose`, looking only at the lists that can fit.
 
-        The lists are merged in price order, so the scan stops at the first
-        price above the best fit found (or above the request's maximum): no
-        cheaper fit can follow.
+        The lists are visited cheapest head first, and each is walked in price
+        order only until a price above the best fit found so far (or above the
+        request's maximum): no cheaper fit can follow in it. A request with no
+        model filter thus stops at the first dearer candidate of every model's
+        lists instead of walking all of them.
         """
-        lists = self._lists(request)
-        stream: Iterable[Candidate] = (
-            lists[0] if len(lists) == 1 else heapq.merge(*lists, key=_order)
-        )
+        lists = sorted(self._lists(request), key=lambda sub: _order(sub[0]))
         best: Candidate | None = None
         best_key: tuple[int, float, int, str] | None = None
-        for c in stream:
-            if best_key is not None and c.price > best_key[0]:
-                break
-            if request.max_price is not None and c.price > request.max_price:
-                break
-            if not request.matches(c):
-                continue
-            key = rank(request, c)
-            if best_key is None or key < best_key:
-                best, best_key = c, key
+        ceiling = request.max_price
+        for sub in lists:
+            for c in sub:
+                if ceiling is not None and c.price > ceiling:
+                    break
+                if not request.matches(c):
+                    continue
+                key = rank(request, c)
+                if best_key is None or key < best_key:
+                    best, best_key = c, key
+                    ceiling = c.price
         return best
