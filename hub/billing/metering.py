@@ -30,8 +30,23 @@ import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
-from sqlalchemy import or_, select
+from sqlalchemy import (
+    Row,
+    String,
+    Table,
+    bindparam,
+    case,
+    cast,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -39,13 +54,26 @@ from gpuportal.provider.money import US_PER_HOUR, accrued
 
 from .. import timeutil
 from ..db import transaction
-from ..db.ledger_models import OPEN_STATES, QUOTA_WINDOWS, Allocation, Quota
+from ..db.ledger_models import (
+    OPEN_STATES,
+    QUOTA_WINDOWS,
+    Allocation,
+    LedgerAccount,
+    LedgerBalance,
+    LedgerTransaction,
+    Posting,
+    Quota,
+)
 from ..db.marketplace_models import LIVE_STATUSES, Reservation
 from ..market import marketplace
 from ..settings import Settings
 from . import ledger
 
 log = logging.getLogger(__name__)
+
+#: An allocation as the meter reads it: an ORM object, or a row of the ``allocations``
+#: table (the set-based paths read rows; the arithmetic needs only the attributes).
+Billed = Allocation | Row[Any]
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 US = timedelta(microseconds=1)
@@ -69,7 +97,7 @@ class Split:
     provider: int
 
 
-def split(alloc: Allocation, a: datetime, b: datetime) -> Split:
+def split(alloc: Billed, a: datetime, b: datetime) -> Split:
     """The charge for ``[a, b)`` of ``alloc`` as a difference of cumulative values."""
     ca = accrued(alloc.gpu_count, alloc.price_per_gpu_hour, alloc.started_at, a)
     cb = accrued(alloc.gpu_count, alloc.price_per_gpu_hour, alloc.started_at, b)
@@ -110,7 +138,7 @@ def usage_key(allocation_id: int, period_end: datetime) -> str:
     return f"usage:{allocation_id}:{(period_end - EPOCH) // US}"
 
 
-def hourly_rate(alloc: Allocation) -> int:
+def hourly_rate(alloc: Billed) -> int:
     return alloc.gpu_count * alloc.price_per_gpu_hour
 
 
@@ -130,14 +158,14 @@ def payer_ledger_account(session: Session, alloc: Allocation) -> int:
     return ledger.wallet(session, alloc.account_id).id
 
 
-def payer_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None, int | None]]:
+def payer_account_key(alloc: Billed) -> tuple[str, tuple[str, int | None, int | None]]:
     """The payer's ledger account as ``(key, (kind, account_id, team_id))``."""
     if alloc.team_id is not None:
         return f"team:{alloc.team_id}", ("team_budget", None, alloc.team_id)
     return f"wallet:{alloc.account_id}", ("customer_wallet", alloc.account_id, None)
 
 
-def earnings_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None, int | None]]:
+def earnings_account_key(alloc: Billed) -> tuple[str, tuple[str, int | None, int | None]]:
     if alloc.provider_account_id is None:
         return "earnings:house", ("provider_earnings", None, None)
     return f"earnings:{alloc.provider_account_id}", (
@@ -147,7 +175,7 @@ def earnings_account_key(alloc: Allocation) -> tuple[str, tuple[str, int | None,
     )
 
 
-def payer_key(alloc: Allocation) -> tuple[str, int]:
+def payer_key(alloc: Billed) -> tuple[str, int]:
     if alloc.team_id is not None:
         return ("team", alloc.team_id)
     return ("account", alloc.account_id)
@@ -171,14 +199,47 @@ class TickResult:
     failed_payers: list[tuple[str, int]] = field(default_factory=list)
 
 
+def cast_table(model: type[Any]) -> Table:
+    """The Core table of a mapped class (typed as a ``Table`` for bulk statements)."""
+    table = model.__table__
+    assert isinstance(table, Table)
+    return table
+
+
+#: The allocation columns the meter reads; rows of these stand in for ORM objects
+#: wherever the pure arithmetic (``split``, ``payer_state``) reads an allocation.
+_ALLOC = cast_table(Allocation)
+_TXN = cast_table(LedgerTransaction)
+_POSTING = cast_table(Posting)
+
+
+def _is_postgres(session: Session) -> bool:
+    return session.get_bind().dialect.name == "postgresql"
+
+
 def charge_allocations(
     session: Session, ids: Iterable[int], now: datetime, interval: timedelta, result: TickResult
 ) -> None:
-    """Charge every due period of these allocations, in the caller's DB transaction."""
-    query = select(Allocation).where(Allocation.id.in_(list(ids))).order_by(Allocation.id)
-    if session.get_bind().dialect.name == "postgresql":
+    """Charge every due period of these allocations, in the caller's DB transaction.
+
+    Set-based: the allocations are read as rows in one statement (locked on
+    PostgreSQL), every due interval's transaction and its three postings are
+    computed in Python, then written by three bulk statements: the
+    transactions (``INSERT ... RETURNING id``, in pages), their postings, and
+    the moves of ``last_charged_at``. No ORM object is built per row. The
+    ledger is exactly the one the one-by-one meter wrote
+    (:mod:`.metering_reference`; a property test holds them equal): the same
+    keys, fingerprints, legs and memos. A racing meter's duplicate still fails
+    on the unique key and rolls this whole batch back.
+    """
+    query = (
+        select(_ALLOC).where(ledger.among(session, _ALLOC.c.id, list(ids))).order_by(_ALLOC.c.id)
+    )
+    if _is_postgres(session):
         query = query.with_for_update()
-    allocs = list(session.scalars(query))
+    allocs = session.execute(query).all()
+    if not allocs:
+        return
     wanted: dict[str, tuple[str, int | None, int | None]] = {
         "platform:revenue": ("platform_revenue", None, None)
     }
@@ -187,59 +248,185 @@ def charge_allocations(
     with session.no_autoflush:
         accounts = ledger.ledger_accounts(session, wanted)
     platform = accounts["platform:revenue"]
+    created_at = timeutil.utcnow()
+    txns: list[dict[str, object]] = []
+    legs: list[list[tuple[int, int]]] = []
+    moves: list[dict[str, object]] = []
     for alloc in allocs:
+        ended_at = alloc.ended_at
         if (
             alloc.status == "stopping"
             and alloc.stopping_at is not None
             and alloc.stopping_at <= now
         ):
-            # Out of credit and past the grace period: charges end exactly here.
-            alloc.ended_at, alloc.status = alloc.stopping_at, "stop_due"
-            # The GPUs go back on offer in this same step; the hub stops the server next.
-            release_reservation(session, alloc.reservation_id)
-            result.stops_due.append(alloc.id)
-            log.warning(
-                "allocation %s of %s/%s stops now (%s)",
-                alloc.id,
-                alloc.user_name,
-                alloc.server_name,
-                alloc.stop_reason,
-            )
-        due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval, alloc.ended_at)
+            ended_at = _stop_now(session, alloc, result)
+        due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval, ended_at)
         if not due:
             continue
         payer = accounts[payer_account_key(alloc)[0]]
         earnings = accounts[earnings_account_key(alloc)[0]]
+        memo = f"{alloc.user_name}/{alloc.server_name}: {alloc.gpu_count} GPU"[:500]
         for a, b in due:
             part = split(alloc, a, b)
-            session.add(
-                ledger.build(
-                    usage_key(alloc.id, b),
-                    "usage",
-                    [
-                        ledger.Leg(payer, -part.charge),
-                        ledger.Leg(earnings, part.provider),
-                        ledger.Leg(platform, part.fee),
-                    ],
-                    allocation_id=alloc.id,
-                    period_start=a,
-                    period_end=b,
-                    memo=f"{alloc.user_name}/{alloc.server_name}: {alloc.gpu_count} GPU",
-                    created_by="meter",
-                )
+            these = [(payer, -part.charge), (earnings, part.provider), (platform, part.fee)]
+            ledger.validate_legs([ledger.Leg(account, amount) for account, amount in these])
+            txns.append(
+                {
+                    "idempotency_key": usage_key(alloc.id, b),
+                    "params_hash": ledger.charge_params_hash("usage", these, alloc.id, a, b),
+                    "kind": "usage",
+                    "memo": memo,
+                    "reference": None,
+                    "allocation_id": alloc.id,
+                    "period_start": a,
+                    "period_end": b,
+                    "created_by": "meter",
+                    "created_at": created_at,
+                }
             )
+            legs.append(these)
             result.intervals += 1
             result.charged += part.charge
-        alloc.last_charged_at = due[-1][1]
+        moves.append({"alloc_id": alloc.id, "charged_to": due[-1][1]})
         result.payers.add(payer)
-    session.flush()
+    if txns and _is_postgres(session):
+        _copy_charges(session, txns, legs, moves)
+    elif txns:
+        _write_charges(session, txns, legs, moves)
+    _expire_loaded(session, {alloc.id for alloc in allocs})
+
+
+def _stop_now(session: Session, alloc: Row[Any], result: TickResult) -> datetime:
+    """Out of credit and past the grace period: the allocation ends at ``stopping_at``."""
+    stopping_at: datetime = alloc.stopping_at
+    session.execute(
+        update(_ALLOC)
+        .where(_ALLOC.c.id == alloc.id)
+        .values(ended_at=stopping_at, status="stop_due")
+    )
+    # The GPUs go back on offer in this same step; the hub stops the server next.
+    release_reservation(session, alloc.reservation_id)
+    result.stops_due.append(alloc.id)
+    log.warning(
+        "allocation %s of %s/%s stops now (%s)",
+        alloc.id,
+        alloc.user_name,
+        alloc.server_name,
+        alloc.stop_reason,
+    )
+    return stopping_at
+
+
+def _write_charges(
+    session: Session,
+    txns: list[dict[str, object]],
+    legs: list[list[tuple[int, int]]],
+    moves: list[dict[str, object]],
+) -> None:
+    """Three bulk statements: the transactions, their postings, the allocations' progress.
+
+    ``RETURNING`` with ``sort_by_parameter_order`` gives the new ids in the
+    order of ``txns`` (SQLAlchemy pages the rows into multi-row INSERTs, which
+    also fires the balance trigger once per page on PostgreSQL).
+    """
+    ids = session.execute(
+        insert(_TXN).returning(_TXN.c.id, sort_by_parameter_order=True), txns
+    ).scalars()
+    postings = [
+        {"transaction_id": txn_id, "ledger_account_id": account, "amount": amount}
+        for txn_id, these in zip(ids, legs, strict=True)
+        for account, amount in these
+    ]
+    session.execute(insert(_POSTING).returning(_POSTING.c.id), postings).close()
+    session.execute(
+        update(_ALLOC)
+        .where(_ALLOC.c.id == bindparam("alloc_id"))
+        .values(last_charged_at=bindparam("charged_to")),
+        moves,
+    )
+
+
+_TXN_COLUMNS = (
+    "idempotency_key",
+    "params_hash",
+    "kind",
+    "memo",
+    "reference",
+    "allocation_id",
+    "period_start",
+    "period_end",
+    "created_by",
+    "created_at",
+)
+
+
+def _copy_charges(
+    session: Session,
+    txns: list[dict[str, object]],
+    legs: list[list[tuple[int, int]]],
+    moves: list[dict[str, object]],
+) -> None:
+    """PostgreSQL: the same three writes as :func:`_write_charges`, by ``COPY``.
+
+    The transactions' ids are drawn from their sequence first (one query), so
+    the postings can name them without ``RETURNING``; both tables are then
+    filled by ``COPY`` (which fires the balance trigger once per table, and the
+    unique key as any insert does), and the allocations move by one ``UPDATE``
+    over two arrays. Nothing here is a long query text for psycopg to parse.
+    """
+    import psycopg
+
+    ids = list(
+        session.execute(
+            text(
+                "SELECT nextval(pg_get_serial_sequence('ledger_transactions', 'id')) "
+                "FROM generate_series(1, :n)"
+            ),
+            {"n": len(txns)},
+        ).scalars()
+    )
+    raw = session.connection().connection.driver_connection
+    assert raw is not None
+    try:
+        with raw.cursor() as cur:
+            columns = ", ".join(("id", *_TXN_COLUMNS))
+            with cur.copy(f"COPY ledger_transactions ({columns}) FROM STDIN") as copy:
+                for txn_id, txn in zip(ids, txns, strict=True):
+                    copy.write_row((txn_id, *(txn[c] for c in _TXN_COLUMNS)))
+            with cur.copy(
+                "COPY ledger_postings (transaction_id, ledger_account_id, amount) FROM STDIN"
+            ) as copy:
+                for txn_id, these in zip(ids, legs, strict=True):
+                    for account, amount in these:
+                        copy.write_row((txn_id, account, amount))
+    except psycopg.errors.IntegrityError as exc:
+        # What an INSERT would raise through SQLAlchemy: the caller's race handling applies.
+        raise IntegrityError("COPY ledger_transactions", None, exc) from exc
+    session.execute(
+        text(
+            "UPDATE allocations AS a SET last_charged_at = v.t "
+            "FROM unnest(CAST(:ids AS integer[]), CAST(:ts AS timestamptz[])) AS v(id, t) "
+            "WHERE a.id = v.id"
+        ),
+        {"ids": [m["alloc_id"] for m in moves], "ts": [m["charged_to"] for m in moves]},
+    )
+
+
+def _expire_loaded(session: Session, alloc_ids: set[int]) -> None:
+    """Allocations this session already holds as ORM objects (a close) re-read their rows.
+
+    Refreshed now, not expired: callers hand the object on after the session ends.
+    """
+    for obj in list(session.identity_map.values()):
+        if isinstance(obj, Allocation) and obj.id in alloc_ids:
+            session.refresh(obj)
 
 
 def tick(
     sessions: sessionmaker[Session],
     settings: Settings,
     now: datetime | None = None,
-    batch: int = 200,
+    batch: int = 2000,
 ) -> TickResult:
     """One pass of the meter: charge what is due, then check every payer's runway.
 
@@ -408,7 +595,7 @@ def quota_left(session: Session, quota: Quota, now: datetime) -> int | None:
     )
 
 
-def uncharged(alloc: Allocation, now: datetime) -> int:
+def uncharged(alloc: Billed, now: datetime) -> int:
     """What ``alloc`` owes for time since its last charge (not yet in the ledger)."""
     end = now if alloc.ended_at is None else min(now, alloc.ended_at)
     if end <= alloc.last_charged_at:
@@ -430,7 +617,7 @@ class PayerState:
 def payer_state(
     session: Session,
     payer_ledger_id: int,
-    open_allocs: list[Allocation],
+    open_allocs: list[Allocation] | list[Row[Any]],
     now: datetime,
     *,
     known_balance: int | None = None,
@@ -501,6 +688,38 @@ def seconds_to_zero_us(available: int, rate_per_hour: int, allocations: int) -> 
     return max(0, available - allocations) * US_PER_HOUR // rate_per_hour
 
 
+def _open_allocations_with_balances(session: Session) -> list[Row[Any]]:
+    """Every open allocation with its payer's ledger account and balance: one query.
+
+    The payer's ledger account is joined by its key (``wallet:<account>`` or
+    ``team:<team>``, as :func:`payer_account_key` names it) and its balance
+    read from the maintained ``ledger_balances``; a payer with no ledger
+    account yet has ``payer_ledger_id`` None and a balance of 0.
+    """
+    acct = cast_table(LedgerAccount)
+    bal = cast_table(LedgerBalance)
+    payer_key_sql = case(
+        (
+            _ALLOC.c.team_id.is_not(None),
+            literal("team:") + cast(_ALLOC.c.team_id, String),
+        ),
+        else_=literal("wallet:") + cast(_ALLOC.c.account_id, String),
+    )
+    query = (
+        select(
+            _ALLOC,
+            acct.c.id.label("payer_ledger_id"),
+            func.coalesce(bal.c.balance, 0).label("payer_balance"),
+        )
+        .select_from(_ALLOC)
+        .outerjoin(acct, acct.c.key == payer_key_sql)
+        .outerjoin(bal, bal.c.ledger_account_id == acct.c.id)
+        .where(_ALLOC.c.status.in_(OPEN_STATES))
+        .order_by(_ALLOC.c.id)
+    )
+    return list(session.execute(query).all())
+
+
 def check_runway(
     session: Session,
     settings: Settings,
@@ -517,23 +736,17 @@ def check_runway(
     balance is never driven below zero by the meter. A payer whose runway
     recovers (a top-up, a raised quota) before the stop gets its servers back
     to ``running``. ``only``: check this one payer (``payer_key``) alone.
+
+    Set-based: one query reads every open allocation with its payer's
+    maintained balance, one reads the quotas, and only the allocations whose
+    state changes are written back (one executemany).
     """
-    allocs = list(
-        session.scalars(
-            select(Allocation).where(Allocation.status.in_(OPEN_STATES)).order_by(Allocation.id)
-        )
-    )
-    groups: dict[tuple[str, int], list[Allocation]] = {}
-    for alloc in allocs:
+    groups: dict[tuple[str, int], list[Row[Any]]] = {}
+    for alloc in _open_allocations_with_balances(session):
         key = payer_key(alloc)
         if only is None or key == only:
             groups.setdefault(key, []).append(alloc)
     grace = timedelta(seconds=settings.grace_seconds)
-    with session.no_autoflush:
-        payer_ids = ledger.ledger_accounts(
-            session, dict(payer_account_key(g[0]) for g in groups.values())
-        )
-    money = ledger.balances(session, list(payer_ids.values()))
     limits: dict[tuple[str, int], Quota] = {}
     for quota in session.scalars(select(Quota)):
         if quota.account_id is not None:
@@ -542,9 +755,17 @@ def check_runway(
             limits[("team", quota.team_id)] = quota
     stop_at_or_below = stop_threshold_seconds(settings)
     warn_below = warning_threshold_seconds(settings)
+    changes: list[dict[str, Any]] = []
     for group in groups.values():
-        payer = payer_ids[payer_account_key(group[0])[0]]
-        state = payer_state(session, payer, group, now, known_balance=money[payer], quotas=limits)
+        first = group[0]
+        state = payer_state(
+            session,
+            first.payer_ledger_id or 0,
+            group,
+            now,
+            known_balance=int(first.payer_balance),
+            quotas=limits,
+        )
         runway = state.runway
         if state.reason == "out_of_credit":
             left = timedelta(
@@ -553,46 +774,94 @@ def check_runway(
         else:
             left = timedelta(seconds=runway or 0.0)
         for alloc in group:
-            if runway is not None and runway <= stop_at_or_below:
-                if alloc.status == "running":
-                    alloc.status, alloc.stopping_at = "stopping", now + min(grace, left)
-                    alloc.stop_reason = state.reason
-                    result.stopping.append(alloc.id)
-                    log.warning(
-                        "allocation %s of %s/%s: %s, stopping at %s",
-                        alloc.id,
-                        alloc.user_name,
-                        alloc.server_name,
-                        state.reason,
-                        alloc.stopping_at.isoformat(),
-                    )
-            elif alloc.status == "stopping" and alloc.stop_reason in (
-                "out_of_credit",
-                "quota_exhausted",
-            ):
-                alloc.status, alloc.stopping_at, alloc.stop_reason = "running", None, None
-                alloc.runway_warned_at = None
-                log.info(
-                    "allocation %s of %s/%s: runway restored, stop cancelled",
-                    alloc.id,
-                    alloc.user_name,
-                    alloc.server_name,
-                )
-            if runway is not None and runway < warn_below:
-                if alloc.runway_warned_at is None:
-                    alloc.runway_warned_at = now
-                    result.warned.append(alloc.id)
-                    log.warning(
-                        "allocation %s of %s/%s: runway %.0f s (%s)",
-                        alloc.id,
-                        alloc.user_name,
-                        alloc.server_name,
-                        runway,
-                        state.reason,
-                    )
-            elif alloc.runway_warned_at is not None and alloc.status == "running":
-                alloc.runway_warned_at = None
-    session.flush()
+            change = _runway_change(
+                alloc,
+                runway,
+                state.reason,
+                now,
+                now + min(grace, left),
+                stop_at_or_below,
+                warn_below,
+                result,
+            )
+            if change:
+                changes.append(change)
+    if changes:
+        session.execute(
+            update(_ALLOC)
+            .where(_ALLOC.c.id == bindparam("alloc_id"))
+            .values(
+                status=bindparam("new_status"),
+                stopping_at=bindparam("new_stopping_at"),
+                stop_reason=bindparam("new_stop_reason"),
+                runway_warned_at=bindparam("new_warned_at"),
+            ),
+            changes,
+        )
+        _expire_loaded(session, {change["alloc_id"] for change in changes})
+
+
+def _runway_change(
+    alloc: Row[Any],
+    runway: float | None,
+    reason: str,
+    now: datetime,
+    stop_at: datetime,
+    stop_at_or_below: int,
+    warn_below: int,
+    result: TickResult,
+) -> dict[str, Any] | None:
+    """The new state of one allocation after its payer's runway check; None when unchanged."""
+    status, stopping_at = alloc.status, alloc.stopping_at
+    stop_reason, warned_at = alloc.stop_reason, alloc.runway_warned_at
+    if runway is not None and runway <= stop_at_or_below:
+        if status == "running":
+            status, stopping_at, stop_reason = "stopping", stop_at, reason
+            result.stopping.append(alloc.id)
+            log.warning(
+                "allocation %s of %s/%s: %s, stopping at %s",
+                alloc.id,
+                alloc.user_name,
+                alloc.server_name,
+                reason,
+                stop_at.isoformat(),
+            )
+    elif status == "stopping" and stop_reason in ("out_of_credit", "quota_exhausted"):
+        status, stopping_at, stop_reason, warned_at = "running", None, None, None
+        log.info(
+            "allocation %s of %s/%s: runway restored, stop cancelled",
+            alloc.id,
+            alloc.user_name,
+            alloc.server_name,
+        )
+    if runway is not None and runway < warn_below:
+        if warned_at is None:
+            warned_at = now
+            result.warned.append(alloc.id)
+            log.warning(
+                "allocation %s of %s/%s: runway %.0f s (%s)",
+                alloc.id,
+                alloc.user_name,
+                alloc.server_name,
+                runway,
+                reason,
+            )
+    elif warned_at is not None and status == "running":
+        warned_at = None
+    if (status, stopping_at, stop_reason, warned_at) == (
+        alloc.status,
+        alloc.stopping_at,
+        alloc.stop_reason,
+        alloc.runway_warned_at,
+    ):
+        return None
+    return {
+        "alloc_id": alloc.id,
+        "new_status": status,
+        "new_stopping_at": stopping_at,
+        "new_stop_reason": stop_reason,
+        "new_warned_at": warned_at,
+    }
 
 
 def release_reservation(session: Session, reservation_id: str | None) -> None:

@@ -122,6 +122,21 @@ class Posting(Base):
     transaction: Mapped[LedgerTransaction] = relationship(back_populates="postings")
 
 
+class LedgerBalance(Base):
+    """One ledger account's balance, moved by the database with every posting (0007).
+
+    A trigger adds each inserted posting in the same transaction, so this always
+    equals ``SUM(amount)`` of the account's postings; code only reads it.
+    """
+
+    __tablename__ = "ledger_balances"
+
+    ledger_account_id: Mapped[int] = mapped_column(
+        ForeignKey("ledger_accounts.id", ondelete="RESTRICT"), primary_key=True
+    )
+    balance: Mapped[int] = mapped_column(BigInteger)
+
+
 class Allocation(Base):
     """One running server's billing period, from ready to stop, at a locked price.
 

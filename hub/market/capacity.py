@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from itertools import chain
 from typing import Any
 
-from sqlalchemy import event, inspect, or_, select
+from sqlalchemy import ColumnElement, Row, Select, and_, event, inspect, or_, select
 from sqlalchemy.orm import Session, SessionTransaction, sessionmaker
 
 from ..db.marketplace_models import Cluster, Gpu, GpuAllocation, Node, Provider, Reservation
@@ -64,41 +64,49 @@ class Rules:
 # --- reading capacity from SQL ----------------------------------------------------------
 
 
-def load_candidates(
-    session: Session,
+def schedulable(rules: Rules) -> ColumnElement[bool]:
+    """The one rule of what placement may use: a listed provider's online, verified,
+    unblocked node at or above the delisting reliability.
+
+    Written once, as SQL: the full read filters on it, and a narrowed re-read
+    (which must also see nodes that just stopped being schedulable) selects it
+    as a column.
+    """
+    return and_(
+        Provider.status == "listed",
+        Node.status == "online",
+        Node.verification == "verified",
+        Node.blocked.is_(False),
+        Node.reliability >= rules.delist_below,
+    )
+
+
+def capacity_query(
     rules: Rules,
-    gpu_model: str | None = None,
     *,
-    schedulable_only: bool = True,
+    schedulable_only: bool,
     node_pks: Iterable[int] | None = None,
     provider_pks: Iterable[int] | None = None,
     cluster_pks: Iterable[int] | None = None,
-) -> list[Candidate]:
-    """Every (node, GPU model) pair with its free GPU indices, read in one query.
-
-    ``node_pks``/``provider_pks``/``cluster_pks`` (any that are given, OR-ed)
-    narrow the read to some nodes: what the index re-reads after a commit.
-    """
+) -> Select[*tuple[Any, ...]]:
+    """One row per GPU of each node, with its node, provider, cluster and allocation."""
     query = (
         select(
-            Node.id,
+            Node.id.label("node_pk"),
             Node.node_id,
-            Node.status,
-            Node.verification,
-            Node.blocked,
             Node.demo,
             Node.reliability,
             Node.isolation,
-            Provider.status,
-            Provider.price_per_gpu_hour,
+            Provider.price_per_gpu_hour.label("price"),
             Provider.region,
-            Provider.display_name,
-            Cluster.id,
+            Provider.display_name.label("provider"),
+            Cluster.id.label("cluster_id"),
             Cluster.jobs_url,
             Gpu.index,
             Gpu.model,
             Gpu.vram_mib,
-            GpuAllocation.gpu_id,
+            GpuAllocation.gpu_id.label("allocated"),
+            schedulable(rules).label("schedulable"),
         )
         .join(Cluster, Node.cluster_id == Cluster.id)
         .join(Provider, Cluster.provider_id == Provider.id)
@@ -115,76 +123,80 @@ def load_candidates(
     if narrow:
         query = query.where(or_(*narrow))
     if schedulable_only:
-        query = query.where(
-            Provider.status == "listed",
-            Node.status == "online",
-            Node.verification == "verified",
-            Node.blocked.is_(False),
-            Node.reliability >= rules.delist_below,
-        )
+        query = query.where(schedulable(rules))
+    return query
+
+
+def group_candidates(rows: Iterable[Row[Any]]) -> list[Candidate]:
+    """Fold GPU rows into one candidate per (node, GPU model), with its free GPU indices.
+
+    An exclusive node (it cannot give customers accounts of their own) that
+    hosts a customer now offers nothing until that customer leaves.
+    """
     groups: dict[tuple[int, str], dict[str, Any]] = {}
-    #: Exclusive nodes (they cannot give customers accounts of their own) that host
-    #: a customer now: nothing more is placed there until that customer leaves.
     occupied: set[int] = set()
-    for row in session.execute(query):
-        (
-            pk,
-            node_id,
-            status,
-            verification,
-            blocked,
-            demo,
-            reliability,
-            isolation,
-            p_status,
-            price,
-            region,
-            provider,
-            cluster_id,
-            jobs_url,
-            index,
-            model,
-            vram,
-            allocated,
-        ) = row
+    for row in rows:
         g = groups.setdefault(
-            (pk, model),
+            (row.node_pk, row.model),
             {
-                "node_pk": pk,
-                "node_id": node_id,
-                "model": model,
-                "vram_mib": vram,
-                "region": region,
-                "price": price,
-                "reliability": reliability,
+                "node_pk": row.node_pk,
+                "node_id": row.node_id,
+                "model": row.model,
+                "vram_mib": row.vram_mib,
+                "region": row.region,
+                "price": row.price,
+                "reliability": row.reliability,
                 "total_gpus": 0,
                 "free": [],
-                "demo": demo,
-                "provider": provider,
-                "cluster_id": cluster_id,
-                "jobs_url": jobs_url,
-                "exclusive": isolation == "exclusive",
-                "schedulable": p_status == "listed"
-                and status == "online"
-                and verification == "verified"
-                and not blocked
-                and reliability >= rules.delist_below,
+                "demo": row.demo,
+                "provider": row.provider,
+                "cluster_id": row.cluster_id,
+                "jobs_url": row.jobs_url,
+                "exclusive": row.isolation == "exclusive",
+                "schedulable": bool(row.schedulable),
             },
         )
         g["total_gpus"] += 1
-        g["vram_mib"] = min(g["vram_mib"], vram)
-        if allocated is None:
-            g["free"].append(index)
-        elif isolation == "exclusive":
-            occupied.add(pk)
+        g["vram_mib"] = min(g["vram_mib"], row.vram_mib)
+        if row.allocated is None:
+            g["free"].append(row.index)
+        elif row.isolation == "exclusive":
+            occupied.add(row.node_pk)
     candidates = []
     for g in groups.values():
-        if gpu_model is not None and normalize_model(g["model"]) != normalize_model(gpu_model):
-            continue
-        free = () if g["node_pk"] in occupied else tuple(sorted(g.pop("free")))
-        g.pop("free", None)
-        candidates.append(Candidate(free_indices=free, **g))
+        free = g.pop("free")
+        g["free_indices"] = () if g["node_pk"] in occupied else tuple(sorted(free))
+        candidates.append(Candidate(**g))
     return candidates
+
+
+def load_candidates(
+    session: Session,
+    rules: Rules,
+    gpu_model: str | None = None,
+    *,
+    schedulable_only: bool = True,
+    node_pks: Iterable[int] | None = None,
+    provider_pks: Iterable[int] | None = None,
+    cluster_pks: Iterable[int] | None = None,
+) -> list[Candidate]:
+    """Every (node, GPU model) pair with its free GPU indices, read in one query.
+
+    ``node_pks``/``provider_pks``/``cluster_pks`` (any that are given, OR-ed)
+    narrow the read to some nodes: what the index re-reads after a commit.
+    """
+    query = capacity_query(
+        rules,
+        schedulable_only=schedulable_only,
+        node_pks=node_pks,
+        provider_pks=provider_pks,
+        cluster_pks=cluster_pks,
+    )
+    candidates = group_candidates(session.execute(query))
+    if gpu_model is None:
+        return candidates
+    wanted = normalize_model(gpu_model)
+    return [c for c in candidates if normalize_model(c.model) == wanted]
 
 
 # --- what a session changed --------------------------------------------------------------

@@ -12,9 +12,12 @@ marketplace):
    then the best fit (fewest GPUs left over, so big nodes stay whole for big
    requests), then the node id so the choice is deterministic.
 
-:class:`PlacementIndex` keeps candidates bucketed by GPU model so a decision
-over 100k nodes looks only at the nodes of the requested model; :func:`choose`
-is the plain scan it must always agree with. The live index, kept consistent
+:class:`PlacementIndex` keeps candidates bucketed by GPU model, and each
+bucket split again by region and by free-GPU class, every list sorted by price,
+so a decision over 100k nodes reads, cheapest first, only the lists that can
+fit the request (its model or all models, its region or all regions, classes
+with enough free GPUs), each only up to the first price above the best fit;
+:func:`choose` is the plain scan it must always agree with. The live index, kept consistent
 with the DB, is :mod:`gpuportal.hub.market.capacity`.
 """
 
@@ -156,17 +159,36 @@ def _order(c: Candidate) -> tuple[int, float, str, str]:
     return (c.price, -c.reliability, c.node_id, c.model)
 
 
+#: Free-GPU classes: a candidate with ``n`` free GPUs is in class ``min(n, TOP_CLASS)``.
+TOP_CLASS = 8
+
+SubKey = tuple[str, int]  # (region, free-GPU class)
+
+
+def free_class(c: Candidate) -> int:
+    return min(c.free_gpus, TOP_CLASS)
+
+
+def _remove(bucket: list[Candidate], c: Candidate) -> None:
+    at = bisect_left(bucket, _order(c), key=_order)
+    while bucket[at] is not c:
+        at += 1
+    del bucket[at]
+
+
 @dataclass
 class PlacementIndex:
-    """Schedulable candidates bucketed by normalised GPU model, each bucket sorted by price.
+    """Schedulable candidates by normalised GPU model, then by (region, free-GPU class).
 
-    Not thread-safe by itself: the portal's :class:`~gpuportal.hub.market.capacity.CapacityIndex`
-    guards it and keeps it consistent with the DB. Replacing one node costs a
-    bisection and a list insert per GPU model it has, so the index follows every
-    reservation without being rebuilt.
+    Each list is sorted by price. Not thread-safe by itself: the portal's
+    :class:`~gpuportal.hub.market.capacity.CapacityIndex` guards it and keeps it
+    consistent with the DB. Replacing one node costs a bisection and a list
+    insert per list it is in, so the index follows every reservation without
+    being rebuilt.
     """
 
     buckets: dict[str, list[Candidate]] = field(default_factory=dict)
+    subs: dict[str, dict[SubKey, list[Candidate]]] = field(default_factory=dict)
     by_node: dict[int, list[Candidate]] = field(default_factory=dict)
 
     @classmethod
@@ -174,17 +196,25 @@ class PlacementIndex:
         index = cls()
         for c in candidates:
             if c.schedulable:
-                index.buckets.setdefault(normalize_model(c.model), []).append(c)
+                name = normalize_model(c.model)
+                index.buckets.setdefault(name, []).append(c)
+                index.subs.setdefault(name, {}).setdefault((c.region, free_class(c)), []).append(c)
                 index.by_node.setdefault(c.node_pk, []).append(c)
         for bucket in index.buckets.values():
             bucket.sort(key=_order)
+        for subs in index.subs.values():
+            for sub in subs.values():
+                sub.sort(key=_order)
         return index
 
     def add(self, c: Candidate) -> None:
         """Insert one candidate (ignored unless schedulable)."""
         if not c.schedulable:
             return
-        insort(self.buckets.setdefault(normalize_model(c.model), []), c, key=_order)
+        name = normalize_model(c.model)
+        insort(self.buckets.setdefault(name, []), c, key=_order)
+        sub = self.subs.setdefault(name, {}).setdefault((c.region, free_class(c)), [])
+        insort(sub, c, key=_order)
         self.by_node.setdefault(c.node_pk, []).append(c)
 
     def remove_node(self, node_pk: int) -> None:
@@ -192,12 +222,16 @@ class PlacementIndex:
         for c in self.by_node.pop(node_pk, []):
             name = normalize_model(c.model)
             bucket = self.buckets[name]
-            at = bisect_left(bucket, _order(c), key=_order)
-            while bucket[at] is not c:
-                at += 1
-            del bucket[at]
+            _remove(bucket, c)
             if not bucket:
                 del self.buckets[name]
+            subs = self.subs[name]
+            key = (c.region, free_class(c))
+            _remove(subs[key], c)
+            if not subs[key]:
+                del subs[key]
+            if not subs:
+                del self.subs[name]
 
     def replace(self, node_pks: Iterable[int], candidates: Iterable[Candidate]) -> None:
         """The nodes ``node_pks`` now have exactly ``candidates`` (schedulable ones kept)."""
@@ -215,27 +249,42 @@ class PlacementIndex:
     def __len__(self) -> int:
         return len(self.by_node)
 
-    def choose(self, request: Request) -> Candidate | None:
-        """Same answer as :func:`choose`, looking only at the requested model's bucket.
-
-        Buckets are sorted by price, so the scan stops at the first price above
-        the best fit found: no cheaper fit can follow.
-        """
+    def _lists(self, request: Request) -> list[list[Candidate]]:
+        """The sorted lists that can hold a fit: model, region, enough free GPUs."""
         if request.gpu_model is not None:
-            buckets = [self.buckets.get(normalize_model(request.gpu_model), [])]
+            found = self.subs.get(normalize_model(request.gpu_model))
+            models = [found] if found is not None else []
         else:
-            buckets = list(self.buckets.values())
+            models = list(self.subs.values())
+        least = min(request.gpu_count, TOP_CLASS)
+        return [
+            sub
+            for subs in models
+            for (region, klass), sub in subs.items()
+            if klass >= least and (request.region is None or region == request.region)
+        ]
+
+    def choose(self, request: Request) -> Candidate | None:
+        """Same answer as :func:`choose`, looking only at the lists that can fit.
+
+        The lists are visited cheapest head first, and each is walked in price
+        order only until a price above the best fit found so far (or above the
+        request's maximum): no cheaper fit can follow in it. A request with no
+        model filter thus stops at the first dearer candidate of every model's
+        lists instead of walking all of them.
+        """
+        lists = sorted(self._lists(request), key=lambda sub: _order(sub[0]))
         best: Candidate | None = None
         best_key: tuple[int, float, int, str] | None = None
-        for bucket in buckets:
-            for c in bucket:
-                if best_key is not None and c.price > best_key[0]:
-                    break
-                if request.max_price is not None and c.price > request.max_price:
+        ceiling = request.max_price
+        for sub in lists:
+            for c in sub:
+                if ceiling is not None and c.price > ceiling:
                     break
                 if not request.matches(c):
                     continue
                 key = rank(request, c)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
+                    ceiling = c.price
         return best
