@@ -1,7 +1,7 @@
 """maintained per-account balances, kept by the database with every posting
 
-Revision ID: 0007_balances
-Revises: 0006_verify
+Revision ID: 0009_balances
+Revises: 0008_admin_audit
 Create Date: 2026-12-03
 
 Balances are read on every request (runway, ``/balance``, the extension) and by
@@ -17,8 +17,8 @@ code path that inserts postings can forget it. Existing postings are summed in.
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007_balances"
-down_revision = "0006_verify"
+revision = "0009_balances"
+down_revision = "0008_admin_audit"
 branch_labels = None
 depends_on = None
 
