@@ -130,3 +130,21 @@ def test_a_failed_insert_moves_no_balance(sessions, ann) -> None:
     with portal_db.transaction(sessions) as session:
         assert ledger.balance(session, ledger.wallet(session, ann).id) == 5 * CREDIT
     assert_balances_are_sums(sessions)
+
+
+def test_the_migration_sums_in_the_postings_made_before_it(db, sessions, ann) -> None:
+    """A portal upgraded from before maintained balances starts with every balance
+    equal to its postings' sum (the migration's backfill), and the trigger it adds
+    keeps them so afterwards."""
+    grant(sessions, ann, 7 * CREDIT, "before-1")
+    grant(sessions, ann, 3 * CREDIT, "before-2")
+    # Back to the schema before maintained balances (the table and trigger go), then up.
+    portal_db.downgrade(db, "0008_admin_audit")
+    portal_db.upgrade(db)
+    assert_balances_are_sums(sessions)
+    with portal_db.transaction(sessions) as session:
+        assert ledger.balance(session, ledger.wallet(session, ann).id) == 10 * CREDIT
+    grant(sessions, ann, 2 * CREDIT, "after")
+    with portal_db.transaction(sessions) as session:
+        assert ledger.balance(session, ledger.wallet(session, ann).id) == 12 * CREDIT
+    assert_balances_are_sums(sessions)
