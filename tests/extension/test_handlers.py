@@ -161,3 +161,13 @@ def test_idle_timeout_from_the_spawners_env(
     assert GpuPortalExtension().idle_timeout_seconds == 0
     monkeypatch.delenv("GPUPORTAL_IDLE_TIMEOUT_SECONDS")
     assert GpuPortalExtension().idle_timeout_seconds == 1800
+
+
+def test_the_top_up_link_is_the_hubs_billing_page_under_jupyterhub(
+    monkeypatch: pytest.MonkeyPatch, jp_fetch: Any, jp_asyncio_loop: Any
+) -> None:
+    monkeypatch.delenv("GPUPORTAL_TOPUP_URL", raising=False)
+    monkeypatch.setenv("JUPYTERHUB_BASE_URL", "/gpu/")
+    assert GpuPortalExtension().topup_url == "/gpu/hub/billing"
+    monkeypatch.setenv("GPUPORTAL_TOPUP_URL", "https://pay.example.org/")
+    assert GpuPortalExtension().topup_url == "https://pay.example.org/"
