@@ -483,7 +483,8 @@ def test_the_history_lists_grants_and_deposits_newest_first_and_only_your_own(
     """Issue 11: the billing page's "grants and deposits", from the ledger."""
     grant = {"user": "ann", "amount": 3 * CREDIT, "memo": "<b>welcome</b>"}
     assert client.post(f"{API}/credits/grants", json=grant, headers=auth("tok-admin")).is_success
-    signature = send_sol(chain, DEPOSIT.pubkey(), 10_000_000)  # 0.01 SOL = 1 credit
+    # 0.01 SOL = 1 credit, with ann's deposit memo
+    signature = send_sol(chain, DEPOSIT.pubkey(), 10_000_000, memo_of(client, "tok-ann"))
     body = {"signature": signature, "lamports": 10_000_000}
     assert client.post(f"{API}/deposits/solana", json=body, headers=auth("tok-ann")).is_success
     rows = client.get(f"{API}/credits/history", headers=auth("tok-ann")).json()

@@ -196,46 +196,77 @@ def test_minutes() -> None:
 
 
 SENDER, US, OTHER = "Sender1", "Deposit1", "Other1"
+#: This account's deposit memo, and another account's.
+MEMO, THEIRS = deposits.MEMO_PREFIX + "ours", deposits.MEMO_PREFIX + "theirs"
 
 
 @pytest.mark.parametrize(
     ("found", "lamports", "outcome"),
     [
-        (deposits.ChainTransaction("sig", True, [deposits.Transfer(SENDER, US, 500)]), 500, 500),
+        (
+            deposits.ChainTransaction(
+                "sig", True, [deposits.Transfer(SENDER, US, 500)], memos=[MEMO]
+            ),
+            500,
+            500,
+        ),
         (
             deposits.ChainTransaction(
                 "sig",
                 True,
                 [deposits.Transfer(SENDER, US, 200), deposits.Transfer(SENDER, US, 300)],
+                memos=[MEMO],
             ),
             500,
             500,
         ),
         (None, 500, deposits.DepositNotFound),
         (
-            deposits.ChainTransaction("sig", False, [deposits.Transfer(SENDER, US, 500)]),
+            deposits.ChainTransaction(
+                "sig", False, [deposits.Transfer(SENDER, US, 500)], memos=[MEMO]
+            ),
             500,
             deposits.DepositRefused,
         ),
         (
-            deposits.ChainTransaction("sig", True, [deposits.Transfer(SENDER, OTHER, 500)]),
+            deposits.ChainTransaction(
+                "sig", True, [deposits.Transfer(SENDER, OTHER, 500)], memos=[MEMO]
+            ),
             500,
             deposits.DepositRefused,
         ),
         (
-            deposits.ChainTransaction("sig", True, [deposits.Transfer(SENDER, US, 400)]),
+            deposits.ChainTransaction(
+                "sig", True, [deposits.Transfer(SENDER, US, 400)], memos=[MEMO]
+            ),
             500,
             deposits.DepositRefused,
         ),
-        (deposits.ChainTransaction("sig", True, []), 500, deposits.DepositRefused),
+        (deposits.ChainTransaction("sig", True, [], memos=[MEMO]), 500, deposits.DepositRefused),
+        # another account's memo: not ours to credit; no memo at all: refused
+        (
+            deposits.ChainTransaction(
+                "sig", True, [deposits.Transfer(SENDER, US, 500)], memos=[THEIRS]
+            ),
+            500,
+            deposits.DepositNotYours,
+        ),
+        (
+            deposits.ChainTransaction("sig", True, [deposits.Transfer(SENDER, US, 500)]),
+            500,
+            deposits.DepositRefused,
+        ),
     ],
 )
 def test_verify_deposit(found, lamports: int, outcome) -> None:
     if isinstance(outcome, int):
-        assert deposits.verify(found, signature="sig", address=US, lamports=lamports) == outcome
+        assert (
+            deposits.verify(found, signature="sig", address=US, lamports=lamports, memo=MEMO)
+            == outcome
+        )
     else:
         with pytest.raises(outcome):
-            deposits.verify(found, signature="sig", address=US, lamports=lamports)
+            deposits.verify(found, signature="sig", address=US, lamports=lamports, memo=MEMO)
 
 
 def test_system_transfer_decoding() -> None:
@@ -252,7 +283,7 @@ MINT, FAKE = "Mint1", "Fake1"
 
 
 def _tokens(*transfers: deposits.TokenTransfer, ok: bool = True) -> deposits.ChainTransaction:
-    return deposits.ChainTransaction("sig", ok, [], list(transfers))
+    return deposits.ChainTransaction("sig", ok, [], list(transfers), memos=[MEMO])
 
 
 @pytest.mark.parametrize(
@@ -272,14 +303,18 @@ def _tokens(*transfers: deposits.TokenTransfer, ok: bool = True) -> deposits.Cha
         (_tokens(deposits.TokenTransfer(SENDER, US, 499, MINT)), deposits.DepositRefused),
         # SOL to the deposit address is no USDC deposit
         (
-            deposits.ChainTransaction("sig", True, [deposits.Transfer(SENDER, US, 500)]),
+            deposits.ChainTransaction(
+                "sig", True, [deposits.Transfer(SENDER, US, 500)], memos=[MEMO]
+            ),
             deposits.DepositRefused,
         ),
     ],
 )
 def test_verify_usdc_deposit(found, outcome) -> None:
     def run() -> int:
-        return deposits.verify_usdc(found, signature="sig", token_account=US, mint=MINT, amount=500)
+        return deposits.verify_usdc(
+            found, signature="sig", token_account=US, mint=MINT, amount=500, memo=MEMO
+        )
 
     if isinstance(outcome, int):
         assert run() == outcome

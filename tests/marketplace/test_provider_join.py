@@ -338,9 +338,16 @@ def test_bad_heartbeats_are_rejected_and_logged(site: dict[str, Any], joined: Id
         joined.sign("POST", path.replace(joined.node_id, "n-0123456789abcdef"), body),
     )
     assert (wrong.status_code, wrong.json()["error"]["code"]) == (401, "node_wrong_node")
-    log = (site["stack"].data_dir / "logs" / "jupyterhub.log").read_text(errors="replace")
-    for reason in ("replayed", "forged", "stale", "unsigned", "wrong-node"):
-        assert f"({reason})" in log or f": {reason} (" in log, reason
+    # The portal's log reaches the file through `up`'s log pump, a moment after the reply.
+    reasons = ("replayed", "forged", "stale", "unsigned", "wrong-node")
+    missing: list[str] = list(reasons)
+    for _ in range(100):  # bounded: at most about 10 s
+        log = (site["stack"].data_dir / "logs" / "jupyterhub.log").read_text(errors="replace")
+        missing = [r for r in reasons if f"({r})" not in log and f": {r} (" not in log]
+        if not missing:
+            break
+        time.sleep(0.1)
+    assert not missing, missing
 
 
 def test_leave(site: dict[str, Any], joined: Identity) -> None:
