@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -26,6 +27,7 @@ from jupyter_server.extension.application import ExtensionApp
 from tornado.ioloop import PeriodicCallback
 from traitlets import Float, Int, List, Unicode, default
 
+from ..provider import stopmarker
 from ..provider.links import billing_url
 from . import gpuuse, starter
 from .handlers import MetricsHandler, SaveAckHandler, UsageHandler
@@ -204,6 +206,8 @@ class GpuPortalExtension(ExtensionApp):
     saves: SaveBeforeStop
     _idle_callback: PeriodicCallback | None = None
     _stop_task: asyncio.Task[None] | None = None
+    #: Seconds the server had idled when the idle cull decided to stop it.
+    _idle_for: float | None = None
 
     def initialize_settings(self) -> None:
         self.portal = PortalClient(
@@ -265,6 +269,7 @@ class GpuPortalExtension(ExtensionApp):
 
     def shutdown_server(self, reason: str) -> None:
         """The idle culler's hook: ask the front end to save, then stop (bounded)."""
+        self._idle_for = self.culler.idle_seconds(self.clock())
         self.stop_after_save("idle", self.clock())
 
     def stop_after_save(self, reason: str, stop_at: datetime) -> None:
@@ -299,8 +304,14 @@ class GpuPortalExtension(ExtensionApp):
         self.stop_server(pending.reason)
 
     def stop_server(self, reason: str) -> None:
-        """Stop the whole server cleanly, as jupyter-server's own idle shutdown does."""
+        """Stop the whole server cleanly, as jupyter-server's own idle shutdown does.
+
+        An idle stop first writes the marker line (``provider/stopmarker.py``) to
+        stderr, the Ray job's log, where the spawner finds why the server stopped.
+        """
         assert self.serverapp is not None  # set before any extension is initialized
+        if reason == "idle" and self._idle_for is not None:
+            print(stopmarker.idle_marker(self._idle_for), file=sys.stderr, flush=True)
         self.serverapp.stop()
 
     def acknowledge_save(self, request_id: str, saved: list[str], failed: list[str]) -> bool:

@@ -35,7 +35,7 @@ from jupyterhub.spawner import Spawner, SpawnException
 from traitlets import Dict as TDict
 from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
-from gpuportal.provider import money
+from gpuportal.provider import money, stopmarker
 from gpuportal.provider.links import billing_url
 
 from . import form, profiles, report
@@ -84,6 +84,13 @@ STATE_KEYS = (
     "url",
     "gpus",
 )
+#: Why the server last stopped on its own (a sentence from ``provider/stopmarker.py``).
+#: Kept apart from STATE_KEYS: it outlives the ids, which clear_state drops.
+STOPPED_REASON_KEY = "stopped_reason"
+#: How much of the job's log poll() reads for the stop marker, characters.
+STOP_LOG_CHARS = 4000
+#: The longest stopped_reason kept (one read back from an old state too).
+MAX_REASON_CHARS = 200
 
 
 class RaySpawner(Spawner):
@@ -245,6 +252,9 @@ class RaySpawner(Spawner):
     ray_node_id = ""
     url = ""
     gpus = ""
+    #: Why the server last stopped without the hub asking ("" when the hub stopped it,
+    #: or it never stopped): shown by the hub's pages, cleared at the next start.
+    stopped_reason = ""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -263,6 +273,8 @@ class RaySpawner(Spawner):
         self._ray_token: str | None = None
         self._claim_conflict = False
         self._last_refusal: dict[str, Any] | None = None
+        #: Set by _poll_status when Ray says the job ended (not a dead node or silence).
+        self._job_ended = False
 
     # --- helpers ---------------------------------------------------------------
     @property
@@ -469,6 +481,7 @@ class RaySpawner(Spawner):
     # --- the spawner contract ------------------------------------------------------
     async def start(self) -> str:
         self._events = []
+        self.stopped_reason = ""
         self._start_done = False
         try:
             url = await self._start()
@@ -809,6 +822,7 @@ class RaySpawner(Spawner):
         """
         if self._report is not None and not self._report.done():
             self._report.cancel()
+        self.stopped_reason = ""  # the hub (or the meter through it) stopped it
         await self._stop_and_release()
 
     async def poll(self) -> int | None:
@@ -822,10 +836,34 @@ class RaySpawner(Spawner):
         only for servers that poll() says are running, so this is where the job
         of a dead server is stopped and its reservation released.
         """
+        self._job_ended = False
         status = await self._poll_status()
         if status is not None and (self.job_id or self.reservation_id) and self._start_done:
+            if self._job_ended and self.job_id:
+                await self._record_stop_reason()
             await self._cleanup()
         return status
+
+    async def _record_stop_reason(self) -> None:
+        """The job ended though the hub did not stop it: read why from the last stop
+        marker in its log's tail (bounded in time and size; a failure is logged and
+        leaves "stopped on its own"). The sentence comes from stopmarker's allow-list,
+        never from the log itself."""
+        tail = ""
+        try:
+            jobs = await self._jobs()
+            tail = await asyncio.wait_for(
+                jobs.logs_tail(self.job_id, chars=STOP_LOG_CHARS), self.ray_timeout * 2 + 1
+            )
+        except Exception as exc:
+            self.log.warning(
+                "%s: could not read the log of job %s: %s",
+                self._log_name,
+                self.job_id,
+                type(exc).__name__,
+            )
+        self.stopped_reason = stopmarker.stop_reason(tail)[:MAX_REASON_CHARS]
+        self.log.info("%s: stopped because %s", self._log_name, self.stopped_reason)
 
     async def _poll_status(self) -> int | None:
         if not self._start_done:
@@ -841,6 +879,7 @@ class RaySpawner(Spawner):
         except RayUnavailable:
             return self._unknown("the cluster's Jobs API is not answering")
         if state.terminal:
+            self._job_ended = True
             self.log.warning(
                 "%s: job %s is %s: %s",
                 self._log_name,
@@ -932,7 +971,9 @@ class RaySpawner(Spawner):
             value = getattr(self, key)
             if value:
                 state[key] = value
-        if any(key in state for key in STATE_KEYS):
+        if self.stopped_reason:
+            state[STOPPED_REASON_KEY] = self.stopped_reason
+        if any(key in state for key in (*STATE_KEYS, STOPPED_REASON_KEY)):
             state[STATE_VERSION_KEY] = STATE_VERSION
         return state
 
@@ -950,11 +991,14 @@ class RaySpawner(Spawner):
         for key in STATE_KEYS:
             if key in state:
                 setattr(self, key, str(state[key]))
+        self.stopped_reason = str(state.get(STOPPED_REASON_KEY) or "")[:MAX_REASON_CHARS]
 
     def clear_state(self) -> None:
         super().clear_state()
         self.clear_ids()
         self._unreachable_since = None
+        # stopped_reason stays: the hub clears the state right after a server stops,
+        # and the pages show the reason until the next start.
 
 
 def _digest(token: str) -> str:

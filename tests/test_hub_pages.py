@@ -34,12 +34,25 @@ PORTAL = "/services/portal/api/v1"
 MIN_BILLABLE = 20
 #: 1.00 credit per GPU-hour (the house price): 278 micro-credits per GPU-second.
 HOUSE_PRICE = 1_000_000
+#: The one user whose servers stop after this many idle seconds (the others keep the
+#: default 30 minutes, so no other step is culled under it).
+IDLER, IDLER_TIMEOUT = "idler", 5
+#: A hub config file loaded last: the GPU-aware idle limit of IDLER's servers.
+IDLE_CONFIG = f"""
+c.Spawner.environment.update({{
+    "GPUPORTAL_IDLE_TIMEOUT_SECONDS":
+        lambda spawner: "{IDLER_TIMEOUT}" if spawner.user.name == "{IDLER}" else "",
+}})
+"""
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    folder = tmp_path_factory.mktemp("pages")
+    (folder / "idle_config.py").write_text(IDLE_CONFIG)
     running = start_stack(
-        tmp_path_factory.mktemp("pages") / "data",
+        folder / "data",
+        GPUPORTAL_HUB_EXTRA_CONFIG=str(folder / "idle_config.py"),
         GPUPORTAL_DEMO_GPUS="2xA100-80GB",
         # The default under open sign-up: an admin approves the sign-up credit,
         # so each test grants exactly what its user should have.
@@ -329,6 +342,32 @@ def test_low_runway_banner_then_the_reason_after_a_forced_stop(
     page.goto(f"{stack.base_url}/hub/user/bo/lab")
     said = wait_text(page, "#gp-not-running-reason", "credit ran out")
     assert "cost" in said, said
+
+
+def test_an_idle_culled_cpu_server_says_why_on_the_home_and_not_running_pages(
+    stack: Stack, page: Any, shots: Path
+) -> None:
+    idler = token_for(stack, IDLER)
+    reply = call(stack, idler, "POST", f"/hub/api/users/{IDLER}/server", json={"profile": "cpu"})
+    assert reply.status_code in (201, 202), reply.text
+    wait_server(stack, idler, IDLER, ready=True)
+    # Nobody uses it: the extension's idle check (every minute) culls it, waits for a
+    # save that no open tab answers (30 s), writes its stop marker and exits.
+    for _ in range(600):  # bounded: five minutes
+        if server_of(stack, idler, IDLER) is None:
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("the idle server was never culled")
+    browser_login(page, stack, IDLER)
+    said = wait_text(page, ".gp-self-stop", "idle")
+    assert said.startswith("Your default server stopped because it was idle for"), said
+    assert "no kernel or GPU was busy" in said, said
+    assert page.locator(".gp-stop-reason").count() == 0, "no credit reason for a CPU server"
+    page.screenshot(path=str(shots / "10-idle-stop-reason.png"), full_page=True)
+    page.goto(f"{stack.base_url}/hub/user/{IDLER}/lab")
+    own = wait_text(page, "#gp-not-running-self-stop", "idle")
+    assert own.startswith("It stopped because it was idle for"), own
 
 
 def test_a_crafted_user_name_is_shown_as_text(stack: Stack, page: Any) -> None:

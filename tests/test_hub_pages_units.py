@@ -352,3 +352,37 @@ def test_every_account_but_an_admins_is_a_customer_in_the_hub(
         authenticator.add_user(user)  # idempotent, as a restart needs
     group = orm.Group.find(session, "customers")
     assert sorted(u.name for u in group.users) == ["ana", "old"]
+
+
+# --- why a server stopped itself (the spawner's reason) ------------------------------
+
+
+class _Spawner:
+    def __init__(self, reason: Any = "", active: bool = False) -> None:
+        self.stopped_reason, self.active = reason, active
+
+
+class _User:
+    def __init__(self, spawners: dict[str, Any]) -> None:
+        self.spawners = spawners
+
+
+def test_self_stops_lists_servers_that_stopped_themselves_and_are_not_running() -> None:
+    from gpuportal.hub.pages.stops import self_stops
+
+    idle = "it was idle for 30 min (no kernel or GPU was busy)"
+    user = _User(
+        {
+            "": _Spawner(idle),
+            "gpu": _Spawner("it stopped on its own", active=True),  # running again
+            "b": _Spawner(""),
+            "c": _Spawner(None),
+            "d": _Spawner("x" * 1000),
+        }
+    )
+    assert self_stops(user) == [
+        {"server": "", "label": "default server", "reason": idle},
+        {"server": "d", "label": "d", "reason": "x" * 200},
+    ]
+    assert self_stops(None) == []  # the login page has no user
+    assert self_stops(_User({"": object()})) == []  # another spawner class

@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gpuportal.provider.money import accrued, format_credits
+from gpuportal.provider.stopmarker import duration
 
 #: Why the meter stopped a server (its allocation's ``stop_reason``), after "because".
 STOP_REASONS = {
@@ -20,19 +21,7 @@ STOP_REASONS = {
     "quota_exhausted": "your GPU-hour quota was used up",
 }
 
-
-def duration(seconds: float) -> str:
-    """``3725`` → ``"1 h 2 min"``; under a minute → ``"less than a minute"``."""
-    minutes = int(seconds // 60)
-    if minutes < 1:
-        return "less than a minute"
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes} min"
-    return f"{minutes} min"
+__all__ = ["STOP_REASONS", "duration", "finished_session", "running_server", "summary"]
 
 
 def server_label(name: str) -> str:

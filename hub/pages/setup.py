@@ -9,7 +9,7 @@ from typing import Any
 from gpuportal.provider.money import format_credits
 
 from ..settings import Settings
-from . import admin, handlers
+from . import admin, handlers, stops
 from .portal_reader import PortalAdminClient, PortalReader
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -69,6 +69,8 @@ def configure(
         "gp_signup": firstuse,
         "gp_signup_credit": credit,
         "gp_currency": settings.currency_name,
+        # Called with the current user on each page: why their servers stopped themselves.
+        "gp_self_stops": stops.self_stops,
     }
     portal = f"http://127.0.0.1:{settings.portal_port}{settings.service_prefix}"
     handlers.set_reader(PortalReader(portal))

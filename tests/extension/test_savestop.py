@@ -197,3 +197,24 @@ def test_an_acknowledgement_needs_a_login_and_an_unknown_id_does_nothing(
         )
     assert refused.value.code == 403
     assert json.loads(ack(jp_asyncio_loop, jp_fetch, {"id": "x"}).body) == {"acknowledged": False}
+
+
+def test_the_idle_stop_writes_the_stop_marker_the_spawner_reads(
+    jp_asyncio_loop: Any, jp_serverapp: Any, capfd: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpuportal.provider.stopmarker import stop_reason
+
+    ext = extension(jp_serverapp)
+    stopped: list[bool] = []
+    monkeypatch.setattr(jp_serverapp, "stop", lambda *a, **k: stopped.append(True))
+    start = ext.clock()
+    ext.clock = lambda: start + timedelta(minutes=31)
+    capfd.readouterr()
+    assert jp_asyncio_loop.run_until_complete(ext.check_idle()) is True
+    ext.saves.acknowledge(ext.saves.current.id, ext.clock(), [], [])
+    jp_asyncio_loop.run_until_complete(asyncio.wait_for(ext._stop_task, 10))
+    assert stopped == [True]
+    err = capfd.readouterr().err
+    markers = [line for line in err.splitlines() if line.startswith("gpuportal-stop:")]
+    assert len(markers) == 1, err  # 31 min after the server's start, give or take its start-up
+    assert stop_reason(err).startswith("it was idle for 31 min"), markers
