@@ -122,7 +122,10 @@ def browser_login(page: Any, base: str, name: str, password: str) -> None:
 
 def render(page: Any, base: str, notebook: str, expect: str) -> str:
     """Open a dashboard and wait until ``expect`` is on the page; returns the page's text."""
-    reply = page.goto(f"{base}/services/dashboards/voila/render/{notebook}")
+    # Voila streams the page while the kernel runs it: "load" comes when it has run.
+    reply = page.goto(
+        f"{base}/services/dashboards/voila/render/{notebook}", timeout=RENDER_TIMEOUT_MS
+    )
     assert reply is not None and reply.status == 200, reply and reply.status
     return rendered(page, notebook, expect)
 
@@ -247,7 +250,10 @@ def test_a_customer_gets_403_from_the_analytics_and_provider_dashboards(
         ),
         ("provider_earnings.ipynb", "is for providers and admins; you are a customer."),
     ):
-        reply = page.goto(f"{base}/services/dashboards/voila/render/{notebook}")
+        # Voila streams the page while the kernel runs it: "load" comes when it has run.
+        reply = page.goto(
+            f"{base}/services/dashboards/voila/render/{notebook}", timeout=RENDER_TIMEOUT_MS
+        )
         assert reply is not None and reply.status == 403
         text = page.inner_text("body")
         assert sentence in text and "Traceback" not in text

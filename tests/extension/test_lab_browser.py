@@ -5,13 +5,17 @@
 The portal is faked at the HTTP level (lab_fixtures.FakePortal, a real HTTP server on
 127.0.0.1). There is no GPU on these machines: the GPU readings are hand-written device
 data (tests/extension/data) served through NVML's recorded-data seam. The browser may
-reach 127.0.0.1 only. The screenshots in docs/img/ come from these tests.
+reach 127.0.0.1 only. The screenshots go to ``$TEST_SCREENSHOTS_DIR`` when it is set
+(``TEST_SCREENSHOTS_DIR=docs/img`` refreshes the README's), else to a temporary folder,
+so a test run leaves the checkout as it was.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +39,8 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 #: The multiplication sign in "GPU x2" as the status bar writes it.
 TIMES = "\u00d7"
-IMG = Path(__file__).resolve().parents[2] / "docs" / "img"
+IMG = Path(os.environ.get("TEST_SCREENSHOTS_DIR") or tempfile.mkdtemp(prefix="lab-screens-"))
+IMG.mkdir(parents=True, exist_ok=True)
 #: Bounded waits for what the page shows (the front end polls every 5 s).
 WAIT_MS = 60_000
 #: 2 GPUs at 0.06 credits per GPU-hour: 0.12/h, one hundredth every 5 minutes, so the
