@@ -76,7 +76,7 @@ class HubAPI:
     async def user(self, name: str) -> dict[str, Any] | None:
         try:
             reply = await self._client.get(
-                f"{self.api_url}/users/{name}",
+                f"{self.api_url}/users/{quote(name, safe='')}",
                 headers={"Authorization": f"token {self._token}"},
             )
         except httpx.HTTPError as exc:
