@@ -143,3 +143,45 @@ def test_sync_mirrors_hub_users_and_groups(db: Engine) -> None:
             "teams": 0,
             "deactivated": 0,
         }
+
+
+def test_team_admins_survive_sync_and_lose_the_role_with_membership(db: Engine) -> None:
+    """A team role lives on the membership: a sync keeps it; leaving the hub group ends it;
+    only a member can hold it; a portal admin manages every active team."""
+    sessions = portal_db.session_factory(db)
+    users = [
+        {"name": "root", "admin": True, "groups": []},
+        {"name": "lea", "admin": False, "groups": ["ml"]},
+        {"name": "max", "admin": False, "groups": ["ml"]},
+        {"name": "out", "admin": False, "groups": []},
+    ]
+    groups = [{"name": "ml", "users": ["lea", "max"]}]
+    with portal_db.transaction(sessions) as session:
+        accounts.sync(session, users, groups)
+        ml = session.scalar(select(Team).where(Team.hub_group == "ml"))
+        by = {a.hub_name: a for a in session.scalars(select(Account))}
+        assert not accounts.is_team_admin(session, ml, by["lea"])
+        accounts.set_team_role(session, ml, by["lea"], "admin")
+        with pytest.raises(LookupError):
+            accounts.set_team_role(session, ml, by["out"], "admin")
+        with pytest.raises(ValueError):
+            accounts.set_team_role(session, ml, by["max"], "owner")
+    with portal_db.transaction(sessions) as session:
+        accounts.sync(session, users, groups)  # an unchanged sync keeps the role
+        ml = session.scalar(select(Team).where(Team.hub_group == "ml"))
+        by = {a.hub_name: a for a in session.scalars(select(Account))}
+        assert accounts.is_team_admin(session, ml, by["lea"])
+        assert not accounts.is_team_admin(session, ml, by["max"])
+        assert not accounts.is_team_admin(session, ml, by["out"])
+        assert accounts.is_team_admin(session, ml, by["root"])  # portal admin
+        assert accounts.teams_managed_by(session, by["lea"]) == ["ml"]
+        assert accounts.teams_managed_by(session, by["max"]) == []
+    # lea leaves the hub group: she is no longer a member, so no longer a team admin,
+    # and coming back makes her a plain member again.
+    with portal_db.transaction(sessions) as session:
+        accounts.sync(session, users, [{"name": "ml", "users": ["max"]}])
+    with portal_db.transaction(sessions) as session:
+        accounts.sync(session, users, groups)
+        ml = session.scalar(select(Team).where(Team.hub_group == "ml"))
+        lea = session.scalar(select(Account).where(Account.hub_name == "lea"))
+        assert not accounts.is_team_admin(session, ml, lea)

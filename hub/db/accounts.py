@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from .models import Account, Team, TeamMembership
+from .models import TEAM_ROLES, Account, Team, TeamMembership
 
 ROLE_GROUPS = {"customers": "customer", "providers": "provider", "admins": "admin"}
 
@@ -99,3 +99,52 @@ def teams_of(session: Session, account: Account) -> list[str]:
         .order_by(Team.hub_group)
     )
     return list(rows)
+
+
+def membership(session: Session, team: Team, account: Account) -> TeamMembership | None:
+    """The account's membership of the team, or None (an inactive team has no members)."""
+    if not team.active:
+        return None
+    return session.scalar(
+        select(TeamMembership).where(
+            TeamMembership.team_id == team.id, TeamMembership.account_id == account.id
+        )
+    )
+
+
+def is_team_admin(session: Session, team: Team, account: Account) -> bool:
+    """Whether the account manages this team (its membership and templates).
+
+    A portal admin manages every team; otherwise the account must be a member
+    of the (active) team with the ``admin`` team role.
+    """
+    if account.role == "admin" and account.active:
+        return team.active
+    found = membership(session, team, account)
+    return found is not None and found.role == "admin"
+
+
+def set_team_role(session: Session, team: Team, account: Account, role: str) -> TeamMembership:
+    """Make a member a team admin (``admin``) or a plain member (``member``).
+
+    The hub group decides who is a member: only a member can hold a team role,
+    so an outsider must be added to the hub group first (LookupError otherwise).
+    """
+    if role not in TEAM_ROLES:
+        raise ValueError(f"a team role is one of {', '.join(TEAM_ROLES)}, not {role!r}.")
+    found = membership(session, team, account)
+    if found is None:
+        raise LookupError(f"{account.hub_name} is not a member of team {team.hub_group!r}.")
+    found.role = role
+    session.flush()
+    return found
+
+
+def teams_managed_by(session: Session, account: Account) -> list[str]:
+    """The active teams this account is a team admin of (every team for a portal admin)."""
+    query = select(Team.hub_group).where(Team.active).order_by(Team.hub_group)
+    if not (account.role == "admin" and account.active):
+        query = query.join(TeamMembership, TeamMembership.team_id == Team.id).where(
+            TeamMembership.account_id == account.id, TeamMembership.role == "admin"
+        )
+    return list(session.scalars(query))

@@ -27,6 +27,8 @@ from ..timeutil import as_utc
 
 #: Roles an account can hold, most privileged last. Derived from hub groups.
 ROLES = ("customer", "provider", "admin")
+#: Roles a member holds in a team: a team admin manages its membership and templates.
+TEAM_ROLES = ("member", "admin")
 
 # Stable constraint names make migrations portable between SQLite and PostgreSQL.
 NAMING = {
@@ -97,6 +99,8 @@ class Team(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     hub_group: Mapped[str] = mapped_column(String(255), unique=True)
     active: Mapped[bool] = mapped_column(default=True)
+    #: The GPU profile (a slug of the spawn form's profiles) the team's members start with.
+    default_profile: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
     updated_at: Mapped[datetime] = mapped_column(
         UTCDateTime(), default=column_now, onupdate=column_now
@@ -109,13 +113,19 @@ class Team(Base):
 
 class TeamMembership(Base):
     __tablename__ = "team_memberships"
-    __table_args__ = (UniqueConstraint("team_id", "account_id"),)
+    __table_args__ = (
+        UniqueConstraint("team_id", "account_id"),
+        CheckConstraint("role IN ('member', 'admin')", name="team_role_known"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     team_id: Mapped[int] = mapped_column(ForeignKey("teams.id", ondelete="CASCADE"), index=True)
     account_id: Mapped[int] = mapped_column(
         ForeignKey("accounts.id", ondelete="CASCADE"), index=True
     )
+    #: ``member`` or ``admin`` (manages the team's membership and templates). The hub
+    #: group holds who is a member; the portal holds who of them is a team admin.
+    role: Mapped[str] = mapped_column(String(16), default="member", server_default="member")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=column_now)
 
     team: Mapped[Team] = relationship(back_populates="memberships")
