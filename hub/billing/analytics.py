@@ -37,6 +37,16 @@ from ..db.payout_models import Payout
 from . import usage as usage_rows
 
 USAGE_KINDS = ("usage", "usage_reversal")
+#: What money reports count: usage, its reversals, and refunds (which give a customer
+#: back part of an allocation's charges, from the provider's earnings and the fee).
+MONEY_KINDS = (*USAGE_KINDS, "refund")
+
+
+def money_time() -> Any:
+    """When a charge counts: the start of its interval; a refund, when it was made."""
+    return func.coalesce(LedgerTransaction.period_start, LedgerTransaction.created_at)
+
+
 #: A node-minute whose mean GPU utilisation is below this share counts as idle.
 IDLE_BELOW = 0.10
 #: A node below this reliability score gets an alert (placement stops well before 0).
@@ -196,10 +206,11 @@ def provider_utilisation(
 def provider_earnings(session: Session, account_id: int, since: datetime) -> list[dict[str, Any]]:
     """Earnings per UTC day, node and GPU model: the provider's own earnings postings.
 
-    Reversals (a refunded interval) count negative, so the sum is what the provider's
-    earnings account gained. An interval belongs to the day on which it starts.
+    Reversals and refunds count negative, so the sum is what the provider's
+    earnings account gained. An interval belongs to the day on which it starts, a
+    refund to the day it was made.
     """
-    day = bucket(session, LedgerTransaction.period_start, "day")
+    day = bucket(session, money_time(), "day")
     rows = session.execute(
         select(
             day.label("day"),
@@ -215,8 +226,8 @@ def provider_earnings(session: Session, account_id: int, since: datetime) -> lis
         .where(
             LedgerAccount.kind == "provider_earnings",
             LedgerAccount.account_id == account_id,
-            LedgerTransaction.kind.in_(USAGE_KINDS),
-            LedgerTransaction.period_start >= since,
+            LedgerTransaction.kind.in_(MONEY_KINDS),
+            money_time() >= since,
         )
         .group_by(day, Node.node_id, Reservation.gpu_model)
         .order_by(day, Node.node_id)
@@ -475,15 +486,16 @@ def capacity(session: Session, since: datetime) -> list[dict[str, Any]]:
 
 def _usage_postings(session: Session, since: datetime, until: datetime) -> Any:
     return and_(
-        LedgerTransaction.kind.in_(USAGE_KINDS),
-        LedgerTransaction.period_start >= since,
-        LedgerTransaction.period_start < until,
+        LedgerTransaction.kind.in_(MONEY_KINDS),
+        money_time() >= since,
+        money_time() < until,
     )
 
 
 def revenue_by_day(session: Session, since: datetime, until: datetime) -> list[dict[str, Any]]:
-    """Per UTC day: what customers and teams paid, what providers earned, and the fee."""
-    day = bucket(session, LedgerTransaction.period_start, "day")
+    """Per UTC day: what customers and teams paid, what providers earned, and the fee
+    (net of refunds, on the day each refund was made)."""
+    day = bucket(session, money_time(), "day")
     kind = LedgerAccount.kind
     rows = session.execute(
         select(

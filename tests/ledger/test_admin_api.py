@@ -325,3 +325,34 @@ def test_a_team_paid_session_is_refunded_to_the_team_budget(
     assert balance_of(portal.sessions, f"team:{team}") == 5 * CREDIT
     assert balance_of(portal.sessions, _wallet(portal, "ann")) == 0
     assert total(portal.sessions) == 0
+
+
+def test_the_revenue_reports_net_out_a_refund_on_the_day_it_was_made(
+    client: TestClient, portal: Portal, clock: Clock
+) -> None:
+    """Spend, earnings and the fee in the admin analytics are net of refunds: a refund of a
+    third of a session counts on its own day, and the totals fall by exactly that."""
+    from datetime import timedelta
+
+    from gpuportal.hub.billing import analytics
+
+    start = clock.now
+    alloc = charged_allocation(client, portal, clock, 90)  # 90,000: 81,000 + 9,000 fee
+    clock.advance(86_400)
+    done = client.post(
+        f"{API}/admin/allocations/{alloc}/refund",
+        json={"amount": 30_000, "reason": "slow node"},
+        headers=ADMIN,
+    )
+    assert done.status_code == 200, done.text
+    since, until = start - timedelta(days=1), clock.now + timedelta(days=1)
+    with transaction(portal.sessions) as session:
+        days = analytics.revenue_by_day(session, since, until)
+        payers = analytics.spend_by_payer(session, since, until)
+        providers = analytics.top_providers(session, since, until)
+    assert [(d["spend"], d["earnings"], d["fee"]) for d in days] == [
+        (90_000, 81_000, 9_000),
+        (-30_000, -27_000, -3_000),
+    ]
+    assert [(p["name"], p["spend"]) for p in payers] == [("ann", 60_000)]
+    assert [p["earned"] for p in providers] == [54_000]
