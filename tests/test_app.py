@@ -280,3 +280,37 @@ def test_health_names_no_internal_url(client: TestClient) -> None:
     body = client.get(f"{API}/health").json()
     assert "address" not in body["ray"]
     assert "127.0.0.1:9" not in json.dumps(body)
+
+
+def test_the_access_log_keeps_failures_and_drops_routine_successes() -> None:
+    """Heartbeats and page polls succeed every few seconds: at INFO only the failed
+    requests' access lines are kept; at DEBUG every one is."""
+    from gpuportal.hub.portal.reqlog import QuietAccess
+
+    def line(status: int) -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            __file__,
+            1,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:1", "POST", "/api/v1/nodes/n/heartbeat", "1.1", status),
+            None,
+        )
+
+    quiet, root = QuietAccess(), logging.getLogger()
+    before = root.level
+    try:
+        root.setLevel(logging.INFO)
+        assert [quiet.filter(line(s)) for s in (200, 204, 302, 400, 404, 500)] == [
+            False,
+            False,
+            False,
+            True,
+            True,
+            True,
+        ]
+        root.setLevel(logging.DEBUG)
+        assert quiet.filter(line(200))
+    finally:
+        root.setLevel(before)

@@ -25,6 +25,21 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class QuietAccess(logging.Filter):
+    """Keep uvicorn's access lines for failed requests (status 400 and up) only.
+
+    Providers heartbeat and pages poll every few seconds, so a line per successful
+    request buries what matters; at ``DEBUG`` every request is logged again.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        status = args[4] if len(args) >= 5 else None
+        return not isinstance(status, int) or status >= 400
+
+
 def configure_logging(level: str = "INFO") -> None:
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -37,6 +52,9 @@ def configure_logging(level: str = "INFO") -> None:
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietAccess) for f in access.filters):
+        access.addFilter(QuietAccess())
 
 
 class RequestIdMiddleware:
