@@ -172,3 +172,68 @@ def hub_token(client: httpx.Client, username: str) -> str:
     )
     reply.raise_for_status()
     return str(reply.json()["token"])
+
+
+# --- Talking to a running stack as its users (the hub's REST API and the portal's) ---
+
+#: The portal's API under the hub.
+PORTAL_API = f"{PORTAL}/api/v1"
+
+
+def password_of(stack: Stack, name: str) -> str:
+    """The password a test user signs up with (the admin's comes with the stack)."""
+    return stack.admin_password if name == "admin" else f"pw-{name}-12345"
+
+
+def token_for(stack: Stack, name: str, *, meet_portal: bool = False) -> str:
+    """Sign up (first login) or log in, and get a hub API token for ``name``.
+
+    ``meet_portal``: also call the portal's ``/me`` once, so the portal knows the user.
+    """
+    client = hub_login(stack.base_url, name, password_of(stack, name))
+    try:
+        token = hub_token(client, name)
+    finally:
+        client.close()
+    if meet_portal:
+        me = call(stack, token, "GET", f"{PORTAL_API}/me")
+        assert me.status_code == 200, me.text
+    return token
+
+
+def call(stack: Stack, token: str, method: str, path: str, **kw: object) -> httpx.Response:
+    """One request to ``path`` on the stack's public address, with ``token``."""
+    return httpx.request(
+        method,
+        f"{stack.base_url}{path}",
+        headers={"Authorization": f"token {token}"},
+        timeout=90,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def grant(stack: Stack, user: str, amount: int, admin_token: str | None = None) -> None:
+    """Credit ``user``'s wallet with ``amount`` micro-credits, as the admin."""
+    admin = admin_token or token_for(stack, "admin")
+    reply = call(
+        stack, admin, "POST", f"{PORTAL_API}/credits/grants", json={"user": user, "amount": amount}
+    )
+    assert reply.status_code == 201, reply.text
+
+
+def server_of(stack: Stack, token: str, user: str) -> dict[str, object] | None:
+    """``user``'s default server model from the hub, or None when there is none."""
+    model = call(stack, token, "GET", f"/hub/api/users/{user}").json()
+    server: dict[str, object] | None = (model.get("servers") or {}).get("")
+    return server
+
+
+def wait_free_gpus(stack: Stack, token: str, count: int) -> None:
+    """Until the marketplace offers exactly ``count`` free GPUs (bounded: 2 minutes)."""
+    offers: list[dict[str, int]] = []
+    for _ in range(240):
+        offers = call(stack, token, "GET", f"{PORTAL_API}/offers").json()
+        if sum(o["free_gpus"] for o in offers) == count:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"never {count} free GPUs: {offers}")

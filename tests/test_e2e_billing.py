@@ -26,7 +26,16 @@ from sqlalchemy import create_engine, text
 
 from gpuportal.provider.money import accrued
 
-from .portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
+from .portal_stack import (
+    Stack,
+    call,
+    grant,
+    server_of,
+    start_stack,
+    stop_stack,
+    token_for,
+    wait_free_gpus,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 PORTAL = "/services/portal/api/v1"
@@ -48,56 +57,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     stop_stack(running)
 
 
-def token_for(stack: Stack, name: str) -> str:
-    """Sign up (first login), get a hub token, and meet the portal once (/me)."""
-    password = stack.admin_password if name == "admin" else f"pw-{name}-12345"
-    browser = hub_login(stack.base_url, name, password)
-    try:
-        token = hub_token(browser, name)
-    finally:
-        browser.close()
-    me = httpx.get(
-        f"{stack.base_url}{PORTAL}/me", headers={"Authorization": f"token {token}"}, timeout=60
-    )
-    assert me.status_code == 200, me.text
-    return token
-
-
-def call(stack: Stack, token: str, method: str, path: str, **kw: Any) -> httpx.Response:
-    return httpx.request(
-        method,
-        f"{stack.base_url}{path}",
-        timeout=90,
-        headers={"Authorization": f"token {token}"},
-        **kw,
-    )
-
-
-def grant(stack: Stack, admin: str, user: str, amount: int) -> None:
-    reply = call(
-        stack, admin, "POST", f"{PORTAL}/credits/grants", json={"user": user, "amount": amount}
-    )
-    assert reply.status_code == 201, reply.text
-
-
-def server_of(stack: Stack, token: str, user: str) -> dict[str, Any] | None:
-    model = call(stack, token, "GET", f"/hub/api/users/{user}").json()
-    return (model.get("servers") or {}).get("")
-
-
-def wait_free_gpus(stack: Stack, token: str, count: int) -> None:
-    for _ in range(240):  # bounded: the house node verifies within seconds
-        offers = call(stack, token, "GET", f"{PORTAL}/offers").json()
-        if sum(o["free_gpus"] for o in offers) == count:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"never {count} free GPUs: {offers}")
-
-
 def test_per_second_billing_through_a_real_spawn(stack: Stack) -> None:
-    admin = token_for(stack, "admin")
-    pat = token_for(stack, "pat")
-    grant(stack, admin, "pat", 10_000_000)
+    admin = token_for(stack, "admin", meet_portal=True)
+    pat = token_for(stack, "pat", meet_portal=True)
+    grant(stack, "pat", 10_000_000, admin)
     wait_free_gpus(stack, pat, 2)
 
     spawned = call(
@@ -159,9 +122,9 @@ def test_per_second_billing_through_a_real_spawn(stack: Stack) -> None:
 
 
 def test_spawn_without_runway_is_refused_with_the_reason(stack: Stack) -> None:
-    admin = token_for(stack, "admin")
-    rae = token_for(stack, "rae")
-    grant(stack, admin, "rae", HOUSE_PRICE * 5 // 3600)  # credit for 5 seconds of one GPU
+    admin = token_for(stack, "admin", meet_portal=True)
+    rae = token_for(stack, "rae", meet_portal=True)
+    grant(stack, "rae", HOUSE_PRICE * 5 // 3600, admin)  # credit for 5 seconds of one GPU
     wait_free_gpus(stack, rae, 2)
     reply = call(
         stack, rae, "POST", "/hub/api/users/rae/server", json={"profile": "gpu", "gpu_count": 1}
@@ -212,10 +175,10 @@ def test_a_server_out_of_credit_is_stopped_by_the_meter_and_its_gpu_freed(stack:
     """Issue 9: the meter's out-of-credit stop through a real hub and RaySpawner. The
     reservation is released in the step that ends the bill, the hub stops the server,
     the GPU is back on offer, and the user is left with no debt."""
-    admin = token_for(stack, "admin")
-    uma = token_for(stack, "uma")
+    admin = token_for(stack, "admin", meet_portal=True)
+    uma = token_for(stack, "uma", meet_portal=True)
     credit = -(-HOUSE_PRICE * MIN_BILLABLE // 3600)  # exactly the minimum billable period
-    grant(stack, admin, "uma", credit)
+    grant(stack, "uma", credit, admin)
     wait_free_gpus(stack, uma, 2)
     spawn_and_wait(stack, uma, "uma")
     wait_free_gpus(stack, uma, 1)
@@ -248,9 +211,9 @@ def portal_process(stack: Stack) -> psutil.Process:
 def test_killing_the_portal_mid_session_charges_every_second_once(stack: Stack) -> None:
     """Crash recovery: SIGKILL the portal service while a server is billed; the hub
     restarts it, the meter resumes from the last charged moment."""
-    admin = token_for(stack, "admin")
-    sam = token_for(stack, "sam")
-    grant(stack, admin, "sam", 10_000_000)
+    admin = token_for(stack, "admin", meet_portal=True)
+    sam = token_for(stack, "sam", meet_portal=True)
+    grant(stack, "sam", 10_000_000, admin)
     wait_free_gpus(stack, sam, 2)
     spawn_and_wait(stack, sam, "sam")
     time.sleep(2.5)  # a few one-second charges
@@ -284,9 +247,9 @@ def test_killing_the_portal_mid_session_charges_every_second_once(stack: Stack) 
 def test_a_person_spawns_a_gpu_from_the_form(stack: Stack, browser_page: Any) -> None:
     """In Chromium: log in, pick the GPU profile and 1 GPU, watch progress, land in
     JupyterLab; stopping gives the GPU back."""
-    admin = token_for(stack, "admin")
-    ivy = token_for(stack, "ivy")
-    grant(stack, admin, "ivy", 10_000_000)
+    admin = token_for(stack, "admin", meet_portal=True)
+    ivy = token_for(stack, "ivy", meet_portal=True)
+    grant(stack, "ivy", 10_000_000, admin)
     wait_free_gpus(stack, ivy, 2)
     page = browser_page
     page.goto(f"{stack.base_url}/hub/login")

@@ -23,10 +23,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from .portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
+from .portal_stack import (
+    Stack,
+    call,
+    grant,
+    hub_login,
+    password_of,
+    server_of,
+    start_stack,
+    stop_stack,
+    token_for,
+    wait_free_gpus,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray, pytest.mark.browser]
 PORTAL = "/services/portal/api/v1"
@@ -88,41 +98,6 @@ def page(browser_page: Any) -> Any:
     return browser_page
 
 
-def password_of(stack: Stack, name: str) -> str:
-    return stack.admin_password if name == "admin" else f"pw-{name}-12345"
-
-
-def token_for(stack: Stack, name: str) -> str:
-    client = hub_login(stack.base_url, name, password_of(stack, name))
-    try:
-        return hub_token(client, name)
-    finally:
-        client.close()
-
-
-def call(stack: Stack, token: str, method: str, path: str, **kw: Any) -> httpx.Response:
-    return httpx.request(
-        method,
-        f"{stack.base_url}{path}",
-        headers={"Authorization": f"token {token}"},
-        timeout=60,
-        **kw,
-    )
-
-
-def grant(stack: Stack, user: str, amount: int) -> None:
-    admin = token_for(stack, "admin")
-    reply = call(
-        stack, admin, "POST", f"{PORTAL}/credits/grants", json={"user": user, "amount": amount}
-    )
-    assert reply.status_code == 201, reply.text
-
-
-def server_of(stack: Stack, token: str, user: str) -> dict[str, Any] | None:
-    model = call(stack, token, "GET", f"/hub/api/users/{user}").json()
-    return (model.get("servers") or {}).get("")
-
-
 def wait_server(stack: Stack, token: str, user: str, *, ready: bool) -> None:
     """Until ``user``'s default server is ready (``ready``) or gone; bounded."""
     for _ in range(400):
@@ -131,15 +106,6 @@ def wait_server(stack: Stack, token: str, user: str, *, ready: bool) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"{user}'s server never got {'ready' if ready else 'stopped'}")
-
-
-def wait_free_gpus(stack: Stack, token: str, count: int) -> None:
-    for _ in range(240):  # bounded
-        offers = call(stack, token, "GET", f"{PORTAL}/offers").json()
-        if sum(o["free_gpus"] for o in offers) == count:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"never {count} free GPUs")
 
 
 def spawn_gpu(stack: Stack, token: str, user: str) -> None:

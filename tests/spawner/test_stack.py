@@ -10,19 +10,11 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.portal_stack import Stack, hub_login, hub_token
+from tests.portal_stack import Stack, hub_login, token_for
 
 from .kernel import run_code
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
-
-
-def user_token(stack: Stack, name: str) -> str:
-    browser = hub_login(stack.base_url, name, f"pw-{name}-12345")
-    try:
-        return hub_token(browser, name)
-    finally:
-        browser.close()
 
 
 def api(stack: Stack, token: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -68,7 +60,7 @@ def wait_gone(stack: Stack, token: str, name: str, timeout: float = 60.0) -> Non
 
 @pytest.fixture(scope="module")
 def tokens(stack: Stack) -> dict[str, str]:
-    return {name: user_token(stack, name) for name in ("dana", "eve", "finn", "gus")}
+    return {name: token_for(stack, name) for name in ("dana", "eve", "finn", "gus")}
 
 
 def wait_house_verified(stack: Stack, token: str, timeout: float = 120.0) -> None:
