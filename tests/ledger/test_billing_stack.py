@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from .. import portal_stack
 from ..portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack
 
 pytestmark = pytest.mark.slow
@@ -30,13 +31,8 @@ def billing_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def call(stack: Stack, method: str, path: str, token: str, **kwargs: object) -> httpx.Response:
-    return httpx.request(
-        method,
-        f"{stack.base_url}{API}{path}",
-        headers={"Authorization": f"token {token}"},
-        timeout=30,
-        **kwargs,
-    )  # type: ignore[arg-type]
+    """A portal API call (``path`` under ``/api/v1``) through the stack's front door."""
+    return portal_stack.call(stack, token, method, f"{API}{path}", **kwargs)
 
 
 def test_grant_meter_close_balance_usage(billing_stack: Stack) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.portal_stack import Stack, hub_login, token_for
+from tests.portal_stack import Stack, call, hub_login, token_for
 
 from .kernel import run_code
 
@@ -18,13 +18,8 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 def api(stack: Stack, token: str, method: str, path: str, **kwargs: Any) -> httpx.Response:
-    return httpx.request(
-        method,
-        f"{stack.base_url}/hub/api{path}",
-        headers={"Authorization": f"token {token}"},
-        timeout=90,
-        **kwargs,
-    )
+    """A hub REST API call (``path`` under ``/hub/api``)."""
+    return call(stack, token, method, f"/hub/api{path}", **kwargs)
 
 
 def free_a100(stack: Stack, token: str) -> int:
