@@ -147,14 +147,29 @@ c.JupyterHub.load_roles = [
         ],
     },
     # The portal service reads users and groups to keep accounts and teams in
-    # step, and may stop servers (metering's out-of-credit stop); it can
-    # change nothing else in the hub.
+    # step, may stop servers (metering's out-of-credit stop), manages the groups
+    # that are teams, and makes the server shares it allowed; it can change
+    # nothing else in the hub.
     {
         "name": "portal-service",
         "services": ["portal"],
-        # `servers`: the meter stops a server whose payer ran out of credit
-        # after the grace period (DELETE /hub/api/users/{name}/servers/{server}).
-        "scopes": ["list:users", "read:users", "list:groups", "read:groups", "servers"],
+        "scopes": [
+            "list:users",
+            "read:users",
+            "list:groups",
+            "read:groups",
+            # The meter stops a server whose payer ran out of credit after the grace
+            # period (DELETE /hub/api/users/{name}/servers/{server}).
+            "servers",
+            # Teams are hub groups: the portal's team API creates them (admins) and
+            # adds and removes members (team admins), see docs/teams.md.
+            "admin:groups",
+            "groups",
+            # Sharing a running server with a teammate: users hold no `shares` scope,
+            # so they share through the portal, which checks that both are teammates
+            # and revokes the share when the member leaves the team.
+            "shares",
+        ],
     },
 ]
 

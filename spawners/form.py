@@ -339,6 +339,7 @@ def render(
     balance: Balance | None = None,
     refusal: Mapping[str, Any] | None = None,
     add_credit_url: str = "",
+    teams: list[str] | None = None,
 ) -> str:
     """The options form HTML.
 
@@ -346,6 +347,7 @@ def render(
     ``selected``: the user's options to show; after a refusal the spawner passes
     only the profile, so the choices that caused it are not kept.
     ``refusal``: ``{"message", "credit"}`` of the last refusal, shown with what to do.
+    ``teams``: the teams the user may bill the server to ("Bill to"; none: no choice).
     """
     live = summarize_offers(offers) if offers is not None else None
     selected = selected or {}
@@ -421,4 +423,6 @@ def render(
         refusal=dict(refusal) if refusal else None,
         add_credit_url=add_credit_url,
         unlisted_value=UNLISTED,
+        teams=list(teams or ()),
+        bill_to=str(selected.get("bill_to") or ""),
     )

@@ -199,6 +199,7 @@ class PortalClient:
         region: str | None = None,
         max_price: int | None = None,
         min_reliability: float | None = None,
+        team: str | None = None,
     ) -> Reservation:
         """Hold GPUs for one server. The portal answers a retry for the same
         server with the same live reservation, so a retry cannot double-book."""
@@ -209,6 +210,7 @@ class PortalClient:
             ("region", region),
             ("max_price", max_price),
             ("min_reliability", min_reliability),
+            ("team", team),
         ):
             if value not in (None, ""):
                 body[key] = value

@@ -124,6 +124,11 @@ def default_choice(option: Mapping[str, Any]) -> str | None:
     return str(next(iter(choices))) if choices else None
 
 
+#: The user option that names the team paying for the server ("Bill to"); absent or
+#: empty: the user's own wallet. Checked by the spawner (membership) and the portal.
+BILL_TO = "bill_to"
+
+
 def options_from_form(form_data: Mapping[str, list[str]]) -> dict[str, Any]:
     """Form fields (lists of strings) to flat user options, like the REST API's.
 
@@ -141,6 +146,9 @@ def options_from_form(form_data: Mapping[str, list[str]]) -> dict[str, Any]:
 
     profile = first("profile")
     options: dict[str, Any] = {}
+    bill_to = first(BILL_TO)
+    if bill_to:
+        options[BILL_TO] = bill_to
     if profile is None:
         return options
     options["profile"] = profile
@@ -196,7 +204,9 @@ def select(profiles: list[dict[str, Any]], user_options: Any) -> Selection:
             )
         profile = by_slug[slug]
     options: Mapping[str, Any] = profile.get("profile_options") or {}
-    unknown = [str(k)[:64] for k in user_options if k != "profile" and k not in options]
+    unknown = [
+        str(k)[:64] for k in user_options if k not in ("profile", BILL_TO) and k not in options
+    ]
     if unknown:
         allowed = ", ".join(options) or "no options"
         raise InvalidOptions(

@@ -93,6 +93,10 @@ STOP_LOG_CHARS = 4000
 MAX_REASON_CHARS = 200
 
 
+#: Hub groups that set a user's role (customers, providers, admins), not teams.
+ROLE_GROUPS = frozenset({"customers", "providers", "admins"})
+
+
 class RaySpawner(Spawner):
     """Place each single-user server in a Ray job on a reserved provider GPU node.
 
@@ -273,10 +277,19 @@ class RaySpawner(Spawner):
         self._ray_token: str | None = None
         self._claim_conflict = False
         self._last_refusal: dict[str, Any] | None = None
+        #: The team that pays for this start ("Bill to"); None: the user's own wallet.
+        self.bill_to: str | None = None
         #: Set by _poll_status when Ray says the job ended (not a dead node or silence).
         self._job_ended = False
 
     # --- helpers ---------------------------------------------------------------
+    def user_teams(self) -> list[str]:
+        """The hub groups of the user that are teams (not role groups): whom the server
+        may be billed to. The portal checks membership again at reservation."""
+        groups = getattr(self.user, "groups", None) or []
+        names = {getattr(g, "name", g) for g in groups}
+        return sorted(str(n) for n in names if n and n not in ROLE_GROUPS)
+
     @property
     def portal(self) -> PortalClient:
         """The hub's one client of the portal (per URL, token and timeout)."""
@@ -396,6 +409,7 @@ class RaySpawner(Spawner):
             balance=balance,
             refusal=refusal,
             add_credit_url=spawner.add_credit_url,
+            teams=spawner.user_teams(),
         )
 
     @default("apply_user_options")
@@ -436,6 +450,7 @@ class RaySpawner(Spawner):
             selection = profiles.select(self.profile_list, self.user_options)
         except profiles.InvalidOptions as exc:
             raise SpawnRefusal(str(exc), reason="invalid_options", status_code=400) from None
+        self.bill_to = self._bill_to()
         traits = self.traits(config=True)
         for name, value in selection.overrides.items():
             trait = traits.get(name)
@@ -460,6 +475,22 @@ class RaySpawner(Spawner):
                     status_code=400,
                 ) from None
         return selection
+
+    def _bill_to(self) -> str | None:
+        """The team named by the ``bill_to`` option, if the user is in it; a crafted name
+        of a team the user is not in is refused (the portal checks it again)."""
+        options = self.user_options if isinstance(self.user_options, dict) else {}
+        value = options.get(profiles.BILL_TO)
+        if value in (None, ""):
+            return None
+        if not isinstance(value, str) or value not in self.user_teams():
+            raise SpawnRefusal(
+                f"You are not a member of team {str(value)[:64]!r}, so it cannot pay for this "
+                "server; bill it to your own wallet or to one of your teams.",
+                reason="not_a_team_member",
+                status_code=403,
+            )
+        return value
 
     def job_env(self, claim: str = "") -> dict[str, str]:
         """The job's env: this server's JUPYTERHUB_* plus the admin's allow-list, and the
@@ -577,6 +608,7 @@ class RaySpawner(Spawner):
                 region=self.region or None,
                 max_price=self.max_price_micro,
                 min_reliability=self.min_reliability or None,
+                team=self.bill_to,
             )
         except PortalUnavailable as exc:
             raise SpawnRefusal(exc.message, reason="portal_unavailable", status_code=503) from None

@@ -43,6 +43,7 @@ class FakeHub(HubAPI):
         self.down = False
         self.revoked: set[str] = set()
         self.changed: dict[str, dict[str, Any]] = {}
+        self.shares: set[tuple[str, str, str]] = set()
 
     def _call(self, method: str, argument: str = "") -> None:
         self.calls.append((method, argument))
@@ -79,6 +80,48 @@ class FakeHub(HubAPI):
         self._call("stop_server", f"{user}/{server}")
         self.stopped.append((user, server))
         return True
+
+    # Groups and shares: the hub side of teams, kept in ``group_models`` and ``shares``
+    # (``(owner, server, user)`` triples) so a test reads what the hub would hold.
+
+    def _group(self, name: str) -> dict[str, Any] | None:
+        return next((g for g in self.group_models if g["name"] == name), None)
+
+    async def create_group(self, name: str) -> None:
+        self._call("create_group", name)
+        if self._group(name) is None:
+            self.group_models.append({"name": name, "users": []})
+
+    async def add_group_users(self, group: str, users: list[str]) -> None:
+        self._call("add_group_users", f"{group}:{','.join(users)}")
+        model = self._group(group)
+        if model is None:
+            raise HubUnavailable(f"hub answered 404 to adding users to group {group}")
+        model["users"] = sorted(set(model.get("users") or ()) | set(users))
+
+    async def remove_group_users(self, group: str, users: list[str]) -> None:
+        self._call("remove_group_users", f"{group}:{','.join(users)}")
+        model = self._group(group)
+        if model is not None:
+            model["users"] = sorted(set(model.get("users") or ()) - set(users))
+
+    async def share_server(self, owner: str, server: str, with_user: str) -> None:
+        self._call("share_server", f"{owner}/{server}:{with_user}")
+        self.shares.add((owner, server, with_user))
+
+    async def revoke_share(self, owner: str, server: str, with_user: str) -> None:
+        self._call("revoke_share", f"{owner}/{server}:{with_user}")
+        self.shares.discard((owner, server, with_user))
+
+    async def shared_with(self, user: str) -> list[dict[str, Any]]:
+        self._call("shared_with", user)
+        found = self.shares
+        return [{"owner": o, "server": s} for o, s, u in sorted(found) if u == user]
+
+    async def shares_of(self, owner: str) -> list[dict[str, Any]]:
+        self._call("shares_of", owner)
+        found = self.shares
+        return [{"server": s, "user": u} for o, s, u in sorted(found) if o == owner]
 
 
 class Clock:

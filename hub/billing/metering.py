@@ -756,7 +756,7 @@ def check_runway(
     stop_at_or_below = stop_threshold_seconds(settings)
     warn_below = warning_threshold_seconds(settings)
     changes: list[dict[str, Any]] = []
-    for group in groups.values():
+    for key, group in groups.items():
         first = group[0]
         state = payer_state(
             session,
@@ -773,7 +773,11 @@ def check_runway(
             )
         else:
             left = timedelta(seconds=runway or 0.0)
+        capped = over_spend_cap(group, limits.get(key))
         for alloc in group:
+            if alloc.id in capped:
+                changes.append(_spend_cap_stop(alloc, now + grace, now, result))
+                continue
             change = _runway_change(
                 alloc,
                 runway,
@@ -799,6 +803,53 @@ def check_runway(
             changes,
         )
         _expire_loaded(session, {change["alloc_id"] for change in changes})
+
+
+def over_spend_cap(group: list[Row[Any]], quota: Quota | None) -> set[int]:
+    """The running allocations of one payer to stop so its hourly spend fits its cap.
+
+    The cap is checked at launch; during the session it can be exceeded when an
+    admin or team admin lowers it. The newest servers stop first, until the
+    summed hourly price of the rest is within the cap. Those already stopping
+    are on their way out and count for nothing.
+    """
+    if quota is None or quota.spend_cap_per_hour is None:
+        return set()
+    running = sorted(
+        (a for a in group if a.status == "running"),
+        key=lambda a: (a.started_at, a.id),
+        reverse=True,
+    )
+    rate = sum(hourly_rate(a) for a in running)
+    stop: set[int] = set()
+    for alloc in running:
+        if rate <= quota.spend_cap_per_hour:
+            break
+        stop.add(alloc.id)
+        rate -= hourly_rate(alloc)
+    return stop
+
+
+def _spend_cap_stop(
+    alloc: Row[Any], stop_at: datetime, now: datetime, result: TickResult
+) -> dict[str, Any]:
+    """Stop one server over its payer's spend cap after the grace period (its
+    notebooks are saved meanwhile), with the stop reason ``spend_cap``."""
+    result.stopping.append(alloc.id)
+    log.warning(
+        "allocation %s of %s/%s: over the payer's spend cap, stopping at %s",
+        alloc.id,
+        alloc.user_name,
+        alloc.server_name,
+        stop_at.isoformat(),
+    )
+    return {
+        "alloc_id": alloc.id,
+        "new_status": "stopping",
+        "new_stopping_at": stop_at,
+        "new_stop_reason": "spend_cap",
+        "new_warned_at": alloc.runway_warned_at or now,
+    }
 
 
 def _runway_change(

@@ -196,12 +196,17 @@ def authorize_launch(
         else ledger.wallet(session, account.id).id
     )
     state = metering.payer_state(session, payer_id, running, now)
-    # Reservations are the user's own (the spawner reserves without a team), so
-    # they weigh on the personal payer and on the user's own quota.
+    # Held reservations weigh on the user's own quota (all of them: the user holds
+    # the GPUs) and on the payer each names: the user's wallet, or the team's budget.
     held = held_reservations(session, account.id, exclude=reservation_id)
     held_rate = sum(r.gpu_count * r.price_per_gpu_hour for r in held)
     held_gpus = sum(r.gpu_count for r in held)
-    personal_held_rate = held_rate if team_row is None else 0
+    if team_row is None:
+        payer_held = [r for r in held if r.team_id is None]
+    else:
+        payer_held = held_reservations(session, None, team_id=team_row.id, exclude=reservation_id)
+    personal_held_rate = sum(r.gpu_count * r.price_per_gpu_hour for r in payer_held)
+    team_held_gpus = sum(r.gpu_count for r in payer_held) if team_row is not None else 0
     new_rate = gpu_count * price_per_gpu_hour
     currency = settings.currency_name
     why = runway_refusal(
@@ -232,7 +237,14 @@ def authorize_launch(
     if team_row is not None:
         whose = f"Team {team}'s"
         budgets.append(
-            _Budget(whose, whose, metering.quota_for(session, team_id=team_row.id), running, 0, 0)
+            _Budget(
+                whose,
+                whose,
+                metering.quota_for(session, team_id=team_row.id),
+                running,
+                team_held_gpus,
+                personal_held_rate,
+            )
         )
     for budget in budgets:
         _check_budget(session, settings, budget, gpu_count, new_rate, now)
@@ -290,9 +302,14 @@ def _check_budget(
 
 
 def held_reservations(
-    session: Session, account_id: int, *, exclude: str | None = None
+    session: Session,
+    account_id: int | None,
+    *,
+    exclude: str | None = None,
+    team_id: int | None = None,
 ) -> list[Reservation]:
-    """Live reservations of an account that no open allocation bills yet.
+    """Live reservations of an account (or, with ``team_id``, billed to that team, by
+    any member) that no open allocation bills yet.
 
     A held reservation (server starting) and an active one whose allocation is
     not open yet both keep GPUs from everyone else, so both count; one with an
@@ -301,8 +318,13 @@ def held_reservations(
     billed = select(Allocation.reservation_id).where(
         Allocation.reservation_id.is_not(None), Allocation.status.in_(OPEN_STATES)
     )
+    owner = (
+        Reservation.team_id == team_id
+        if team_id is not None
+        else Reservation.account_id == account_id
+    )
     query = select(Reservation).where(
-        Reservation.account_id == account_id,
+        owner,
         Reservation.status.in_(LIVE_STATUSES),
         Reservation.id.not_in(billed),
     )

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from ..db.ledger_models import OPEN_STATES, Allocation
 from ..db.marketplace_models import LIVE_STATUSES, Node, Reservation
-from ..db.models import Account
+from ..db.models import Account, Team
 from ..market import marketplace
 from ..settings import Settings
 from . import allocations, credits, quotas
@@ -67,10 +67,38 @@ def authorize_reservation(
         user=res.user_name,
         gpu_count=res.gpu_count,
         price_per_gpu_hour=res.price_per_gpu_hour,
-        team=None,
+        team=team_of(session, res),
         now=now,
         reservation_id=res.id,
     )
+
+
+def team_of(session: Session, res: Reservation) -> str | None:
+    """The name of the team that pays for the reservation; None when the user pays."""
+    if res.team_id is None:
+        return None
+    team = session.get(Team, res.team_id)
+    return None if team is None else team.hub_group
+
+
+def bill_to_team(session: Session, res: Reservation, team: str | None) -> None:
+    """Make ``team`` the payer of a new reservation, if its user is a member.
+
+    Called before :func:`authorize_reservation`, in the same transaction: a
+    crafted ``team`` of a team the user is not in is refused (403) and the
+    reservation is released by the caller.
+    """
+    if not team:
+        return
+    row = allocations.team_named(session, team)
+    account = session.get(Account, res.account_id)
+    if account is None or not allocations.is_member(session, row, account):
+        raise allocations.Forbidden(
+            f"Team {team!r} cannot pay for this server: {res.user_name} is not a member of "
+            "it. Bill it to your own wallet, or ask a team admin to add you."
+        )
+    res.team_id = row.id
+    session.flush()
 
 
 def _terms(
@@ -86,7 +114,7 @@ def _terms(
         started_at=now,
         reservation_id=res.id,
         provider=provider_name(session, res),
-        team=team,
+        team=team if team is not None else team_of(session, res),
     )
 
 

@@ -11,6 +11,7 @@ account's role; they are not teams.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,9 +47,16 @@ def upsert_account(session: Session, user: dict[str, Any]) -> Account:
 
 
 def sync(
-    session: Session, users: Iterable[dict[str, Any]], groups: Iterable[dict[str, Any]]
+    session: Session,
+    users: Iterable[dict[str, Any]],
+    groups: Iterable[dict[str, Any]],
+    left: list[tuple[str, str]] | None = None,
 ) -> dict[str, int]:
-    """Make accounts, teams and memberships mirror the hub. Returns counts of changes."""
+    """Make accounts, teams and memberships mirror the hub. Returns counts of changes.
+
+    ``left``: if given, gets ``(team, user)`` for every membership the hub ended
+    (so the caller can revoke what the membership gave, such as server shares).
+    """
     users = list(users)
     counts = {"accounts": 0, "teams": 0, "deactivated": 0}
     seen_users = set()
@@ -82,6 +90,8 @@ def sync(
         for account_id in wanted - current.keys():
             session.add(TeamMembership(team_id=team.id, account_id=account_id))
         for account_id in current.keys() - wanted:
+            if left is not None:
+                left.append((name, current[account_id].account.hub_name))
             session.delete(current[account_id])
     for team in session.scalars(select(Team).where(Team.active)):
         if team.hub_group not in seen_groups:
@@ -148,3 +158,86 @@ def teams_managed_by(session: Session, account: Account) -> list[str]:
             TeamMembership.account_id == account.id, TeamMembership.role == "admin"
         )
     return list(session.scalars(query))
+
+
+#: A team name is a hub group name: letters, digits and ``-_.``, starting with a letter
+#: or digit (the hub accepts more; the portal keeps names that are safe in a URL path).
+TEAM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TeamError(ValueError):
+    """A team change that cannot be made; the message is a sentence for the user."""
+
+
+def check_team_name(name: str) -> str:
+    if name in ROLE_GROUPS:
+        raise TeamError(f"{name!r} is a role group (it sets accounts' roles), not a team.")
+    if not TEAM_NAME.match(name):
+        raise TeamError(
+            f"{name[:64]!r} is not a team name: use 1 to 64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit."
+        )
+    return name
+
+
+def team_named(session: Session, name: str, *, active_only: bool = True) -> Team | None:
+    query = select(Team).where(Team.hub_group == name)
+    if active_only:
+        query = query.where(Team.active)
+    return session.scalar(query)
+
+
+def create_team(session: Session, name: str, default_profile: str | None = None) -> Team:
+    """Create the team (or reactivate the one of that name); its hub group is made by
+    the caller. Idempotent."""
+    check_team_name(name)
+    team = team_named(session, name, active_only=False)
+    if team is None:
+        team = Team(hub_group=name, active=True, default_profile=default_profile)
+        session.add(team)
+    else:
+        team.active = True
+        if default_profile is not None:
+            team.default_profile = default_profile
+    session.flush()
+    return team
+
+
+def add_member(
+    session: Session, team: Team, account: Account, role: str = "member"
+) -> TeamMembership:
+    """Make ``account`` a member of ``team`` (idempotent; the role is set either way)."""
+    if role not in TEAM_ROLES:
+        raise TeamError(f"a team role is one of {', '.join(TEAM_ROLES)}, not {role!r}.")
+    found = membership(session, team, account)
+    if found is None:
+        found = TeamMembership(team_id=team.id, account_id=account.id, role=role)
+        session.add(found)
+    else:
+        found.role = role
+    session.flush()
+    return found
+
+
+def remove_member(session: Session, team: Team, account: Account) -> bool:
+    """End ``account``'s membership of ``team``; False when it was not a member."""
+    found = membership(session, team, account)
+    if found is None:
+        return False
+    session.delete(found)
+    session.flush()
+    return True
+
+
+def teammates(session: Session, account: Account) -> list[str]:
+    """Everyone who shares an active team with ``account`` (not ``account`` itself)."""
+    mine = select(TeamMembership.team_id).where(TeamMembership.account_id == account.id)
+    rows = session.scalars(
+        select(Account.hub_name)
+        .join(TeamMembership, TeamMembership.account_id == Account.id)
+        .join(Team, Team.id == TeamMembership.team_id)
+        .where(TeamMembership.team_id.in_(mine), Team.active, Account.id != account.id)
+        .distinct()
+        .order_by(Account.hub_name)
+    )
+    return list(rows)

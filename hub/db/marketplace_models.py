@@ -208,6 +208,11 @@ class Reservation(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     account_id: Mapped[int] = mapped_column(ForeignKey("accounts.id"), index=True)
+    #: The team that pays for this server (a member launching "for the team"); None: the
+    #: user pays. Checked against membership when the reservation is authorized.
+    team_id: Mapped[int | None] = mapped_column(
+        ForeignKey("teams.id"), index=True, nullable=True, default=None
+    )
     node_id: Mapped[int] = mapped_column(ForeignKey("nodes.id"), index=True)
     gpu_count: Mapped[int] = mapped_column(Integer)
     gpu_indices: Mapped[list[int]] = mapped_column(JSON)

@@ -19,6 +19,7 @@ from gpuportal.provider.stopmarker import duration
 STOP_REASONS = {
     "out_of_credit": "your credit ran out",
     "quota_exhausted": "your GPU-hour quota was used up",
+    "spend_cap": "your servers cost more per hour than the payer's spend cap allows",
 }
 
 __all__ = ["STOP_REASONS", "duration", "finished_session", "running_server", "summary"]

@@ -161,3 +161,14 @@ class PortalAdminClient(PortalReader):
         if reply.status_code >= 300:
             raise PortalUnavailable(_message(reply))
         return reply.json()
+
+
+class PortalUserClient(PortalAdminClient):
+    """Reads and acts on the portal's team and share API as the logged-in hub user
+    (``/hub/teams``, the home page's "Share" button).
+
+    Its token may use the portal, as every hub user may (their ``user`` role holds
+    ``access:services!service=portal``); the portal decides what the user may do.
+    """
+
+    note = "gpuportal team pages (renewed automatically)"

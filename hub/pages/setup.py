@@ -9,8 +9,8 @@ from typing import Any
 from gpuportal.provider.money import format_credits
 
 from ..settings import Settings
-from . import admin, handlers, stops
-from .portal_reader import PortalAdminClient, PortalReader
+from . import admin, handlers, stops, teams
+from .portal_reader import PortalAdminClient, PortalReader, PortalUserClient
 
 TEMPLATES = Path(__file__).parent / "templates"
 #: The product's name on every page (the login page, the title bar).
@@ -42,7 +42,7 @@ def register_handlers(extra: Sequence[tuple[str, Any]] = ()) -> None:
     """
     from jupyterhub.handlers import default_handlers
 
-    for path, handler in [*handlers.HANDLERS, *admin.HANDLERS, *extra]:
+    for path, handler in [*handlers.HANDLERS, *admin.HANDLERS, *teams.HANDLERS, *extra]:
         if not any(entry[0] == path for entry in default_handlers):
             default_handlers.append((path, handler))
 
@@ -75,6 +75,7 @@ def configure(
     portal = f"http://127.0.0.1:{settings.portal_port}{settings.service_prefix}"
     handlers.set_reader(PortalReader(portal))
     admin.set_client(PortalAdminClient(portal))
+    teams.set_client(PortalUserClient(portal))
     register_handlers(extra_handlers)
     if firstuse:
         c.SignupAuthenticator.signup_credit_text = credit

@@ -1,10 +1,13 @@
 """The portal's client for JupyterHub's REST API.
 
 Two kinds of call: checking a *user's* token (``GET /hub/api/user`` with that
-token) and reading users and groups with the portal service's own token, whose
-scopes ``jupyterhub_config.py`` keeps to reading (``list:users``, ``read:users``,
-``list:groups``, ``read:groups``) plus ``servers``, so the meter can stop a
-server whose payer ran out of credit.
+token) and acting with the portal service's own token, whose scopes
+``jupyterhub_config.py`` keeps to reading users and groups (``list:users``,
+``read:users``, ``list:groups``, ``read:groups``), ``servers`` (the meter stops a
+server whose payer ran out of credit), ``admin:groups`` and ``groups`` (teams are
+hub groups: the portal's team API creates them and changes their members), and
+``shares`` (a member shares a running server with a teammate through the portal,
+which checks that they are teammates; users themselves hold no ``shares`` scope).
 """
 
 from __future__ import annotations
@@ -106,3 +109,66 @@ class HubAPI:
         if reply.status_code in (200, 202, 204, 400, 404):
             return True
         raise HubUnavailable(f"hub answered {reply.status_code} to stopping {user}/{server}")
+
+    async def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
+        try:
+            return await self._client.request(
+                method,
+                f"{self.api_url}/{path}",
+                json=body,
+                headers={"Authorization": f"token {self._token}"},
+            )
+        except httpx.HTTPError as exc:
+            raise HubUnavailable(f"{method} {path}: {exc}") from None
+
+    @staticmethod
+    def _done(reply: httpx.Response, what: str, ok: tuple[int, ...] = (200, 201, 204)) -> None:
+        if reply.status_code not in ok:
+            raise HubUnavailable(f"hub answered {reply.status_code} to {what}")
+
+    async def create_group(self, name: str) -> None:
+        """Create the hub group ``name``; an existing group (409) is fine."""
+        reply = await self._send("POST", f"groups/{quote(name, safe='')}")
+        self._done(reply, f"creating group {name}", (200, 201, 409))
+
+    async def add_group_users(self, group: str, users: list[str]) -> None:
+        reply = await self._send("POST", f"groups/{quote(group, safe='')}/users", {"users": users})
+        self._done(reply, f"adding users to group {group}")
+
+    async def remove_group_users(self, group: str, users: list[str]) -> None:
+        reply = await self._send(
+            "DELETE", f"groups/{quote(group, safe='')}/users", {"users": users}
+        )
+        self._done(reply, f"removing users from group {group}", (200, 204, 404))
+
+    async def share_server(self, owner: str, server: str, with_user: str) -> None:
+        """Grant ``with_user`` access to ``owner``'s server (a JupyterHub 5 share)."""
+        reply = await self._send(
+            "POST", f"shares/{quote(owner, safe='')}/{quote(server, safe='')}", {"user": with_user}
+        )
+        self._done(reply, f"sharing {owner}/{server}")
+
+    async def revoke_share(self, owner: str, server: str, with_user: str) -> None:
+        """Take ``with_user``'s access to ``owner``'s server away; no share (or server)
+        is already done."""
+        reply = await self._send(
+            "PATCH", f"shares/{quote(owner, safe='')}/{quote(server, safe='')}", {"user": with_user}
+        )
+        self._done(reply, f"revoking the share of {owner}/{server}", (200, 204, 404))
+
+    async def shared_with(self, user: str) -> list[dict[str, Any]]:
+        """The shares granted to ``user``: ``[{"owner": name, "server": name}]``."""
+        items = await self._paginated(f"users/{quote(user, safe='')}/shared")
+        return [
+            {"owner": item["server"]["user"]["name"], "server": item["server"]["name"]}
+            for item in items
+        ]
+
+    async def shares_of(self, owner: str) -> list[dict[str, Any]]:
+        """The shares of ``owner``'s servers: ``[{"server", "user"}]`` (users only)."""
+        items = await self._paginated(f"shares/{quote(owner, safe='')}")
+        return [
+            {"server": item["server"]["name"], "user": item["user"]["name"]}
+            for item in items
+            if item.get("user")
+        ]

@@ -27,6 +27,7 @@ from ..db import accounts, transaction
 from ..db.ledger_models import Allocation
 from ..db.marketplace_models import Cluster
 from ..market import marketplace, nodes, raystatus
+from . import sharing
 from .context import Portal
 from .hubapi import HubUnavailable
 
@@ -86,12 +87,18 @@ async def sync_from_hub(portal: Portal) -> dict[str, int]:
     """Accounts and teams from the hub, now: each round of the sync loop, and an
     admin's ``POST /api/v1/sync``. Returns what changed, by kind."""
     users, groups = await portal.hub.users(), await portal.hub.groups()
+    left: list[tuple[str, str]] = []
 
     def write() -> dict[str, int]:
+        left.clear()
         with transaction(portal.sessions) as session:
-            return accounts.sync(session, users, groups)
+            return accounts.sync(session, users, groups, left)
 
     counts = await run_in_threadpool(write)
+    # A member removed from a hub group directly loses the shares the team gave.
+    members = {g["name"]: list(g.get("users") or ()) for g in groups}
+    for team, user in left:
+        await sharing.revoke_team_shares(portal, user, members.get(team, []))
     if any(counts.values()):
         log.info("synced from hub: %s", counts)
     return counts

@@ -106,6 +106,13 @@ class ReservationCreate(BaseModel):
     min_reliability: float | None = Field(None, ge=0, le=1)
     user: str = Field(min_length=1, max_length=255, pattern=_NAME)
     server_name: str = Field("", max_length=255, pattern=_NAME)
+    team: str | None = Field(
+        None,
+        min_length=1,
+        max_length=255,
+        description="Bill this server to this team (the user must be a member); "
+        "default: the user's own wallet.",
+    )
 
 
 class ReservationPublic(BaseModel):
@@ -309,7 +316,9 @@ async def create_reservation(
     # the GPUs straight back.
     rid = str(answer["id"])
     try:
-        await in_db(portal, partial(_authorize_reservation, portal, rid), LAUNCH_REFUSAL_CODES)
+        await in_db(
+            portal, partial(_authorize_reservation, portal, rid, body.team), LAUNCH_REFUSAL_CODES
+        )
         return JSONResponse(reservation_body(caller, answer), status_code=201)
     except BaseException as exc:
         await _release_after_failure(portal, rid, body.user, exc)
@@ -340,8 +349,11 @@ async def list_reservations(
     return JSONResponse(await in_db(portal, load))
 
 
-def _authorize_reservation(portal: Portal, reservation_id: str, session: Session) -> None:
+def _authorize_reservation(
+    portal: Portal, reservation_id: str, team: str | None, session: Session
+) -> None:
     res = marketplace.get(session, reservation_id)
+    reservation_billing.bill_to_team(session, res, team)
     reservation_billing.authorize_reservation(session, portal.settings, res, timeutil.utcnow())
 
 
