@@ -30,53 +30,38 @@ def tick(
     return metering.tick(sessions, settings, T0 + timedelta(seconds=seconds))
 
 
-def test_a_lowered_spend_cap_stops_the_newest_servers_until_the_rest_fit(
+def test_a_lowered_spend_cap_stops_the_newest_servers_of_that_payer_until_the_rest_fit(
     sessions: sessionmaker[Session], settings: Settings, ann: int
 ) -> None:
+    """Ann pays three servers herself; team ml (bob and dan) pays two; bob also pays one
+    of his own. Ann's cap is exactly two servers, the team's exactly one."""
     grant(sessions, ann, 1000 * CREDIT, "g-ann")
-    old = open_alloc(sessions, settings, "ann", server="old", started_at=T0, now=T0)
-    mid = open_alloc(
-        sessions, settings, "ann", server="mid", started_at=T0 + timedelta(seconds=1), now=T0
+    old, mid, new = (
+        open_alloc(sessions, settings, "ann", server=name, started_at=T0 + timedelta(seconds=n))
+        for n, name in enumerate(("old", "mid", "new"))
     )
-    new = open_alloc(
-        sessions, settings, "ann", server="new", started_at=T0 + timedelta(seconds=2), now=T0
-    )
-    # Exactly the cost of two servers: one (the newest) must stop, not two.
+    bob, dan = add_account(sessions, "bob"), add_account(sessions, "dan")
+    team = add_team(sessions, "ml", [bob, dan])
+    fund_team(sessions, team, 1000 * CREDIT)
+    grant(sessions, bob, 1000 * CREDIT, "g-bob")
+    own = open_alloc(sessions, settings, "bob", server="own", gpus=4)
+    paid = [
+        open_alloc(
+            sessions, settings, user, server="t", team="ml", started_at=T0 + timedelta(seconds=n)
+        )
+        for n, user in enumerate(("bob", "dan"))
+    ]
     set_quota(sessions, user="ann", spend_cap_per_hour=2 * PRICE)
+    set_quota(sessions, team="ml", spend_cap_per_hour=PRICE)
     result = tick(sessions, settings, 60)
-    assert result.stopping == [new]
+    assert sorted(result.stopping) == sorted([new, paid[1]])
     stopped = allocation(sessions, new)
     assert (stopped.status, stopped.stop_reason) == ("stopping", "spend_cap")
     assert stopped.stopping_at == T0 + timedelta(seconds=60 + settings.grace_seconds)
-    assert [allocation(sessions, a).status for a in (old, mid)] == ["running", "running"]
-    # After the grace period the meter ends it; the hub is asked to stop it.
+    running = (old, mid, paid[0], own)
+    assert [allocation(sessions, a).status for a in running] == ["running"] * 4
+    # After the grace period the meter ends them; the hub is asked to stop them.
     later = tick(sessions, settings, 60 + settings.grace_seconds + settings.meter_interval_seconds)
-    assert later.stops_due == [new]
+    assert sorted(later.stops_due) == sorted([new, paid[1]])
     assert allocation(sessions, new).status == "stop_due"
-    assert [allocation(sessions, a).status for a in (old, mid)] == ["running", "running"]
-
-
-def test_a_team_over_its_cap_stops_only_the_team_paid_servers(
-    sessions: sessionmaker[Session], settings: Settings, ann: int
-) -> None:
-    bob = add_account(sessions, "bob")
-    team = add_team(sessions, "ml", [ann, bob])
-    fund_team(sessions, team, 1000 * CREDIT)
-    grant(sessions, ann, 1000 * CREDIT, "g-ann")
-    own = open_alloc(sessions, settings, "ann", server="own", gpus=4)
-    paid = [
-        open_alloc(
-            sessions,
-            settings,
-            user,
-            server="t",
-            team="ml",
-            started_at=T0 + timedelta(seconds=n),
-            now=T0,
-        )
-        for n, user in enumerate(("ann", "bob"))
-    ]
-    set_quota(sessions, team="ml", spend_cap_per_hour=PRICE)
-    assert tick(sessions, settings, 30).stopping == [paid[1]]
-    assert allocation(sessions, paid[0]).status == "running"
-    assert allocation(sessions, own).status == "running", "ann's own server is not the team's"
+    assert [allocation(sessions, a).status for a in running] == ["running"] * 4
