@@ -25,21 +25,25 @@ def test_a_team_made_through_the_portal_is_a_hub_group_and_shares_end_with_membe
     assert (
         call(stack, admin, "POST", f"{PORTAL_API}/teams/lab/members", json=add).status_code == 201
     )
-    # Tina, a team admin, adds Tom: the hub group holds both.
-    added = call(stack, tina, "POST", f"{PORTAL_API}/teams/lab/members", json={"user": "tom"})
-    assert added.status_code == 201, added.text
-    group = call(stack, admin, "GET", "/hub/api/groups/lab").json()
-    assert sorted(group["users"]) == ["tina", "tom"]
-
-    # The teams page and its nav link, as Tina in a browser session.
+    # Tina, a team admin, adds Tom through the teams page's form (the hub's XSRF check,
+    # then the portal as Tina): the hub group holds both.
     browser = hub_login(stack.base_url, "tina", password_of(stack, "tina"))
     try:
-        page = browser.get("/hub/teams")
-        assert page.status_code == 200 and 'data-team="lab"' in page.text, page.text[:500]
-        assert 'id="gp-nav-teams"' in page.text
-        assert "gp-team-add" in page.text, "Tina manages the team"
+        xsrf = browser.cookies.get("_xsrf", path="/hub/") or ""
+        form = {"action": "add", "team": "lab", "user": "tom", "_xsrf": xsrf}
+        done = browser.post("/hub/teams/act", data=form)
+        assert done.status_code == 200 and 'id="gp-teams-done"' in done.text, done.text[-800:]
+        assert 'data-team="lab"' in done.text and 'data-member="tom"' in done.text
+        assert 'id="gp-nav-teams"' in done.text
+        assert "gp-team-add" in done.text, "Tina manages the team"
+        crafted = browser.post("/hub/teams/act", data={**form, "team": "other"})
+        assert 'id="gp-teams-failed"' in crafted.text
+        assert browser.post("/hub/teams/act", data={**form, "_xsrf": ""}).status_code == 403
+        assert 'id="gp-home-share-box"' in browser.get("/hub/home").text
     finally:
         browser.close()
+    group = call(stack, admin, "GET", "/hub/api/groups/lab").json()
+    assert sorted(group["users"]) == ["tina", "tom"]
 
     # A real JupyterHub share of Tina's server with Tom, and only with a teammate.
     shared = call(stack, tina, "POST", f"{PORTAL_API}/shares", json={"server": "", "user": "tom"})
