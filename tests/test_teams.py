@@ -19,6 +19,7 @@ from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+from gpuportal.hub.pages import teams as teams_page
 from gpuportal.hub.portal import api
 from gpuportal.hub.portal.api.plumbing import full_admin
 from gpuportal.hub.portal.hubapi import HubUnavailable
@@ -226,3 +227,55 @@ def test_every_admin_route_of_the_app_refuses_a_non_admin(client: TestClient) ->
                     reply = call(client, token, method, path, body)
                     assert reply.status_code == 403, (token, method, path, reply.text)
                     assert message(reply)
+
+
+@pytest.mark.parametrize(
+    ("form", "call_made"),
+    [
+        (
+            {"action": "add", "team": "ml", "user": "max", "role": "admin"},
+            ("POST", "teams/ml/members", {"user": "max", "role": "admin", "reason": ""}),
+        ),
+        (
+            {"action": "remove", "team": "ml", "user": "a b"},
+            ("DELETE", "teams/ml/members/a%20b", None),
+        ),
+        (
+            {"action": "budget", "team": "ml", "gpu_hours": "2.5", "spend_cap": "1.5"},
+            (
+                "PUT",
+                "teams/ml/budget",
+                {
+                    "window": "month",
+                    "gpu_hours": 2.5,
+                    "spend_cap_per_hour": 1_500_000,
+                    "reason": "",
+                },
+            ),
+        ),
+        (
+            {"action": "share", "server": "", "user": "max"},
+            ("POST", "shares", {"server": "", "user": "max"}),
+        ),
+    ],
+)
+def test_each_teams_page_form_makes_one_portal_call(
+    form: dict[str, str], call_made: tuple[Any, ...]
+) -> None:
+    assert teams_page.action_request(form)[:3] == call_made
+
+
+@pytest.mark.parametrize(
+    ("form", "words"),
+    [
+        ({"action": "add", "team": "../admin/x", "user": "max"}, "without '/'"),
+        ({"action": "add", "team": "", "user": "max"}, "Say which team"),
+        ({"action": "budget", "team": "ml", "gpu_hours": "lots"}, "not a number of GPU-hours"),
+        ({"action": "budget", "team": "ml", "spend_cap": "1e99"}, "is not an amount"),
+        ({"action": "share", "server": "", "user": ""}, "Choose a teammate"),
+        ({"action": "grant", "team": "ml"}, "no such action"),
+    ],
+)
+def test_a_bad_teams_page_form_is_refused_with_a_sentence(form: dict[str, str], words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        teams_page.action_request(form)
