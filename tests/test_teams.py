@@ -101,6 +101,10 @@ def test_an_admin_creates_a_team_and_a_team_admin_runs_it(client: TestClient, hu
     assert call(
         client, "tok-lea", "PUT", "/teams/ml/members/max/role", {"role": "admin"}
     ).is_success
+    # A provider who is also a customer is a member like anyone else.
+    assert call(client, "tok-lea", "POST", "/teams/ml/members", {"user": "pat"}).status_code == 201
+    assert [t["name"] for t in call(client, "tok-prov", "GET", "/teams").json()] == ["ml"]
+    assert call(client, "tok-prov", "POST", "/shares", {"server": "", "user": "max"}).is_success
     assert actions(client) == [
         ("admin", "team.create", "ml"),
         ("admin", "team.member.add", "ml"),
@@ -109,6 +113,7 @@ def test_an_admin_creates_a_team_and_a_team_admin_runs_it(client: TestClient, hu
         ("lea", "team.profile", "ml"),
         ("admin", "credits.grant", "ml"),
         ("lea", "team.role", "ml"),
+        ("lea", "team.member.add", "ml"),
     ]
 
 
