@@ -776,7 +776,7 @@ def check_runway(
         capped = over_spend_cap(group, limits.get(key))
         for alloc in group:
             if alloc.id in capped:
-                changes.append(_spend_cap_stop(alloc, now + grace, now, result))
+                changes.append(_spend_cap_stop(alloc, now + min(grace, left), now, result))
                 continue
             change = _runway_change(
                 alloc,
@@ -833,8 +833,9 @@ def over_spend_cap(group: list[Row[Any]], quota: Quota | None) -> set[int]:
 def _spend_cap_stop(
     alloc: Row[Any], stop_at: datetime, now: datetime, result: TickResult
 ) -> dict[str, Any]:
-    """Stop one server over its payer's spend cap after the grace period (its
-    notebooks are saved meanwhile), with the stop reason ``spend_cap``."""
+    """Stop one server over its payer's spend cap at ``stop_at`` (after the grace
+    period, or sooner if the payer's money runs out first; its notebooks are saved
+    meanwhile), with the stop reason ``spend_cap``."""
     result.stopping.append(alloc.id)
     log.warning(
         "allocation %s of %s/%s: over the payer's spend cap, stopping at %s",
