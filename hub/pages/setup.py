@@ -9,7 +9,7 @@ from typing import Any
 from gpuportal.provider.money import format_credits
 
 from ..settings import Settings
-from . import admin, handlers, stops
+from . import admin, gallery, handlers, stops
 from .portal_reader import PortalAdminClient, PortalReader
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -42,7 +42,7 @@ def register_handlers(extra: Sequence[tuple[str, Any]] = ()) -> None:
     """
     from jupyterhub.handlers import default_handlers
 
-    for path, handler in [*handlers.HANDLERS, *admin.HANDLERS, *extra]:
+    for path, handler in [*handlers.HANDLERS, *admin.HANDLERS, *gallery.HANDLERS, *extra]:
         if not any(entry[0] == path for entry in default_handlers):
             default_handlers.append((path, handler))
 
@@ -75,6 +75,7 @@ def configure(
     portal = f"http://127.0.0.1:{settings.portal_port}{settings.service_prefix}"
     handlers.set_reader(PortalReader(portal))
     admin.set_client(PortalAdminClient(portal))
+    gallery.set_clients(PortalReader(portal), gallery.Publisher(portal))
     register_handlers(extra_handlers)
     if firstuse:
         c.SignupAuthenticator.signup_credit_text = credit
