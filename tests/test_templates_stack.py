@@ -154,45 +154,47 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
 ) -> None:
     token = team[MEMBER]
     wait_free_gpus(stack, token, 2)
-    page = browser_page
-    page.route(
-        "**/*",
-        lambda route: (
-            route.continue_() if route.request.url.startswith(stack.base_url) else route.abort()
-        ),
-    )
-    page.goto(f"{stack.base_url}/hub/login")
-    page.fill("#username_input", MEMBER)
-    page.fill("#password_input", password_of(stack, MEMBER))
-    page.click("#login_submit")
-    page.wait_for_url("**/hub/home", timeout=30_000)
-    page.click("#gp-nav-templates")
-    page.wait_for_url("**/hub/templates", timeout=30_000)
-    card = page.locator(".gp-template", has_text=TITLE)
-    card.locator(".gp-open").click()
-    page.wait_for_selector("#gp-open-status:not([hidden])", timeout=30_000)
-    page.wait_for_url(f"**/user/{MEMBER}/lab/tree/**", timeout=180_000)
-    page.wait_for_selector(".jp-NotebookPanel", timeout=120_000)
-    page.locator(".jp-Cell", has_text="hello from the team template").first.wait_for(timeout=60_000)
-    page.screenshot(path=str(shots / "templates-open-on-gpu.png"))
+    try:
+        page = browser_page
+        page.route(
+            "**/*",
+            lambda route: (
+                route.continue_() if route.request.url.startswith(stack.base_url) else route.abort()
+            ),
+        )
+        page.goto(f"{stack.base_url}/hub/login")
+        page.fill("#username_input", MEMBER)
+        page.fill("#password_input", password_of(stack, MEMBER))
+        page.click("#login_submit")
+        page.wait_for_url("**/hub/home", timeout=30_000)
+        page.click("#gp-nav-templates")
+        page.wait_for_url("**/hub/templates", timeout=30_000)
+        card = page.locator(".gp-template", has_text=TITLE)
+        card.locator(".gp-open").click()
+        page.wait_for_selector("#gp-open-status:not([hidden])", timeout=30_000)
+        page.wait_for_url(f"**/user/{MEMBER}/lab/tree/**", timeout=150_000)
+        page.wait_for_selector(".jp-NotebookPanel", timeout=120_000)
+        cell = page.locator(".jp-Cell", has_text="hello from the team template")
+        cell.first.wait_for(timeout=60_000)
+        page.screenshot(path=str(shots / "templates-open-on-gpu.png"))
 
-    server = server_of(stack, token, MEMBER)
-    assert server is not None and server.get("ready")
-    path = page.url.split("/lab/tree/", 1)[1]
-    landed = call(stack, token, "GET", f"/user/{MEMBER}/api/contents/{path}")
-    assert landed.status_code == 200, landed.text
-    meta = landed.json()["content"]["metadata"]["gpuportal"]["template"]
-    assert meta["title"] == TITLE
+        server = server_of(stack, token, MEMBER)
+        assert server is not None and server.get("ready")
+        path = page.url.split("/lab/tree/", 1)[1]
+        landed = call(stack, token, "GET", f"/user/{MEMBER}/api/contents/{path}")
+        assert landed.status_code == 200, landed.text
+        meta = landed.json()["content"]["metadata"]["gpuportal"]["template"]
+        assert meta["title"] == TITLE
 
-    # A second Open on GPU reuses the running server (it fits) and the identical copy.
-    again = call(stack, token, "POST", f"/hub/templates/open/{published['id']}")
-    assert again.json() == {"state": "ready"}, again.text
-    copied = call(stack, token, "POST", f"/hub/templates/copy/{published['id']}")
-    assert copied.json()["path"] == path, copied.text
-    # A template that needs more than the running server has is refused with a sentence.
-    bigger = call(stack, token, "POST", "/hub/templates/open/global/ray-train")
-    assert bigger.status_code == 409
-    assert "does not have what this template needs (2x any GPU)" in bigger.json()["message"]
-
-    stopped = call(stack, token, "DELETE", f"/hub/api/users/{MEMBER}/server")
-    assert stopped.status_code in (202, 204), stopped.text
+        # A second Open on GPU reuses the running server (it fits) and the identical copy.
+        again = call(stack, token, "POST", f"/hub/templates/open/{published['id']}")
+        assert again.json() == {"state": "ready"}, again.text
+        copied = call(stack, token, "POST", f"/hub/templates/copy/{published['id']}")
+        assert copied.json()["path"] == path, copied.text
+        # A template that needs more than the running server has is refused with a sentence.
+        bigger = call(stack, token, "POST", "/hub/templates/open/global/ray-train")
+        assert bigger.status_code == 409
+        assert "does not have what this template needs (2x any GPU)" in bigger.json()["message"]
+    finally:
+        # Leave the shared stack as found: no server of this test runs on.
+        call(stack, token, "DELETE", f"/hub/api/users/{MEMBER}/server")

@@ -22,6 +22,7 @@ team-admin role).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import re
@@ -32,11 +33,15 @@ import httpx
 from jupyterhub import orm
 from jupyterhub.handlers import BaseHandler
 from tornado import web
+from tornado.httputil import url_concat
 
 from .portal_reader import PortalAdminClient, PortalReader, PortalUnavailable
 
 #: The gallery's path below the hub's prefix.
 GALLERY_PAGE = "templates"
+#: How long Open on GPU waits for the spawn before it answers "starting" (seconds): a
+#: refusal that comes at once (bad options, a spawn already pending) is answered directly.
+QUICK_REFUSAL_SECONDS = 1.0
 #: How long the token of one copy into a server lives (seconds); it is deleted after use.
 COPY_TOKEN_SECONDS = 120
 #: The largest notebook the publish form takes from a server (the portal's cap too).
@@ -106,6 +111,16 @@ def server_fits(spawner: Any, template: dict[str, Any]) -> bool:
     return have >= wanted and (not model or getattr(spawner, "gpu_model", "") == model)
 
 
+def _log_spawn_failure(handler: BaseHandler, template_id: str, name: str) -> Any:
+    def done(future: asyncio.Future[Any]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            handler.log.info(
+                "template %s: %s's server did not start: %s", template_id, name, future.exception()
+            )
+
+    return done
+
+
 def _json(handler: BaseHandler, status: int, body: dict[str, Any]) -> None:
     handler.set_status(status)
     handler.set_header("Content-Type", "application/json")
@@ -163,7 +178,12 @@ class OpenTemplate(BaseHandler):
         if template is None:
             return _json(self, 404, {"message": "There is no such template."})
         spawner = user.get_spawner("", replace_failed=True)
-        progress_url = f"{self.hub.base_url}api/users/{quote(user.name, safe='')}/server/progress"
+        # The hub's progress stream, with the XSRF token a cookie-authenticated GET of
+        # the hub's API needs (as the hub's own spawn-pending page does).
+        progress_url = url_concat(
+            f"{self.hub.base_url}api/users/{quote(user.name, safe='')}/server/progress",
+            {"_xsrf": self.xsrf_token.decode("ascii")},
+        )
         if spawner.pending == "spawn":
             return _json(self, 200, {"state": "starting", "progress_url": progress_url})
         if spawner.pending:
@@ -182,13 +202,19 @@ class OpenTemplate(BaseHandler):
             )
         options = user_options(template)
         self.log.info("template %s: starting %s's server with %s", template_id, user.name, options)
-        try:
-            await self.spawn_single_user(user, "", options=options)
-        except web.HTTPError as exc:
-            return _json(self, exc.status_code, {"message": exc.log_message or exc.reason})
-        except Exception as exc:  # the spawner's refusal: its message is for the user
-            self.log.info("template %s: spawn for %s refused: %s", template_id, user.name, exc)
-            return _json(self, 409, {"message": str(exc)[:500] or "The server did not start."})
+        # The hub's own spawn (its checks, limits and bookkeeping), awaited only briefly:
+        # a refusal that comes at once is answered here, the rest of the start is
+        # followed on the page through the progress events.
+        spawning = asyncio.ensure_future(self.spawn_single_user(user, "", options=options))
+        spawning.add_done_callback(_log_spawn_failure(self, template_id, user.name))
+        await asyncio.wait({spawning}, timeout=QUICK_REFUSAL_SECONDS)
+        if spawning.done() and spawning.exception() is not None:
+            refusal = spawning.exception()
+            if isinstance(refusal, web.HTTPError):
+                message = refusal.log_message or refusal.reason
+                return _json(self, refusal.status_code, {"message": message})
+            message = str(refusal)[:500] or "The server did not start."
+            return _json(self, 409, {"message": message})
         state = "ready" if spawner.ready else "starting"
         return _json(self, 200, {"state": state, "progress_url": progress_url})
 
