@@ -72,6 +72,20 @@ def notebook() -> str:
     )
 
 
+def set_role(stack: Stack, name: str, role: str) -> None:
+    """Make ``name`` a team admin (or member) of TEAM in the portal DB: the teams work
+    adds the page and API for it."""
+    engine = portal_db.make_engine(load_settings(data_dir=stack.data_dir).database_url)
+    try:
+        with portal_db.transaction(portal_db.session_factory(engine)) as session:
+            group = session.scalar(select(Team).where(Team.hub_group == TEAM))
+            account = session.scalar(select(Account).where(Account.hub_name == name))
+            assert group is not None and account is not None
+            accounts.set_team_role(session, group, account, role)
+    finally:
+        engine.dispose()
+
+
 @pytest.fixture(scope="module")
 def team(stack: Stack) -> dict[str, str]:
     """Three users; a hub group with the lead (a team admin) and the member."""
@@ -82,16 +96,7 @@ def team(stack: Stack) -> dict[str, str]:
     assert made.status_code == 201, made.text
     synced = call(stack, tokens["admin"], "POST", f"{PORTAL_API}/sync")
     assert synced.status_code == 200, synced.text
-    # Making a team admin has no page yet (the teams work adds one): set the role in the DB.
-    engine = portal_db.make_engine(load_settings(data_dir=stack.data_dir).database_url)
-    try:
-        with portal_db.transaction(portal_db.session_factory(engine)) as session:
-            group = session.scalar(select(Team).where(Team.hub_group == TEAM))
-            lead = session.scalar(select(Account).where(Account.hub_name == LEAD))
-            assert group is not None and lead is not None
-            accounts.set_team_role(session, group, lead, "admin")
-    finally:
-        engine.dispose()
+    set_role(stack, LEAD, "admin")
     return tokens
 
 
@@ -195,6 +200,30 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
         bigger = call(stack, token, "POST", "/hub/templates/open/global/ray-train")
         assert bigger.status_code == 409
         assert "does not have what this template needs (2x any GPU)" in bigger.json()["message"]
+
+        # Publishing from the server: a member who is no team admin is refused with the
+        # portal's sentence; made a team admin, the same form publishes the notebook.
+        form = {
+            "team": TEAM,
+            "path": path,
+            "title": "Republished from a server",
+            "gpu_model": "",
+            "gpu_count": "1",
+            "min_vram_gb": "0",
+            "expected_minutes": "5",
+        }
+        refused = call(stack, token, "POST", "/hub/templates/publish", data=form)
+        assert refused.status_code == 400, refused.text[:300]
+        assert f"Only an admin of team &#39;{TEAM}&#39;" in refused.text
+        set_role(stack, MEMBER, "admin")
+        done = call(stack, token, "POST", "/hub/templates/publish", data=form)
+        assert done.status_code == 302, done.text[:300]
+        assert "Published" in done.headers["location"]
+        listed = call(stack, team[OUTSIDER], "GET", f"{PORTAL_API}/templates").json()
+        assert "Republished from a server" not in [t["title"] for t in listed]
+        listed = call(stack, team[LEAD], "GET", f"{PORTAL_API}/templates").json()
+        mine = [t for t in listed if t["title"] == "Republished from a server"]
+        assert len(mine) == 1 and mine[0]["gpu_model"] is None and mine[0]["expected_minutes"] == 5
     finally:
         # Leave the shared stack as found: no server of this test runs on.
         call(stack, token, "DELETE", f"/hub/api/users/{MEMBER}/server")
