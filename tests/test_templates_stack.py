@@ -202,7 +202,8 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
         # A template that needs more than the running server has is refused with a sentence.
         bigger = member.post("/hub/templates/open/global/ray-train", headers=xsrf)
         assert bigger.status_code == 409
-        assert "does not have what this template needs (2x any GPU)" in bigger.json()["message"]
+        needs = "does not have what this template needs (2x any GPU (8 GB+))"
+        assert needs in bigger.json()["message"]
 
         # Publishing from the server: a member who is no team admin is refused with the
         # portal's sentence; made a team admin, the same form publishes the notebook.
