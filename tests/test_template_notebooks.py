@@ -83,6 +83,8 @@ def test_every_template_is_checked() -> None:
     assert {p.stem for p in NOTEBOOKS} == set(SAYS)
 
 
+@pytest.mark.slow
+@pytest.mark.ray  # the Ray Train template starts a local Ray cluster of its own
 @pytest.mark.parametrize("name", sorted(SAYS))
 def test_the_template_runs_on_cpu(executed: dict[str, Any], name: str) -> None:
     book, error = executed[name]

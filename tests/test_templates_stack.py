@@ -143,6 +143,46 @@ def test_an_outsider_neither_sees_nor_opens_a_teams_template(
         assert outsider.post("/hub/templates/open/global/pytorch-training").status_code == 403
         assert server_of(stack, team[OUTSIDER], OUTSIDER) is None
 
+        # A template no provider can host: Open on GPU says why, in the spawner's words,
+        # and the page's check afterwards repeats it without starting again.
+        h100 = json.loads(notebook())
+        h100["metadata"]["gpuportal"]["template"].update(
+            title="Needs an H100", gpu_model="H100-80GB"
+        )
+        made = call(
+            stack,
+            team[LEAD],
+            "POST",
+            f"{PORTAL_API}/templates",
+            json={"team": TEAM, "notebook": json.dumps(h100)},
+        )
+        assert made.status_code == 201, made.text
+        assert made.json()["estimated_cost_display"] == "no provider offers this GPU now"
+        lead = hub_login(stack.base_url, LEAD, password_of(stack, LEAD))
+        try:
+            lead_xsrf = {"X-XSRFToken": lead.cookies.get("_xsrf", path="/hub/") or ""}
+            opened = lead.post(f"/hub/templates/open/{made.json()['id']}", headers=lead_xsrf)
+            if opened.status_code == 200:  # refused after the first second: the events say so
+                assert opened.json()["state"] == "starting", opened.text
+                with lead.stream("GET", opened.json()["progress_url"]) as events:
+                    failed = next(
+                        json.loads(line[len("data:") :])
+                        for line in events.iter_lines()
+                        if line.startswith("data:") and '"failed": true' in line
+                    )
+                said = failed["message"]
+                check = lead.post(
+                    f"/hub/templates/open/{made.json()['id']}?check=1", headers=lead_xsrf
+                )
+                assert check.status_code == 409 and "did not start" in check.json()["message"]
+            else:
+                assert opened.status_code == 409, opened.text
+                said = opened.json()["message"]
+            assert "H100-80GB" in said, said
+            assert server_of(stack, team[LEAD], LEAD) is None
+        finally:
+            lead.close()
+
         seen = member.get("/hub/templates").text
         assert TITLE in seen and "1x A100-80GB (40 GB+)" in seen
         # 1 A100 at the house price for 10 minutes
@@ -154,6 +194,7 @@ def test_an_outsider_neither_sees_nor_opens_a_teams_template(
 
 @pytest.mark.slow
 @pytest.mark.ray
+@pytest.mark.browser
 def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
     stack: Stack, team: dict[str, str], published: dict[str, Any], browser_page: Any, shots: Path
 ) -> None:

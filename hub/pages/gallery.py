@@ -121,6 +121,14 @@ def _log_spawn_failure(handler: BaseHandler, template_id: str, name: str) -> Any
     return done
 
 
+def _why_not_running(spawner: Any) -> str:
+    """The failed start's sentence (the spawner's own), or a plain one."""
+    future = getattr(spawner, "_spawn_future", None)
+    if future is not None and future.done() and not future.cancelled() and future.exception():
+        return f"Your server did not start: {str(future.exception())[:500]}"
+    return "Your server is not running; open the template again to start one."
+
+
 def _json(handler: BaseHandler, status: int, body: dict[str, Any]) -> None:
     handler.set_status(status)
     handler.set_header("Content-Type", "application/json")
@@ -177,7 +185,11 @@ class OpenTemplate(BaseHandler):
             return _json(self, 503, {"message": str(exc)})
         if template is None:
             return _json(self, 404, {"message": "There is no such template."})
-        spawner = user.get_spawner("", replace_failed=True)
+        check = self.get_argument("check", "") == "1"
+        # (A check keeps a failed spawner, whose failure it reports; an open replaces it.)
+        spawner = user.spawners.get("") if check else user.get_spawner("", replace_failed=True)
+        if spawner is None:
+            return _json(self, 409, {"message": _why_not_running(None)})
         # The hub's progress stream, with the XSRF token a cookie-authenticated GET of
         # the hub's API needs (as the hub's own spawn-pending page does).
         progress_url = url_concat(
@@ -200,6 +212,9 @@ class OpenTemplate(BaseHandler):
                     "again to start a server that fits."
                 },
             )
+        if check:
+            # The page asks how the start it follows went: never start another one.
+            return _json(self, 409, {"message": _why_not_running(spawner)})
         options = user_options(template)
         self.log.info("template %s: starting %s's server with %s", template_id, user.name, options)
         # The hub's own spawn (its checks, limits and bookkeeping), awaited only briefly:
