@@ -32,6 +32,7 @@ from . import (  # noqa: F401  (registers every table)
     marketplace_models,
     models,
     payout_models,
+    template_models,
 )
 
 MIGRATIONS = Path(__file__).parent / "migrations"

@@ -9,7 +9,7 @@ from typing import Any
 from gpuportal.provider.money import format_credits
 
 from ..settings import Settings
-from . import admin, handlers, stops, teams
+from . import admin, gallery, handlers, stops, teams
 from .portal_reader import PortalAdminClient, PortalReader, PortalUserClient
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -42,7 +42,13 @@ def register_handlers(extra: Sequence[tuple[str, Any]] = ()) -> None:
     """
     from jupyterhub.handlers import default_handlers
 
-    for path, handler in [*handlers.HANDLERS, *admin.HANDLERS, *teams.HANDLERS, *extra]:
+    for path, handler in [
+        *handlers.HANDLERS,
+        *admin.HANDLERS,
+        *teams.HANDLERS,
+        *gallery.HANDLERS,
+        *extra,
+    ]:
         if not any(entry[0] == path for entry in default_handlers):
             default_handlers.append((path, handler))
 
@@ -76,6 +82,7 @@ def configure(
     handlers.set_reader(PortalReader(portal))
     admin.set_client(PortalAdminClient(portal))
     teams.set_client(PortalUserClient(portal))
+    gallery.set_clients(PortalReader(portal), gallery.Publisher(portal))
     register_handlers(extra_handlers)
     if firstuse:
         c.SignupAuthenticator.signup_credit_text = credit

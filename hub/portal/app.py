@@ -30,6 +30,7 @@ from .api.payouts import router as payouts_router
 from .api.providers import router as provider_router
 from .api.status import router
 from .api.teams import router as teams_router
+from .api.templates import router as templates_router
 from .auth import STATE_COOKIE, AuthRequired, oauth_redirect_url
 from .context import Portal
 from .loops import marketplace_loop, meter_loop, payout_loop, sync_loop
@@ -154,6 +155,7 @@ def create_app(
     app.include_router(payouts_router, prefix=prefix.rstrip("/"))
     app.include_router(admin_router, prefix=prefix.rstrip("/"))
     app.include_router(teams_router, prefix=prefix.rstrip("/"))
+    app.include_router(templates_router, prefix=prefix.rstrip("/"))
     _mount_docs(app, prefix)
     _declare_token_auth(app)
     return app
