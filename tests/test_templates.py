@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from gpuportal.hub import db as portal_db
-from gpuportal.hub.db import accounts
+from gpuportal.hub.db import accounts, audit
 from gpuportal.hub.db.models import Team
 from gpuportal.hub.market import templates
 from gpuportal.hub.market.marketplace import Rules
@@ -285,6 +285,14 @@ def test_a_team_admin_removes_a_template_and_a_member_may_not(client: TestClient
     assert refused.status_code == 403
     assert client.delete(f"{API}/templates/{tid}", headers=auth("tok-tess")).status_code == 204
     assert tid not in ids(client, "tok-mo")
+    # The admin panel's audit log has both actions, by the team admin; the refused
+    # removal left no record.
+    with portal_db.transaction(client.app.state.portal.sessions) as session:
+        records = audit.search(session, action="template.")
+    assert [(r["actor"], r["action"], r["target"], r["detail"]["template"]) for r in records] == [
+        ("tess", "template.remove", "ml", tid),
+        ("tess", "template.publish", "ml", tid),
+    ]
 
 
 def test_the_estimate_follows_the_live_prices(client: TestClient) -> None:

@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from gpuportal.provider.money import format_credits
 
-from ..db import accounts
+from ..db import accounts, audit
 from ..db.models import Account, Team, TeamMembership
 from ..db.template_models import TeamTemplate
 from .marketplace import MarketError
@@ -323,6 +323,15 @@ def publish(
     row.sha256 = hashlib.sha256(stored.encode()).hexdigest()
     row.published_by = account.id
     session.flush()
+    # In the admin panel's audit log, with the action, in the same transaction.
+    audit.record(
+        session,
+        actor=account.hub_name,
+        action="template.publish",
+        target_kind="team",
+        target=team.hub_group,
+        detail={"template": f"team/{row.id}", "title": meta.title, "sha256": row.sha256},
+    )
     return _team_entry(row, team.hub_group)
 
 
@@ -339,6 +348,14 @@ def remove(session: Session, account: Account, template_id: str) -> None:
         if team is None or accounts.membership(session, team, account) is None:
             raise TemplateNotFound()
         raise NotTeamAdmin(team.hub_group)
+    audit.record(
+        session,
+        actor=account.hub_name,
+        action="template.remove",
+        target_kind="team",
+        target=team.hub_group,
+        detail={"template": f"team/{row.id}", "title": row.title},
+    )
     session.delete(row)
     session.flush()
 
