@@ -377,7 +377,7 @@ async def reserve_servers(servers: int) -> tuple[int, dict[int, int]]:
 
 def meter_servers(db_url: str, servers: int) -> tuple[float, float, int]:
     """One tick of the set-based meter and one of the ORM reference over the open
-    allocations (each one interval later): seconds each, allocations charged."""
+    allocations (each one interval later): seconds each, intervals the first charged."""
     from gpuportal.hub import db as portal_db
     from gpuportal.hub import timeutil
     from gpuportal.hub.billing import metering, metering_reference

@@ -66,7 +66,7 @@ class Portal:
                     "check of batched heartbeats must survive a restart and be shared by "
                     "every portal process."
                 )
-            self.heartbeats = Heartbeats(self, Liveness(settings.redis_url))
+            self.heartbeats = Heartbeats(settings, self.sessions, Liveness(settings.redis_url))
         #: Unanswered Ray dashboard checks in a row, per cluster pk.
         self.ray_misses: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -28,11 +28,12 @@ import math
 import time
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from gpuportal.provider import signing
@@ -42,9 +43,7 @@ from ..db import transaction
 from ..market import heartbeats as batching
 from ..market import nodes
 from ..market.heartbeats import HeartbeatBatch, NodeFacts
-
-if TYPE_CHECKING:
-    from .context import Portal
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -145,10 +144,13 @@ class Liveness:
 class Heartbeats:
     """One portal process's batched heartbeat path: facts, batch, liveness, flush."""
 
-    def __init__(self, portal: Portal, liveness: Liveness) -> None:
-        self.portal = portal
+    def __init__(
+        self, settings: Settings, sessions: sessionmaker[Session], liveness: Liveness
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
         self.liveness = liveness
-        self.rules = nodes.NodeRules.from_settings(portal.settings)
+        self.rules = nodes.NodeRules.from_settings(settings)
         self.batch = HeartbeatBatch()
         self.facts: dict[str, NodeFacts] = {}
         #: DB counter of each node when its facts were read: the floor for Redis.
@@ -174,7 +176,7 @@ class Heartbeats:
             raise nodes.NodeAuthError("unsigned", str(exc)) from None
         if signer != node_id:
             return None  # the direct path says why, in its words
-        skew = self.portal.settings.node_clock_skew_seconds
+        skew = self.settings.node_clock_skew_seconds
         if abs(now.timestamp() - timestamp) > skew:
             raise nodes.NodeAuthError(
                 "stale", f"timestamp {timestamp} is more than {skew}s from now"
@@ -237,9 +239,9 @@ class Heartbeats:
         interval = self.rules.verification_interval_seconds
 
         def write() -> dict[int, NodeFacts]:
-            with transaction(self.portal.sessions) as session:
+            with transaction(self.sessions) as session:
                 batching.flush(session, batch)
-            with transaction(self.portal.sessions) as session:
+            with transaction(self.sessions) as session:
                 return batching.read_facts(session, batch.seen, interval)
 
         fresh = await run_in_threadpool(write)
@@ -262,7 +264,7 @@ class Heartbeats:
     async def flush_loop(self) -> None:
         """Flush every ``heartbeat_batch_seconds``; an error is logged, the batch is
         lost (at most one interval of utilisation) and the loop goes on."""
-        every = self.portal.settings.heartbeat_batch_seconds
+        every = self.settings.heartbeat_batch_seconds
         while True:
             await asyncio.sleep(every)
             try:
@@ -282,9 +284,7 @@ class Heartbeats:
 
     def lagging_rules(self) -> nodes.NodeRules:
         """The rules for the DB scan: its last-seen times are up to a batch behind."""
-        extra = math.ceil(
-            self.portal.settings.heartbeat_batch_seconds / self.rules.heartbeat_seconds
-        )
+        extra = math.ceil(self.settings.heartbeat_batch_seconds / self.rules.heartbeat_seconds)
         return dataclasses.replace(self.rules, heartbeat_missed=self.rules.heartbeat_missed + extra)
 
     async def mark_offline(self, now: datetime) -> list[str]:
@@ -296,7 +296,7 @@ class Heartbeats:
             return []
 
         def write() -> list[str]:
-            with transaction(self.portal.sessions) as session:
+            with transaction(self.sessions) as session:
                 return batching.mark_offline_ids(session, stale)
 
         changed = await run_in_threadpool(write)
