@@ -129,6 +129,7 @@ def test_offers_come_from_the_cache_until_capacity_changes(
         event.remove(portal.engine, "before_cursor_execute", count)
 
 
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # no SQL of its own
 def test_uncached_offers_are_built_from_the_index_and_cached_as_bytes(
     portal: Portal, client: TestClient, seeded: Market
 ) -> None:
