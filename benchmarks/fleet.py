@@ -568,8 +568,10 @@ def main() -> None:
 
         ours, ref, charged = meter_servers(db_url, args.servers)
         results["meter_servers"] = (ours, ref, charged)
+        made = results["reserve"][0] if "reserve" in results else 0
         print(
-            f"meter tick over the {charged:,} servers' allocations: {ours:.3f} s; "
+            f"meter tick over the {made:,} servers' allocations ({charged:,} intervals): "
+            f"{ours:.3f} s; "
             f"ORM reference {ref:.3f} s ({ref / max(ours, 1e-9):.1f}x)",
             flush=True,
         )
