@@ -247,6 +247,14 @@ class Settings(BaseSettings):
     heartbeat_missed: int = Field(
         3, description="Missed heartbeats after which a node is offline and unschedulable."
     )
+    heartbeat_batch_seconds: float = Field(
+        0.0,
+        ge=0,
+        le=60,
+        description="Batch routine heartbeats: accept them without SQL (replay check and "
+        "liveness in Redis) and write last-seen times and rollups every this many seconds, "
+        "e.g. 2. Needs GPUPORTAL_REDIS_URL. 0 (the default): every heartbeat commits at once.",
+    )
     verification_interval_seconds: int = Field(
         3600, description="How often a node must pass a fresh verification challenge, seconds."
     )

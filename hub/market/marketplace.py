@@ -116,6 +116,19 @@ def vram_for(model: str) -> int:
 # --- capacity ---------------------------------------------------------------------
 
 
+def holds_expired(session: Session, now: datetime) -> bool:
+    """Is any held reservation past its expiry (a read: whether :func:`expire_held`
+    has anything to do)?"""
+    return (
+        session.scalar(
+            select(Reservation.id)
+            .where(Reservation.status == "held", Reservation.expires_at < now)
+            .limit(1)
+        )
+        is not None
+    )
+
+
 def expire_held(session: Session, now: datetime) -> int:
     """Turn held reservations past their expiry into ``expired`` and free their GPUs.
 
@@ -155,10 +168,17 @@ def rules_of(settings: Settings) -> Rules:
 
 
 def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
-    """Verified, schedulable capacity per (GPU model, region, provider, price, demo)."""
+    """Verified, schedulable capacity per (GPU model, region, provider, price, demo),
+    read from SQL: the reference the index's answer (:func:`offers_of`) must equal."""
     expire_held(session, timeutil.utcnow())
+    return offers_of(load_candidates(session, rules))
+
+
+def offers_of(candidates: Iterable[Candidate]) -> list[dict[str, Any]]:
+    """The offers of some schedulable candidates (pure: the portal passes its
+    in-memory index's, so ``GET /offers`` reads no SQL)."""
     rows: dict[tuple[str, str, str, int, bool, bool], dict[str, Any]] = {}
-    for c in load_candidates(session, rules):
+    for c in candidates:
         key = (c.model, c.region, c.provider, c.price, c.demo, c.exclusive)
         offer = rows.setdefault(
             key,
@@ -184,15 +204,28 @@ def offers(session: Session, rules: Rules) -> list[dict[str, Any]]:
         offer["reliability"] = round(max(offer["reliability"], c.reliability), 3)
     return sorted(
         rows.values(),
-        key=lambda o: (o["gpu_model"], o["region"], o["price_per_gpu_hour"], o["provider"]),
+        key=lambda o: (
+            o["gpu_model"],
+            o["region"],
+            o["price_per_gpu_hour"],
+            o["provider"],
+            o["demo"],
+            o["exclusive"],
+        ),
     )
 
 
 def summary(session: Session, rules: Rules) -> list[dict[str, Any]]:
-    """Availability per GPU model and region: free/total and price min/median/max."""
-    by: dict[tuple[str, str], list[Candidate]] = {}
+    """Availability per GPU model and region: free/total and price min/median/max,
+    read from SQL (the reference of :func:`summary_of`)."""
     expire_held(session, timeutil.utcnow())
-    for c in load_candidates(session, rules):
+    return summary_of(load_candidates(session, rules))
+
+
+def summary_of(candidates: Iterable[Candidate]) -> list[dict[str, Any]]:
+    """The summary of some schedulable candidates (pure, like :func:`offers_of`)."""
+    by: dict[tuple[str, str], list[Candidate]] = {}
+    for c in candidates:
         by.setdefault((c.model, c.region), []).append(c)
     out = []
     for (model, region), cands in sorted(by.items()):

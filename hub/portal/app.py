@@ -84,6 +84,8 @@ def create_app(
             if background
             else []
         )
+        if background and the_portal.heartbeats is not None:
+            tasks.append(asyncio.create_task(the_portal.heartbeats.flush_loop()))
         log.info(
             "portal service %s ready at %s (db %s, cache %s)",
             __version__,

@@ -20,10 +20,12 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import db
 from ..billing import deposits, payouts
+from ..errors import ConfigError
 from ..market.capacity import CapacityIndex
 from ..market.marketplace import OFFERS_CACHE_KEY, SUMMARY_CACHE_KEY, rules_of
 from ..settings import Settings
 from .cache import Cache, make_cache
+from .heartbeats import Heartbeats, Liveness
 from .hubapi import HubAPI
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,17 @@ class Portal:
         self.capacity = CapacityIndex(rules_of(settings))
         self.capacity.attach(self.sessions)
         self.capacity.on_change(self._capacity_changed)
+        #: Batched heartbeats (``GPUPORTAL_HEARTBEAT_BATCH_SECONDS``), or None: every
+        #: heartbeat commits at once (see hub.market.heartbeats).
+        self.heartbeats: Heartbeats | None = None
+        if settings.heartbeat_batch_seconds > 0:
+            if not settings.redis_url:
+                raise ConfigError(
+                    "GPUPORTAL_HEARTBEAT_BATCH_SECONDS needs GPUPORTAL_REDIS_URL: the replay "
+                    "check of batched heartbeats must survive a restart and be shared by "
+                    "every portal process."
+                )
+            self.heartbeats = Heartbeats(settings, self.sessions, Liveness(settings.redis_url))
         #: Unanswered Ray dashboard checks in a row, per cluster pk.
         self.ray_misses: dict[int, int] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -114,6 +127,12 @@ class Portal:
         )
 
     async def close(self) -> None:
+        if self.heartbeats is not None:
+            try:  # a clean stop writes the last batch
+                await self.heartbeats.flush()
+            except Exception:
+                log.exception("the last heartbeat batch could not be written")
+            await self.heartbeats.liveness.close()
         if self._tasks:  # offers invalidations still in flight: let them finish (bounded)
             await asyncio.wait(set(self._tasks), timeout=5)
         await self.hub.close()

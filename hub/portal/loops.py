@@ -132,15 +132,27 @@ async def marketplace_housekeeping(portal: Portal) -> None:
     own node state, and rebuild the placement index from SQL when due. Each
     step is guarded, so one failing never skips the others."""
     rules = nodes.NodeRules.from_settings(portal.settings)
+    batched = portal.heartbeats
+    # With batched heartbeats the last-seen set finds silent nodes (O(changes)); the
+    # scan of the DB, whose last-seen times lag by up to one batch, is only a safety
+    # net for nodes missing from the set, run at the index's rebuild pace.
+    scan = batched is None or batched.safety_scan_due()
+    scan_rules = rules if batched is None else batched.lagging_rules()
 
     def housekeeping() -> None:
         with transaction(portal.sessions) as session:
             now = timeutil.utcnow()
             marketplace.expire_held(session, now)
-            nodes.mark_offline(session, rules, now)
+            if scan:
+                nodes.mark_offline(session, scan_rules, now)
             nodes.lapse_challenges(session, rules, now)
             nodes.refresh_reliability(session, rules, now)
 
+    if batched is not None:
+        try:
+            await batched.mark_offline(timeutil.utcnow())
+        except Exception:
+            log.exception("offline detection from the last-seen set failed")
     try:
         await run_in_threadpool(housekeeping)
     except Exception:

@@ -74,7 +74,8 @@ def test_index_follows_every_commit_and_agrees_with_a_scan(
     market: Market, index: CapacityIndex
 ) -> None:
     """Random marketplace operations, each through the code the portal runs; after
-    each one the index holds exactly what SQL says and chooses what a scan chooses."""
+    each one the index holds exactly what SQL says, chooses what a scan chooses, and
+    its offers and summary equal those read from SQL."""
     rng = random.Random(20261129)
     users = [f"u{i}" for i in range(12)]
     for name in users:
@@ -198,7 +199,7 @@ def test_index_follows_every_commit_and_agrees_with_a_scan(
     ]
     for _ in range(6):
         add_node()
-    seen = 0
+    seen = offered = 0
     for step in range(120):
         op = rng.choice(operations)
         # Re-registering fewer GPUs while some are held is refused: nothing changes.
@@ -206,13 +207,22 @@ def test_index_follows_every_commit_and_agrees_with_a_scan(
             op()
         truth = sql_candidates(market)
         assert rows(index.candidates()) == rows(truth), (step, op)
+        if step % 8 == 0:
+            # GET /offers and /offers/summary, built from the index, answer what the
+            # SQL path reads.
+            with portal_db.transaction(market.sessions) as session:
+                sql_offers = marketplace.offers(session, market.rules)
+                sql_summary = marketplace.summary(session, market.rules)
+            assert marketplace.offers_of(index.candidates()) == sql_offers, (step, op)
+            assert marketplace.summary_of(index.candidates()) == sql_summary, (step, op)
+            offered += len(sql_offers)
         for _ in range(4):
             request = random_request(rng)
             want, got = choose(request, truth), index.choose(request)
             assert (want and want.node_pk) == (got and got.node_pk), (step, request)
         seen += len(truth)
     # The walk did exercise the index: capacity came and went, reservations landed.
-    assert seen > 0 and len(placed) >= 5
+    assert seen > 0 and offered > 0 and len(placed) >= 5
 
 
 def test_a_stale_pick_is_refused_and_retried_with_fresh_data(

@@ -15,8 +15,9 @@ from sqlalchemy import event, select
 
 from gpuportal.hub import db as portal_db
 from gpuportal.hub.db.marketplace_models import Node
+from gpuportal.hub.market import marketplace
 from gpuportal.hub.market.capacity import load_candidates
-from gpuportal.hub.market.marketplace import rules_of
+from gpuportal.hub.market.marketplace import OFFERS_CACHE_KEY, rules_of
 from gpuportal.hub.portal.context import Portal
 
 from ..fakes import FakeHub, PortalClientFactory
@@ -126,6 +127,38 @@ def test_offers_come_from_the_cache_until_capacity_changes(
         assert free(client) == {"beta": 1}
     finally:
         event.remove(portal.engine, "before_cursor_execute", count)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)  # no SQL of its own
+def test_uncached_offers_are_built_from_the_index_and_cached_as_bytes(
+    portal: Portal, client: TestClient, seeded: Market
+) -> None:
+    statements: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    free(client)  # the caller's token is checked and cached
+    reserve(client, "bob")
+    event.listen(portal.engine, "before_cursor_execute", count)
+    try:
+        raw = client.get(f"{API}/offers", headers=auth("tok-ann"))
+    finally:
+        event.remove(portal.engine, "before_cursor_execute", count)
+    # No scan of the nodes and their GPUs: one look for expired holds, nothing more.
+    assert not [s for s in statements if "gpus" in s.lower()], statements
+    with portal_db.transaction(portal.sessions) as session:
+        assert raw.json() == marketplace.offers(session, portal.capacity.rules)
+    cached = client.portal.call(portal.cache.get, OFFERS_CACHE_KEY)  # type: ignore[union-attr]
+    assert cached is not None and cached.partition("\n")[2].encode() == raw.content
+    # A hit returns those bytes as they are (never parsed again).
+    at = cached.partition("\n")[0]
+    client.portal.call(  # type: ignore[union-attr]
+        portal.cache.set, OFFERS_CACHE_KEY, f'{at}\n[{{"gpu_model": "as stored"}}]'
+    )
+    assert client.get(f"{API}/offers", headers=auth("tok-ann")).json() == [
+        {"gpu_model": "as stored"}
+    ]
 
 
 def test_a_failed_start_lowers_reliability_once_and_releases(

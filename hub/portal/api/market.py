@@ -23,7 +23,7 @@ from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session
@@ -39,6 +39,7 @@ from ...market.marketplace import (
     MarketError,
     rules_of,
 )
+from ...market.placement import Candidate
 from ...market.placement import Request as PlacementRequest
 from ..auth import CurrentCaller, PortalDep, PortalUser
 from ..context import Portal
@@ -173,15 +174,22 @@ class FailedStart(BaseModel):
 
 
 async def _cached(
-    portal: Portal, key: str, compute: Callable[[Session], list[dict[str, Any]]]
-) -> Any:
-    """``compute(session)`` (see :func:`in_db`), served from the cache until it expires
-    or capacity changes.
+    portal: Portal,
+    key: str,
+    from_index: Callable[[list[Candidate]], list[dict[str, Any]]],
+    from_sql: Callable[[Session], list[dict[str, Any]]],
+) -> Response:
+    """The JSON bytes of ``from_index(candidates)``, served from the cache until it
+    expires or capacity changes.
 
-    An entry counts only if it was computed after this process last saw a
-    capacity change (``portal.capacity.changed_at``), so a reservation shows in
-    the very next answer; other processes' changes delete the entry (see
-    ``Portal``) or outlive it by at most the TTL. A cache that fails is
+    The answer is built from this process's placement index (no SQL, unless a
+    held reservation has expired and must give its GPUs back first); while the
+    index is not ready, ``from_sql(session)`` reads the DB instead. The cache
+    holds the response bytes, returned as they are (no parsing, no validation
+    on a hit). An entry counts only if it was computed after this process last
+    saw a capacity change (``portal.capacity.changed_at``), so a reservation
+    shows in the very next answer; other processes' changes delete the entry
+    (see ``Portal``) or outlive it by at most the TTL. A cache that fails is
     skipped, never fatal.
     """
     try:
@@ -190,43 +198,59 @@ async def _cached(
         log.warning("offers cache unavailable: %s", exc)
         raw = None
     if raw:
-        entry = json.loads(raw)
-        if entry.get("at", 0.0) > portal.capacity.changed_at:
-            return entry["data"]
+        at, _, content = raw.partition("\n")
+        try:
+            fresh = float(at) > portal.capacity.changed_at
+        except ValueError:
+            fresh = False
+        if fresh:
+            return Response(content, media_type="application/json")
     started = time.time()
-    data = await in_db(portal, compute)
+    index = portal.capacity
+
+    def expire(session: Session) -> None:
+        now = timeutil.utcnow()
+        if marketplace.holds_expired(session, now):
+            marketplace.expire_held(session, now)
+
+    if index.ready:
+        await in_db(portal, expire)  # the index follows the commit before this returns
+    if index.ready:
+        data = from_index(index.candidates())
+    else:
+        data = await in_db(portal, from_sql)
+    content = json.dumps(data, separators=(",", ":"))
     try:
-        await portal.cache.set(
-            key, json.dumps({"at": started, "data": data}), ttl=OFFERS_CACHE_SECONDS
-        )
+        await portal.cache.set(key, f"{started!r}\n{content}", ttl=OFFERS_CACHE_SECONDS)
     except (RedisError, OSError) as exc:
         log.warning("offers cache unavailable: %s", exc)
-    return data
+    return Response(content, media_type="application/json")
 
 
 @router.get("/api/v1/offers", response_model=list[Offer])
 async def list_offers(caller: CurrentCaller, portal: PortalDep) -> Any:
     """Verified, schedulable GPUs per model, region, provider and price: what the spawn
-    form shows. Prices are integer micro-credits per GPU-hour. Cached for a few
-    seconds, and invalidated by every capacity change."""
+    form shows. Prices are integer micro-credits per GPU-hour. Built from the
+    placement index in memory, cached for a few seconds, and invalidated by every
+    capacity change."""
     rules = rules_of(portal.settings)
 
     def load(session: Session) -> list[dict[str, Any]]:
         return marketplace.offers(session, rules)
 
-    return await _cached(portal, OFFERS_CACHE_KEY, load)
+    return await _cached(portal, OFFERS_CACHE_KEY, marketplace.offers_of, load)
 
 
 @router.get("/api/v1/offers/summary", response_model=list[OfferSummary])
 async def offers_summary(caller: CurrentCaller, portal: PortalDep) -> Any:
-    """Availability per GPU model and region with price min/median/max (cached like
-    the offers)."""
+    """Availability per GPU model and region with price min/median/max (built and
+    cached like the offers)."""
     rules = rules_of(portal.settings)
 
     def load(session: Session) -> list[dict[str, Any]]:
         return marketplace.summary(session, rules)
 
-    return await _cached(portal, SUMMARY_CACHE_KEY, load)
+    return await _cached(portal, SUMMARY_CACHE_KEY, marketplace.summary_of, load)
 
 
 async def _account_for(portal: Portal, caller: PortalUser, user: str) -> int:

@@ -31,6 +31,7 @@ from ...billing import payouts
 from ...db import audit
 from ...db.marketplace_models import Cluster, Node, NodeChallenge, Provider
 from ...db.models import Account
+from ...market import heartbeats as heartbeat_batching
 from ...market import nodes
 from ...market.marketplace import MarketError
 from ...market.providers import (
@@ -45,6 +46,7 @@ from ...market.providers import (
 from ...settings import Settings
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
 from ..context import Portal
+from ..heartbeats import RedisUnavailable
 from .plumbing import Admin, AdminReason, ApiError, api_error, in_db, small_body
 
 log = logging.getLogger(__name__)
@@ -345,16 +347,27 @@ async def read_capped(request: Request, cap: int) -> bytes:
 
 
 async def _signed(
-    request: Request, portal: Portal, node_id: str, handle: Any, cap: int = MAX_NODE_BODY
+    request: Request,
+    portal: Portal,
+    node_id: str,
+    handle: Any,
+    cap: int = MAX_NODE_BODY,
+    *,
+    body: bytes | None = None,
+    advanced: bool = False,
 ) -> Any:
     """Authenticate a node's signed request, then run ``handle(session, node, body)``.
 
     The body's size is checked before it is read and its signature before
-    ``handle`` does anything.
+    ``handle`` does anything. With batched heartbeats the counter is advanced
+    in Redis too, inside the request's transaction (a replay is refused by
+    every portal process); ``advanced`` says the fast path already did.
     """
-    body = await read_capped(request, cap)
+    if body is None:
+        body = await read_capped(request, cap)
     request.state.received_at = timeutil.utcnow()
     settings: Settings = portal.settings
+    batched = portal.heartbeats
 
     def run(session: Any) -> Any:
         node = nodes.authenticate(
@@ -367,35 +380,71 @@ async def _signed(
             timeutil.utcnow(),
             settings.node_clock_skew_seconds,
         )
+        if batched is not None and not advanced:
+            counter = signing.read_headers(request.headers)[2]
+            if not batched.liveness.advance(node_id, counter):
+                raise nodes.NodeAuthError("replayed", f"counter {counter} was already used")
         return handle(session, node, body)
 
     try:
         return await in_db(portal, run)
     except nodes.NodeAuthError as exc:
-        log.warning(
-            "rejected %s %s from %s: %s (%s)",
-            request.method,
-            signing.api_path(request.url.path),
-            request.client.host if request.client else "?",
-            exc.reason,
-            exc.message,
-        )
-        raise ApiError(
-            401,
-            f"Node request rejected ({exc.reason}): {exc.message}.",
-            f"node_{exc.reason.replace('-', '_')}",
-        ) from None
+        raise _rejected(request, exc) from None
+    except RedisUnavailable:
+        raise _redis_down() from None
     except ValidationError as exc:
         first: dict[str, Any] = dict(exc.errors()[0]) if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()))
         raise ApiError(422, f"{where}: {first.get('msg', 'invalid value')}") from None
 
 
+def _rejected(request: Request, exc: nodes.NodeAuthError) -> ApiError:
+    log.warning(
+        "rejected %s %s from %s: %s (%s)",
+        request.method,
+        signing.api_path(request.url.path),
+        request.client.host if request.client else "?",
+        exc.reason,
+        exc.message,
+    )
+    return ApiError(
+        401,
+        f"Node request rejected ({exc.reason}): {exc.message}.",
+        f"node_{exc.reason.replace('-', '_')}",
+    )
+
+
+def _redis_down() -> ApiError:
+    return ApiError(
+        503,
+        "The portal cannot check this request against replays now (its Redis is not "
+        "answering); nothing was recorded. Send it again in a moment.",
+    )
+
+
 @router.post("/api/v1/nodes/{node_id}/heartbeat")
 async def heartbeat(node_id: str, request: Request, portal: PortalDep) -> Any:
     """A node is alive: store its metrics (cache + per-minute rollup), answer with the
-    challenge it must run, if one is due."""
+    challenge it must run, if one is due.
+
+    With batched heartbeats a routine one (online, verified, same GPUs, no
+    challenge due) is accepted without SQL and written with the next batch."""
     rules = nodes.NodeRules.from_settings(portal.settings)
+    batched = portal.heartbeats
+    body = await read_capped(request, MAX_NODE_BODY)
+    advanced = False
+    if batched is not None:
+        try:
+            fast = await batched.try_fast(
+                node_id, request.headers, request.method, request.url.path, body
+            )
+        except nodes.NodeAuthError as exc:
+            raise _rejected(request, exc) from None
+        except RedisUnavailable:
+            raise _redis_down() from None
+        if fast is not None and not fast.get("direct"):
+            return fast
+        advanced = fast is not None
 
     def handle(session: Any, node: Node, body: bytes) -> dict[str, Any]:
         data = Heartbeat.model_validate_json(body or b"{}")
@@ -403,8 +452,15 @@ async def heartbeat(node_id: str, request: Request, portal: PortalDep) -> Any:
             raise ApiError(409, f"node {node.node_id} has left the marketplace; join again.")
         state = nodes.record_heartbeat(session, node, data.gpus, timeutil.utcnow())
         challenge = nodes.due_challenge(session, node, rules)
+        facts = (
+            heartbeat_batching.facts_of(session, node, rules.verification_interval_seconds)
+            if batched is not None
+            else None
+        )
         return {
             "state": state,
+            "facts": facts,
+            "counter": node.heartbeat_counter,
             "reply": {
                 "status": node.status,
                 "verification": node.verification,
@@ -413,12 +469,19 @@ async def heartbeat(node_id: str, request: Request, portal: PortalDep) -> Any:
             },
         }
 
-    answer = await _signed(request, portal, node_id, handle)
+    answer = await _signed(request, portal, node_id, handle, body=body, advanced=advanced)
     await portal.cache.set(
         nodes.cache_key(node_id),
         nodes.cache_value(answer["state"]),
         ttl=rules.heartbeat_seconds * rules.heartbeat_missed * 2,
     )
+    if batched is not None:
+        try:
+            await batched.after_direct(node_id, answer["facts"], answer["counter"])
+        except RedisUnavailable:
+            # Committed, so the node is online; it rejoins the fast path at its next
+            # heartbeat once Redis answers again.
+            log.warning("node %s: Redis did not answer; it stays on the direct path", node_id)
     return answer["reply"]
 
 
