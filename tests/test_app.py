@@ -314,3 +314,53 @@ def test_the_access_log_keeps_failures_and_drops_routine_successes() -> None:
         assert quiet.filter(line(200))
     finally:
         root.setLevel(before)
+
+
+def test_first_requests_of_new_users_at_once_make_their_accounts_and_no_500(
+    portal_client: PortalClientFactory,
+) -> None:
+    """On a fresh portal, new users' first requests race: two for each of four users (to
+    make the account), and all of them to make the sign-up credit's ledger account on
+    the first welcome. Every request gets its answer; each user has one account,
+    welcomed once."""
+    import threading
+
+    from sqlalchemy import func, select
+
+    from gpuportal.hub import db as portal_db
+    from gpuportal.hub.billing import ledger
+    from gpuportal.hub.db.models import Account
+    from gpuportal.hub.portal import auth as portal_auth
+
+    client = portal_client(
+        hub=FakeHub(USERS, GROUPS),
+        ray_dashboard_url=NO_RAY,
+        signup_credits=5_000_000,
+        signup_credit_policy="identity",
+    )
+    portal = client.app.state.portal
+    names = [f"newcomer{i}" for i in range(4)] * 2
+    start, results, errors = threading.Barrier(len(names)), [], []
+
+    def first_request(name: str) -> None:
+        model = {"name": name, "kind": "user", "admin": False, "groups": []}
+        start.wait(timeout=30)
+        try:
+            results.append(portal_auth._record(portal, model, []))
+        except Exception as exc:  # what a user would have got as a 500
+            errors.append(exc)
+
+    threads = [threading.Thread(target=first_request, args=(n,)) for n in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert errors == []
+    assert len(results) == len(names)
+    with portal_db.transaction(portal.sessions) as session:
+        for name in set(names):
+            ids = session.scalars(select(Account.id).where(Account.hub_name == name)).all()
+            assert len(ids) == 1
+            assert ledger.balance(session, ledger.wallet(session, ids[0]).id) == 5_000_000
+        count = session.scalar(select(func.count()).select_from(Account))
+    assert count == 4

@@ -201,13 +201,21 @@ async def _remember(portal: Portal, key: str, caller: PortalUser) -> None:
 def _record(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:
     """The caller's account, made on first sight. Two first requests of a new user at
     once (a page asking for balance and allocations together) race to insert it:
-    the loser's insert fails on the unique name and it reads the winner's row."""
+    the loser's insert fails on the unique name and it reads the winner's row. With
+    more than two at once, a loser's second try can lose again (to another loser's
+    welcome credit), so it tries a few times before the error stands."""
     from sqlalchemy.exc import IntegrityError
 
-    try:
-        return _record_once(portal, model, scopes)
-    except IntegrityError:
-        return _record_once(portal, model, scopes)
+    for _ in range(RECORD_TRIES - 1):
+        try:
+            return _record_once(portal, model, scopes)
+        except IntegrityError:
+            continue
+    return _record_once(portal, model, scopes)
+
+
+#: How many times a first request tries to make its account before failing.
+RECORD_TRIES = 5
 
 
 def _record_once(portal: Portal, model: dict[str, Any], scopes: list[str]) -> PortalUser:
