@@ -83,7 +83,7 @@ def test_a_too_large_request_is_refused_before_its_signature_is_checked() -> Non
 
 def test_each_pool_has_its_own_key_and_the_secret_is_not_derivable_from_it() -> None:
     one, two = warmclaim.pool_key("s", "pool-1"), warmclaim.pool_key("s", "pool-2")
-    assert one != two and "s" != one and len(one) == 64
+    assert one != two and one != "s" and len(one) == 64
     assert warmclaim.pool_key("other", "pool-1") != one
 
 

@@ -14,6 +14,7 @@ pool job, the marketplace contract. One story, so the pool is started once:
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from gpuportal.provider import isolation, warmclaim
 
 from .conftest import Hub, make_hub
 from .contract_portal import ContractPortal
+from .kernel import run_code
 from .raynodes import RayNodes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -89,14 +91,16 @@ def slot_processes() -> list[psutil.Process]:
     return found
 
 
-def server_of(user: str) -> psutil.Process:
+def server_of(account: str) -> psutil.Process:
+    """The claimed slot that now runs as ``account`` (its /proc environ is still the
+    waiting slot's: a claim changes the process's environment, not its exec record)."""
     for proc in slot_processes():
         try:
-            if proc.environ().get("JUPYTERHUB_USER") == user:
+            if proc.username() == account:
                 return proc
         except psutil.Error:
             continue
-    raise AssertionError(f"no warm server process for {user}")
+    raise AssertionError(f"no warm server process for {account}")
 
 
 def pool_request(
@@ -136,14 +140,23 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     assert "job_id" not in state
     reservation = portal.reservations[state["reservation_id"]]
     assert reservation["status"] == "active"
-    server = server_of("wwarm")
-    env = server.environ()
+    account = isolation.os_user_name("wwarm")
+    server = server_of(account)
+    assert server.uids().real == server.uids().effective != 0
+    # Inside the server (a kernel inherits its environment), as the customer.
+    out = run_code(
+        f"{hub.url}/user/wwarm/",
+        hub.token,
+        "import os, json, pwd; e = dict(os.environ); print(json.dumps([e, "
+        "pwd.getpwuid(os.getuid()).pw_name, os.getgroups()]))",
+    )
+    env, user_name, groups = json.loads(out)
     assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, reservation["gpu_indices"]))
     assert state["gpus"] == env["CUDA_VISIBLE_DEVICES"]
-    account = isolation.os_user_name("wwarm")
-    assert server.username() == account and server.uids().real != 0
+    assert user_name == account and groups in ([], [server.gids().real])
     assert env["HOME"].endswith(account) and env["USER"] == account
-    assert env["JUPYTERHUB_API_TOKEN"] != cold_token and "LEAKY_SECRET" not in env
+    assert env["JUPYTERHUB_USER"] == "wwarm" and "LEAKY_SECRET" not in env
+    assert env["JUPYTERHUB_API_TOKEN"] != cold_token and cold_token not in out
     assert not [k for k in env if k.startswith(("RAY_", "GPUPORTAL_WARM"))]
 
     # 4. Forged and replayed requests to the pool are refused.
@@ -181,9 +194,7 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     theirs = [r for r in portal.reservations.values() if r["user"] == "wfall"]
     assert [r["status"] for r in theirs] == ["active"]
     assert len([r for r in portal.requests if r[1].endswith("/activate")]) == activations + 1
-    pool_request(
-        ray_nodes, hub, address, pool["job_id"], "stop", {"slot": stolen.json()["slot"]}
-    )
+    pool_request(ray_nodes, hub, address, pool["job_id"], "stop", {"slot": stolen.json()["slot"]})
     hub.stop_server("wfall")
 
     # 6. A hub restart keeps the warm server; stopping it releases it, and a slot waits again.
