@@ -1192,6 +1192,15 @@ class RaySpawner(Spawner):
             if key in state:
                 setattr(self, key, str(state[key]))
         self.stopped_reason = str(state.get(STOPPED_REASON_KEY) or "")[:MAX_REASON_CHARS]
+        if self.warm_slot:
+            POOLS.remember(
+                self.jobs_url,
+                self.node_id,
+                self.warm_job_id,
+                self.warm_url,
+                self.warm_secret,
+                self.ray_node_id,
+            )
 
     def clear_state(self) -> None:
         super().clear_state()

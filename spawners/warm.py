@@ -112,13 +112,36 @@ class WarmPools:
             return
         if pool is not None and pool.state == "ready":
             return
-        failed_lately = pool is not None and pool.state == "failed"
-        if failed_lately and time.monotonic() - pool.failed_at < RETRY_AFTER:  # type: ignore[union-attr]
+        if (
+            pool is not None
+            and pool.state == "failed"
+            and time.monotonic() - pool.failed_at < RETRY_AFTER
+        ):
             return
         pool = self.pools[key] = PoolRef(jobs.jobs_url, node_id)
         self._tasks[key] = asyncio.get_running_loop().create_task(
             self._bring_up(jobs, pool, secret, **how)
         )
+
+    def remember(
+        self,
+        jobs_url: str,
+        node_id: str,
+        job_id: str,
+        address: str,
+        secret: str,
+        ray_node_id: str = "",
+    ) -> None:
+        """A pool known from a warm server's state after a hub restart: ready for
+        claims again (a pool that is gone since is found out at the first claim)."""
+        if not (jobs_url and node_id and job_id and address):
+            return
+        self.secret = self.secret or secret
+        known = self.pools.get((jobs_url, node_id))
+        if known is None or known.state != "ready":
+            self.pools[(jobs_url, node_id)] = PoolRef(
+                jobs_url, node_id, job_id, address, ray_node_id, state="ready"
+            )
 
     def forget(self, pool: PoolRef, why: str) -> None:
         """The pool is gone (its job ended or its node died): no more claims there."""
