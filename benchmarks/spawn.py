@@ -49,7 +49,14 @@ from gpuportal.provider.ports import free_port
 ROOT = Path(__file__).resolve().parent.parent
 # The test suite's stack launcher: one way to start `gpuportal up` and wait for it.
 sys.path.insert(0, str(ROOT))
-from tests.portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack  # noqa: E402
+from tests.portal_stack import (  # noqa: E402
+    Stack,
+    grant,
+    hub_login,
+    hub_token,
+    start_stack,
+    stop_stack,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -64,14 +71,22 @@ def percentile(values: list[float], q: float) -> float:
 class Hub:
     """Just enough of the hub REST API to spawn, wait and stop."""
 
-    def __init__(self, url: str, token: str, options: dict[str, Any]) -> None:
-        self.url, self.options = url, options
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        options: dict[str, Any],
+        on_new_user: Callable[[str], None] | None = None,
+    ) -> None:
+        self.url, self.options, self.on_new_user = url, options, on_new_user
         self.http = httpx.Client(
             base_url=f"{url}/hub/api", timeout=120, headers={"Authorization": f"token {token}"}
         )
 
     def ensure_user(self, name: str) -> None:
         self.http.post(f"/users/{name}")
+        if self.on_new_user is not None:
+            self.on_new_user(name)
 
     def ready(self, name: str) -> bool | None:
         server = (self.http.get(f"/users/{name}").json().get("servers") or {}).get("")
@@ -190,7 +205,8 @@ def start_ray_stack(work: Path, gpus: int, warm: bool) -> tuple[Stack, Hub]:
             break
         time.sleep(0.5)
     gpu = {"profile": "gpu", "gpu_model": "A100-80GB", "gpu_count": 1}
-    hub = Hub(stack.base_url, token, gpu)
+    # Credit for every user (a launch needs runway for the minimum billable period).
+    hub = Hub(stack.base_url, token, gpu, lambda name: grant(stack, name, 10**8, token))
     if warm:
         # The first GPU spawn on the node starts cold and starts its pool.
         hub.ensure_user("warmup")

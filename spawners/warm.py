@@ -264,6 +264,8 @@ class WarmPools:
             state = await jobs.state(job_id)
         except JobNotFound:
             return False
+        except RayUnavailable:
+            return True  # not known to be gone; a cold start will say what is wrong
         if state.terminal:
             return False
         if state.node_id:
