@@ -209,9 +209,13 @@ def start_ray_stack(work: Path, gpus: int, warm: bool) -> tuple[Stack, Hub]:
     hub = Hub(stack.base_url, token, gpu, lambda name: grant(stack, name, 10**8, token))
     if warm:
         # The first GPU spawn on the node starts cold and starts its pool.
-        hub.ensure_user("warmup")
-        hub.spawn_to_ready("warmup")
-        hub.stop("warmup")
+        try:
+            hub.ensure_user("warmup")
+            hub.spawn_to_ready("warmup")
+            hub.stop("warmup")
+        except BaseException:
+            stop_stack(stack)
+            raise
     return stack, hub
 
 
