@@ -250,6 +250,14 @@ c.Spawner.ip = "127.0.0.1"
 # Servers are Ray jobs, not children of the hub: a hub restart keeps them
 # (spawner state holds cluster, job and reservation ids).
 c.JupyterHub.cleanup_servers = False
+# Warm pools (docs/spawner.md): each GPU node keeps servers that have paid for
+# their imports, claimed at spawn in well under a second. The first spawn on a
+# node starts cold and starts its pool. GPUPORTAL_WARM_POOLS=0 turns them off;
+# GPUPORTAL_WARM_SLOTS sets how many wait per node (default: one per free GPU, at most 4).
+c.RaySpawner.warm_pools = os.environ.get("GPUPORTAL_WARM_POOLS", "1") != "0"
+c.RaySpawner.warm_secret = _service_token(data / "warm-pool-secret")
+if os.environ.get("GPUPORTAL_WARM_SLOTS", "").isdigit():
+    c.RaySpawner.warm_slots = int(os.environ["GPUPORTAL_WARM_SLOTS"])
 # What the server extension (gpuportal.extensions, docs/extension.md) needs and
 # JupyterHub does not give: where the portal is, through the public proxy. No
 # secret: the extension calls it with the server's own hub token, read-only.

@@ -1,17 +1,23 @@
-"""Spawn-to-ready latency: RaySpawner (the embedded stack) against LocalProcessSpawner.
+"""Spawn-to-ready latency: RaySpawner warm and cold against LocalProcessSpawner.
 
-Both run in the same invocation on this machine, on 127.0.0.1:
+Three rows in the same invocation on this machine, on 127.0.0.1:
 
-* RaySpawner: ``gpuportal up`` with demo GPUs (one per burst server), so every
-  spawn goes through the real marketplace reservation, a Ray job pinned to the
-  house node, the wrapper's report and the reservation's activation;
 * LocalProcessSpawner: a plain JupyterHub with JupyterHub's
-  ``SimpleLocalProcessSpawner`` (``jupyterhub-singleuser`` as a child process).
+  ``SimpleLocalProcessSpawner`` (``jupyterhub-singleuser`` as a child process);
+* RaySpawner warm: ``gpuportal up`` with demo GPUs (one per burst server) and warm
+  pools on, one slot per burst server: every spawn makes a real marketplace
+  reservation, claims a waiting server on the house node (its own OS account,
+  its sandbox) and activates the reservation. A first spawn starts the pool, and
+  each measurement waits until enough slots are waiting (a pool refills in the
+  background between spawns); the spawns that still went cold are counted;
+* RaySpawner cold: the same stack with warm pools off: a Ray job per spawn, the
+  wrapper's report, then the activation.
 
 For each, ``--sequential`` spawns one after another, then a burst of
 ``--burst`` spawns at once. Latency is from the REST ``POST .../server`` to the
-hub reporting the server ready (polled every 0.1 s). It prints p50/p95 for each
-and the Ray/local ratios, and writes JSON to ``benchmarks/results/``.
+hub reporting the server ready (polled every 0.05 s). It prints p50/p95 for each
+and the ratios to LocalProcessSpawner, the machine's load (``uptime``) before and
+after, and writes JSON to ``benchmarks/results/``.
 
     .venv/bin/python benchmarks/spawn.py                 # 5 sequential + burst of 10
     .venv/bin/python benchmarks/spawn.py --sequential 3 --burst 4
@@ -43,7 +49,14 @@ from gpuportal.provider.ports import free_port
 ROOT = Path(__file__).resolve().parent.parent
 # The test suite's stack launcher: one way to start `gpuportal up` and wait for it.
 sys.path.insert(0, str(ROOT))
-from tests.portal_stack import Stack, hub_login, hub_token, start_stack, stop_stack  # noqa: E402
+from tests.portal_stack import (  # noqa: E402
+    Stack,
+    grant,
+    hub_login,
+    hub_token,
+    start_stack,
+    stop_stack,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -58,14 +71,22 @@ def percentile(values: list[float], q: float) -> float:
 class Hub:
     """Just enough of the hub REST API to spawn, wait and stop."""
 
-    def __init__(self, url: str, token: str, options: dict[str, Any]) -> None:
-        self.url, self.options = url, options
+    def __init__(
+        self,
+        url: str,
+        token: str,
+        options: dict[str, Any],
+        on_new_user: Callable[[str], None] | None = None,
+    ) -> None:
+        self.url, self.options, self.on_new_user = url, options, on_new_user
         self.http = httpx.Client(
             base_url=f"{url}/hub/api", timeout=120, headers={"Authorization": f"token {token}"}
         )
 
     def ensure_user(self, name: str) -> None:
         self.http.post(f"/users/{name}")
+        if self.on_new_user is not None:
+            self.on_new_user(name)
 
     def ready(self, name: str) -> bool | None:
         server = (self.http.get(f"/users/{name}").json().get("servers") or {}).get("")
@@ -85,8 +106,22 @@ class Hub:
                 return time.perf_counter() - start
             if state is None:
                 raise RuntimeError(f"spawn {name} failed")
-            time.sleep(0.1)
+            time.sleep(0.05)
         raise RuntimeError(f"spawn {name} not ready in {timeout}s")
+
+    def was_warm(self, name: str) -> bool:
+        server = (self.http.get(f"/users/{name}").json().get("servers") or {}).get("")
+        return bool(((server or {}).get("state") or {}).get("warm_slot"))
+
+    def wait_warm_slots(self, count: int, timeout: float = 300.0) -> None:
+        """Until the pools hold ``count`` waiting slots (a pool refills one at a time)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pools = self.http.get("/gpuportal/warm").json().get("pools") or []
+            if sum(int(p.get("ready") or 0) for p in pools) >= count:
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"fewer than {count} warm slots after {timeout}s")
 
     def stop(self, name: str, timeout: float = 120.0) -> None:
         self.http.delete(f"/users/{name}/server")
@@ -95,14 +130,22 @@ class Hub:
             time.sleep(0.2)
 
 
-def measure(hub: Hub, prefix: str, sequential: int, burst: int) -> dict[str, list[float]]:
+def measure(
+    hub: Hub, prefix: str, sequential: int, burst: int, warm: bool = False
+) -> dict[str, list[float]]:
     names = [f"{prefix}s{i}" for i in range(sequential)] + [f"{prefix}b{i}" for i in range(burst)]
     for name in names:
         hub.ensure_user(name)
     seq: list[float] = []
+    went_warm = 0
     for name in names[:sequential]:
+        if warm:
+            hub.wait_warm_slots(1)
         seq.append(hub.spawn_to_ready(name))
+        went_warm += hub.was_warm(name) if warm else 0
         hub.stop(name)
+    if warm:
+        hub.wait_warm_slots(burst)
     failures: list[str] = []
 
     def attempt(name: str) -> float | None:
@@ -114,11 +157,17 @@ def measure(hub: Hub, prefix: str, sequential: int, burst: int) -> dict[str, lis
 
     with ThreadPoolExecutor(burst) as pool:
         bursts = [t for t in pool.map(attempt, names[sequential:]) if t is not None]
+    went_warm += sum(hub.was_warm(n) for n in names[sequential:]) if warm else 0
     with ThreadPoolExecutor(burst) as pool:
         list(pool.map(hub.stop, names[sequential:]))
     if failures:
         print(f"{prefix}: {len(failures)} burst spawn(s) failed: {failures}", file=sys.stderr)
-    return {"sequential": seq, "burst": bursts, "failures": [float(len(failures))]}
+    return {
+        "sequential": seq,
+        "burst": bursts,
+        "failures": [float(len(failures))],
+        "warm": [float(went_warm)],
+    }
 
 
 def wait_http(
@@ -130,14 +179,17 @@ def wait_http(
         raise RuntimeError(f"{what} not ready ({exc}):\n{log()[-3000:]}") from None
 
 
-def start_ray_stack(work: Path, gpus: int) -> tuple[Stack, Hub]:
+def start_ray_stack(work: Path, gpus: int, warm: bool) -> tuple[Stack, Hub]:
     """``gpuportal up`` with ``gpus`` demo A100s, started and waited for as the test
-    suite starts it (tests/portal_stack.py); an admin token from the hub API."""
+    suite starts it (tests/portal_stack.py); an admin token from the hub API.
+    ``warm``: warm pools on, one slot per GPU."""
     stack = start_stack(
-        work / "stack",
+        work / ("stack-warm" if warm else "stack-cold"),
         timeout=240,
         GPUPORTAL_DEMO_GPUS=f"{gpus}xA100-80GB",
         GPUPORTAL_RAY_NUM_CPUS=str(os.cpu_count() or 1),
+        GPUPORTAL_WARM_POOLS="1" if warm else "0",
+        GPUPORTAL_WARM_SLOTS=str(gpus),
     )
     browser = hub_login(stack.base_url, "admin", stack.admin_password)
     token = hub_token(browser, "admin")
@@ -153,7 +205,18 @@ def start_ray_stack(work: Path, gpus: int) -> tuple[Stack, Hub]:
             break
         time.sleep(0.5)
     gpu = {"profile": "gpu", "gpu_model": "A100-80GB", "gpu_count": 1}
-    return stack, Hub(stack.base_url, token, gpu)
+    # Credit for every user (a launch needs runway for the minimum billable period).
+    hub = Hub(stack.base_url, token, gpu, lambda name: grant(stack, name, 10**8, token))
+    if warm:
+        # The first GPU spawn on the node starts cold and starts its pool.
+        try:
+            hub.ensure_user("warmup")
+            hub.spawn_to_ready("warmup")
+            hub.stop("warmup")
+        except BaseException:
+            stop_stack(stack)
+            raise
+    return stack, hub
 
 
 LOCAL_CONFIG = """
@@ -225,6 +288,10 @@ def summary(samples: list[float]) -> dict[str, float]:
     return {"n": len(samples), "p50": percentile(samples, 50), "p95": percentile(samples, 95)}
 
 
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sequential", type=int, default=5)
@@ -235,17 +302,19 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {}
     work = Path(tempfile.mkdtemp(prefix="gp-bench-"))
     print(f"work dir: {work}", file=sys.stderr)
+    load_before = uptime()
     try:
         local_proc, local_hub = start_local_hub(work)
         try:
             results["local"] = measure(local_hub, "l", args.sequential, args.burst)
         finally:
             stop_local(local_proc)
-        ray_stack, ray_hub = start_ray_stack(work, max(args.burst, 1))
-        try:
-            results["ray"] = measure(ray_hub, "r", args.sequential, args.burst)
-        finally:
-            stop_stack(ray_stack)
+        for row, warm in (("ray_warm", True), ("ray_cold", False)):
+            ray_stack, ray_hub = start_ray_stack(work, max(args.burst, 1), warm)
+            try:
+                results[row] = measure(ray_hub, row[4], args.sequential, args.burst, warm)
+            finally:
+                stop_stack(ray_stack)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -253,26 +322,34 @@ def main() -> int:
         "cpus": os.cpu_count(),
         "sequential": args.sequential,
         "burst": args.burst,
+        "uptime_before": load_before,
+        "uptime_after": uptime(),
         "raw": results,
     }
     print(f"spawn-to-ready latency, seconds ({os.cpu_count()} CPUs)")
-    print(f"{'':22}{'p50':>8}{'p95':>8}")
+    print(f"load before: {load_before}\nload after:  {report['uptime_after']}")
+    print(f"{'':26}{'p50':>8}{'p95':>8}{'/local p50':>12}{'/local p95':>12}")
     for kind in ("sequential", "burst"):
-        local, ray = summary(results["local"][kind]), summary(results["ray"][kind])
-        report[kind] = {
-            "local": local,
-            "ray": ray,
-            "ratio_p50": ray["p50"] / local["p50"],
-            "ratio_p95": ray["p95"] / local["p95"],
-        }
-        print(f"{kind + ' local':22}{local['p50']:8.2f}{local['p95']:8.2f}")
-        print(f"{kind + ' ray':22}{ray['p50']:8.2f}{ray['p95']:8.2f}")
-        print(
-            f"{kind + ' ray/local':22}{report[kind]['ratio_p50']:8.2f}"
-            f"{report[kind]['ratio_p95']:8.2f}"
-        )
-    for name in ("local", "ray"):
+        local = summary(results["local"][kind])
+        report[kind] = {"local": local}
+        print(f"{kind + ' local':26}{local['p50']:8.2f}{local['p95']:8.2f}")
+        for row in ("ray_warm", "ray_cold"):
+            got = summary(results[row][kind])
+            report[kind][row] = {
+                **got,
+                "ratio_p50": got["p50"] / local["p50"],
+                "ratio_p95": got["p95"] / local["p95"],
+            }
+            print(
+                f"{kind + ' ' + row:26}{got['p50']:8.2f}{got['p95']:8.2f}"
+                f"{got['p50'] / local['p50']:12.2f}{got['p95'] / local['p95']:12.2f}"
+            )
+    for name in ("local", "ray_warm", "ray_cold"):
         print(f"failed burst spawns, {name}: {int(results[name]['failures'][0])}")
+    print(
+        f"warm spawns that were claimed warm: {int(results['ray_warm']['warm'][0])} of "
+        f"{args.sequential + args.burst}"
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"written to {args.out}")

@@ -90,6 +90,11 @@ def _prepare_root(homes: Path) -> None:
     os.chmod(homes, 0o711)  # noqa: S103 (traverse only, no listing)
 
 
+def prepare_homes(homes: Path) -> None:
+    """The homes folder, made if needed: root's, 0711 (each home reachable, none listed)."""
+    _prepare_root(homes)
+
+
 def ensure_account(hub_user: str, homes: Path) -> Account:
     """The customer's own unprivileged account and 0700 home, made on first use (root only)."""
     if os.geteuid() != 0:
@@ -176,7 +181,11 @@ def drop_privileges(argv: list[str], account: Account) -> list[str]:
 
 
 def sandbox_command(
-    argv: list[str], home: Path, bwrap: str, account: Account | None = None
+    argv: list[str],
+    home: Path | None,
+    bwrap: str,
+    account: Account | None = None,
+    hidden_homes: tuple[Path, Path] | None = None,
 ) -> list[str]:
     """``argv`` inside bubblewrap: its own PID, IPC and UTS namespaces, and a view of
     the filesystem with read-only system paths and Python, the home read-write, a
@@ -186,6 +195,12 @@ def sandbox_command(
     ``account``: bubblewrap runs as root (it can then mount a Python that lives
     where the customer could not reach it, such as root's home) and the command
     inside drops to the customer's account before anything of theirs runs.
+
+    ``home`` None with ``hidden_homes`` ``(homes, at)``: a warm slot's sandbox,
+    made before its customer is known (``provider/warmslot.py``). The homes
+    folder is bound at ``at``, and ``homes`` is an empty folder; at its claim the
+    slot binds its customer's home into place and unmounts ``at`` before it
+    drops to the customer, so the view ends up the same as a cold start's.
     """
     if account is not None:
         argv = drop_privileges(argv, account)
@@ -230,11 +245,17 @@ def sandbox_command(
         binds.append(("--ro-bind", resolved, resolved))
         if str(path) != resolved:  # a venv reached through a symlink
             binds.append(("--ro-bind", resolved, str(path)))
-    binds.append(("--bind", str(home), str(home)))
+    if home is not None:
+        binds.append(("--bind", str(home), str(home)))
+    made: list[str] = []
+    if hidden_homes is not None:
+        homes, at = hidden_homes
+        binds.append(("--bind", str(homes), str(at)))
+        made.append(str(homes))
     # The folders above each mount are made 0755 in the sandbox, so the customer can
     # reach a Python that lives under a folder closed to them outside (root's home).
     system = {"/usr", "/etc", "/opt", "/sys", "/proc", "/dev"}
-    dests = {dest for _, _, dest in binds}
+    dests = {dest for _, _, dest in binds} | set(made)
     parents = sorted(
         {
             str(p)
@@ -248,13 +269,15 @@ def sandbox_command(
     )
     for parent in parents:
         cmd += ["--perms", "0755", "--dir", parent]
+    for made_dir in made:
+        cmd += ["--perms", "0755", "--dir", made_dir]
     for kind, source, dest in binds:
         cmd += [kind, source, dest]
     for dev in sorted(Path("/dev").glob("nvidia*")):
         cmd += ["--dev-bind", str(dev), str(dev)]
     if Path("/proc/driver/nvidia").exists():
         cmd += ["--ro-bind", "/proc/driver/nvidia", "/proc/driver/nvidia"]
-    cmd += ["--chdir", str(home), "--", *argv]
+    cmd += ["--chdir", str(home or "/"), "--", *argv]
     return cmd
 
 

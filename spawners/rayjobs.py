@@ -134,6 +134,18 @@ class RayJobs:
             str(getattr(info, "driver_node_id", "") or ""),
         )
 
+    async def list_jobs(self) -> list[dict[str, Any]]:
+        """Every job the cluster knows: submission id, status and metadata."""
+        jobs = await self._call("list_jobs")
+        return [
+            {
+                "submission_id": str(getattr(job, "submission_id", "") or ""),
+                "status": str(getattr(job, "status", "")),
+                "metadata": dict(getattr(job, "metadata", None) or {}),
+            }
+            for job in jobs
+        ]
+
     async def stop(self, job_id: str) -> bool:
         """Ask the job to stop; False when it is unknown or already over."""
         try:

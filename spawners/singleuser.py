@@ -25,7 +25,6 @@ never imports ``gpuportal.hub`` and reads only the ``JUPYTERHUB_*`` and
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
@@ -36,12 +35,14 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from gpuportal.provider import isolation
 from gpuportal.provider.ports import free_port
+from gpuportal.provider.serverenv import SERVER_ENV_ALLOW, die_with_parent, server_env
+
+__all__ = ["SERVER_ENV_ALLOW", "die_with_parent", "main", "server_env"]
 
 REPORT_PATH = "gpuportal/report"
 CLAIM_PATH = "gpuportal/claim"
@@ -49,42 +50,14 @@ ENV_IP = "GPUPORTAL_SINGLEUSER_IP"
 ENV_JOB_ID = "GPUPORTAL_SINGLEUSER_JOB_ID"
 ENV_READY_TIMEOUT = "GPUPORTAL_SINGLEUSER_READY_TIMEOUT"
 ENV_CLAIM = "GPUPORTAL_SINGLEUSER_CLAIM"
-_PR_SET_PDEATHSIG = 1
-#: Besides this server's JUPYTERHUB_* variables (and the token it claimed), all a
-#: user server's environment may hold: where the portal is, the idle limit, its
-#: GPUs, locale, and the CPU quirks older OpenBLAS builds need.
-SERVER_ENV_ALLOW = frozenset(
-    {
-        "GPUPORTAL_PORTAL_URL",
-        "GPUPORTAL_IDLE_TIMEOUT_SECONDS",
-        "CUDA_VISIBLE_DEVICES",
-        "NVIDIA_VISIBLE_DEVICES",
-        "NVIDIA_DRIVER_CAPABILITIES",
-        "LANG",
-        "LC_ALL",
-        "TZ",
-        "OPENBLAS_CORETYPE",
-        "OPENBLAS_L2_SIZE",
-    }
-)
-#: Never passed on, even under an allowed prefix: the token is claimed instead.
-_TOKEN_VARS = frozenset({"JUPYTERHUB_API_TOKEN", "JPY_API_TOKEN"})
+#: The GPU indices the marketplace reserved: the server sees these, as a warm server
+#: does, rather than whichever of the node's GPUs Ray picked for the job.
+ENV_GPUS = "GPUPORTAL_SINGLEUSER_GPUS"
 
 
 def _say(message: str) -> None:
     # Goes to the Ray job's log; never print the token or the env.
     print(f"gpuportal-singleuser: {message}", file=sys.stderr, flush=True)
-
-
-def die_with_parent(sig: int = signal.SIGTERM) -> None:
-    """Ask Linux to send ``sig`` to this process when its parent dies (no-op elsewhere)."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
-    except (OSError, AttributeError):
-        pass
 
 
 def wait_listening(ip: str, port: int, child: subprocess.Popen[bytes], timeout: float) -> bool:
@@ -149,31 +122,6 @@ def claim_token(api_url: str, job_id: str, claim: str, attempts: int = 8) -> str
     return token
 
 
-def server_env(
-    source: dict[str, str], token: str, account: isolation.Account, service_url: str
-) -> dict[str, str]:
-    """A user server's whole environment: its JUPYTERHUB_* variables, the allow-list
-    and its account's identity. Nothing else of ``source`` (Ray's variables, the
-    Ray token's path, whatever the node's Ray was started with) is passed on."""
-    env = {
-        k: v
-        for k, v in source.items()
-        if (k.startswith("JUPYTERHUB_") or k in SERVER_ENV_ALLOW) and k not in _TOKEN_VARS
-    }
-    bindir = str(Path(sys.executable).parent)
-    env.update(
-        JUPYTERHUB_API_TOKEN=token,
-        JUPYTERHUB_SERVICE_URL=service_url,
-        JUPYTERHUB_ROOT_DIR=str(account.home),
-        HOME=str(account.home),
-        USER=account.name,
-        LOGNAME=account.name,
-        SHELL="/bin/bash",
-        PATH=f"{bindir}:/usr/local/bin:/usr/bin:/bin",
-    )
-    return env
-
-
 def isolate(hub_user: str) -> tuple[isolation.Account, str | None]:
     """The account the server runs as, and the sandbox to run it in (or None).
 
@@ -203,6 +151,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     die_with_parent()
     source = dict(os.environ)
+    reserved = source.get(ENV_GPUS, "")
+    if reserved and all(part.isdigit() for part in reserved.split(",")):
+        source["CUDA_VISIBLE_DEVICES"] = reserved
     api_url = source.get("JUPYTERHUB_API_URL", "")
     claim = source.get(ENV_CLAIM, "")
     user = source.get("JUPYTERHUB_USER", "")

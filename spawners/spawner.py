@@ -28,17 +28,18 @@ import hashlib
 import secrets
 import shlex
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 from jupyterhub.spawner import Spawner, SpawnException
+from traitlets import Bool, Float, Integer, List, TraitError, Unicode, default, validate
 from traitlets import Dict as TDict
-from traitlets import Float, Integer, List, TraitError, Unicode, default, validate
 
 from gpuportal.provider import money, stopmarker
 from gpuportal.provider.links import billing_url
 
-from . import form, profiles, report
+from . import form, profiles, report, warm
 from .loopclient import LoopClient
 from .naming import escape, job_submission_id, oauth_client_id
 from .portal_client import PortalClient, PortalError, PortalUnavailable
@@ -46,11 +47,13 @@ from .profiles import default_profile_list
 from .rayjobs import JobNotFound, RayJobs, RayUnavailable
 from .refusals import CREDIT_CODES, SpawnRefusal
 from .report import expect_claim, forget_claim
-from .singleuser import ENV_CLAIM, ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
+from .singleuser import ENV_CLAIM, ENV_GPUS, ENV_IP, ENV_JOB_ID, ENV_READY_TIMEOUT
+from .warm import POOLS, WarmUnavailable
 
 # The one place the hub's report and claim handlers are registered: the hub loads
 # its spawner class (``spawner_class = "ray"``) before it builds its handler table.
 report.register()
+warm.register()
 
 __all__ = ["RaySpawner", "default_profile_list"]
 
@@ -83,6 +86,10 @@ STATE_KEYS = (
     "ray_node_id",
     "url",
     "gpus",
+    # A server claimed from a node's warm pool: the pool's job, address and slot.
+    "warm_job_id",
+    "warm_url",
+    "warm_slot",
 )
 #: Why the server last stopped on its own (a sentence from ``provider/stopmarker.py``).
 #: Kept apart from STATE_KEYS: it outlives the ids, which clear_state drops.
@@ -216,6 +223,55 @@ class RaySpawner(Spawner):
     stop_timeout = Float(20.0, help="Seconds stop() waits for the job to end.").tag(config=True)
     liveness_timeout = Float(3.0, help="Seconds the HTTP liveness check may take.").tag(config=True)
 
+    warm_pools = Bool(
+        False,
+        help="Claim a pre-started server from the reserved node's warm pool when it has "
+        "one (a spawn in well under a second); a node without one starts cold and gets "
+        "a pool in the background. Needs warm_secret. Example: c.RaySpawner.warm_pools = True",
+    ).tag(config=True)
+
+    warm_secret = Unicode(
+        "",
+        help="Secret the hub signs warm-pool requests with (each pool gets a key derived "
+        "from it). Keep it across hub restarts: a restarted hub reaches its pools and "
+        "their servers with it. Never logged, never sent to a node.",
+    ).tag(config=True)
+
+    warm_slots = Integer(
+        0,
+        min=0,
+        help="Unclaimed servers each node's pool keeps waiting; 0: one per GPU the node "
+        "has free when its pool starts, at most warm_slots_max. "
+        "Example: c.RaySpawner.warm_slots = 2",
+    ).tag(config=True)
+
+    warm_slots_max = Integer(
+        4, min=0, help="Most unclaimed servers a pool keeps waiting when warm_slots is 0."
+    ).tag(config=True)
+
+    warm_slots_per_node = TDict(
+        help="Unclaimed servers per marketplace node id, overriding warm_slots. "
+        "Example: c.RaySpawner.warm_slots_per_node = {'n1': 1}",
+    ).tag(config=True)
+
+    warm_timeout = Float(
+        20.0,
+        help="Seconds a claimed warm server may take to answer HTTP before the spawn "
+        "falls back to a cold start on the same reservation.",
+    ).tag(config=True)
+
+    warm_entrypoint = List(
+        Unicode(),
+        help="Command of a node's warm pool job. Default: the Python next to the "
+        "entrypoint, '-m gpuportal.provider.warmpool'.",
+    ).tag(config=True)
+
+    @default("warm_entrypoint")
+    def _default_warm_entrypoint(self) -> list[str]:
+        first = Path(self.entrypoint[0]) if self.entrypoint else Path("gpuportal-singleuser")
+        python = str(first.parent / "python") if first.is_absolute() else "python3"
+        return [python, "-m", "gpuportal.provider.warmpool"]
+
     @default("poll_interval")
     def _default_poll_interval(self) -> int:
         return max(1, int(self.dead_after / 3))
@@ -256,6 +312,9 @@ class RaySpawner(Spawner):
     ray_node_id = ""
     url = ""
     gpus = ""
+    warm_job_id = ""
+    warm_url = ""
+    warm_slot = ""
     #: Why the server last stopped without the hub asking ("" when the hub stopped it,
     #: or it never stopped): shown by the hub's pages, cleared at the next start.
     stopped_reason = ""
@@ -281,6 +340,8 @@ class RaySpawner(Spawner):
         self.bill_to: str | None = None
         #: Set by _poll_status when Ray says the job ended (not a dead node or silence).
         self._job_ended = False
+        #: The reservation's GPU indices as CUDA_VISIBLE_DEVICES ("" before one).
+        self._gpu_indices = ""
 
     # --- helpers ---------------------------------------------------------------
     def user_teams(self) -> list[str]:
@@ -505,6 +566,9 @@ class RaySpawner(Spawner):
         allowed[ENV_IP] = self.ip or "0.0.0.0"
         allowed[ENV_JOB_ID] = self.job_id
         allowed[ENV_READY_TIMEOUT] = str(int(self.start_timeout))
+        if self._gpu_indices:
+            # The marketplace's GPUs, the same ones a warm server gets (not Ray's choice).
+            allowed[ENV_GPUS] = self._gpu_indices
         if claim:
             allowed[ENV_CLAIM] = claim
         return allowed
@@ -534,6 +598,7 @@ class RaySpawner(Spawner):
         self.clear_ids()
         self._ray_token = None
         self._claim_conflict = False
+        self._gpu_indices = ""
         self.job_id = job_submission_id(self.user.name, self.name)
         self._report = asyncio.get_running_loop().create_future()
         self._unreachable_since = None
@@ -547,6 +612,7 @@ class RaySpawner(Spawner):
                 self.node_id = reservation.node_id
                 self._ray_token = reservation.ray_token
                 resources[reservation.node_resource] = NODE_RESOURCE_AMOUNT
+                self._gpu_indices = ",".join(str(i) for i in reservation.gpu_indices)
                 demo = " (demo GPU)" if reservation.demo else ""
                 self._emit(
                     10,
@@ -565,6 +631,10 @@ class RaySpawner(Spawner):
                 self.jobs_url = self.cpu_jobs_url
                 self.cluster_id = "cpu"
                 self._emit(10, "No GPU requested: placing a CPU-only server")
+            if self.reservation_id and self.warm_pools and self.warm_secret:
+                warm_url = await self._start_warm(reservation)
+                if warm_url:
+                    return warm_url
             await self._submit(resources)
             self._emit(30, f"Submitted Ray job {self.job_id}")
             port, gpus = await self._wait_for_report()
@@ -661,6 +731,128 @@ class RaySpawner(Spawner):
                 status_code=503,
             ) from None
 
+    # --- warm pools ------------------------------------------------------------------
+    async def _start_warm(self, reservation: Any) -> str | None:
+        """Claim a server from the reserved node's warm pool and return its URL; None
+        to start cold on the same reservation (nothing is billed twice: the
+        reservation is only activated once a server is up). A node without a ready
+        pool gets one in the background, for the next spawn."""
+        jobs = await self._jobs()
+        pool = POOLS.ready(self.jobs_url, self.node_id)
+        if pool is None:
+            POOLS.ensure(
+                jobs,
+                self.node_id,
+                secret=self.warm_secret,
+                host=self._host_of,
+                node_resource=reservation.node_resource,
+                slots=lambda: self._warm_slot_count(reservation),
+                ip=self.ip or "0.0.0.0",
+                entrypoint=shlex.join(self.warm_entrypoint),
+            )
+            return None
+        fields = {
+            "user": self.user.name,
+            "env": self.job_env(),
+            "token": self.api_token,
+            "gpus": self._gpu_indices,
+            "args": list(self.get_args()),
+        }
+        try:
+            answer = await POOLS.request(
+                pool.address, pool.job_id, self.warm_secret, "claim", fields, self.warm_timeout
+            )
+            port, slot = answer.get("port"), answer.get("slot")
+            if not isinstance(port, int) or not 1 <= port <= 65535 or not isinstance(slot, str):
+                raise WarmUnavailable("the pool's answer has no port")
+        except WarmUnavailable as exc:
+            self.log.info("%s: no warm server on node %s (%s)", self._log_name, self.node_id, exc)
+            if not await POOLS.pool_alive(jobs, pool.job_id):
+                POOLS.forget(pool, "its job or node is gone")
+            return None
+        cold_job_id, self.job_id = self.job_id, ""  # no Ray job of its own
+        self.warm_job_id, self.warm_url, self.warm_slot = pool.job_id, pool.address, slot
+        self.ray_node_id, self.gpus = pool.ray_node_id, self._gpu_indices
+        self._emit(50, f"Claimed a warm server on node {self.node_id[:12]}")
+        host = await self._host_of(pool.ray_node_id)
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+        deadline = time.monotonic() + self.warm_timeout
+        while not await self._answers():
+            if time.monotonic() > deadline:
+                self.log.warning("%s: warm server did not answer; starting cold", self._log_name)
+                await self._stop_warm()
+                self.warm_job_id = self.warm_url = self.warm_slot = self.url = ""
+                self.job_id = cold_job_id
+                return None
+            await asyncio.sleep(0.05)
+        await self._activate()
+        shown = f"Server up on node {self.node_id[:12]} with CUDA_VISIBLE_DEVICES={self.gpus}"
+        self._emit(90, shown)
+        return self.url
+
+    async def _warm_slot_count(self, reservation: Any) -> int:
+        """Slots for the node's pool: the per-node setting, else warm_slots, else one
+        per GPU the node has free (as far as the offers tell), at most warm_slots_max."""
+        per_node = self.warm_slots_per_node.get(self.node_id)
+        if per_node is not None:
+            return max(0, int(per_node))
+        if self.warm_slots:
+            return self.warm_slots
+        try:
+            offers = await self.portal.offers()
+        except PortalError:
+            offers = []
+        free = max(
+            (
+                int(o.get("largest_free_gpus") or 0)
+                for o in offers
+                if o.get("gpu_model") == reservation.gpu_model
+            ),
+            default=0,
+        )
+        return max(1, min(self.warm_slots_max, free + reservation.gpu_count))
+
+    async def _stop_warm(self) -> None:
+        """Ask the pool to end this server; a pool that does not answer is gone with it."""
+        try:
+            await POOLS.request(
+                self.warm_url,
+                self.warm_job_id,
+                self.warm_secret,
+                "stop",
+                {"slot": self.warm_slot},
+                self.stop_timeout,
+            )
+        except WarmUnavailable as exc:
+            self.log.warning("%s: could not stop warm server: %s", self._log_name, exc)
+
+    async def _poll_warm(self) -> int | None:
+        try:
+            answer = await POOLS.request(
+                self.warm_url,
+                self.warm_job_id,
+                self.warm_secret,
+                "status",
+                {"slot": self.warm_slot},
+                self.liveness_timeout,
+            )
+        except WarmUnavailable:
+            try:
+                alive = await POOLS.pool_alive(await self._jobs(), self.warm_job_id)
+            except RayUnavailable:
+                return self._unknown("the cluster's Jobs API is not answering")
+            if not alive:
+                self.log.warning("%s: the warm pool's job or node is gone", self._log_name)
+                return 1
+            return self._unknown("the warm pool does not answer")
+        if not answer.get("slot_alive"):
+            self.log.warning("%s: the warm server has exited", self._log_name)
+            return 0
+        if self.url and not await self._answers():
+            return self._unknown("the server does not answer")
+        self._unreachable_since = None
+        return None
+
     async def _wait_for_report(self) -> tuple[int, str]:
         """Wait for the wrapper's report while following the job; bounded by start_timeout
         (the hub cancels start() then) and by our own deadline as a backstop."""
@@ -739,14 +931,18 @@ class RaySpawner(Spawner):
         self._report.set_result((port, gpus))
 
     async def _connect_host(self) -> str:
+        return await self._host_of(self.ray_node_id)
+
+    async def _host_of(self, ray_node_id: str) -> str:
+        """The host the hub reaches a process on that Ray node at (never the node's say)."""
         if self.connect_ip:
             return self.connect_ip
         if self.ip and self.ip not in ("0.0.0.0", "::"):
             return self.ip
         node_ip = None
-        if self.ray_node_id:
+        if ray_node_id:
             try:
-                node_ip = await (await self._jobs()).node_ip(self.ray_node_id)
+                node_ip = await (await self._jobs()).node_ip(ray_node_id)
             except RayUnavailable:
                 node_ip = None
         if not node_ip:
@@ -786,6 +982,8 @@ class RaySpawner(Spawner):
             self.log.exception("%s: cleanup after a failed start was incomplete", self._log_name)
 
     async def _stop_and_release(self, failed: str | None = None) -> None:
+        if self.warm_slot and self.warm_url:
+            await self._stop_warm()
         if self.job_id and self.jobs_url:
             await self._stop_job()
         if self.reservation_id and failed:
@@ -900,6 +1098,8 @@ class RaySpawner(Spawner):
     async def _poll_status(self) -> int | None:
         if not self._start_done:
             return None
+        if self.warm_slot and self.warm_url:
+            return await self._poll_warm()
         if not self.job_id or not self.jobs_url:
             return 0
         jobs = await self._jobs()
@@ -1024,6 +1224,15 @@ class RaySpawner(Spawner):
             if key in state:
                 setattr(self, key, str(state[key]))
         self.stopped_reason = str(state.get(STOPPED_REASON_KEY) or "")[:MAX_REASON_CHARS]
+        if self.warm_slot:
+            POOLS.remember(
+                self.jobs_url,
+                self.node_id,
+                self.warm_job_id,
+                self.warm_url,
+                self.warm_secret,
+                self.ray_node_id,
+            )
 
     def clear_state(self) -> None:
         super().clear_state()

@@ -70,6 +70,9 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         GPUPORTAL_RAY_NUM_CPUS="1",
         GPUPORTAL_AUTH_CACHE_SECONDS="2",
         RAY_USAGE_STATS_ENABLED="0",
+        # Warm pools start slot processes on the first GPU spawn: off in the shared
+        # stacks (tests/spawner/test_warm.py and benchmarks/spawn.py turn them on).
+        GPUPORTAL_WARM_POOLS="0",
     )
     env.update(extra)
     return env

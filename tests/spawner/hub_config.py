@@ -77,3 +77,8 @@ c.RaySpawner.profile_list = [
         },
     },
 ]
+# Warm pools, for the tests that ask for them (test_warm.py).
+if env.get("TEST_WARM_SECRET"):
+    c.RaySpawner.warm_pools = True
+    c.RaySpawner.warm_secret = env["TEST_WARM_SECRET"]
+    c.RaySpawner.warm_slots = int(env.get("TEST_WARM_SLOTS", "1"))

@@ -1,0 +1,348 @@
+"""A node's warm pool: server processes started before anyone asks, claimed at spawn.
+
+The hub's spawner submits one pool per node as a long-running Ray job (pinned
+to the node by its ``gpuportal/node:<id>`` resource, holding no GPU: warm slots
+are idle capacity, never a reservation). The pool:
+
+- keeps ``GPUPORTAL_WARM_SLOTS`` unclaimed slots (``provider/warmslot.py``), each
+  a process that has imported everything a user server imports, started from a
+  clean environment, one at a time and at low priority;
+- listens on the node's address (``GPUPORTAL_SINGLEUSER_IP``) for requests signed
+  with its own key (``provider/warmclaim.py``): ``/claim`` hands a free slot the
+  user, token, environment, GPUs and arguments of one server and answers its
+  port; ``/stop`` ends a claimed server; ``/status`` counts the slots;
+- replaces a claimed slot in the background, and stops every slot and server it
+  started when its job is stopped (or its node dies: each slot dies with it).
+
+The key arrives in the job's env and is removed from the pool's own env before
+any slot starts; slots never hold it. It says where it listens on its job log,
+where the spawner (which holds the cluster's Ray token) reads it.
+
+Node-side code: it never imports ``gpuportal.hub``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from gpuportal.provider import isolation, warmclaim
+from gpuportal.provider.ports import free_port
+from gpuportal.provider.warmslot import ENV_HIDDEN_HOMES
+
+ENV_KEY = "GPUPORTAL_WARM_KEY"
+ENV_POOL = "GPUPORTAL_WARM_POOL"
+ENV_SLOTS = "GPUPORTAL_WARM_SLOTS"
+ENV_IP = "GPUPORTAL_SINGLEUSER_IP"
+#: The line on the job's log that tells the spawner where the pool listens.
+LISTENING = "gpuportal-warmpool: listening on port "
+#: Where a sandboxed slot sees the homes folder until its claim (then it is unmounted).
+HIDDEN_HOMES = Path("/run/gpuportal-homes")
+#: Most slots one pool keeps waiting, whatever it is asked for.
+MAX_SLOTS = 16
+#: Seconds a claimed slot may take to take on its user and answer its port.
+CLAIM_TIMEOUT = 20.0
+#: What a slot's environment may hold before its claim: how to run Python, nothing of a user.
+SLOT_ENV_ALLOW = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def _say(message: str) -> None:
+    print(f"gpuportal-warmpool: {message}", file=sys.stderr, flush=True)
+
+
+@dataclass
+class Slot:
+    id: str
+    proc: subprocess.Popen[bytes]
+    state: str = "starting"  # starting → ready → claimed → gone
+    port: int = 0
+    answers: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
+
+
+def slot_env(source: dict[str, str], home: Path) -> dict[str, str]:
+    """A waiting slot's whole environment: Python's path, locale, where homes live."""
+    env = {k: v for k, v in source.items() if k in SLOT_ENV_ALLOW}
+    bindir = str(Path(sys.executable).parent)
+    env.update(PATH=f"{bindir}:/usr/local/bin:/usr/bin:/bin", HOME=str(home))
+    homes = source.get(isolation.ENV_HOMES)
+    if homes:
+        env[isolation.ENV_HOMES] = homes
+    return env
+
+
+class Pool:
+    """The slots of one node and the requests that claim and stop them."""
+
+    def __init__(
+        self, pool_id: str, key: str, size: int, env: dict[str, str], bwrap: str | None = None
+    ) -> None:
+        self.pool_id = pool_id
+        self.key = key
+        self.size = max(0, min(size, MAX_SLOTS))
+        self.guard = warmclaim.ReplayGuard()
+        self.slots: dict[str, Slot] = {}
+        self.lock = threading.Lock()
+        self.closing = threading.Event()
+        self.homes = Path(env.get(isolation.ENV_HOMES) or isolation.default_homes())
+        isolation.prepare_homes(self.homes)
+        self.bwrap = bwrap
+        self._home = Path(tempfile.mkdtemp(prefix="gp-warm-"))  # 0700, empty, root's
+        command = [sys.executable, "-m", "gpuportal.provider.warmslot"]
+        if bwrap:
+            # The sandbox a cold server gets, but for a customer not known yet.
+            self._env = slot_env(env, Path("/tmp"))  # noqa: S108 (the sandbox's own tmpfs)
+            self._env[ENV_HIDDEN_HOMES] = str(HIDDEN_HOMES)
+            command = isolation.sandbox_command(
+                command, None, bwrap, hidden_homes=(self.homes, HIDDEN_HOMES)
+            )
+        else:
+            self._env = slot_env(env, self._home)
+        self._command = command
+
+    # --- slots ----------------------------------------------------------------
+    def _start_slot(self) -> Slot:
+        from gpuportal.provider.serverenv import die_with_parent
+
+        proc = subprocess.Popen(
+            self._command,
+            env=self._env,
+            cwd=self._home,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+            close_fds=True,
+            preexec_fn=lambda: die_with_parent(signal.SIGKILL),
+        )
+        slot = Slot(secrets.token_hex(6), proc)
+        with self.lock:
+            self.slots[slot.id] = slot
+        threading.Thread(target=self._read, args=(slot,), daemon=True).start()
+        return slot
+
+    def _read(self, slot: Slot) -> None:
+        assert slot.proc.stdout is not None
+        for raw in slot.proc.stdout:
+            try:
+                message = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                if message.get("ready"):
+                    with self.lock:
+                        if slot.state == "starting":
+                            slot.state = "ready"
+                else:
+                    slot.answers.put(message)
+        slot.proc.wait()
+        with self.lock:
+            if slot.state != "claimed":
+                slot.state = "gone"
+                self.slots.pop(slot.id, None)
+
+    def waiting(self) -> int:
+        with self.lock:
+            return sum(s.state in ("starting", "ready") for s in self.slots.values())
+
+    def fill_forever(self) -> None:
+        """Keep ``size`` slots waiting, starting one at a time (imports are CPU-heavy).
+
+        Runs in one long-lived thread: Linux sends a slot its parent-death signal
+        when the *thread* that started it ends."""
+        while not self.closing.is_set():
+            with self.lock:
+                starting = any(s.state == "starting" for s in self.slots.values())
+            if not starting and self.waiting() < self.size:
+                self._start_slot()
+            self.closing.wait(0.2)
+
+    # --- requests ---------------------------------------------------------------
+    def claim(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            slot = next((s for s in self.slots.values() if s.state == "ready"), None)
+            if slot is None or slot.proc.poll() is not None:
+                raise warmclaim.ClaimRefused(409, "No warm slot is free on this node.")
+            slot.state = "claimed"
+        claim = {k: request.get(k) for k in ("env", "token", "gpus", "args")}
+        try:
+            user = request.get("user")
+            if not isinstance(user, str) or not user:
+                raise ValueError("the claim names no user")
+            # Outside the sandbox: the slot cannot write /etc/passwd, and must not.
+            account = isolation.ensure_account(user, self.homes)
+            claim["account"] = {
+                "name": account.name,
+                "uid": account.uid,
+                "gid": account.gid,
+                "home": str(account.home),
+            }
+        except (ValueError, isolation.IsolationError) as exc:
+            self._end(slot)
+            raise warmclaim.ClaimRefused(400, f"The claim was refused: {exc}") from None
+        try:
+            assert slot.proc.stdin is not None
+            slot.proc.stdin.write((json.dumps(claim) + "\n").encode())
+            slot.proc.stdin.flush()
+            answer = slot.answers.get(timeout=CLAIM_TIMEOUT)
+        except (OSError, queue.Empty, AssertionError):
+            answer = {"error": "the slot did not answer"}
+        port = answer.get("port")
+        if not isinstance(port, int):
+            self._end(slot)
+            _say(f"slot {slot.id} failed its claim: {str(answer.get('error'))[:200]}")
+            raise warmclaim.ClaimRefused(503, "The warm slot could not take the claim.")
+        slot.port = port
+        _say(f"slot {slot.id} claimed; serving on port {port}")
+        return {"slot": slot.id, "port": port, "pid": slot.proc.pid}
+
+    def _end(self, slot: Slot, wait: float = 10.0) -> None:
+        """End a slot's process (and what it started in its session): TERM, then KILL."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(slot.proc.pid, signal.SIGTERM)
+        try:
+            slot.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(slot.proc.pid, signal.SIGKILL)
+            slot.proc.wait(5)
+        with self.lock:
+            slot.state = "gone"
+            self.slots.pop(slot.id, None)
+
+    def stop(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            slot = self.slots.get(str(request.get("slot") or ""))
+        if slot is None or slot.state != "claimed":
+            return {"stopped": False}
+        self._end(slot)
+        _say(f"slot {slot.id} stopped")
+        return {"stopped": True}
+
+    def status(self, request: dict[str, Any]) -> dict[str, Any]:
+        with self.lock:
+            states = [s.state for s in self.slots.values()]
+            ask = str(request.get("slot") or "")
+            slot = self.slots.get(ask)
+            alive = bool(slot and slot.state == "claimed" and slot.proc.poll() is None)
+        return {
+            "ready": states.count("ready"),
+            "starting": states.count("starting"),
+            "claimed": states.count("claimed"),
+            "size": self.size,
+            **({"slot_alive": alive} if ask else {}),
+        }
+
+    def close(self) -> None:
+        self.closing.set()
+        with self.lock:
+            slots = list(self.slots.values())
+        for slot in slots:
+            self._end(slot, wait=5)
+
+
+def handler_for(pool: Pool) -> type[BaseHTTPRequestHandler]:
+    routes = {"/claim": pool.claim, "/stop": pool.stop, "/status": pool.status}
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "gpuportal-warmpool"
+        sys_version = ""
+
+        def _reply(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_POST(self) -> None:
+            route = routes.get(self.path)
+            if route is None:
+                self._reply(404, {"message": "Not found."})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+            except ValueError:
+                length = -1
+            if not 0 < length <= warmclaim.MAX_BODY:
+                self._reply(400, {"message": "A signed JSON body is required."})
+                return
+            body = self.rfile.read(length)
+            try:
+                request = warmclaim.verify(
+                    pool.key,
+                    pool.pool_id,
+                    body,
+                    self.headers.get(warmclaim.SIGNATURE_HEADER, ""),
+                    pool.guard,
+                )
+                if request["op"] != self.path.strip("/"):
+                    raise warmclaim.ClaimRefused(400, "The request is for another operation.")
+                self._reply(200, route(request))
+            except warmclaim.ClaimRefused as exc:
+                self._reply(exc.status, {"message": str(exc)})
+
+        def do_GET(self) -> None:
+            self._reply(405, {"message": "Requests to a warm pool are signed POSTs."})
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None  # bodies hold tokens; nothing of a request is logged
+
+    return Handler
+
+
+def main() -> int:
+    pool_id = os.environ.get(ENV_POOL, "")
+    key = os.environ.pop(ENV_KEY, "")
+    if not pool_id or not key:
+        _say(f"{ENV_POOL} and {ENV_KEY} must be set (the hub's spawner starts me).")
+        return 2
+    if os.geteuid() != 0:
+        # A slot becomes its customer by dropping root.
+        _say("no warm slots on this node: it does not run as root; servers start cold.")
+        return 6
+    bwrap = isolation.bwrap_path()
+    nobody = isolation.Account("nobody", 65534, 65534, Path("/"))
+    if bwrap and not isolation.sandbox_works(bwrap, nobody):
+        _say("bubblewrap is installed but cannot start a sandbox here; slots run without")
+        bwrap = None
+    try:
+        size = int(os.environ.get(ENV_SLOTS, "1"))
+    except ValueError:
+        size = 1
+    ip = os.environ.get(ENV_IP, "127.0.0.1")
+    pool = Pool(pool_id, key, size, dict(os.environ), bwrap)
+    server = ThreadingHTTPServer((ip, free_port(ip)), handler_for(pool))
+    server.daemon_threads = True
+
+    def shut(_signum: int, _frame: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, shut)
+    filler = threading.Thread(target=pool.fill_forever, daemon=True)
+    filler.start()
+    print(f"{LISTENING}{server.server_address[1]} ({pool.size} slots)", flush=True)
+    try:
+        server.serve_forever(poll_interval=0.5)
+    finally:
+        pool.close()
+        server.server_close()
+    _say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

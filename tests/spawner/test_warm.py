@@ -1,0 +1,233 @@
+"""Warm pools end to end: a real hub with RaySpawner, the real Ray node ``n1`` and its
+pool job, the marketplace contract. One story, so the pool is started once:
+
+1. the first GPU spawn on ``n1`` starts cold and starts the node's pool;
+2. a waiting slot holds nothing of any user (its process environment, read as root);
+3. the next spawn claims a slot: it runs as its customer, sees exactly the reserved
+   GPU indices, holds only its own token, and has no Ray job of its own;
+4. the pool refuses a forged and a replayed request;
+5. with the free slot stolen (claimed by someone else first), a spawn falls back to a
+   cold start on its one reservation: activated once, never a second reservation;
+6. a hub restart keeps the claimed server; stopping it through the new hub ends its
+   process, releases its GPUs, and the pool has a slot waiting again.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from gpuportal.provider import isolation, warmclaim
+
+from .conftest import Hub, make_hub
+from .contract_portal import ContractPortal
+from .kernel import run_code
+from .raynodes import RayNodes
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+GPU = {"profile": "gpu", "gpu_count": 1}
+
+
+@pytest.fixture(scope="module")
+def warm_hub(
+    tmp_path_factory: pytest.TempPathFactory, ray_nodes: RayNodes, portal: ContractPortal
+) -> Iterator[Hub]:
+    hub = make_hub(
+        tmp_path_factory.mktemp("warm"),
+        ray_nodes,
+        portal,
+        TEST_WARM_SECRET=secrets.token_hex(32),
+        TEST_WARM_SLOTS="1",
+    )
+    hub.start()
+    yield hub
+    if hub.proc is None:
+        hub.start()
+    for user in hub.api("GET", "/users").json():
+        for name in user.get("servers") or {}:
+            hub.api("DELETE", hub.server_path(user["name"], name))
+    time.sleep(1)
+    # The pool job outlives the hub (as servers do): stop it, and the slots with it.
+    for pool in pools(hub):
+        httpx.post(
+            f"{ray_nodes.jobs_url}/api/jobs/{pool['job_id']}/stop",
+            headers=ray_nodes.headers,
+            timeout=10,
+        )
+    hub.stop()
+
+
+def pools(hub: Hub) -> list[dict[str, Any]]:
+    reply = hub.api("GET", "/gpuportal/warm")
+    assert reply.status_code == 200, reply.text
+    return list(reply.json()["pools"])
+
+
+def wait_slot(hub: Hub, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready = [p for p in pools(hub) if p["state"] == "ready" and (p.get("ready") or 0) >= 1]
+        if ready:
+            return ready[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no warm slot in {timeout}s: {pools(hub)}\n{hub.log()[-3000:]}")
+
+
+def slot_processes() -> list[psutil.Process]:
+    """Python processes of warm slots (inside their sandboxes, seen from outside)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        cmd = proc.info["cmdline"] or []
+        if "gpuportal.provider.warmslot" in cmd and "python" in (proc.info["name"] or ""):
+            found.append(proc)
+    return found
+
+
+def server_of(account: str) -> psutil.Process:
+    """The claimed slot that now runs as ``account`` (its /proc environ is still the
+    waiting slot's: a claim changes the process's environment, not its exec record)."""
+    for proc in slot_processes():
+        try:
+            if proc.username() == account:
+                return proc
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no warm server process for {account}")
+
+
+def pool_request(
+    ray_nodes: RayNodes, hub: Hub, address: str, job_id: str, op: str, fields: dict[str, Any]
+) -> httpx.Response:
+    key = warmclaim.pool_key(hub.env["TEST_WARM_SECRET"], job_id)
+    body, headers = warmclaim.make_request(key, job_id, op, fields)
+    return httpx.post(f"{address}/{op}", content=body, headers=headers, timeout=30)
+
+
+def test_warm_pool_claim_fallback_restart_and_stop(
+    warm_hub: Hub, ray_nodes: RayNodes, portal: ContractPortal
+) -> None:
+    hub = warm_hub
+    # 1. Cold first: the node has no pool yet; the spawn starts one for the next.
+    assert hub.spawn("wcold", options=GPU).status_code in (201, 202)
+    hub.wait_ready("wcold")
+    assert hub.state("wcold").get("job_id") and not hub.state("wcold").get("warm_slot")
+    cold_token = server_env_token("wcold", hub)
+    hub.stop_server("wcold")
+    pool = wait_slot(hub)
+
+    # 2. A waiting slot holds nothing of a user, the hub or the pool's key.
+    waiting = slot_processes()
+    assert waiting
+    for proc in waiting:
+        env = proc.environ()
+        assert not [k for k in env if k.startswith(("JUPYTERHUB_", "GPUPORTAL_WARM_K", "RAY_"))]
+        assert cold_token not in repr(env) and "hub-secret" not in repr(env)
+        assert proc.uids().real == 0  # root until its claim, then its customer
+
+    # 3. A warm spawn: claimed, no Ray job of its own, the reserved GPUs, its own account.
+    assert hub.spawn("wwarm", options=GPU).status_code in (201, 202)
+    hub.wait_ready("wwarm")
+    state = hub.state("wwarm")
+    assert state["warm_slot"] and state["warm_job_id"] == pool["job_id"]
+    assert "job_id" not in state
+    reservation = portal.reservations[state["reservation_id"]]
+    assert reservation["status"] == "active"
+    account = isolation.os_user_name("wwarm")
+    server = server_of(account)
+    assert server.uids().real == server.uids().effective != 0
+    # Inside the server (a kernel inherits its environment), as the customer.
+    out = run_code(
+        f"{hub.url}/user/wwarm/",
+        hub.token,
+        "import os, json, pwd; e = dict(os.environ); print(json.dumps([e, "
+        "pwd.getpwuid(os.getuid()).pw_name, os.getgroups()]))",
+    )
+    env, user_name, groups = json.loads(out)
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, reservation["gpu_indices"]))
+    assert state["gpus"] == env["CUDA_VISIBLE_DEVICES"]
+    assert user_name == account and groups in ([], [server.gids().real])
+    assert env["HOME"].endswith(account) and env["USER"] == account
+    assert env["JUPYTERHUB_USER"] == "wwarm" and "LEAKY_SECRET" not in env
+    assert env["JUPYTERHUB_API_TOKEN"] != cold_token and cold_token not in out
+    assert not [k for k in env if k.startswith(("RAY_", "GPUPORTAL_WARM"))]
+
+    # 4. Forged and replayed requests to the pool are refused.
+    address = f"http://127.0.0.1:{pool_port(hub, pool['job_id'])}"
+    forged_body, _ = warmclaim.make_request("not-the-key", pool["job_id"], "status")
+    forged = httpx.post(
+        f"{address}/status",
+        content=forged_body,
+        headers={warmclaim.SIGNATURE_HEADER: "0" * 64},
+        timeout=10,
+    )
+    assert forged.status_code == 401
+    key = warmclaim.pool_key(hub.env["TEST_WARM_SECRET"], pool["job_id"])
+    body, headers = warmclaim.make_request(key, pool["job_id"], "status")
+    assert httpx.post(f"{address}/status", content=body, headers=headers).status_code == 200
+    replay = httpx.post(f"{address}/status", content=body, headers=headers)
+    assert replay.status_code == 409
+
+    # 5. The free slot is stolen first: the spawn falls back to a cold start, billed once.
+    wait_slot(hub)
+    stolen = pool_request(
+        ray_nodes,
+        hub,
+        address,
+        pool["job_id"],
+        "claim",
+        {"user": "thief", "token": "not-a-hub-token", "gpus": "", "env": {}, "args": []},
+    )
+    assert stolen.status_code == 200, stolen.text
+    activations = len([r for r in portal.requests if r[1].endswith("/activate")])
+    assert hub.spawn("wfall", options=GPU).status_code in (201, 202)
+    hub.wait_ready("wfall")
+    fell = hub.state("wfall")
+    assert fell.get("job_id") and not fell.get("warm_slot")
+    theirs = [r for r in portal.reservations.values() if r["user"] == "wfall"]
+    assert [r["status"] for r in theirs] == ["active"]
+    assert len([r for r in portal.requests if r[1].endswith("/activate")]) == activations + 1
+    pool_request(ray_nodes, hub, address, pool["job_id"], "stop", {"slot": stolen.json()["slot"]})
+    hub.stop_server("wfall")
+
+    # 6. A hub restart keeps the warm server; stopping it releases it, and a slot waits again.
+    hub.stop()
+    hub.start()
+    model = hub.server_model("wwarm")
+    assert model is not None and model["ready"], model
+    assert hub.state("wwarm") == state
+    hub.stop_server("wwarm")
+    assert portal.reservations[state["reservation_id"]]["status"] == "released"
+    assert not server.is_running()
+    assert wait_slot(hub)["job_id"] == pool["job_id"]
+
+
+def pool_port(hub: Hub, job_id: str) -> int:
+    """Where the pool listens, from the spawner state of a warm server."""
+    for user in hub.api("GET", "/users").json():
+        for name in user.get("servers") or {}:
+            state = hub.state(user["name"], name)
+            if state.get("warm_job_id") == job_id:
+                return int(str(state["warm_url"]).rsplit(":", 1)[1])
+    raise AssertionError("no warm server to learn the pool's address from")
+
+
+def server_env_token(user: str, hub: Hub) -> str:
+    """The hub token of a running cold server, read from its process (as root)."""
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info["cmdline"] or []
+        if any("jupyterhub.singleuser" in part for part in cmd):
+            try:
+                env = proc.environ()
+            except psutil.Error:
+                continue
+            if env.get("JUPYTERHUB_USER") == user:
+                return env["JUPYTERHUB_API_TOKEN"]
+    raise AssertionError(f"no server process for {user}")
