@@ -24,7 +24,7 @@ price times count) and the minimum billable charge the portal names.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -339,7 +339,7 @@ def render(
     balance: Balance | None = None,
     refusal: Mapping[str, Any] | None = None,
     add_credit_url: str = "",
-    teams: list[str] | None = None,
+    teams: Sequence[str | Mapping[str, Any]] | None = None,
 ) -> str:
     """The options form HTML.
 
@@ -347,11 +347,25 @@ def render(
     ``selected``: the user's options to show; after a refusal the spawner passes
     only the profile, so the choices that caused it are not kept.
     ``refusal``: ``{"message", "credit"}`` of the last refusal, shown with what to do.
-    ``teams``: the teams the user may bill the server to ("Bill to"; none: no choice).
+    ``teams``: the teams the user may bill the server to ("Bill to"; none: no choice):
+    names, or ``{"name", "default_profile", "can_pay", "why"}`` from the portal. A team
+    that cannot pay is shown disabled, with why; choosing a team with a default
+    profile selects that profile (and it is preselected when the options bill the
+    team and name no profile).
     """
     live = summarize_offers(offers) if offers is not None else None
     selected = selected or {}
-    chosen = str(selected.get("profile") or default_profile(profiles)["slug"])
+    team_views = [_team_view(t) for t in teams or ()]
+    bill_to = str(selected.get("bill_to") or "")
+    paying = {t["name"]: t for t in team_views if t["can_pay"]}
+    if bill_to not in paying:
+        bill_to = ""
+    slugs = {p["slug"] for p in profiles}
+    for view in team_views:
+        if view["profile"] not in slugs:
+            view["profile"] = ""
+    team_profile = paying[bill_to]["profile"] if bill_to else ""
+    chosen = str(selected.get("profile") or team_profile or default_profile(profiles)["slug"])
     if chosen not in {p["slug"] for p in profiles}:
         chosen = default_profile(profiles)["slug"]
     min_seconds = balance.min_billable_seconds if balance is not None else None
@@ -423,6 +437,18 @@ def render(
         refusal=dict(refusal) if refusal else None,
         add_credit_url=add_credit_url,
         unlisted_value=UNLISTED,
-        teams=list(teams or ()),
-        bill_to=str(selected.get("bill_to") or ""),
+        teams=team_views,
+        bill_to=bill_to,
     )
+
+
+def _team_view(team: str | Mapping[str, Any]) -> dict[str, Any]:
+    """One "Bill to" entry: a team's name, default profile, whether it can pay now."""
+    if isinstance(team, str):
+        return {"name": team, "profile": "", "can_pay": True, "why": ""}
+    return {
+        "name": str(team.get("name") or ""),
+        "profile": str(team.get("default_profile") or ""),
+        "can_pay": team.get("can_pay", True) is not False,
+        "why": str(team.get("why") or "")[:200],
+    }

@@ -188,6 +188,15 @@ class PortalClient:
             raise self._error(reply)
         return Balance.from_json(reply.json())
 
+    async def billing_teams(self, user: str) -> list[dict[str, Any]]:
+        """The teams ``user`` may bill a server to, for the spawn form's "Bill to":
+        ``[{"name", "default_profile", "can_pay", "why"}]``."""
+        reply = await self._request("GET", "billing-teams", retry=True, params={"user": user})
+        if reply.status_code != 200:
+            raise self._error(reply)
+        body = reply.json()
+        return [t for t in body if isinstance(t, dict)] if isinstance(body, list) else []
+
     async def reserve(
         self,
         *,

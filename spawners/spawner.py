@@ -351,6 +351,29 @@ class RaySpawner(Spawner):
         names = {getattr(g, "name", g) for g in groups}
         return sorted(str(n) for n in names if n and n not in ROLE_GROUPS)
 
+    def bill_to_choices(self, portal_teams: Any) -> list[dict[str, Any]]:
+        """ "Bill to" for the form: the user's teams (hub groups), each with what the
+        portal says of it (its default profile; whether it can pay now, and why not).
+        A team the portal does not know yet, or a portal that did not answer, leaves
+        the team offered without those (the reservation checks it anyway)."""
+        known: dict[str, dict[str, Any]] = {}
+        if isinstance(portal_teams, list):
+            known = {str(t.get("name")): t for t in portal_teams if isinstance(t, dict)}
+        else:
+            self.log.info("no teams for the spawn form of %s: %s", self._log_name, portal_teams)
+        choices = []
+        for name in self.user_teams():
+            seen = known.get(name, {})
+            choices.append(
+                {
+                    "name": name,
+                    "default_profile": seen.get("default_profile") or None,
+                    "can_pay": seen.get("can_pay", True) is not False,
+                    "why": str(seen.get("why") or ""),
+                }
+            )
+        return choices
+
     @property
     def portal(self) -> PortalClient:
         """The hub's one client of the portal (per URL, token and timeout)."""
@@ -445,9 +468,10 @@ class RaySpawner(Spawner):
             p.get("profile_options") for p in spawner.profile_list
         ):
             return ""
-        offers_reply, balance_reply = await asyncio.gather(
+        offers_reply, balance_reply, teams_reply = await asyncio.gather(
             spawner.portal.offers(),
             spawner.portal.balance(spawner.user.name),
+            spawner.portal.billing_teams(spawner.user.name),
             return_exceptions=True,
         )
         offers = offers_reply if isinstance(offers_reply, list) else None
@@ -470,7 +494,7 @@ class RaySpawner(Spawner):
             balance=balance,
             refusal=refusal,
             add_credit_url=spawner.add_credit_url,
-            teams=spawner.user_teams(),
+            teams=spawner.bill_to_choices(teams_reply),
         )
 
     @default("apply_user_options")

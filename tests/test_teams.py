@@ -200,6 +200,64 @@ def test_a_member_removed_in_the_hub_leaves_the_team_and_its_shares(
     assert hub.shares == set()
 
 
+@SQLITE_ONLY
+def test_the_spawn_forms_bill_to_learns_which_teams_can_pay(client: TestClient) -> None:
+    """``GET /billing-teams``: each team of the user with its default profile, and
+    whether it can pay now (credit in its wallet, GPU-hours left), with why not."""
+    for team in ("ml", "cv"):
+        call(client, "tok-admin", "POST", "/teams", {"name": team})
+        call(
+            client, "tok-admin", "POST", f"/teams/{team}/members", {"user": "lea", "role": "admin"}
+        )
+    call(client, "tok-lea", "PUT", "/teams/ml/default-profile", {"default_profile": "gpu"})
+
+    def said(who: str = "tok-lea", query: str = "") -> list[tuple[Any, ...]]:
+        reply = call(client, who, "GET", f"/billing-teams{query}")
+        assert reply.status_code == 200, reply.text
+        return [(t["name"], t["default_profile"], t["can_pay"], t["why"]) for t in reply.json()]
+
+    assert said() == [("cv", None, False, "no credit left"), ("ml", "gpu", False, "no credit left")]
+    grant = {"team": "ml", "amount": 1}
+    assert call(client, "tok-admin", "POST", "/credits/grants", grant).status_code == 201
+    assert said()[1] == ("ml", "gpu", True, "")
+    # A budget of no GPU-hours has none left.
+    budget = {"gpu_hours": 0}
+    assert call(client, "tok-lea", "PUT", "/teams/ml/budget", budget).status_code == 200
+    assert said()[1] == ("ml", "gpu", False, "its GPU-hour budget is used up")
+    assert said("tok-admin", "?user=lea") == said()
+    assert said("tok-max") == [] and said("tok-admin", "?user=nobody") == []
+    outsider = call(client, "tok-max", "GET", "/billing-teams?user=lea")
+    assert outsider.status_code == 403 and "yourself" in message(outsider)
+
+
+@SQLITE_ONLY
+def test_a_share_the_hub_could_not_revoke_at_leave_time_ends_at_the_next_sync(
+    client: TestClient, hub: FakeHub
+) -> None:
+    """The hub is down while Max leaves: the leave is made, the share revocation is
+    only logged; the next sync revokes it, and keeps the shares between teammates."""
+    call(client, "tok-admin", "POST", "/teams", {"name": "ml"})
+    for user in ("lea", "max", "pat"):
+        call(client, "tok-admin", "POST", "/teams/ml/members", {"user": user})
+    for owner, mate in (("lea", "max"), ("max", "lea"), ("lea", "pat")):
+        shared = call(client, f"tok-{owner}", "POST", "/shares", {"server": "", "user": mate})
+        assert shared.is_success, shared.text
+
+    async def down(user: str) -> list[dict[str, Any]]:
+        raise HubUnavailable("connection refused")
+
+    hub.shared_with = down  # type: ignore[method-assign]
+    left = call(client, "tok-max", "DELETE", "/teams/ml/members/max")
+    assert left.status_code == 200 and left.json()["revoked"] == 0, left.text
+    assert ("lea", "", "max") in hub.shares and ("max", "", "lea") in hub.shares
+    del hub.shared_with  # the hub answers again
+    portal = client.app.state.portal  # type: ignore[attr-defined]
+    counts = asyncio.run(sync_from_hub(portal))
+    assert counts["shares_revoked"] == 2
+    assert hub.shares == {("lea", "", "pat")}
+    assert asyncio.run(sync_from_hub(portal))["shares_revoked"] == 0
+
+
 def _admin_only(route: APIRoute) -> bool:
     def walk(dependant: Any) -> bool:
         return any(d.call is full_admin or walk(d) for d in dependant.dependencies)

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import select
 
@@ -29,6 +30,7 @@ from .portal_stack import (
     Stack,
     call,
     hub_login,
+    hub_token,
     password_of,
     server_of,
     token_for,
@@ -270,7 +272,46 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
         listed = call(stack, team[LEAD], "GET", f"{PORTAL_API}/templates").json()
         mine = [t for t in listed if t["title"] == "Republished from a server"]
         assert len(mine) == 1 and mine[0]["gpu_model"] is None and mine[0]["expected_minutes"] == 5
+
+        share_a_running_server(stack, team, member, xsrf["X-XSRFToken"])
     finally:
         member.close()
         # Leave the shared stack as found: no server of this test runs on.
         call(stack, token, "DELETE", f"/hub/api/users/{MEMBER}/server")
+
+
+def share_a_running_server(
+    stack: Stack, team: dict[str, str], member: httpx.Client, xsrf: str
+) -> None:
+    """The member's running server, shared with a teammate through the home page's
+    share box: the teammate's own token reaches it through the proxy; after the
+    teammate leaves the team, it does not. An outsider is never shared with.
+
+    The single-user server caches the hub's answer for a token (JupyterHub's
+    ``HubAuth.cache_max_age``), so each step asks with a token it has not seen yet.
+    """
+    lead = hub_login(stack.base_url, LEAD, password_of(stack, LEAD))
+    try:
+        before, during, after = (hub_token(lead, LEAD) for _ in range(3))
+    finally:
+        lead.close()
+    status = f"/user/{MEMBER}/api/status"
+    assert call(stack, before, "GET", status).status_code in (401, 403)
+    form = {"action": "share", "server": "", "user": LEAD, "_xsrf": xsrf}
+    assert 'id="gp-home-share-box"' in member.get("/hub/home").text
+    shared = member.post("/hub/teams/act", data=form)
+    assert 'id="gp-teams-done"' in shared.text, shared.text[-800:]
+    reached = call(stack, during, "GET", status)
+    assert reached.status_code == 200 and "started" in reached.json(), reached.text
+    # An outsider: the page says why, the portal refuses, the hub holds no share.
+    crafted = member.post("/hub/teams/act", data={**form, "user": OUTSIDER})
+    assert 'id="gp-teams-failed"' in crafted.text and "only with a teammate" in crafted.text
+    direct = call(
+        stack, team[MEMBER], "POST", f"{PORTAL_API}/shares", json={"server": "", "user": OUTSIDER}
+    )
+    assert direct.status_code == 403, direct.text
+    assert call(stack, team[OUTSIDER], "GET", status).status_code in (401, 403)
+    # The teammate leaves the team: the share ends with it.
+    left = call(stack, team[LEAD], "DELETE", f"{PORTAL_API}/teams/{TEAM}/members/{LEAD}")
+    assert left.status_code == 200 and left.json()["revoked"] == 1, left.text
+    assert call(stack, after, "GET", status).status_code in (401, 403)

@@ -99,6 +99,8 @@ async def sync_from_hub(portal: Portal) -> dict[str, int]:
     members = {g["name"]: list(g.get("users") or ()) for g in groups}
     for team, user in left:
         await sharing.revoke_team_shares(portal, user, members.get(team, []))
+    # ...and a revocation the hub missed earlier (it was down then) happens now.
+    counts["shares_revoked"] = await sharing.reconcile_shares(portal)
     if any(counts.values()):
         log.info("synced from hub: %s", counts)
     return counts

@@ -53,6 +53,8 @@ class ContractPortal:
     balances: dict[str, int] = field(default_factory=dict)
     signup_credits: int = 10_000_000
     min_billable_seconds: int = 900
+    #: What ``GET /billing-teams`` answers, by user (the real portal's shape).
+    billing_teams: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def affords(self, user: str, gpus: int, price: int) -> bool:
         """The real portal's runway rule, for a user with no other servers."""
@@ -125,6 +127,10 @@ def create_app(portal: ContractPortal) -> FastAPI:
             "allocations": [],
             "min_billable_seconds": portal.min_billable_seconds,
         }
+
+    @app.get(f"{prefix}/billing-teams")
+    async def billing_teams(user: str = "") -> Any:
+        return portal.billing_teams.get(user, [])
 
     @app.post(f"{prefix}/reservations")
     async def reserve(request: Request) -> Any:

@@ -27,9 +27,10 @@ team, the shares between them and the team's members are revoked.
 from __future__ import annotations
 
 import logging
+from datetime import timedelta
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -38,11 +39,11 @@ from ... import timeutil
 from ...billing import ledger, metering, quotas
 from ...db import accounts, audit
 from ...db.models import Account, Team
-from ..auth import CurrentUser, PortalDep, PortalUser
+from ..auth import CurrentCaller, CurrentUser, PortalDep, PortalUser
 from ..context import Portal
 from ..hubapi import HubUnavailable
 from ..sharing import revoke_team_shares
-from .plumbing import ApiError, in_db, small_body
+from .plumbing import ApiError, check_owner, in_db, small_body
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["teams"], dependencies=[Depends(small_body)])
@@ -174,6 +175,53 @@ async def get_team(team: TeamName, caller: CurrentUser, portal: PortalDep) -> An
     def load(session: Session) -> dict[str, Any]:
         row, account = _visible_team(session, caller, team)
         return team_view(session, row, account)
+
+    return await in_db(portal, load)
+
+
+def can_pay(session: Session, team: Team) -> tuple[bool, str]:
+    """Whether the team can pay for a launch now, and why not: credit in its wallet and
+    GPU-hours left in its budget. (The reservation checks the launch itself.)"""
+    if ledger.balance_by_key(session, f"team:{team.id}") <= 0:
+        return False, "no credit left"
+    quota = metering.quota_for(session, team_id=team.id)
+    if quota is not None and quota.gpu_seconds is not None:
+        now = timeutil.utcnow()
+        since = now - timedelta(seconds=quotas.QUOTA_WINDOWS[quota.rolling_window])
+        used = metering.gpu_seconds_used(
+            metering.quota_allocations(session, quota, since), since, now
+        )
+        if used >= quota.gpu_seconds:
+            return False, "its GPU-hour budget is used up"
+    return True, ""
+
+
+@router.get("/api/v1/billing-teams")
+async def billing_teams(
+    caller: CurrentCaller,
+    portal: PortalDep,
+    user: Annotated[str | None, Query(max_length=255)] = None,
+) -> Any:
+    """The teams a user may bill a server to, for the spawn form's **Bill to**: each
+    with its default GPU profile and whether it can pay now (``why`` not, if not).
+    Yourself by default; the spawner asks for the user it spawns for."""
+    name = user or caller.name
+    check_owner(caller, name, "You can only see the teams you may bill to yourself.")
+
+    def load(session: Session) -> list[dict[str, Any]]:
+        account = session.scalar(select(Account).where(Account.hub_name == name))
+        if account is None:
+            return []
+        rows = []
+        for group in accounts.teams_of(session, account):
+            team = accounts.team_named(session, group)
+            if team is None:  # pragma: no cover (teams_of lists existing teams)
+                continue
+            ok, why = can_pay(session, team)
+            rows.append(
+                {"name": group, "default_profile": team.default_profile, "can_pay": ok, "why": why}
+            )
+        return rows
 
     return await in_db(portal, load)
 
