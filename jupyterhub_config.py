@@ -258,6 +258,10 @@ c.RaySpawner.warm_pools = os.environ.get("GPUPORTAL_WARM_POOLS", "1") != "0"
 c.RaySpawner.warm_secret = _service_token(data / "warm-pool-secret")
 if os.environ.get("GPUPORTAL_WARM_SLOTS", "").isdigit():
     c.RaySpawner.warm_slots = int(os.environ["GPUPORTAL_WARM_SLOTS"])
+# How long a user server trusts the hub's answer about a token or login: a revoked
+# share, or a member who left a team, loses access to the server within this time.
+if os.environ.get("GPUPORTAL_TOKEN_CHECK_SECONDS", "").isdigit():
+    c.RaySpawner.token_check_seconds = int(os.environ["GPUPORTAL_TOKEN_CHECK_SECONDS"])
 # What the server extension (gpuportal.extensions, docs/extension.md) needs and
 # JupyterHub does not give: where the portal is, through the public proxy. No
 # secret: the extension calls it with the server's own hub token, read-only.

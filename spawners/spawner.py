@@ -260,6 +260,20 @@ class RaySpawner(Spawner):
         "falls back to a cold start on the same reservation.",
     ).tag(config=True)
 
+    token_check_seconds = Integer(
+        15,
+        min=0,
+        help="Seconds a user server may trust the hub's answer about a token or login "
+        "(HubOAuth.cache_max_age; JupyterHub's own default is 300). A share that is "
+        "revoked, or a member who leaves a team, loses access to the server within this "
+        "time. 0: ask the hub on every request.",
+    ).tag(config=True)
+
+    def get_args(self) -> list[str]:
+        """JupyterHub's server arguments, plus how long the server caches the hub's
+        answer about a caller (so revoking a share takes effect quickly)."""
+        return [*super().get_args(), f"--HubOAuth.cache_max_age={self.token_check_seconds}"]
+
     warm_entrypoint = List(
         Unicode(),
         help="Command of a node's warm pool job. Default: the Python next to the "

@@ -73,6 +73,8 @@ def stack_env(data_dir: Path, **extra: str) -> dict[str, str]:
         # Warm pools start slot processes on the first GPU spawn: off in the shared
         # stacks (tests/spawner/test_warm.py and benchmarks/spawn.py turn them on).
         GPUPORTAL_WARM_POOLS="0",
+        # A revoked share loses its server at once (tests/test_templates_stack.py).
+        GPUPORTAL_TOKEN_CHECK_SECONDS="1",
     )
     env.update(extra)
     return env

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -287,8 +288,10 @@ def share_a_running_server(
     share box: the teammate's own token reaches it through the proxy; after the
     teammate leaves the team, it does not. An outsider is never shared with.
 
-    The single-user server caches the hub's answer for a token (JupyterHub's
-    ``HubAuth.cache_max_age``), so each step asks with a token it has not seen yet.
+    The single-user server caches the hub's answer for a token for
+    ``RaySpawner.token_check_seconds`` (1 s on the test stack), so each step asks with a
+    token it has not seen yet, and the token that reached the server while it was shared
+    is refused, too, once the cache has expired.
     """
     lead = hub_login(stack.base_url, LEAD, password_of(stack, LEAD))
     try:
@@ -315,3 +318,8 @@ def share_a_running_server(
     left = call(stack, team[LEAD], "DELETE", f"{PORTAL_API}/teams/{TEAM}/members/{LEAD}")
     assert left.status_code == 200 and left.json()["revoked"] == 1, left.text
     assert call(stack, after, "GET", status).status_code in (401, 403)
+    # The token the server already knew stops working within the re-check time.
+    deadline = time.monotonic() + 15
+    while call(stack, during, "GET", status).status_code == 200:
+        assert time.monotonic() < deadline, "a revoked share still reached the server"
+        time.sleep(0.5)

@@ -672,3 +672,11 @@ def test_a_refusal_for_capacity_says_what_is_free() -> None:
     assert str(refusal).endswith(
         "Free now in local: 2x A100-80GB (up to 2 on one server, from 1.50 per GPU-hour)."
     )
+
+
+def test_the_server_rechecks_callers_with_the_hub_within_token_check_seconds() -> None:
+    """A revoked share loses the server within ``token_check_seconds``: the server is
+    started with HubOAuth's answer cache that short (JupyterHub's default is 300 s)."""
+    assert "--HubOAuth.cache_max_age=15" in make_spawner().get_args()
+    args = make_spawner(token_check_seconds=0).get_args()
+    assert [a for a in args if "cache_max_age" in a] == ["--HubOAuth.cache_max_age=0"]
