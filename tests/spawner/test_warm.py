@@ -12,9 +12,11 @@ pool job, the marketplace contract. One story, so the pool is started once:
    one through the new hub; stopping the server ends its process, releases its GPUs,
    and the pool has a slot waiting again.
 
-Then a second node ``nw`` gets a pool and is killed (SIGKILL, every process): its
-pool is out of the hub's registry within the dead-node bound (``dead_after``, 8 s
-here), and the next spawn goes to ``n1``'s pool, never to the dead one, billed once.
+Then a second node ``nw`` gets a pool (and a cold server) and is killed (SIGKILL,
+every process): its pool is out of the hub's registry within the dead-node bound
+(``dead_after``, 8 s here) with no claim there to notice, the next spawn goes to
+``n1``'s pool (or cold), never to the dead one, billed once, and the cold server
+that died with the node is gone and its GPU released.
 """
 
 from __future__ import annotations
@@ -244,10 +246,10 @@ def test_a_dead_node_takes_its_warm_slots_out(
         )
     )
     try:
-        # A cold spawn on nw starts its pool; then nw has a slot waiting.
+        # A cold spawn on nw starts its pool; then nw has a slot waiting (and the cold
+        # server keeps running: it dies with the node).
         assert hub.spawn("wnode", options={**GPU, "region": "warmdoom"}).status_code in (201, 202)
         hub.wait_ready("wnode")
-        hub.stop_server("wnode")
         deadline = time.monotonic() + 120
         while not [p for p in pools(hub) if p["node_id"] == "nw" and (p.get("ready") or 0) >= 1]:
             assert time.monotonic() < deadline, f"no slot on nw: {pools(hub)}"
@@ -278,6 +280,14 @@ def test_a_dead_node_takes_its_warm_slots_out(
         assert [(r["status"], r["node_id"]) for r in theirs] == [("active", "n1")]
         assert len([r for r in portal.requests if r[1].endswith("/activate")]) == activations + 1
         hub.stop_server("wafter")
+        # The cold server that died with nw is gone, and its GPU released.
+        hub.wait_gone("wnode")
+        gone = [r for r in portal.reservations.values() if r["user"] == "wnode"]
+        for _ in range(120):  # the stop that follows releases it (bounded, not timed)
+            if [r["status"] for r in gone] == ["released"]:
+                break
+            time.sleep(0.5)
+        assert [r["status"] for r in gone] == ["released"]
     finally:
         portal.nodes[:] = [n for n in portal.nodes if n.node_id != "nw"]
 
