@@ -787,8 +787,10 @@ class RaySpawner(Spawner):
                 slots=lambda: self._warm_slot_count(reservation),
                 ip=self.ip or "0.0.0.0",
                 entrypoint=shlex.join(self.warm_entrypoint),
+                bound=self.dead_after,
             )
             return None
+        POOLS.watch(pool, jobs, self.dead_after)
         fields = {
             "user": self.user.name,
             "env": self.job_env(),
@@ -881,6 +883,9 @@ class RaySpawner(Spawner):
                 return self._unknown("the cluster's Jobs API is not answering")
             if not alive:
                 self.log.warning("%s: the warm pool's job or node is gone", self._log_name)
+                pool = POOLS.pools.get((self.jobs_url, self.node_id))
+                if pool is not None and pool.job_id == self.warm_job_id:
+                    POOLS.forget(pool, "its job or node is gone")
                 return 1
             return self._unknown("the warm pool does not answer")
         if not answer.get("slot_alive"):
@@ -1270,6 +1275,7 @@ class RaySpawner(Spawner):
                 self.warm_url,
                 self.warm_secret,
                 self.ray_node_id,
+                self.dead_after,
             )
 
     def clear_state(self) -> None:

@@ -68,6 +68,7 @@ class PoolRef:
     ray_node_id: str = ""
     state: str = "starting"  # starting → ready; failed (retry later)
     failed_at: float = 0.0
+    why: str = ""  # why it failed, for the admin view
 
 
 class WarmPools:
@@ -76,6 +77,8 @@ class WarmPools:
     def __init__(self) -> None:
         self.pools: dict[tuple[str, str], PoolRef] = {}
         self._tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
+        #: One watcher per ready pool: it takes a dead pool out within the bound.
+        self._watchers: dict[tuple[str, str], tuple[PoolRef, asyncio.Task[None]]] = {}
         self._http = LoopClient(timeout=5.0)
         #: The spawners' warm_secret, for the admin view's status requests.
         self.secret = ""
@@ -86,6 +89,8 @@ class WarmPools:
         for pool in list(self.pools.values()):
             row: dict[str, Any] = {"node_id": pool.node_id, "job_id": pool.job_id}
             row["state"] = pool.state
+            if pool.state == "failed":
+                row["why"] = pool.why
             if pool.state == "ready" and self.secret:
                 try:
                     answer = await self.request(
@@ -131,23 +136,73 @@ class WarmPools:
         address: str,
         secret: str,
         ray_node_id: str = "",
+        bound: float = 30.0,
     ) -> None:
         """A pool known from a warm server's state after a hub restart: ready for
-        claims again (a pool that is gone since is found out at the first claim)."""
+        claims again, and watched (a pool that is gone since is out within ``bound``,
+        or at the first claim)."""
         if not (jobs_url and node_id and job_id and address):
             return
         self.secret = self.secret or secret
         known = self.pools.get((jobs_url, node_id))
         if known is None or known.state != "ready":
-            self.pools[(jobs_url, node_id)] = PoolRef(
+            known = self.pools[(jobs_url, node_id)] = PoolRef(
                 jobs_url, node_id, job_id, address, ray_node_id, state="ready"
             )
+        if known.job_id == job_id:
+            self.watch(known, None, bound)
 
     def forget(self, pool: PoolRef, why: str) -> None:
         """The pool is gone (its job ended or its node died): no more claims there."""
         if pool.state != "failed":
             log.warning("warm pool %s on node %s is out: %s", pool.job_id, pool.node_id, why)
+            pool.why = why[:300]
         pool.state, pool.failed_at = "failed", time.monotonic()
+
+    def watch(self, pool: PoolRef, jobs: RayJobs | None, bound: float) -> None:
+        """Follow a ready pool until it is gone (idempotent; needs a running loop).
+
+        Every ``bound / 3`` seconds the pool is asked for its status; a pool that
+        does not answer is out as soon as Ray says its job or node is gone, and in
+        any case once it has not answered for the rest of ``bound`` (the spawner's
+        ``dead_after``). So a dead node's slots stop being offered within the same
+        bound in which its claimed servers are found gone by ``poll()``."""
+        key = (pool.jobs_url, pool.node_id)
+        watched, task = self._watchers.get(key) or (None, None)
+        if watched is pool and task is not None and not task.done():
+            return  # (a watcher of an older pool there ends by itself)
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet (state loaded early): the next poll or claim starts it
+        self._watchers[key] = (pool, loop.create_task(self._watch(pool, jobs, bound)))
+
+    async def _watch(self, pool: PoolRef, jobs: RayJobs | None, bound: float) -> None:
+        key = (pool.jobs_url, pool.node_id)
+        interval = max(1.0, bound / 3)
+        check = min(3.0, interval)
+        grace = max(1.0, bound - interval - check)
+        silent_since: float | None = None
+        while pool.state == "ready" and self.pools.get(key) is pool:
+            await asyncio.sleep(interval)
+            if pool.state != "ready":
+                return
+            try:
+                await self.request(pool.address, pool.job_id, self.secret, "status", timeout=check)
+                silent_since = None
+                continue
+            except WarmUnavailable as exc:
+                why = str(exc)
+            except Exception as exc:  # a watcher must outlive any one bad answer
+                why = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if jobs is not None and not await self.pool_alive(jobs, pool.job_id):
+                self.forget(pool, f"its job or node is gone ({why})")
+                return
+            now = time.monotonic()
+            silent_since = now if silent_since is None else silent_since
+            if now - silent_since >= grace:
+                self.forget(pool, f"it has not answered for {bound:.0f}s ({why})")
+                return
 
     async def _bring_up(
         self,
@@ -160,6 +215,7 @@ class WarmPools:
         slots: Callable[[], Awaitable[int]],
         ip: str,
         entrypoint: str,
+        bound: float = 30.0,
     ) -> None:
         try:
             pool.job_id = await self._adopt(jobs, pool.node_id) or await self._submit(
@@ -173,6 +229,7 @@ class WarmPools:
             pool.address = f"http://{bracketed}:{port}"
             pool.state = "ready"
             log.info("warm pool %s on node %s is ready", pool.job_id, pool.node_id)
+            self.watch(pool, jobs, bound)
         except Exception as exc:  # a failed pool only means cold starts there
             self.forget(pool, f"{type(exc).__name__}: {str(exc)[:200]}")
 

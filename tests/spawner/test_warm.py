@@ -8,8 +8,15 @@ pool job, the marketplace contract. One story, so the pool is started once:
 4. the pool refuses a forged and a replayed request;
 5. with the free slot stolen (claimed by someone else first), a spawn falls back to a
    cold start on its one reservation: activated once, never a second reservation;
-6. a hub restart keeps the claimed server; stopping it through the new hub ends its
-   process, releases its GPUs, and the pool has a slot waiting again.
+6. a hub restart keeps the claimed server and the unclaimed slots: a new spawn claims
+   one through the new hub; stopping the server ends its process, releases its GPUs,
+   and the pool has a slot waiting again.
+
+Then a second node ``nw`` gets a pool (and a cold server) and is killed (SIGKILL,
+every process): its pool is out of the hub's registry within the dead-node bound
+(``dead_after``, 8 s here) with no claim there to notice, the next spawn goes to
+``n1``'s pool (or cold), never to the dead one, billed once, and the cold server
+that died with the node is gone and its GPU released.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import pytest
 from gpuportal.provider import isolation, warmclaim
 
 from .conftest import Hub, make_hub
-from .contract_portal import ContractPortal
+from .contract_portal import ContractPortal, Node
 from .kernel import run_code
 from .raynodes import RayNodes
 
@@ -46,6 +53,7 @@ def warm_hub(
         portal,
         TEST_WARM_SECRET=secrets.token_hex(32),
         TEST_WARM_SLOTS="1",
+        TEST_DEAD_AFTER="8",
     )
     hub.start()
     yield hub
@@ -197,16 +205,91 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     pool_request(ray_nodes, hub, address, pool["job_id"], "stop", {"slot": stolen.json()["slot"]})
     hub.stop_server("wfall")
 
-    # 6. A hub restart keeps the warm server; stopping it releases it, and a slot waits again.
+    # 6. A hub restart keeps the warm server and the waiting slot (claimable through the
+    # new hub); stopping the server releases it, and a slot waits again.
+    wait_slot(hub)
     hub.stop()
     hub.start()
     model = hub.server_model("wwarm")
     assert model is not None and model["ready"], model
     assert hub.state("wwarm") == state
+    assert wait_slot(hub)["job_id"] == pool["job_id"]  # the same pool, adopted
+    assert hub.spawn("wnext", options=GPU).status_code in (201, 202)
+    hub.wait_ready("wnext")
+    after = hub.state("wnext")
+    assert after["warm_job_id"] == pool["job_id"] and after["warm_slot"] != state["warm_slot"]
+    assert "job_id" not in after
+    assert portal.reservations[after["reservation_id"]]["status"] == "active"
+    hub.stop_server("wnext")
+    assert portal.reservations[after["reservation_id"]]["status"] == "released"
     hub.stop_server("wwarm")
     assert portal.reservations[state["reservation_id"]]["status"] == "released"
     assert not server.is_running()
     assert wait_slot(hub)["job_id"] == pool["job_id"]
+
+
+def test_a_dead_node_takes_its_warm_slots_out(
+    warm_hub: Hub, ray_nodes: RayNodes, portal: ContractPortal
+) -> None:
+    hub = warm_hub
+    ray_nodes.add_gpu_node("nw", 1)
+    ray_nodes.wait_alive(len(ray_nodes.procs))
+    portal.nodes.append(
+        Node(
+            "nw",
+            1,
+            "A100-80GB",
+            "warmdoom",
+            1_000_000,
+            ray_nodes.jobs_url,
+            ray_token=ray_nodes.token,
+        )
+    )
+    try:
+        # A cold spawn on nw starts its pool; then nw has a slot waiting (and the cold
+        # server keeps running: it dies with the node).
+        assert hub.spawn("wnode", options={**GPU, "region": "warmdoom"}).status_code in (201, 202)
+        hub.wait_ready("wnode")
+        deadline = time.monotonic() + 120
+        while not [p for p in pools(hub) if p["node_id"] == "nw" and (p.get("ready") or 0) >= 1]:
+            assert time.monotonic() < deadline, f"no slot on nw: {pools(hub)}"
+            time.sleep(0.5)
+        doomed = next(p for p in pools(hub) if p["node_id"] == "nw")
+        n1_pools = {p["job_id"] for p in pools(hub) if p["node_id"] == "n1"}
+
+        # The machine dies; the marketplace stops offering it (its own dead-node rule).
+        ray_nodes.kill_node("nw")
+        portal.nodes[:] = [n for n in portal.nodes if n.node_id != "nw"]
+        # The hub takes the pool out by itself, with no claim or server there to notice:
+        # within dead_after (8 s) plus one check and this loop's slack on a loaded machine.
+        deadline = time.monotonic() + 3 * 8
+        while (row := next(p for p in pools(hub) if p["node_id"] == "nw"))["state"] != "failed":
+            assert time.monotonic() < deadline, f"dead pool still offered: {pools(hub)}"
+            time.sleep(0.5)
+        assert row["job_id"] == doomed["job_id"] and row["why"], row
+        assert "ready" not in row  # no slot counts for a pool that is out
+
+        # The next spawn goes to n1's pool (or cold), never to the dead slot, billed once.
+        activations = len([r for r in portal.requests if r[1].endswith("/activate")])
+        assert hub.spawn("wafter", options=GPU).status_code in (201, 202)
+        hub.wait_ready("wafter")
+        state = hub.state("wafter")
+        assert state.get("warm_job_id") in (n1_pools | {None}), state
+        assert state.get("warm_job_id") != doomed["job_id"]
+        theirs = [r for r in portal.reservations.values() if r["user"] == "wafter"]
+        assert [(r["status"], r["node_id"]) for r in theirs] == [("active", "n1")]
+        assert len([r for r in portal.requests if r[1].endswith("/activate")]) == activations + 1
+        hub.stop_server("wafter")
+        # The cold server that died with nw is gone, and its GPU released.
+        hub.wait_gone("wnode")
+        gone = [r for r in portal.reservations.values() if r["user"] == "wnode"]
+        for _ in range(120):  # the stop that follows releases it (bounded, not timed)
+            if [r["status"] for r in gone] == ["released"]:
+                break
+            time.sleep(0.5)
+        assert [r["status"] for r in gone] == ["released"]
+    finally:
+        portal.nodes[:] = [n for n in portal.nodes if n.node_id != "nw"]
 
 
 def pool_port(hub: Hub, job_id: str) -> int:
