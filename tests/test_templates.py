@@ -339,6 +339,18 @@ def test_a_template_opens_with_the_spawn_forms_options(
     assert selection.overrides["gpu_count"] == template["gpu_count"]
 
 
+def test_a_team_template_opened_by_a_member_is_billed_to_the_team() -> None:
+    """Open on GPU of a team's template bills the team (the spawn form's Bill to) when
+    the user is in it; a global template, or a team the user is not in, bills the
+    user's own wallet (the spawner refuses a crafted team anyway)."""
+    team_template = {"gpu_count": 1, "gpu_model": "L4", "team": "ml"}
+    assert gallery.user_options(team_template, ["ml", "customers"])["bill_to"] == "ml"
+    assert "bill_to" not in gallery.user_options(team_template, ["bio"])
+    assert "bill_to" not in gallery.user_options({**team_template, "team": None}, ["ml"])
+    cpu = {"gpu_count": 0, "gpu_model": None, "team": "ml"}
+    assert gallery.user_options(cpu, ["ml"]) == {"profile": "cpu"}  # CPU servers are free
+
+
 class Running:
     def __init__(self, gpu_count: int, gpu_model: str) -> None:
         self.gpu_count, self.gpu_model = gpu_count, gpu_model

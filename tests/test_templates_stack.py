@@ -39,6 +39,8 @@ from .portal_stack import (
 )
 
 TEAM = "tpl-team"
+#: What the admin grants the team, micro-credits (100 credits).
+TEAM_FUNDS = 100_000_000
 LEAD, MEMBER, OUTSIDER = "tpl-lead", "tpl-member", "tpl-outsider"
 TITLE = "Team fine-tune on an A100"
 
@@ -100,6 +102,15 @@ def team(stack: Stack) -> dict[str, str]:
     synced = call(stack, tokens["admin"], "POST", f"{PORTAL_API}/sync")
     assert synced.status_code == 200, synced.text
     set_role(stack, LEAD, "admin")
+    # The team pays for its members' Open on GPU of its templates.
+    funded = call(
+        stack,
+        tokens["admin"],
+        "POST",
+        f"{PORTAL_API}/credits/grants",
+        json={"team": TEAM, "amount": TEAM_FUNDS},
+    )
+    assert funded.status_code == 201, funded.text
     return tokens
 
 
@@ -203,6 +214,7 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
 ) -> None:
     token = team[MEMBER]
     wait_free_gpus(stack, token, 2)
+    own_before = call(stack, token, "GET", f"{PORTAL_API}/balance").json()["balance"]
     member = hub_login(stack.base_url, MEMBER, password_of(stack, MEMBER))
     try:
         page = browser_page
@@ -230,6 +242,8 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
 
         server = server_of(stack, token, MEMBER)
         assert server is not None and server.get("ready")
+        # The team's template runs on the team's money ("Bill to" the team).
+        assert server["user_options"]["bill_to"] == TEAM, server
         path = page.url.split("/lab/tree/", 1)[1]
         landed = call(stack, token, "GET", f"/user/{MEMBER}/api/contents/{path}")
         assert landed.status_code == 200, landed.text
@@ -275,10 +289,24 @@ def test_open_on_gpu_in_a_browser_lands_the_notebook_in_jupyterlab(
         assert len(mine) == 1 and mine[0]["gpu_model"] is None and mine[0]["expected_minutes"] == 5
 
         share_a_running_server(stack, team, member, xsrf["X-XSRFToken"])
+
+        # Stopped, the session is charged to the team; the member's own wallet is not.
+        call(stack, token, "DELETE", f"/hub/api/users/{MEMBER}/server")
+        deadline = time.monotonic() + 60
+        while team_balance(stack, team["admin"]) >= TEAM_FUNDS:
+            assert time.monotonic() < deadline, "the team was not charged for the session"
+            time.sleep(1)
+        assert call(stack, token, "GET", f"{PORTAL_API}/balance").json()["balance"] == own_before
     finally:
         member.close()
         # Leave the shared stack as found: no server of this test runs on.
         call(stack, token, "DELETE", f"/hub/api/users/{MEMBER}/server")
+
+
+def team_balance(stack: Stack, token: str) -> int:
+    reply = call(stack, token, "GET", f"{PORTAL_API}/teams/{TEAM}")
+    assert reply.status_code == 200, reply.text
+    return int(reply.json()["balance"])
 
 
 def share_a_running_server(

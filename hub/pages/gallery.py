@@ -26,6 +26,7 @@ import asyncio
 import hashlib
 import json
 import re
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -34,6 +35,8 @@ from jupyterhub import orm
 from jupyterhub.handlers import BaseHandler
 from tornado import web
 from tornado.httputil import url_concat
+
+from gpuportal.spawners.profiles import BILL_TO
 
 from .portal_reader import PortalAdminClient, PortalReader, PortalUnavailable
 
@@ -79,15 +82,25 @@ def publisher() -> PortalAdminClient:
     return _publisher
 
 
-def user_options(template: dict[str, Any]) -> dict[str, str]:
-    """The spawn form's options (the default profile list) for a template's needs."""
+def user_options(template: dict[str, Any], teams: Iterable[str] = ()) -> dict[str, str]:
+    """The spawn form's options (the default profile list) for a template's needs.
+
+    A team's template, opened by a member of that team (``teams``: the user's hub
+    groups), is billed to the team ("Bill to" on the spawn form); the spawner and the
+    portal check the membership again, and a team that cannot pay refuses the spawn
+    with its sentence. A global template is billed to the user's own wallet.
+    """
     if int(template["gpu_count"]) == 0:
         return {"profile": "cpu"}
-    return {
+    options = {
         "profile": "gpu",
         "gpu_model": template.get("gpu_model") or "any",
         "gpu_count": str(template["gpu_count"]),
     }
+    team = template.get("team")
+    if team and team in set(teams):
+        options[BILL_TO] = str(team)
+    return options
 
 
 def needs(template: dict[str, Any]) -> str:
@@ -215,7 +228,7 @@ class OpenTemplate(BaseHandler):
         if check:
             # The page asks how the start it follows went: never start another one.
             return _json(self, 409, {"message": _why_not_running(spawner)})
-        options = user_options(template)
+        options = user_options(template, (g.name for g in user.groups))
         self.log.info("template %s: starting %s's server with %s", template_id, user.name, options)
         # The hub's own spawn (its checks, limits and bookkeeping), awaited only briefly:
         # a refusal that comes at once is answered here, the rest of the start is
