@@ -15,7 +15,7 @@ from gpuportal.hub.pages.admin import action_request
 from .portal_stack import Stack, hub_login, hub_token
 
 PORTAL = "/services/portal/api/v1"
-SECTIONS = ["", "/accounts", "/allocations", "/audit"]
+SECTIONS = ["", "/accounts", "/allocations", "/payouts", "/audit"]
 
 
 @pytest.mark.parametrize(
@@ -37,6 +37,8 @@ SECTIONS = ["", "/accounts", "/allocations", "/audit"]
             {"action": "grant", "kind": "team", "target": "ml", "amount": "10", "reason": "x"},
             ("POST", "credits/grants", {"team": "ml", "amount": 10_000_000, "memo": "x"}),
         ),
+        ({"action": "retry", "target": "12"}, ("POST", "payouts/12/retry", {})),
+        ({"action": "run", "target": "round"}, ("POST", "payouts/run", {})),
     ],
 )
 def test_each_form_makes_one_portal_call(form: dict[str, str], call: tuple[Any, ...]) -> None:
@@ -56,6 +58,7 @@ def test_each_form_makes_one_portal_call(form: dict[str, str], call: tuple[Any, 
         ({"action": "grant", "target": "ann", "kind": "admin", "amount": "1"}, "user or a team"),
         ({"action": "quota", "target": "ann", "gpu_hours": "lots"}, "not a number"),
         ({"action": "delete-everything", "target": "ann"}, "no such action"),
+        ({"action": "retry", "target": "12/../../run"}, "payout is named by its number"),
         ({"action": "grant", "target": " "}, "what to act on"),
     ],
 )
@@ -109,6 +112,15 @@ def test_the_admin_panel_for_admins_only_through_the_real_hub(stack: Stack) -> N
             data={"action": "refund", "target": "999999", "reason": "x", "_xsrf": xsrf},
         )
         assert 'id="gp-admin-failed"' in refused.text and "no allocation 999999" in refused.text
+        # Payouts: a round run from the panel, in the audit log.
+        ran = admin.post(
+            "/hub/portal-admin/act",
+            data={"action": "run", "target": "round", "back": "payouts", "_xsrf": xsrf},
+        )
+        assert "/hub/portal-admin/payouts" in str(ran.url) and 'id="gp-admin-payouts"' in ran.text
+        assert 'id="gp-admin-done"' in ran.text, ran.text[-2000:]
+        log = admin.get("/hub/portal-admin/audit", params={"action": "payout."}).text
+        assert "payout.run" in log
         no_xsrf = admin.post("/hub/portal-admin/act", data=grant)
         assert no_xsrf.status_code == 403
     finally:

@@ -6,6 +6,8 @@ page stays as it is).
 * ``GET /hub/portal-admin/accounts``: customers and teams (balance, quota; grant
   credits, set a quota);
 * ``GET /hub/portal-admin/allocations``: live allocations (stop a server, refund);
+* ``GET /hub/portal-admin/payouts``: pending and failed payouts, the treasury (retry a
+  failed payout, run a payout round now);
 * ``GET /hub/portal-admin/audit``: the audit log, filtered by actor, action, target;
 * ``POST /hub/portal-admin/act``: one action from a form (the hub's XSRF check),
   then back to the page it came from with a sentence saying what happened.
@@ -36,6 +38,7 @@ SECTIONS = {
     "": "Providers and nodes",
     "accounts": "Customers and teams",
     "allocations": "Live allocations",
+    "payouts": "Payouts",
     "audit": "Audit log",
 }
 
@@ -65,6 +68,8 @@ async def _load(user: Any, section: str, args: dict[str, str]) -> dict[str, Any]
         return {"accounts": await portal.get(user, "admin/accounts")}
     if section == "allocations":
         return {"allocations": await portal.get(user, "admin/allocations", open_only="true")}
+    if section == "payouts":
+        return {"payouts": await portal.get(user, "payouts/admin")}
     if section == "audit":
         filters = {k: args[k] for k in ("actor", "action", "target_kind", "target") if args.get(k)}
         return {"records": await portal.get(user, "admin/audit", **filters), "filters": filters}
@@ -164,6 +169,12 @@ def action_request(form: dict[str, str]) -> tuple[str, str, Any, str]:
         amount = _amount(form.get("amount", ""), required=False)
         body = {"reason": reason} if amount is None else {"reason": reason, "amount": amount}
         return "POST", f"admin/allocations/{target}/refund", body, f"Allocation {target} refunded."
+    if action == "retry":
+        if not target.isdigit():
+            raise ValueError("A payout is named by its number.")
+        return "POST", f"payouts/{target}/retry", {}, f"Payout {target} is being paid again."
+    if action == "run":
+        return "POST", "payouts/run", {}, "A payout round ran."
     kind = form.get("kind", "user")
     if kind not in ("user", "team"):
         raise ValueError("Credits and quotas go to a user or a team.")
@@ -212,5 +223,5 @@ class AdminAction(BaseHandler):
 
 HANDLERS = [
     (rf"/{ADMIN_PAGE}/act", AdminAction),
-    (rf"/{ADMIN_PAGE}(/accounts|/allocations|/audit)?/?", AdminPanel),
+    (rf"/{ADMIN_PAGE}(/accounts|/allocations|/payouts|/audit)?/?", AdminPanel),
 ]

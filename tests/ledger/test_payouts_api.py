@@ -316,3 +316,31 @@ def test_a_wallet_changed_through_the_api_pays_from_the_next_period(
     client.post(f"{API}/payouts/run", headers=auth("tok-admin"))
     (payout,) = client.get(f"{API}/payouts", headers=auth("tok-ann")).json()
     assert payout["wallet"] == WALLET
+
+
+def test_payout_runs_and_retries_are_in_the_admin_audit_log(
+    client: TestClient, portal: Portal, clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gpuportal.hub.db import audit
+
+    make_provider(portal, "ann", 2 * CREDIT)
+    clock.advance(2 * 3600)
+    real_transfer = payouts.payout_tx.sol_transfer
+    # The chain refuses the transfer (a brand-new wallet must receive at least its rent).
+    monkeypatch.setattr(payouts.payout_tx, "sol_transfer", lambda t, w, n: real_transfer(t, w, 1))
+    (made,) = client.post(f"{API}/payouts/run", headers=auth("tok-admin")).json()["created"]
+    view = client.get(f"{API}/payouts/admin", headers=auth("tok-admin")).json()
+    assert [p["id"] for p in view["failed"]] == [made]
+    monkeypatch.setattr(payouts.payout_tx, "sol_transfer", real_transfer)
+    # A provider may not retry; the refusal leaves no record.
+    assert client.post(f"{API}/payouts/{made}/retry", headers=auth("tok-ann")).status_code == 403
+    retried = client.post(f"{API}/payouts/{made}/retry", headers=auth("tok-admin"))
+    assert retried.status_code == 200, retried.text
+    with portal_db.transaction(portal.sessions) as session:
+        records = audit.search(session, action="payout.")
+    assert [(r["actor"], r["action"]) for r in records] == [
+        ("admin", "payout.retry"),
+        ("admin", "payout.run"),
+    ]
+    assert records[0]["target"] == str(made) and records[0]["detail"]["retries"] == 1
+    assert records[1]["detail"]["created"] == [made]

@@ -22,6 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...billing import payouts
 from ...billing.ledger import LedgerError
+from ...db import audit
 from ...db.models import Account
 from ...db.payout_models import PAYOUT_STATES
 from ..auth import CurrentCaller, PortalDep
@@ -159,6 +160,18 @@ async def run_payouts(portal: PortalDep, caller: Admin) -> Any:
         )
     except LedgerError as exc:
         raise api_error(exc) from None
+
+    def note(session: Any) -> None:
+        audit.record(
+            session,
+            actor=caller.name,
+            action="payout.run",
+            target_kind="payout",
+            target=f"{result.period_start:%Y-%m-%d}..{result.period_end:%Y-%m-%d}",
+            detail={"created": result.created, "errors": result.errors},
+        )
+
+    await in_db(portal, note)
     return result.__dict__
 
 
@@ -168,7 +181,17 @@ async def retry_payout(payout_id: int, portal: PortalDep, caller: Admin) -> Any:
     chain, vault, mint = await _side(portal)
 
     def work(session: Any) -> int:
-        return payouts.retry(session, payout_id).id
+        payout = payouts.retry(session, payout_id)
+        # The admin panel's audit log, in the retry's own transaction.
+        audit.record(
+            session,
+            actor=caller.name,
+            action="payout.retry",
+            target_kind="payout",
+            target=str(payout.id),
+            detail={"amount": payout.amount, "retries": payout.retries},
+        )
+        return payout.id
 
     await in_db(portal, work)
     with suppress(LedgerError):  # if this fails it stays pending; the loop tries again
