@@ -235,7 +235,10 @@ def sandbox_command(
             cmd += ["--symlink", os.readlink(path), top]
         elif path.is_dir():
             cmd += ["--ro-bind", top, top]
-    mounted: set[str] = {"/usr", "/etc", "/opt", "/sys", "/tmp", "/proc", "/dev"}  # noqa: S108
+    # Python and the packages are bound unless a system mount already shows them. Not
+    # /tmp: the sandbox's /tmp is a new, empty tmpfs, so a Python that lives under the
+    # host's /tmp (a CI checkout, say) is bound into it like any other.
+    mounted: set[str] = {"/usr", "/etc", "/opt", "/sys", "/proc", "/dev"}
     binds: list[tuple[str, str, str]] = []
     for path in [Path(sys.prefix), Path(sys.base_prefix), *_package_dirs()]:
         resolved = str(path.resolve())

@@ -167,6 +167,21 @@ def test_the_sandbox_mounts_the_home_and_python_but_not_the_data_dir(tmp_path: P
     assert tail[-2:] == ["python", "-V"]
 
 
+def test_a_python_under_tmp_is_bound_into_the_sandboxs_own_tmp(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sandbox's /tmp is an empty tmpfs: a venv that lives under the host's /tmp
+    must be bound into it, or the server cannot even start its Python."""
+    venv = Path("/tmp") / tmp_path.name / "venv"  # noqa: S108 (a path, never created)
+    monkeypatch.setattr(sys, "prefix", str(venv))
+    home = tmp_path / "homes" / "gp-alice"
+    command = isolation.sandbox_command(["python", "-V"], home, "/usr/bin/bwrap", _account(home))
+    pairs = list(zip(command, command[1:], command[2:], strict=False))
+    assert ("--ro-bind", str(venv), str(venv)) in pairs
+    # ...after the tmpfs is mounted on /tmp, so the bind is not hidden by it.
+    assert command.index("--tmpfs") < command.index(str(venv))
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="creating accounts needs root")
 def test_a_customer_gets_an_unprivileged_account_and_a_0700_home(tmp_path: Path) -> None:
     homes = tmp_path / "homes"
