@@ -172,7 +172,7 @@ def test_a_python_under_tmp_is_bound_into_the_sandboxs_own_tmp(
 ) -> None:
     """The sandbox's /tmp is an empty tmpfs: a venv that lives under the host's /tmp
     must be bound into it, or the server cannot even start its Python."""
-    venv = Path("/tmp") / tmp_path.name / "venv"  # noqa: S108 (a path, never created)
+    venv = Path("/tmp") / tmp_path.name / "venv"  # a path only, never created
     monkeypatch.setattr(sys, "prefix", str(venv))
     home = tmp_path / "homes" / "gp-alice"
     command = isolation.sandbox_command(["python", "-V"], home, "/usr/bin/bwrap", _account(home))
