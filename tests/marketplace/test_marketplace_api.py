@@ -9,6 +9,7 @@ GPUPORTAL_HUB_EXTRA_CONFIG.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -88,10 +89,21 @@ def test_house_node_is_declared_to_ray(market_stack: Any) -> None:
         headers={"Authorization": f"Bearer {token}"},
         timeout=30,
     ).json()
-    resources = nodes["data"]["result"]["result"][0]["resources_total"]
+    # The Ray node that carries the house node's resource (whatever else has joined).
+    (resources,) = [
+        n["resources_total"]
+        for n in nodes["data"]["result"]["result"]
+        if f"gpuportal/node:{node_id}" in n.get("resources_total", {})
+    ]
     assert resources[f"gpuportal/node:{node_id}"] == 2
     assert resources["GPU"] == 2
-    assert f"house node {node_id}: verified" in market_stack.read_output()
+    # `gpuportal up` prints the house node's verification after the portal answers its
+    # health check: wait for the line (bounded), then it must say verified.
+    said = f"house node {node_id}: "
+    deadline = time.monotonic() + 180
+    while said not in market_stack.read_output() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert f"{said}verified" in market_stack.read_output()
 
 
 def test_offers_show_the_house_demo_gpus(users: dict[str, Portal]) -> None:
