@@ -30,7 +30,7 @@ from tornado import web
 
 from gpuportal.provider.money import format_credits, parse_credits
 
-from .portal_reader import PortalAdminClient, PortalUnavailable
+from .portal_reader import Configured, PortalAdminClient, PortalUnavailable
 
 #: The panel's path below the hub's prefix.
 ADMIN_PAGE = "portal-admin"
@@ -44,18 +44,8 @@ SECTIONS = {
 
 NODE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
-_client: PortalAdminClient | None = None
-
-
-def set_client(client: PortalAdminClient) -> None:
-    global _client
-    _client = client
-
-
-def client() -> PortalAdminClient:
-    if _client is None:  # pragma: no cover - configure() always sets it
-        raise web.HTTPError(503, "The admin pages are not configured.")
-    return _client
+client: Configured[PortalAdminClient] = Configured("The admin pages are")
+set_client = client.set
 
 
 def money(micro: Any) -> str:

@@ -38,7 +38,7 @@ from tornado.httputil import url_concat
 
 from gpuportal.spawners.profiles import BILL_TO
 
-from .portal_reader import PortalAdminClient, PortalReader, PortalUnavailable
+from .portal_reader import Configured, PortalAdminClient, PortalReader, PortalUnavailable
 
 #: The gallery's path below the hub's prefix.
 GALLERY_PAGE = "templates"
@@ -53,8 +53,8 @@ TEMPLATE_ID = re.compile(r"(global/[A-Za-z0-9._-]{1,80}|team/[0-9]{1,18})")
 #: A notebook path in the user's server: relative, no '..', ends in .ipynb.
 NOTEBOOK_PATH = re.compile(r"(?!/)(?!.*(?:^|/)\.\.(?:/|$))[^\\\x00-\x1f]{1,250}\.ipynb")
 
-_reader: PortalReader | None = None
-_publisher: PortalAdminClient | None = None
+reader: Configured[PortalReader] = Configured("The template gallery is")
+publisher: Configured[PortalAdminClient] = Configured("The template gallery is")
 _http = httpx.AsyncClient(timeout=15.0)
 
 
@@ -65,21 +65,9 @@ class Publisher(PortalAdminClient):
     note = "gpuportal template publishing (renewed automatically)"
 
 
-def set_clients(reader: PortalReader, publisher: PortalAdminClient) -> None:
-    global _reader, _publisher
-    _reader, _publisher = reader, publisher
-
-
-def reader() -> PortalReader:
-    if _reader is None:  # pragma: no cover - configure() always sets it
-        raise web.HTTPError(503, "The template gallery is not configured.")
-    return _reader
-
-
-def publisher() -> PortalAdminClient:
-    if _publisher is None:  # pragma: no cover
-        raise web.HTTPError(503, "The template gallery is not configured.")
-    return _publisher
+def set_clients(portal_reader: PortalReader, portal_publisher: PortalAdminClient) -> None:
+    reader.set(portal_reader)
+    publisher.set(portal_publisher)
 
 
 def user_options(template: dict[str, Any], teams: Iterable[str] = ()) -> dict[str, str]:
@@ -156,6 +144,20 @@ async def _template(user: Any, template_id: str) -> dict[str, Any] | None:
     return found
 
 
+async def _template_or_answer(
+    handler: BaseHandler, user: Any, template_id: str
+) -> dict[str, Any] | None:
+    """The template the user may open, or None once the handler has answered why not."""
+    try:
+        template = await _template(user, template_id)
+    except PortalUnavailable as exc:
+        _json(handler, 503, {"message": str(exc)})
+        return None
+    if template is None:
+        _json(handler, 404, {"message": "There is no such template."})
+    return template
+
+
 class Gallery(BaseHandler):
     """The templates this user may see, with GPU needs, cost and Open on GPU."""
 
@@ -192,12 +194,9 @@ class OpenTemplate(BaseHandler):
     @web.authenticated
     async def post(self, template_id: str) -> None:
         user = self.current_user
-        try:
-            template = await _template(user, template_id)
-        except PortalUnavailable as exc:
-            return _json(self, 503, {"message": str(exc)})
+        template = await _template_or_answer(self, user, template_id)
         if template is None:
-            return _json(self, 404, {"message": "There is no such template."})
+            return None
         check = self.get_argument("check", "") == "1"
         # (A check keeps a failed spawner, whose failure it reports; an open replaces it.)
         spawner = user.spawners.get("") if check else user.get_spawner("", replace_failed=True)
@@ -308,12 +307,9 @@ class CopyTemplate(BaseHandler):
     @web.authenticated
     async def post(self, template_id: str) -> None:
         user = self.current_user
-        try:
-            template = await _template(user, template_id)
-        except PortalUnavailable as exc:
-            return _json(self, 503, {"message": str(exc)})
+        template = await _template_or_answer(self, user, template_id)
         if template is None:
-            return _json(self, 404, {"message": "There is no such template."})
+            return None
         spawner = user.spawners.get("")
         if spawner is None or not spawner.ready or spawner.server is None:
             return _json(self, 409, {"message": "Your server is not running yet."})

@@ -23,20 +23,10 @@ from gpuportal.provider.money import format_credits
 
 from .. import timeutil
 from . import money
-from .portal_reader import PortalReader, PortalUnavailable
+from .portal_reader import Configured, PortalReader, PortalUnavailable
 
-_reader: PortalReader | None = None
-
-
-def set_reader(reader: PortalReader) -> None:
-    global _reader
-    _reader = reader
-
-
-def reader() -> PortalReader:
-    if _reader is None:  # pragma: no cover - configure() always sets it
-        raise web.HTTPError(503, "The billing pages are not configured.")
-    return _reader
+reader: Configured[PortalReader] = Configured("The hub pages are")
+set_reader = reader.set
 
 
 async def money_summary(user: Any) -> dict[str, Any]:

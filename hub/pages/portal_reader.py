@@ -17,10 +17,11 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 from urllib.parse import quote
 
 import httpx
+from tornado import web
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +173,26 @@ class PortalUserClient(PortalAdminClient):
     """
 
     note = "gpuportal team pages (renewed automatically)"
+
+
+T = TypeVar("T")
+
+
+class Configured(Generic[T]):
+    """One page module's client, set once by ``configure()`` when the hub starts.
+
+    Calling it returns the client; before ``configure()`` a page answers 503 with
+    ``what`` in its sentence instead of failing on ``None``.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.value: T | None = None
+
+    def set(self, value: T) -> None:
+        self.value = value
+
+    def __call__(self) -> T:
+        if self.value is None:
+            raise web.HTTPError(503, f"{self.what} not configured.")
+        return self.value

@@ -24,22 +24,12 @@ from tornado import web
 
 from gpuportal.provider.money import format_credits, parse_credits
 
-from .portal_reader import PortalAdminClient, PortalUnavailable
+from .portal_reader import Configured, PortalAdminClient, PortalUnavailable
 
 TEAMS_PAGE = "teams"
 
-_client: PortalAdminClient | None = None
-
-
-def set_client(client: PortalAdminClient) -> None:
-    global _client
-    _client = client
-
-
-def client() -> PortalAdminClient:
-    if _client is None:  # pragma: no cover - configure() always sets it
-        raise web.HTTPError(503, "The teams page is not configured.")
-    return _client
+client: Configured[PortalAdminClient] = Configured("The teams page is")
+set_client = client.set
 
 
 def _segment(text: str, what: str) -> str:

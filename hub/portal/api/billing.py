@@ -36,16 +36,15 @@ from ...billing import (
     usage,
 )
 from ...billing.ledger import MAX_AMOUNT, MAX_PRICE, LedgerError
-from ...db import accounts, audit
+from ...db import audit
 from ...db.ledger_models import OPEN_STATES, Allocation
-from ...db.models import Account
 from ..auth import CurrentCaller, PortalDep, PortalUser
 from ..context import Portal
-from ..hubapi import HubUnavailable
 from .plumbing import (
     Admin,
     ApiError,
     Trusted,
+    account_from_hub,
     api_error,
     check_owner,
     in_db,
@@ -62,33 +61,6 @@ MAX_USDC_UNITS = MAX_AMOUNT
 
 #: Why a user may not see another's data.
 OWN_DATA_ONLY = "You can only see your own usage, balance and servers."
-
-
-async def account_from_hub(portal: Portal, name: str) -> None:
-    """Make sure ``name`` has a portal account, asking the hub if the portal lacks one.
-
-    An admin may create a hub user and grant them credits (or a quota) before
-    they ever log in; the hub sync would add them only later, so the hub is
-    asked on demand, as reservations do. 404 if the hub has no such user.
-    """
-    from sqlalchemy import select
-
-    def known(session: Any) -> bool:
-        return session.scalar(select(Account.id).where(Account.hub_name == name)) is not None
-
-    if await in_db(portal, known):
-        return
-    try:
-        model = await portal.hub.user(name)
-    except HubUnavailable:
-        raise ApiError(503, "The hub is not answering; try again in a moment.") from None
-    if model is None:
-        raise ApiError(404, f"There is no hub user named {name!r}.")
-
-    def create(session: Any) -> None:
-        accounts.upsert_account(session, model)
-
-    await in_db(portal, create)
 
 
 # --- allocations -------------------------------------------------------------------------

@@ -22,14 +22,18 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, HTTPException, Request
 from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from ...billing import ledger
 from ...billing.ledger import LedgerError
+from ...db import accounts
+from ...db.models import Account
 from ...market.marketplace import MarketError
 from ..auth import CurrentCaller, PortalUser, require_role
 from ..context import Portal
+from ..hubapi import HubUnavailable
 
 T = TypeVar("T")
 
@@ -126,3 +130,32 @@ def check_owner(caller: PortalUser, owner: str, refusal: str, *, admins: bool = 
     if caller.is_service or caller.name == owner or (admins and caller.admin):
         return
     raise ApiError(403, refusal)
+
+
+async def account_from_hub(
+    portal: Portal,
+    name: str,
+    *,
+    missing: int = 404,
+    hub_down: str = "The hub is not answering; try again in a moment.",
+) -> None:
+    """Make sure hub user ``name`` has a portal account, asking the hub if the portal lacks one.
+
+    An admin may create a hub user and grant them credits (or a quota), or a team
+    admin add them to a team, before they ever log in; the hub sync would add them
+    only later, so the hub is asked on demand, as reservations do. ``missing``: the
+    status when the hub has no such user (404 for a path's user, 422 for a body's).
+    """
+
+    def known(session: Session) -> bool:
+        return session.scalar(select(Account.id).where(Account.hub_name == name)) is not None
+
+    if await in_db(portal, known):
+        return
+    try:
+        model = await portal.hub.user(name)
+    except HubUnavailable:
+        raise ApiError(503, hub_down) from None
+    if model is None:
+        raise ApiError(missing, f"There is no hub user named {name[:64]!r}.")
+    await in_db(portal, lambda session: accounts.upsert_account(session, model))

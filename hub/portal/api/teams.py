@@ -43,7 +43,7 @@ from ..auth import CurrentCaller, CurrentUser, PortalDep, PortalUser
 from ..context import Portal
 from ..hubapi import HubUnavailable
 from ..sharing import revoke_team_shares
-from .plumbing import ApiError, check_owner, in_db, small_body
+from .plumbing import ApiError, account_from_hub, check_owner, in_db, small_body
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["teams"], dependencies=[Depends(small_body)])
@@ -266,30 +266,13 @@ async def create_team(body: TeamCreate, caller: CurrentUser, portal: PortalDep) 
     return await in_db(portal, write)
 
 
-async def _account_named(portal: Portal, name: str) -> None:
-    """Make sure the portal has an account for hub user ``name`` (422 if the hub has none)."""
-
-    def known(session: Session) -> bool:
-        return session.scalar(select(Account.id).where(Account.hub_name == name)) is not None
-
-    if await in_db(portal, known):
-        return
-    try:
-        model = await portal.hub.user(name)
-    except HubUnavailable:
-        raise ApiError(503, HUB_DOWN) from None
-    if model is None:
-        raise ApiError(422, f"There is no hub user named {name[:64]!r}.")
-    await in_db(portal, lambda s: accounts.upsert_account(s, model))
-
-
 @router.post("/api/v1/teams/{team}/members", status_code=201)
 async def add_member(
     team: TeamName, body: MemberAdd, caller: CurrentUser, portal: PortalDep
 ) -> Any:
     """Add a hub user to the team (team admins): the hub group, then the portal."""
     await in_db(portal, lambda s: _managed_team(s, caller, team))
-    await _account_named(portal, body.user)
+    await account_from_hub(portal, body.user, missing=422, hub_down=HUB_DOWN)
     try:
         await portal.hub.add_group_users(team, [body.user])
     except HubUnavailable:
