@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import multiprocessing as mp
 import os
 import random
@@ -248,64 +249,109 @@ def mark_verified(db_url: str) -> None:
 # --- the heartbeat load ------------------------------------------------------------------
 
 
+def _heartbeat_requests(
+    fleet: list[SimNode], counters: dict[str, int], per_node: int
+) -> dict[str, list[bytes]]:
+    """Every node's next ``per_node`` heartbeats as raw HTTP/1.1 requests, signed now.
+
+    Signing is the node's work, not the portal's: it is done before the clock starts,
+    so the load process only writes bytes and reads replies. The timestamps stay well
+    within the portal's allowed clock skew for a step of a few seconds."""
+    out: dict[str, list[bytes]] = {}
+    now = int(time.time())
+    for node_id, raw, _provider, gpus in fleet:
+        key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw))
+        path = f"{API}/nodes/{node_id}/heartbeat"
+        requests = []
+        for k in range(per_node):
+            counters[node_id] += 1
+            body = json.dumps(
+                {
+                    "gpus": [
+                        {
+                            "uuid": f"GPU-{node_id}-{g}",
+                            "utilization_pct": 40 + k % 50,
+                            "memory_used_mib": 1000,
+                            "temperature_c": 60,
+                            "power_w": 250.0,
+                        }
+                        for g in range(gpus)
+                    ]
+                }
+            ).encode()
+            headers = signing.sign(key, "POST", path, node_id, now, counters[node_id], body)
+            head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+            requests.append(
+                f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{PORT}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                f"{head}\r\n".encode()
+                + body
+            )
+        out[node_id] = requests
+    return out
+
+
+async def _exchange(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes
+) -> int:
+    """Send one request on a kept-alive connection; read its reply; return the status."""
+    writer.write(request)
+    status_line = await reader.readline()
+    length = 0
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b""):
+            break
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length:
+        await reader.readexactly(length)
+    return int(status_line.split()[1]) if status_line else 599
+
+
 def heartbeat_load(
     fleet: list[SimNode],
-    counters: dict[str, int],
+    requests: dict[str, list[bytes]],
     concurrency: int,
     seconds: float,
     once: bool,
     out: Any,
 ) -> None:
-    """In a separate process: signed heartbeats for ``seconds`` at ``concurrency`` (or
-    one per node, ``once``); each task owns a disjoint share of the nodes, so each
-    node's counters arrive in order. A heartbeat reports every GPU of its node."""
+    """In a separate process: pre-signed heartbeats for ``seconds`` at ``concurrency``
+    (or one per node, ``once``), over kept-alive raw HTTP/1.1 connections; each task
+    owns a disjoint share of the nodes, so each node's counters arrive in order."""
 
     async def run() -> dict[str, Any]:
-        keys = {n[0]: Ed25519PrivateKey.from_private_bytes(bytes.fromhex(n[1])) for n in fleet}
-        gpus = {n[0]: n[3] for n in fleet}
         latencies: list[float] = []
         errors: dict[int, int] = {}
         stop = time.monotonic() + seconds
-        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        used = dict.fromkeys(requests, 0)
 
-        async def task(client: httpx.AsyncClient, share: list[str]) -> None:
-            k = 0
-            while time.monotonic() < stop and share and not (once and k >= len(share)):
-                node_id = share[k % len(share)]
-                k += 1
-                counters[node_id] += 1
-                body = json.dumps(
-                    {
-                        "gpus": [
-                            {
-                                "uuid": f"GPU-{node_id}-{g}",
-                                "utilization_pct": 40 + k % 50,
-                                "memory_used_mib": 1000,
-                                "temperature_c": 60,
-                                "power_w": 250.0,
-                            }
-                            for g in range(gpus[node_id])
-                        ]
-                    }
-                ).encode()
-                path = f"{API}/nodes/{node_id}/heartbeat"
-                headers = signing.sign(
-                    keys[node_id], "POST", path, node_id, int(time.time()), counters[node_id], body
-                )
-                t = time.perf_counter()
-                reply = await client.post(path, content=body, headers=headers)
-                latencies.append(time.perf_counter() - t)
-                if reply.status_code != 200:
-                    errors[reply.status_code] = errors.get(reply.status_code, 0) + 1
+        async def task(share: list[str]) -> None:
+            reader, writer = await asyncio.open_connection("127.0.0.1", PORT)
+            try:
+                k = 0
+                while time.monotonic() < stop and share and not (once and k >= len(share)):
+                    node_id = share[k % len(share)]
+                    k += 1
+                    if used[node_id] >= len(requests[node_id]):
+                        break  # this share's signed heartbeats are spent
+                    request = requests[node_id][used[node_id]]
+                    used[node_id] += 1
+                    t = time.perf_counter()
+                    status = await _exchange(reader, writer, request)
+                    latencies.append(time.perf_counter() - t)
+                    if status != 200:
+                        errors[status] = errors.get(status, 0) + 1
+            finally:
+                writer.close()
 
         ids = [n[0] for n in fleet]
         start = time.perf_counter()
-        async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{PORT}", timeout=30, limits=limits
-        ) as client:
-            await asyncio.gather(*(task(client, ids[j::concurrency]) for j in range(concurrency)))
+        await asyncio.gather(*(task(ids[j::concurrency]) for j in range(concurrency)))
         wall = time.perf_counter() - start
-        return {"latencies": latencies, "wall": wall, "errors": errors, "counters": counters}
+        return {"latencies": latencies, "wall": wall, "errors": errors, "used": used}
 
     out.put(asyncio.run(run()))
 
@@ -317,26 +363,44 @@ def load_step(
     seconds: float,
     proc: subprocess.Popen[bytes],
     once: bool = False,
+    load_procs: int = 1,
+    per_node: int = 1,
 ) -> dict[str, Any]:
-    queue: Any = mp.get_context("spawn").Queue()
+    """One step of the load: ``load_procs`` processes, each with a disjoint share of
+    the fleet and ``concurrency`` connections, for ``seconds``. Heartbeats a node did
+    not get to send are skipped by the next step (its counter only has to rise)."""
+    ctx = mp.get_context("spawn")
+    queue: Any = ctx.Queue()
+    procs = max(1, min(load_procs, len(fleet)))
+    shares = [fleet[i::procs] for i in range(procs)]
+    per_proc = max(1, concurrency // procs)
+    signed = [_heartbeat_requests(share, counters, per_node) for share in shares]
     cpu0, _ = usage(proc)
     wall0 = time.perf_counter()
-    worker = mp.get_context("spawn").Process(
-        target=heartbeat_load, args=(fleet, counters, concurrency, seconds, once, queue)
-    )
-    worker.start()
-    result = queue.get(timeout=seconds + 120)
-    worker.join(timeout=30)
+    workers = [
+        ctx.Process(target=heartbeat_load, args=(share, reqs, per_proc, seconds, once, queue))
+        for share, reqs in zip(shares, signed, strict=True)
+    ]
+    for worker in workers:
+        worker.start()
+    results = [queue.get(timeout=seconds + 120) for _ in workers]
+    for worker in workers:
+        worker.join(timeout=30)
+    wall = time.perf_counter() - wall0
     cpu1, rss = usage(proc)
-    counters.update(result["counters"])
-    lat = sorted(result["latencies"])
+    lat = sorted(x for r in results for x in r["latencies"])
+    errors: dict[int, int] = {}
+    for r in results:
+        for status, n in r["errors"].items():
+            errors[status] = errors.get(status, 0) + n
     return {
-        "concurrency": concurrency,
-        "rate": len(lat) / result["wall"],
+        "concurrency": per_proc * procs,
+        "load_procs": procs,
+        "rate": len(lat) / max(r["wall"] for r in results),
         "p50_ms": lat[len(lat) // 2] * 1000 if lat else float("nan"),
         "p99_ms": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000 if lat else float("nan"),
-        "errors": result["errors"],
-        "cores": (cpu1 - cpu0) / (time.perf_counter() - wall0),
+        "errors": errors,
+        "cores": (cpu1 - cpu0) / wall,
         "rss_mb": rss / 2**20,
     }
 
@@ -474,6 +538,15 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,8,32,64")
     parser.add_argument("--workers", default="1,2", help="portal processes for the batched path")
     parser.add_argument("--seconds", type=float, default=5.0, help="per load step")
+    parser.add_argument(
+        "--load-procs", type=int, default=2, help="load processes (each its share of nodes)"
+    )
+    parser.add_argument(
+        "--max-rate",
+        type=float,
+        default=4000.0,
+        help="heartbeats/s each step can send at most (they are signed before it starts)",
+    )
     parser.add_argument("--meter-sizes", default="1000,10000,50000")
     parser.add_argument("--batch-seconds", type=float, default=2.0)
     parser.add_argument("--register-seconds", type=float, default=900.0)
@@ -544,11 +617,20 @@ def main() -> None:
             procs.append(proc)
             # One heartbeat each first: the direct path puts a node on the fast path.
             load_step(fleet, counters, 16, 600.0, proc, once=True)
+            per_node = max(1, math.ceil(args.max_rate * args.seconds / len(fleet)))
             for c in (int(x) for x in args.concurrency.split(",")):
-                row = load_step(fleet, counters, c, args.seconds, proc)
+                row = load_step(
+                    fleet,
+                    counters,
+                    c,
+                    args.seconds,
+                    proc,
+                    load_procs=args.load_procs,
+                    per_node=per_node,
+                )
                 beats.append((label, row))
                 print(
-                    f"heartbeats {label:32s} c={c:<3} {row['rate']:>8,.0f}/s "
+                    f"heartbeats {label:32s} c={c:<3} x{row['load_procs']} {row['rate']:>8,.0f}/s "
                     f"p50 {row['p50_ms']:6.1f} ms p99 {row['p99_ms']:7.1f} ms "
                     f"portal {row['cores']:.2f} cores {row['rss_mb']:.0f} MB"
                     + (f" errors {row['errors']}" if row["errors"] else ""),

@@ -189,6 +189,9 @@ class PlacementIndex:
 
     buckets: dict[str, list[Candidate]] = field(default_factory=dict)
     subs: dict[str, dict[SubKey, list[Candidate]]] = field(default_factory=dict)
+    #: Every model's candidates by (region, free-GPU class): requests with no model
+    #: filter read these few lists instead of every model's.
+    anys: dict[SubKey, list[Candidate]] = field(default_factory=dict)
     by_node: dict[int, list[Candidate]] = field(default_factory=dict)
 
     @classmethod
@@ -199,10 +202,11 @@ class PlacementIndex:
                 name = normalize_model(c.model)
                 index.buckets.setdefault(name, []).append(c)
                 index.subs.setdefault(name, {}).setdefault((c.region, free_class(c)), []).append(c)
+                index.anys.setdefault((c.region, free_class(c)), []).append(c)
                 index.by_node.setdefault(c.node_pk, []).append(c)
         for bucket in index.buckets.values():
             bucket.sort(key=_order)
-        for subs in index.subs.values():
+        for subs in (*index.subs.values(), index.anys):
             for sub in subs.values():
                 sub.sort(key=_order)
         return index
@@ -215,6 +219,7 @@ class PlacementIndex:
         insort(self.buckets.setdefault(name, []), c, key=_order)
         sub = self.subs.setdefault(name, {}).setdefault((c.region, free_class(c)), [])
         insort(sub, c, key=_order)
+        insort(self.anys.setdefault((c.region, free_class(c)), []), c, key=_order)
         self.by_node.setdefault(c.node_pk, []).append(c)
 
     def remove_node(self, node_pk: int) -> None:
@@ -232,6 +237,9 @@ class PlacementIndex:
                 del subs[key]
             if not subs:
                 del self.subs[name]
+            _remove(self.anys[key], c)
+            if not self.anys[key]:
+                del self.anys[key]
 
     def replace(self, node_pks: Iterable[int], candidates: Iterable[Candidate]) -> None:
         """The nodes ``node_pks`` now have exactly ``candidates`` (schedulable ones kept)."""
@@ -255,7 +263,7 @@ class PlacementIndex:
             found = self.subs.get(normalize_model(request.gpu_model))
             models = [found] if found is not None else []
         else:
-            models = list(self.subs.values())
+            models = [self.anys]
         least = min(request.gpu_count, TOP_CLASS)
         return [
             sub
@@ -267,24 +275,32 @@ class PlacementIndex:
     def choose(self, request: Request) -> Candidate | None:
         """Same answer as :func:`choose`, looking only at the lists that can fit.
 
-        The lists are visited cheapest head first, and each is walked in price
-        order only until a price above the best fit found so far (or above the
-        request's maximum): no cheaper fit can follow in it. A request with no
-        model filter thus stops at the first dearer candidate of every model's
-        lists instead of walking all of them.
+        The lists are visited cheapest head first, and each is walked in
+        (price, reliability) order only until a candidate dearer or, at the same
+        price, less reliable than the best fit found so far (or above the
+        request's maximum price): nothing better can follow in it. A request with no
+        model filter reads the lists of every model together (one per region and
+        class), and the walk ends at the first list whose cheapest is dearer.
         """
         lists = sorted(self._lists(request), key=lambda sub: _order(sub[0]))
         best: Candidate | None = None
         best_key: tuple[int, float, int, str] | None = None
-        ceiling = request.max_price
+        # Past this (price, -reliability) nothing can rank better: every later
+        # candidate of a list is at least as dear and no more reliable.
+        bound: tuple[float, float] = (
+            float("inf") if request.max_price is None else request.max_price,
+            float("inf"),
+        )
         for sub in lists:
+            if (sub[0].price, -sub[0].reliability) > bound:
+                break  # the lists are in head order: no later one starts better
             for c in sub:
-                if ceiling is not None and c.price > ceiling:
+                if (c.price, -c.reliability) > bound:
                     break
                 if not request.matches(c):
                     continue
                 key = rank(request, c)
                 if best_key is None or key < best_key:
                     best, best_key = c, key
-                    ceiling = c.price
+                    bound = (c.price, -c.reliability)
         return best

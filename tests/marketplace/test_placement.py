@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -28,10 +29,11 @@ def node(
     total: int = 8,
     free: int | None = None,
     ok: bool = True,
+    pk: int | None = None,
 ) -> Candidate:
     free = total if free is None else free
     return Candidate(
-        node_pk=hash(node_id) & 0xFFFF,
+        node_pk=hash(node_id) & 0xFFFF if pk is None else pk,
         node_id=node_id,
         model=model,
         vram_mib=vram,
@@ -148,6 +150,7 @@ def test_index_agrees_with_scan_on_random_pools() -> None:
     pool = [
         node(
             f"n{i}",
+            pk=i,
             model=rng.choice(models),
             region=rng.choice(["eu", "us"]),
             price=rng.choice([1, 2, 3, 4]) * 500_000,
@@ -159,9 +162,20 @@ def test_index_agrees_with_scan_on_random_pools() -> None:
         for i in range(500)
     ]
     index = PlacementIndex.build(pool)
-    for _ in range(300):
+    for step in range(300):
+        if step % 3 == 0:
+            # Capacity changes reach the index one node at a time (and its any-model lists).
+            at = rng.randrange(len(pool))
+            old = pool[at]
+            pool[at] = dataclasses.replace(
+                old,
+                free_indices=tuple(range(rng.randint(0, old.total_gpus))),
+                price=rng.choice([1, 2, 3, 4]) * 500_000,
+                schedulable=rng.random() > 0.1,
+            )
+            index.replace([old.node_pk], [pool[at]])
         req = Request(
-            rng.choice([1, 2, 4]),
+            rng.choice([1, 2, 4, 8]),
             rng.choice([None, *models]),
             region=rng.choice([None, "eu", "us"]),
             max_price=rng.choice([None, 1_000_000, 1_500_000]),
