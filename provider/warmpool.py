@@ -12,7 +12,10 @@ are idle capacity, never a reservation). The pool:
   user, token, environment, GPUs and arguments of one server and answers its
   port; ``/stop`` ends a claimed server; ``/status`` counts the slots;
 - replaces a claimed slot in the background, and stops every slot and server it
-  started when its job is stopped (or its node dies: each slot dies with it).
+  started when its job is stopped (or its node dies: each slot dies with it);
+- makes Ray count a claimed server's GPUs as used on this node for as long as the
+  server lives (``RayGpus``): a placement group per server, made as a driver of
+  its own cluster, so Ray's accounting agrees with the marketplace's.
 
 The key arrives in the job's env and is removed from the pool's own env before
 any slot starts; slots never hold it. It says where it listens on its job log,
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import secrets
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -40,6 +45,7 @@ from typing import Any
 
 from gpuportal.provider import isolation, warmclaim
 from gpuportal.provider.ports import free_port
+from gpuportal.provider.rayresources import NODE_RESOURCE_PREFIX
 from gpuportal.provider.warmslot import ENV_HIDDEN_HOMES
 
 ENV_KEY = "GPUPORTAL_WARM_KEY"
@@ -56,6 +62,13 @@ MAX_SLOTS = 16
 CLAIM_TIMEOUT = 20.0
 #: What a slot's environment may hold before its claim: how to run Python, nothing of a user.
 SLOT_ENV_ALLOW = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+#: Seconds a claimed server's GPUs wait for the pool's own connection to Ray.
+RAY_CONNECT_TIMEOUT = 120.0
+#: Seconds Ray may take to place a claimed server's GPUs before the pool gives up on
+#: Ray's count (a cold server's job that has just stopped may still hold them).
+RAY_PLACE_TIMEOUT = 30.0
+#: What of its node's resource a placement group takes: a sliver, as the pool job does.
+NODE_RESOURCE_SLIVER = 0.001
 
 
 def _say(message: str) -> None:
@@ -69,6 +82,144 @@ class Slot:
     state: str = "starting"  # starting → ready → claimed → gone
     port: int = 0
     answers: queue.Queue[dict[str, Any]] = field(default_factory=queue.Queue)
+    gpus: GpuHold | None = None  # Ray's count of a claimed server's GPUs
+
+
+def gpu_count(gpus: object) -> int:
+    """How many GPUs a claim's ``gpus`` names (comma-joined indices, as in
+    ``CUDA_VISIBLE_DEVICES``; empty for none)."""
+    if not isinstance(gpus, str):
+        return 0
+    return sum(1 for part in gpus.split(",") if part.strip())
+
+
+@dataclass
+class GpuHold:
+    """One claimed server's GPUs in Ray's count: its placement group, once made."""
+
+    label: str
+    count: int
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    group: Any = None
+    ended: bool = False
+
+
+class RayGpus:
+    """Makes Ray count a claimed server's GPUs as used on this node while it lives.
+
+    The pool job holds no GPU (a waiting slot is idle capacity, never a
+    reservation), so on its own Ray would show a claimed server's GPUs free while
+    the marketplace has them reserved. For each claimed server with N GPUs the
+    pool, a driver of its own cluster, makes a placement group of one bundle,
+    ``{"GPU": N, "gpuportal/node:<id>": a sliver}``: it pins the count to this node
+    and runs nothing. It is removed when the server ends; Ray removes it by itself
+    when the pool's job ends (a placement group that is not detached lives with the
+    job that made it).
+
+    Ray counts; it does not choose: the server sees the marketplace's indices in
+    ``CUDA_VISIBLE_DEVICES``. The marketplace is the authority: when Ray cannot
+    place the group (it counts those GPUs busy), the pool says so on its log and
+    keeps the server.
+
+    The connection is the pool's alone: slots start from an allow-listed
+    environment (no ``RAY_*``) with ``close_fds``, so neither the cluster's address,
+    its token nor a socket of the driver reaches a slot or a server.
+    """
+
+    def __init__(self) -> None:
+        self.connected = threading.Event()
+        self.gave_up = threading.Event()
+        self._make: Any = None  # ray.util.placement_group, once connected
+        self._remove_group: Any = None  # ray.util.remove_placement_group
+        self._pin = ""
+
+    def connect(self) -> None:
+        """Connect as a driver (Ray sets ``RAY_ADDRESS`` for a job's entrypoint).
+
+        Called once at pool start, in its own thread, so that a claim never waits for
+        Ray's import or handshake. Not the main thread: Ray then leaves the pool's
+        signal handlers alone."""
+        try:
+            import ray
+            from ray.util import placement_group, remove_placement_group
+
+            ray.init(address="auto", log_to_driver=False, logging_level=logging.WARNING)
+            here = ray.get_runtime_context().get_node_id()
+            resources = next(n["Resources"] for n in ray.nodes() if n["NodeID"] == here)
+            pins = sorted(r for r in resources if r.startswith(NODE_RESOURCE_PREFIX))
+            # A node without gpuportal's resource (not one the spawner pins to): its address.
+            pins = pins or sorted(
+                r for r in resources if r.startswith("node:") and "__internal" not in r
+            )
+            if not pins:
+                raise RuntimeError("this node declares no resource to pin to")
+        except Exception as exc:  # any failure only means Ray counts nothing
+            _say(
+                "Ray will not count claimed servers' GPUs: no connection to the cluster "
+                f"({type(exc).__name__}: {str(exc)[:200]})"
+            )
+            self.gave_up.set()
+            return
+        self._make, self._remove_group = placement_group, remove_placement_group
+        self._pin = pins[0]
+        self.connected.set()
+        _say(f"connected to Ray; claimed servers' GPUs are held on {self._pin}")
+
+    def hold(self, label: str, count: int) -> GpuHold | None:
+        """Start holding ``count`` GPUs for a claimed server; returns at once."""
+        if count <= 0:
+            return None
+        held = GpuHold(label, count)
+        threading.Thread(target=self._place, args=(held,), daemon=True).start()
+        return held
+
+    def _place(self, held: GpuHold) -> None:
+        deadline = time.monotonic() + RAY_CONNECT_TIMEOUT
+        while not self.connected.wait(0.5):
+            if self.gave_up.is_set() or time.monotonic() > deadline:
+                _say(f"slot {held.label}: Ray does not count its {held.count} GPU(s)")
+                return
+        bundle = {"GPU": float(held.count), self._pin: NODE_RESOURCE_SLIVER}
+        try:
+            with held.lock:
+                if held.ended:
+                    return
+                held.group = self._make(
+                    [bundle], strategy="STRICT_PACK", name=f"gpuportal-warm-{held.label}"
+                )
+                group = held.group
+            placed = group.wait(RAY_PLACE_TIMEOUT)
+        except Exception as exc:  # Ray's count is kept as well as it can be
+            if not held.ended:
+                _say(f"slot {held.label}: Ray's count of its GPUs failed: {type(exc).__name__}")
+            placed = False
+        with held.lock:
+            if held.ended:
+                return
+            if placed:
+                _say(f"slot {held.label}: Ray counts its {held.count} GPU(s) as used")
+                return
+            group, held.group = held.group, None
+        self._remove(group)
+        _say(
+            f"slot {held.label}: Ray could not place its {held.count} GPU(s) on this node "
+            f"within {RAY_PLACE_TIMEOUT:.0f} s (it counts them busy); the server keeps the "
+            "GPUs the marketplace reserved; Ray's count of this node disagrees until it ends"
+        )
+
+    def release(self, held: GpuHold | None) -> None:
+        """Stop holding a server's GPUs (idempotent; the server has ended)."""
+        if held is None:
+            return
+        with held.lock:
+            held.ended = True
+            group, held.group = held.group, None
+        self._remove(group)
+
+    def _remove(self, group: Any) -> None:
+        if group is not None:
+            with contextlib.suppress(Exception):
+                self._remove_group(group)
 
 
 def slot_env(source: dict[str, str], home: Path) -> dict[str, str]:
@@ -86,9 +237,16 @@ class Pool:
     """The slots of one node and the requests that claim and stop them."""
 
     def __init__(
-        self, pool_id: str, key: str, size: int, env: dict[str, str], bwrap: str | None = None
+        self,
+        pool_id: str,
+        key: str,
+        size: int,
+        env: dict[str, str],
+        bwrap: str | None = None,
+        ray_gpus: RayGpus | None = None,
     ) -> None:
         self.pool_id = pool_id
+        self.ray_gpus = ray_gpus
         self.key = key
         self.size = max(0, min(size, MAX_SLOTS))
         self.guard = warmclaim.ReplayGuard()
@@ -146,6 +304,7 @@ class Pool:
                 else:
                     slot.answers.put(message)
         slot.proc.wait()
+        self._release_gpus(slot)  # a server that ended by itself, too
         with self.lock:
             if slot.state != "claimed":
                 slot.state = "gone"
@@ -203,6 +362,12 @@ class Pool:
             _say(f"slot {slot.id} failed its claim: {str(answer.get('error'))[:200]}")
             raise warmclaim.ClaimRefused(503, "The warm slot could not take the claim.")
         slot.port = port
+        if self.ray_gpus is not None:
+            held = self.ray_gpus.hold(slot.id, gpu_count(claim.get("gpus")))
+            with self.lock:
+                slot.gpus = held
+            if slot.proc.poll() is not None:  # it ended before its hold was set
+                self._release_gpus(slot)
         _say(f"slot {slot.id} claimed; serving on port {port}")
         return {"slot": slot.id, "port": port, "pid": slot.proc.pid}
 
@@ -216,9 +381,16 @@ class Pool:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(slot.proc.pid, signal.SIGKILL)
             slot.proc.wait(5)
+        self._release_gpus(slot)
         with self.lock:
             slot.state = "gone"
             self.slots.pop(slot.id, None)
+
+    def _release_gpus(self, slot: Slot) -> None:
+        with self.lock:
+            held, slot.gpus = slot.gpus, None
+        if self.ray_gpus is not None:
+            self.ray_gpus.release(held)
 
     def stop(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
@@ -323,7 +495,10 @@ def main() -> int:
     except ValueError:
         size = 1
     ip = os.environ.get(ENV_IP, "127.0.0.1")
-    pool = Pool(pool_id, key, size, dict(os.environ), bwrap)
+    ray_gpus = RayGpus()
+    # Before any slot can be claimed; in the background (Ray's import takes seconds).
+    threading.Thread(target=ray_gpus.connect, daemon=True).start()
+    pool = Pool(pool_id, key, size, dict(os.environ), bwrap, ray_gpus)
     server = ThreadingHTTPServer((ip, free_port(ip)), handler_for(pool))
     server.daemon_threads = True
 

@@ -4,13 +4,15 @@ pool job, the marketplace contract. One story, so the pool is started once:
 1. the first GPU spawn on ``n1`` starts cold and starts the node's pool;
 2. a waiting slot holds nothing of any user (its process environment, read as root);
 3. the next spawn claims a slot: it runs as its customer, sees exactly the reserved
-   GPU indices, holds only its own token, and has no Ray job of its own;
+   GPU indices, holds only its own token, and has no Ray job of its own, yet Ray counts
+   its GPU as used on the node (read by a driver of the cluster, as a scheduler would);
 4. the pool refuses a forged and a replayed request;
 5. with the free slot stolen (claimed by someone else first), a spawn falls back to a
    cold start on its one reservation: activated once, never a second reservation;
 6. a hub restart keeps the claimed server and the unclaimed slots: a new spawn claims
-   one through the new hub; stopping the server ends its process, releases its GPUs,
-   and the pool has a slot waiting again.
+   one through the new hub; while both warm servers run Ray counts both GPUs used;
+   stopping the servers ends their processes, releases their GPUs in the marketplace
+   and in Ray's count, and the pool has a slot waiting again.
 
 Then a second node ``nw`` gets a pool (and a cold server) and is killed (SIGKILL,
 every process): its pool is out of the hub's registry within the dead-node bound
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import json
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -73,6 +77,63 @@ def warm_hub(
     hub.stop()
 
 
+#: A driver of the test cluster that answers, per request, once Ray's count of one
+#: node's available GPUs is what the test expects (or the time is up): what it saw.
+PROBE = """
+import json, sys, time
+import ray
+from ray._private.state import available_resources_per_node
+
+ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+print(json.dumps({"connected": True}), flush=True)
+for line in sys.stdin:
+    ask = json.loads(line)
+    deadline = time.monotonic() + ask["timeout"]
+    while True:
+        seen = available_resources_per_node().get(ask["node"], {}).get("GPU", 0.0)
+        if seen == ask["gpus"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    print(json.dumps({"available": seen}), flush=True)
+"""
+
+
+class RayGpuCount:
+    """Ray's count of a node's available GPUs, read by a driver of the test cluster
+    (one process for the whole test: connecting costs seconds on a loaded machine)."""
+
+    def __init__(self, ray_nodes: RayNodes) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PROBE, f"127.0.0.1:{ray_nodes.gcs_port}"],
+            env={**ray_nodes.env(), "RAY_USAGE_STATS_ENABLED": "0"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
+    def available(self, ray_node_id: str, expect: float, timeout: float = 30.0) -> float:
+        """The node's available GPUs once they are ``expect`` (or ``timeout`` is up)."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        ask = {"node": ray_node_id, "gpus": expect, "timeout": timeout}
+        self.proc.stdin.write(json.dumps(ask) + "\n")
+        self.proc.stdin.flush()
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, "the Ray probe ended"
+            if line.startswith('{"available"'):
+                return float(json.loads(line)["available"])
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+
 def pools(hub: Hub) -> list[dict[str, Any]]:
     reply = hub.api("GET", "/gpuportal/warm")
     assert reply.status_code == 200, reply.text
@@ -119,10 +180,19 @@ def pool_request(
     return httpx.post(f"{address}/{op}", content=body, headers=headers, timeout=30)
 
 
+@pytest.fixture
+def ray_gpus(ray_nodes: RayNodes) -> Iterator[RayGpuCount]:
+    probe = RayGpuCount(ray_nodes)  # connects while the test's first spawn runs
+    yield probe
+    probe.close()
+
+
 def test_warm_pool_claim_fallback_restart_and_stop(
-    warm_hub: Hub, ray_nodes: RayNodes, portal: ContractPortal
+    warm_hub: Hub, ray_nodes: RayNodes, portal: ContractPortal, ray_gpus: RayGpuCount
 ) -> None:
     hub = warm_hub
+    n1 = ray_nodes.ray_node_id("n1")
+    assert n1
     # 1. Cold first: the node has no pool yet; the spawn starts one for the next.
     assert hub.spawn("wcold", options=GPU).status_code in (201, 202)
     hub.wait_ready("wcold")
@@ -166,6 +236,8 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     assert env["JUPYTERHUB_USER"] == "wwarm" and "LEAKY_SECRET" not in env
     assert env["JUPYTERHUB_API_TOKEN"] != cold_token and cold_token not in out
     assert not [k for k in env if k.startswith(("RAY_", "GPUPORTAL_WARM"))]
+    # Ray counts the warm server's GPU as used on n1 (2 GPUs), though it has no Ray job.
+    assert ray_gpus.available(n1, 1) == 1
 
     # 4. Forged and replayed requests to the pool are refused.
     address = f"http://127.0.0.1:{pool_port(hub, pool['job_id'])}"
@@ -220,11 +292,13 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     assert after["warm_job_id"] == pool["job_id"] and after["warm_slot"] != state["warm_slot"]
     assert "job_id" not in after
     assert portal.reservations[after["reservation_id"]]["status"] == "active"
+    assert ray_gpus.available(n1, 0) == 0  # both warm servers' GPUs, across the restart
     hub.stop_server("wnext")
     assert portal.reservations[after["reservation_id"]]["status"] == "released"
     hub.stop_server("wwarm")
     assert portal.reservations[state["reservation_id"]]["status"] == "released"
     assert not server.is_running()
+    assert ray_gpus.available(n1, 2) == 2  # both freed in Ray's count too
     assert wait_slot(hub)["job_id"] == pool["job_id"]
 
 
