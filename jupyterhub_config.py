@@ -127,6 +127,12 @@ c.JupyterHub.load_groups = {
     "admins": {"users": sorted(_admins)},
 }
 _portal_access = "access:services!service=portal"
+# A read-only custom scope for the hub's warm-pool view (docs/spawner.md): the
+# portal's health shows each node's warm slots with it, without admin:servers.
+from gpuportal.spawners.warm import CUSTOM_SCOPES as _WARM_SCOPES  # noqa: E402
+from gpuportal.spawners.warm import READ_SCOPE as _WARM_READ  # noqa: E402
+
+c.JupyterHub.custom_scopes = dict(_WARM_SCOPES)
 c.JupyterHub.load_roles = [
     # Every user may reach the portal API as themselves, and the dashboards.
     {"name": "user", "scopes": ["self", _portal_access, dashboards.ACCESS]},
@@ -144,6 +150,7 @@ c.JupyterHub.load_roles = [
             "read:services",
             "access:services",
             "tokens",
+            _WARM_READ,
         ],
     },
     # The portal service reads users and groups to keep accounts and teams in
@@ -169,6 +176,9 @@ c.JupyterHub.load_roles = [
             # so they share through the portal, which checks that both are teammates
             # and revokes the share when the member leaves the team.
             "shares",
+            # The portal's health reads each node's warm slots (GET
+            # /hub/api/gpuportal/warm): counts and states only, no user or token.
+            _WARM_READ,
         ],
     },
 ]

@@ -32,7 +32,7 @@ from typing import Any
 
 import httpx
 from jupyterhub.apihandlers import APIHandler, default_handlers
-from jupyterhub.scopes import needs_scope
+from tornado import web
 
 from gpuportal.provider import warmclaim
 from gpuportal.provider.warmpool import ENV_IP, ENV_KEY, ENV_POOL, ENV_SLOTS, LISTENING
@@ -84,23 +84,28 @@ class WarmPools:
         self.secret = ""
 
     async def snapshot(self) -> list[dict[str, Any]]:
-        """What the admin API shows: each node's pool and its slots (no key, no token)."""
-        shown = []
-        for pool in list(self.pools.values()):
-            row: dict[str, Any] = {"node_id": pool.node_id, "job_id": pool.job_id}
-            row["state"] = pool.state
-            if pool.state == "failed":
-                row["why"] = pool.why
-            if pool.state == "ready" and self.secret:
-                try:
-                    answer = await self.request(
-                        pool.address, pool.job_id, self.secret, "status", timeout=3.0
-                    )
-                    row.update({k: answer.get(k) for k in ("ready", "starting", "claimed")})
-                except WarmUnavailable:
-                    row["state"] = "not answering"
-            shown.append(row)
-        return shown
+        """What the admin API shows: each node's pool and its slots (no key, no token).
+
+        The ready pools are asked at once, each bounded by 3 s, so the view never takes
+        much longer than one pool's bound (the portal's health reads it)."""
+        pools = list(self.pools.values())
+        rows = await asyncio.gather(*(self._row(pool) for pool in pools))
+        return list(rows)
+
+    async def _row(self, pool: PoolRef) -> dict[str, Any]:
+        row: dict[str, Any] = {"node_id": pool.node_id, "job_id": pool.job_id}
+        row["state"] = pool.state
+        if pool.state == "failed":
+            row["why"] = pool.why
+        if pool.state == "ready" and self.secret:
+            try:
+                answer = await self.request(
+                    pool.address, pool.job_id, self.secret, "status", timeout=3.0
+                )
+                row.update({k: answer.get(k) for k in ("ready", "starting", "claimed")})
+            except WarmUnavailable:
+                row["state"] = "not answering"
+        return row
 
     def ready(self, jobs_url: str, node_id: str) -> PoolRef | None:
         pool = self.pools.get((jobs_url, node_id))
@@ -337,12 +342,60 @@ class WarmPools:
 POOLS = WarmPools()
 
 
-class WarmPoolsHandler(APIHandler):
-    """``GET /hub/api/gpuportal/warm``: each node's warm pool and its slots (admins)."""
+#: The read-only custom scope that lets a hub service (the portal's own token, role
+#: ``portal-service``) read the warm-pool view without ``admin:servers``. JupyterHub
+#: knows it only once the config defines it (``c.JupyterHub.custom_scopes =
+#: CUSTOM_SCOPES``), after this module is imported: ``needs_scope`` checks names at
+#: import, so :class:`WarmPoolsHandler` checks the scope itself.
+READ_SCOPE = "custom:gpuportal-warm:read"
+CUSTOM_SCOPES = {
+    READ_SCOPE: {
+        "description": "Read each node's warm pool: its state and how many slots wait, "
+        "start or are claimed (no user, token, key or claim).",
+    },
+}
+#: Scopes that may read the view: admins' own, or the read-only custom scope.
+READ_SCOPES = frozenset({"admin:servers", READ_SCOPE})
 
-    @needs_scope("admin:servers")
+
+def may_read(expanded_scopes: Any) -> bool:
+    """Whether a caller's expanded scopes let it read the view: the unfiltered
+    ``admin:servers`` or :data:`READ_SCOPE` (a scope filtered to one user or group
+    does not cover every node)."""
+    return bool(READ_SCOPES.intersection(expanded_scopes or ()))
+
+
+def warm_configured(config: Any, spawner_class: Any) -> bool:
+    """Whether the hub's config turns warm pools on for its spawner class
+    (``warm_pools`` and a ``warm_secret``), read from the config as traitlets
+    would, without making a spawner."""
+    traits = getattr(spawner_class, "class_traits", None)
+    if config is None or traits is None or "warm_pools" not in traits():
+        return False
+    found: dict[str, Any] = {}
+    for section in spawner_class.section_names():
+        if config._has_section(section):
+            found.update(
+                {k: v for k, v in config[section].items() if k in ("warm_pools", "warm_secret")}
+            )
+    return bool(found.get("warm_pools")) and bool(found.get("warm_secret"))
+
+
+class WarmPoolsHandler(APIHandler):
+    """``GET /hub/api/gpuportal/warm``: each node's warm pool and its slots, and whether
+    this hub runs warm pools at all (``enabled``). Admins (``admin:servers``) and
+    holders of :data:`READ_SCOPE` (the portal's health) may read it."""
+
     async def get(self) -> None:
-        self.finish({"pools": await POOLS.snapshot()})
+        if self.current_user is None:
+            raise web.HTTPError(403, "Missing or invalid credentials.")
+        if not may_read(getattr(self, "expanded_scopes", None)):
+            raise web.HTTPError(
+                403,
+                f"Reading the warm pools needs the admin:servers or {READ_SCOPE} scope.",
+            )
+        enabled = warm_configured(self.config, self.settings.get("spawner_class"))
+        self.finish({"enabled": enabled, "pools": await POOLS.snapshot()})
 
 
 def register() -> None:

@@ -7,11 +7,12 @@ sleeping). Tests of the whole stack use the real hub (``tests/portal_stack.py``)
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from gpuportal.hub.portal.hubapi import HubAPI, HubUnavailable
+from gpuportal.hub.portal.hubapi import HubAPI, HubRefused, HubUnavailable
 
 #: The ``portal_client`` fixture (``tests/conftest.py``): ``portal_client(hub=..., **settings)``
 #: makes the portal app and returns a started ``TestClient`` for it.
@@ -27,7 +28,9 @@ class FakeHub(HubAPI):
     the servers the portal asked the hub to stop. ``down = True`` makes the hub
     unreachable, as a refused connection does; a token in ``revoked`` is refused as
     the hub refuses a revoked one (403, so None); ``changed`` holds a user's new model
-    by name (an admin flag or groups changed on the hub).
+    by name (an admin flag or groups changed on the hub). ``warm`` is the hub's
+    warm-pool view (``GET /hub/api/gpuportal/warm``: ``{"enabled", "pools"}``);
+    ``warm_refused = True`` answers it 403, as a hub does to a token without the scope.
     """
 
     def __init__(
@@ -44,6 +47,8 @@ class FakeHub(HubAPI):
         self.revoked: set[str] = set()
         self.changed: dict[str, dict[str, Any]] = {}
         self.shares: set[tuple[str, str, str]] = set()
+        self.warm: dict[str, Any] = {"enabled": False, "pools": []}
+        self.warm_refused = False
 
     def _call(self, method: str, argument: str = "") -> None:
         self.calls.append((method, argument))
@@ -80,6 +85,12 @@ class FakeHub(HubAPI):
         self._call("stop_server", f"{user}/{server}")
         self.stopped.append((user, server))
         return True
+
+    async def warm_pools(self, timeout: float) -> dict[str, Any]:
+        self._call("warm_pools", str(timeout))
+        if self.warm_refused:
+            raise HubRefused("hub answered 403 to GET gpuportal/warm")
+        return copy.deepcopy(self.warm)
 
     # Groups and shares: the hub side of teams, kept in ``group_models`` and ``shares``
     # (``(owner, server, user)`` triples) so a test reads what the hub would hold.

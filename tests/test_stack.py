@@ -61,6 +61,12 @@ def test_smoke_up_login_health_down(tmp_path: Path) -> None:
         assert body["ray"]["gpus"] == 2
         assert body["ray"]["gpu_models"] == {"A100-80GB": 2}
         assert body["ray"]["demo"] is True
+        # The test stacks run without warm pools; the hub says so to the portal's own
+        # token (jupyterhub_config.py grants its role the read-only warm scope).
+        assert body["warm_pools"] == {
+            "available": False,
+            "reason": "Warm pools are off on the hub (c.RaySpawner.warm_pools).",
+        }
         assert httpx.get(f"{stack.base_url}{PORTAL}/docs").status_code == 200
         browser.close()
 

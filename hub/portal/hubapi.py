@@ -7,7 +7,9 @@ token) and acting with the portal service's own token, whose scopes
 server whose payer ran out of credit), ``admin:groups`` and ``groups`` (teams are
 hub groups: the portal's team API creates them and changes their members), and
 ``shares`` (a member shares a running server with a teammate through the portal,
-which checks that they are teammates; users themselves hold no ``shares`` scope).
+which checks that they are teammates; users themselves hold no ``shares`` scope),
+and the read-only custom scope ``custom:gpuportal-warm:read`` (the health's view
+of each node's warm slots, ``GET /hub/api/gpuportal/warm``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ PAGINATION = "application/jupyterhub-pagination+json"
 
 class HubUnavailable(Exception):
     """The hub did not answer; callers answer 503 rather than 401."""
+
+
+class HubRefused(HubUnavailable):
+    """The hub answered 403: the portal's token lacks the scope for this call."""
 
 
 class HubAPI:
@@ -172,3 +178,26 @@ class HubAPI:
             for item in items
             if item.get("user")
         ]
+
+    async def warm_pools(self, timeout: float) -> dict[str, Any]:
+        """The hub's warm-pool view (``{"enabled": bool, "pools": [...]}``), bounded by
+        ``timeout`` seconds: the health reads it and must stay quick. 403 raises
+        :class:`HubRefused`; no answer, 404 (a hub without RaySpawner) or anything
+        else raises :class:`HubUnavailable`."""
+        try:
+            reply = await self._client.get(
+                f"{self.api_url}/gpuportal/warm",
+                headers={"Authorization": f"token {self._token}"},
+                timeout=timeout,
+            )
+        except httpx.HTTPError as exc:
+            raise HubUnavailable(f"GET gpuportal/warm: {type(exc).__name__}") from None
+        if reply.status_code == 403:
+            raise HubRefused("hub answered 403 to GET gpuportal/warm")
+        if reply.status_code != 200:
+            raise HubUnavailable(f"hub answered {reply.status_code} to GET gpuportal/warm")
+        try:
+            view: dict[str, Any] = reply.json()
+        except ValueError:
+            raise HubUnavailable("hub answered GET gpuportal/warm with no JSON") from None
+        return view

@@ -169,6 +169,7 @@ def make_hub(tmp: Path, ray_nodes: RayNodes, portal: ContractPortal, **extra: st
         TEST_PROXY_TOKEN=secrets.token_hex(16),
         TEST_ADMIN_TOKEN="admin-" + secrets.token_hex(16),
         TEST_SPAWNER_TOKEN=portal.token,
+        TEST_PORTAL_SERVICE_TOKEN="portal-" + secrets.token_hex(16),
         TEST_PORTAL_URL=portal.url,  # type: ignore[attr-defined]
         TEST_JOBS_URL=ray_nodes.jobs_url,
         TEST_RAY_TOKEN=ray_nodes.token,

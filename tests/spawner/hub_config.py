@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from gpuportal.spawners.profiles import default_profile_list
+from gpuportal.spawners.warm import CUSTOM_SCOPES, READ_SCOPE
 
 env = os.environ
 data = Path(env["TEST_HUB_DATA"])
@@ -29,7 +30,10 @@ c.Authenticator.allow_all = True
 c.JupyterHub.services = [
     {"name": "tester", "api_token": env["TEST_ADMIN_TOKEN"]},
     {"name": "ray-spawner", "api_token": env["TEST_SPAWNER_TOKEN"]},
+    # The portal's own identity, for its health's view of the warm pools (test_warm.py).
+    {"name": "portal", "api_token": env["TEST_PORTAL_SERVICE_TOKEN"]},
 ]
+c.JupyterHub.custom_scopes = dict(CUSTOM_SCOPES)
 c.JupyterHub.load_roles = [
     {
         "name": "tester",
@@ -43,6 +47,8 @@ c.JupyterHub.load_roles = [
             "proxy",
         ],
     },
+    # As jupyterhub_config.py grants it: the portal reads the warm pools, no more.
+    {"name": "portal-service", "services": ["portal"], "scopes": [READ_SCOPE]},
 ]
 
 c.JupyterHub.spawner_class = "ray"

@@ -388,3 +388,49 @@ def server_env_token(user: str, hub: Hub) -> str:
             if env.get("JUPYTERHUB_USER") == user:
                 return env["JUPYTERHUB_API_TOKEN"]
     raise AssertionError(f"no server process for {user}")
+
+
+def test_the_portals_health_shows_each_nodes_warm_slots(
+    warm_hub: Hub, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The real portal app (in-process, its own SQLite) reads this real hub's warm
+    pools with the portal's service token, which holds the read-only custom scope and
+    not admin:servers, and its public health shows each node's slots, no job id; a
+    token without the scope is refused with a sentence."""
+    from fastapi.testclient import TestClient
+
+    from gpuportal.hub.portal.app import create_app
+    from gpuportal.hub.portal.cache import MemoryCache
+    from gpuportal.hub.portal.context import Portal
+    from gpuportal.hub.portal.hubapi import HubAPI
+    from gpuportal.hub.settings import load_settings
+
+    hub = warm_hub
+    if not any(p["state"] == "ready" for p in pools(hub)):  # run alone: n1 gets its pool
+        assert hub.spawn("whealth", options=GPU).status_code in (201, 202)
+        hub.wait_ready("whealth")
+        hub.stop_server("whealth")
+    slot = wait_slot(hub)
+    spawner = {"Authorization": f"token {hub.env['TEST_SPAWNER_TOKEN']}"}
+    refused = httpx.get(f"{hub.url}/hub/api/gpuportal/warm", headers=spawner, timeout=30)
+    assert refused.status_code == 403, refused.text
+    assert "custom:gpuportal-warm:read" in refused.json()["message"]
+
+    data = tmp_path_factory.mktemp("warm-portal")
+    settings = load_settings(
+        data_dir=data,
+        db_url=f"sqlite:///{data / 'portal.sqlite'}",
+        ray_dashboard_url="http://127.0.0.1:9",
+    )
+    token = hub.env["TEST_PORTAL_SERVICE_TOKEN"]
+    portal_app = Portal(
+        settings, cache=MemoryCache(), hub=HubAPI(f"{hub.url}/hub/api", token, timeout=30)
+    )
+    with TestClient(create_app(settings, portal_app, background=False)) as client:
+        body = client.get("/services/portal/api/v1/health").json()
+    warm = body["warm_pools"]
+    assert warm["available"] is True, warm
+    row = next(n for n in warm["nodes"] if n["node_id"] == slot["node_id"])
+    assert row["state"] == "ready" and (row["ready"] or 0) >= 1, warm
+    assert isinstance(row["claimed"], int) and isinstance(row["starting"], int), warm
+    assert slot["job_id"] not in json.dumps(body)

@@ -44,6 +44,7 @@ from ...market.providers import (
     validate_wallet,
 )
 from ...settings import Settings
+from .. import warmslots
 from ..auth import CurrentUser, PortalDep, PortalUser, require_role
 from ..context import Portal
 from ..heartbeats import RedisUnavailable
@@ -563,7 +564,9 @@ async def admin_providers(_admin: Admin, portal: PortalDep) -> Any:
 
 @router.get("/api/v1/admin/nodes", tags=["admin"])
 async def admin_nodes(_admin: Admin, portal: PortalDep) -> Any:
-    """Every node with status, verification, reliability and last heartbeat."""
+    """Every node with status, verification, reliability and last heartbeat, and its
+    warm pool as the hub reports it (``warm``: job id, state, slot counts, why it is
+    out; null without a pool; see ``portal.warmslots``)."""
 
     def load(session: Any) -> list[dict[str, Any]]:
         out = []
@@ -574,9 +577,11 @@ async def admin_nodes(_admin: Admin, portal: PortalDep) -> Any:
         return out
 
     answer = await in_db(portal, load)
+    warm = await warmslots.hub_view(portal)  # one cached, bounded hub call for all nodes
     for view in answer:
         cached = await portal.cache.get(nodes.cache_key(view["node_id"]))
         view["latest"] = None if cached is None else json.loads(cached)
+        view["warm"] = warmslots.for_node(warm, view["node_id"])
     return answer
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime
 from typing import Annotated, Any
@@ -17,6 +18,7 @@ from ... import __version__, db
 from ...db import accounts
 from ...db.models import Account
 from ...market.raystatus import cluster_status
+from .. import warmslots
 from ..auth import (
     STATE_COOKIE,
     TOKEN_COOKIE,
@@ -37,6 +39,7 @@ class Health(BaseModel):
     db: dict[str, Any]
     cache: dict[str, Any]
     ray: dict[str, Any]
+    warm_pools: dict[str, Any]
 
 
 class Me(BaseModel):
@@ -63,10 +66,14 @@ async def index(request: Request) -> Response:
 
 @router.get("/api/v1/health", response_model=Health, tags=["status"])
 async def health(portal: PortalDep) -> Any:
-    """Is the portal able to serve? DB, cache and the house Ray cluster (with its GPUs).
+    """Is the portal able to serve? DB, cache and the house Ray cluster (with its GPUs),
+    and each node's warm slots as the hub reports them (``warm_pools``).
 
     Public, like a load balancer's health check; it reveals no user data and no
-    internal URL (the Ray cluster's address stays out of the answer).
+    internal URL (the Ray cluster's address stays out of the answer; the warm pools
+    show node ids, states and slot counts only, see ``portal.warmslots``). The warm
+    pools are information: a hub that is down or runs without them gives
+    ``{"available": false, "reason": ...}`` and leaves ``status`` as it is.
     """
 
     def db_status() -> dict[str, Any]:
@@ -82,7 +89,11 @@ async def health(portal: PortalDep) -> Any:
 
     db_info = await run_in_threadpool(db_status)
     cache_ok = await portal.cache.ping()
-    ray = await cluster_status(portal.settings.ray_jobs_url, token=portal.house_ray_token)
+    # Both are bounded (5 s, 4 s) and asked at once, so the warm pools add no wait.
+    ray, warm = await asyncio.gather(
+        cluster_status(portal.settings.ray_jobs_url, token=portal.house_ray_token),
+        warmslots.hub_view(portal),
+    )
     ray.pop("address", None)
     overall = (
         "ok" if db_info["status"] == "ok" and cache_ok and ray["status"] == "ok" else "degraded"
@@ -93,6 +104,7 @@ async def health(portal: PortalDep) -> Any:
         "db": db_info,
         "cache": {"backend": portal.cache.backend, "status": "ok" if cache_ok else "error"},
         "ray": ray,
+        "warm_pools": warmslots.public(warm),
     }
     if db_info["status"] != "ok":
         raise ApiError(503, "The portal database is not answering.")
