@@ -271,3 +271,18 @@ def test_the_hub_client_turns_each_failure_into_its_exception(
 ) -> None:
     with pytest.raises(raised):
         ask(answer)
+
+
+def test_the_public_health_names_a_node_as_spawn_progress_does() -> None:
+    view = {
+        "available": True,
+        "pools": [{"node_id": "n-0123456789abcdef", "job_id": "j", "state": "ready", **COUNTS}],
+    }
+    assert warmslots.public(view)["nodes"] == [
+        {"node_id": "n-0123456789", "state": "ready", **COUNTS}
+    ]
+    assert warmslots.for_node(view, "n-0123456789abcdef") == {
+        "job_id": "j",
+        "state": "ready",
+        **COUNTS,
+    }

@@ -109,12 +109,21 @@ async def hub_view(portal: Portal) -> dict[str, Any]:
     return view
 
 
+#: How much of a node id the public health shows.
+PUBLIC_ID_CHARS = 12
+
+
 def public(view: dict[str, Any]) -> dict[str, Any]:
     """What anyone may read (the health): per node, its pool's state and slot counts."""
     if not view.get("available"):
         return {"available": False, "reason": view.get("reason", "")}
-    keep = ("node_id", "state", *COUNTS)
-    nodes = [{k: pool.get(k) for k in keep} for pool in view["pools"]]
+    # A node is named as spawn progress names it to customers (the first 12
+    # characters): offers never show node ids, and the health is public.
+    nodes = [
+        {"node_id": str(pool.get("node_id", ""))[:PUBLIC_ID_CHARS]}
+        | {k: pool.get(k) for k in ("state", *COUNTS)}
+        for pool in view["pools"]
+    ]
     return {"available": True, "nodes": sorted(nodes, key=lambda n: n["node_id"])}
 
 
