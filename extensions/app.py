@@ -129,8 +129,18 @@ class GpuPortalExtension(ExtensionApp):
             return DEFAULT_IDLE_TIMEOUT
 
     idle_check_seconds = Int(
-        60, help="How often the idle check samples GPUs and kernels, seconds. Example: = 30"
+        help="""How often the idle check samples GPUs and kernels, seconds.
+
+        Default: a quarter of the idle limit, at least 1 and at most 60 (every minute
+        under the default 30-minute limit; a 5-minute limit is checked every 60 s too,
+        a 2-minute one every 30 s), so a server stops within a quarter of its limit
+        after it. Example: = 30
+        """,
     ).tag(config=True)
+
+    @default("idle_check_seconds")
+    def _idle_check_default(self) -> int:
+        return min(60, max(1, self.idle_timeout_seconds // 4))
 
     busy_gpu_percent = Int(
         5, help="A GPU above this utilisation (percent) counts as busy. Example: = 10"

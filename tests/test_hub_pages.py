@@ -317,15 +317,18 @@ def test_an_idle_culled_cpu_server_says_why_on_the_home_and_not_running_pages(
     reply = call(stack, idler, "POST", f"/hub/api/users/{IDLER}/server", json={"profile": "cpu"})
     assert reply.status_code in (201, 202), reply.text
     wait_server(stack, idler, IDLER, ready=True)
-    # Nobody uses it: the extension's idle check (every minute) culls it, waits for a
-    # save that no open tab answers (30 s), writes its stop marker and exits.
+    # An open JupyterLab tab, where nobody works: the extension's idle check (a quarter
+    # of the 5 s limit) culls the server, the tab saves and acknowledges (or, without
+    # one, the stop waits the 30 s bound), the server writes its stop marker and exits.
+    browser_login(page, stack, IDLER)
+    page.goto(f"{stack.base_url}/hub/user/{IDLER}/lab")
     for _ in range(600):  # bounded: five minutes
         if server_of(stack, idler, IDLER) is None:
             break
         time.sleep(0.5)
     else:
         raise AssertionError("the idle server was never culled")
-    browser_login(page, stack, IDLER)
+    page.goto(f"{stack.base_url}/hub/home")
     said = wait_text(page, ".gp-self-stop", "idle")
     assert said.startswith("Your default server stopped because it was idle for"), said
     assert "no kernel or GPU was busy" in said, said

@@ -163,6 +163,17 @@ def test_idle_timeout_from_the_spawners_env(
     assert GpuPortalExtension().idle_timeout_seconds == 1800
 
 
+def test_the_idle_check_samples_a_quarter_of_the_limit_at_most_every_minute(
+    jp_fetch: Any, jp_asyncio_loop: Any
+) -> None:
+    checks = {
+        limit: GpuPortalExtension(idle_timeout_seconds=limit).idle_check_seconds
+        for limit in (1800, 300, 120, 5, 2)
+    }
+    assert checks == {1800: 60, 300: 60, 120: 30, 5: 1, 2: 1}
+    assert GpuPortalExtension(idle_timeout_seconds=5, idle_check_seconds=9).idle_check_seconds == 9
+
+
 def test_the_top_up_link_is_the_hubs_billing_page_under_jupyterhub(
     monkeypatch: pytest.MonkeyPatch, jp_fetch: Any, jp_asyncio_loop: Any
 ) -> None:
