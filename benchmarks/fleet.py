@@ -67,6 +67,9 @@ MODELS = ["A100-80GB", "H100-80GB", "L4", "RTX-4090"]
 REGIONS = ["eu-west", "eu-north", "us-east", "us-west", "ap-south", "local"]
 PROVIDERS = 20
 PORT = 18_765
+#: Nodes whose first heartbeats are signed and sent together (well within the
+#: portal's allowed clock skew at the direct path's rate).
+WARMUP_CHUNK = 1_500
 #: The portal processes' console output.
 LOG = Path(os.environ.get("TMPDIR", "/tmp")) / "gpuportal-fleet-bench.log"  # noqa: S108
 
@@ -151,6 +154,68 @@ def usage(proc: subprocess.Popen[bytes]) -> tuple[float, int]:
         except psutil.NoSuchProcess:
             continue
     return cpu, rss
+
+
+def start_profile(proc: subprocess.Popen[bytes], out: Path, seconds: float) -> Any:
+    """py-spy (if installed) sampling the portal and its workers for ``seconds``, as
+    collapsed stacks in ``out``; None without py-spy."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        print("# --profile: py-spy is not installed (pip install py-spy)", flush=True)
+        return None
+    return subprocess.Popen(
+        [
+            spy,
+            "record",
+            "--pid",
+            str(proc.pid),
+            "--subprocesses",
+            "--format",
+            "raw",
+            "--rate",
+            "200",
+            "--duration",
+            str(max(1, int(seconds))),
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def profile_summary(path: Path, top: int = 14) -> list[str]:
+    """The functions that hold the most samples (inclusive and self), from collapsed stacks."""
+    if not path.exists():
+        return [f"(no profile written to {path})"]
+    inclusive: dict[str, int] = {}
+    own: dict[str, int] = {}
+    total = 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [f.split(" (")[0] for f in stack.split(";")]
+        for frame in set(frames):
+            inclusive[frame] = inclusive.get(frame, 0) + n
+        own[frames[-1]] = own.get(frames[-1], 0) + n
+    if not total:
+        return ["(empty profile)"]
+    rows = [f"{total:,} samples; inclusive share of the busiest functions (self share):"]
+    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[: top * 3]:
+        if n / total < 0.03 or frame.startswith(("<module>", "run (", "_run_once")):
+            continue
+        rows.append(
+            f"  {100 * n / total:5.1f}%  ({100 * own.get(frame, 0) / total:4.1f}%)  {frame}"
+        )
+        if len(rows) > top:
+            break
+    return rows
 
 
 # --- nodes -----------------------------------------------------------------------------
@@ -550,6 +615,11 @@ def main() -> None:
     parser.add_argument("--meter-sizes", default="1000,10000,50000")
     parser.add_argument("--batch-seconds", type=float, default=2.0)
     parser.add_argument("--register-seconds", type=float, default=900.0)
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="a folder: sample the portal with py-spy during each mode's last step",
+    )
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/15")
     args = parser.parse_args()
@@ -562,6 +632,8 @@ def main() -> None:
     print(f"# {uptime()}")
     print(f"# the portal's console: {LOG}")
     LOG.write_bytes(b"")
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
 
     found = meter_bench.pg_engine(args.pg)
     if found is None:
@@ -616,9 +688,17 @@ def main() -> None:
             proc = start_portal({**base_env, "GPUPORTAL_HEARTBEAT_BATCH_SECONDS": batch}, workers)
             procs.append(proc)
             # One heartbeat each first: the direct path puts a node on the fast path.
-            load_step(fleet, counters, 16, 600.0, proc, once=True)
+            # (In chunks, each signed just before it is sent: the portal refuses a
+            # timestamp more than a minute old, and the direct path answers ~100/s.)
+            for at in range(0, len(fleet), WARMUP_CHUNK):
+                load_step(fleet[at : at + WARMUP_CHUNK], counters, 16, 600.0, proc, once=True)
             per_node = max(1, math.ceil(args.max_rate * args.seconds / len(fleet)))
-            for c in (int(x) for x in args.concurrency.split(",")):
+            steps = [int(x) for x in args.concurrency.split(",")]
+            for c in steps:
+                spy = None
+                if args.profile and c == steps[-1]:
+                    name = "heartbeats-" + label.split(" ")[0].strip(",") + f"-{workers}.txt"
+                    spy = start_profile(proc, args.profile / name, args.seconds)
                 row = load_step(
                     fleet,
                     counters,
@@ -636,6 +716,9 @@ def main() -> None:
                     + (f" errors {row['errors']}" if row["errors"] else ""),
                     flush=True,
                 )
+                if spy is not None:
+                    spy.wait(timeout=args.seconds + 60)
+                    print("\n".join(profile_summary(args.profile / name)), flush=True)
             if label.startswith("batched, 1"):
                 t = time.perf_counter()
                 made, refused = asyncio.run(reserve_servers(args.servers))
