@@ -187,8 +187,9 @@ def start_profile(proc: subprocess.Popen[bytes], out: Path, seconds: float) -> A
     )
 
 
-def profile_summary(path: Path, top: int = 14) -> list[str]:
-    """The functions that hold the most samples (inclusive and self), from collapsed stacks."""
+def profile_summary(path: Path, top: int = 12) -> list[str]:
+    """Where the sampled time went, from collapsed stacks: the functions holding the
+    most samples with their callees (inclusive) and by themselves (self)."""
     if not path.exists():
         return [f"(no profile written to {path})"]
     inclusive: dict[str, int] = {}
@@ -200,22 +201,30 @@ def profile_summary(path: Path, top: int = 14) -> list[str]:
             continue
         n = int(count)
         total += n
-        frames = [f.split(" (")[0] for f in stack.split(";")]
+        # "function (file:line)"; the process, thread and uvicorn frames are on every stack.
+        frames = [
+            f.split(" (")[0]
+            for f in stack.split(";")
+            if not f.startswith(("process ", " sys.path", "uvicorn.run(", "Thread._bootstrap"))
+        ]
+        if not frames:
+            continue
         for frame in set(frames):
             inclusive[frame] = inclusive.get(frame, 0) + n
         own[frames[-1]] = own.get(frames[-1], 0) + n
     if not total:
         return ["(empty profile)"]
-    rows = [f"{total:,} samples; inclusive share of the busiest functions (self share):"]
-    for frame, n in sorted(inclusive.items(), key=lambda kv: -kv[1])[: top * 3]:
-        if n / total < 0.03 or frame.startswith(("<module>", "run (", "_run_once")):
-            continue
-        rows.append(
-            f"  {100 * n / total:5.1f}%  ({100 * own.get(frame, 0) / total:4.1f}%)  {frame}"
-        )
-        if len(rows) > top:
-            break
-    return rows
+
+    def share(table: dict[str, int]) -> list[str]:
+        busiest = sorted(table.items(), key=lambda kv: -kv[1])[:top]
+        return [f"  {100 * n / total:5.1f}%  {frame}" for frame, n in busiest]
+
+    return [
+        f"{total:,} samples; inclusive:",
+        *share(inclusive),
+        "self:",
+        *share(own),
+    ]
 
 
 # --- nodes -----------------------------------------------------------------------------

@@ -105,6 +105,16 @@ def _facts(
     return NodeFacts(pk, node_id, public_key, uuids, status, verification, due, routine)
 
 
+def online_counters(session: Session) -> dict[int, int]:
+    """Every online node with a key: its signed-request counter in the DB."""
+    rows = session.execute(
+        select(Node.id, Node.heartbeat_counter).where(
+            Node.status == "online", Node.public_key.is_not(None)
+        )
+    )
+    return {pk: counter or 0 for pk, counter in rows}
+
+
 def read_facts(
     session: Session, node_pks: Iterable[int], verification_interval: int
 ) -> dict[int, NodeFacts]:

@@ -261,9 +261,32 @@ class Heartbeats:
             log.warning("could not drop offline nodes from the last-seen set: %s", exc)
         return len(batch)
 
+    async def warm(self) -> int:
+        """Read the facts and DB counters of every online node (a few queries), so a
+        process that has just started (a restart, another worker) answers routine
+        heartbeats without SQL at once, instead of sending each node's first one down
+        the direct path. Facts already learnt are kept. Returns the nodes read."""
+        interval = self.rules.verification_interval_seconds
+
+        def read() -> tuple[dict[int, NodeFacts], dict[int, int]]:
+            with transaction(self.sessions) as session:
+                counters = batching.online_counters(session)
+                return batching.read_facts(session, counters, interval), counters
+
+        facts, counters = await run_in_threadpool(read)
+        for pk, found in facts.items():
+            self.facts.setdefault(found.node_id, found)
+            self.floors[found.node_id] = max(self.floors.get(found.node_id, 0), counters[pk])
+        return len(facts)
+
     async def flush_loop(self) -> None:
-        """Flush every ``heartbeat_batch_seconds``; an error is logged, the batch is
-        lost (at most one interval of utilisation) and the loop goes on."""
+        """Read the online nodes' facts (:meth:`warm`), then flush every
+        ``heartbeat_batch_seconds``; an error is logged, the batch is lost (at most one
+        interval of utilisation) and the loop goes on."""
+        try:
+            log.info("heartbeats: facts of %d online nodes read", await self.warm())
+        except Exception:
+            log.exception("heartbeats: could not read the online nodes' facts; learning them")
         every = self.settings.heartbeat_batch_seconds
         while True:
             await asyncio.sleep(every)

@@ -178,6 +178,40 @@ def test_routine_heartbeats_skip_the_db_until_the_flush_writes_them_once(
     assert stored(client, pk)[1] == 4
 
 
+@sqlite_only
+def test_a_restarted_portal_reads_the_online_nodes_facts_and_batches_their_first_heartbeat(
+    portal_client: PortalClientFactory,
+    redis_url: str,
+    prefix: str,
+    clock: Clock,
+    tmp_path: Path,
+) -> None:
+    client = start(portal_client, redis_url, prefix)
+    identity, pk = verified_node(client, tmp_path, clock)
+    beat(client, identity, clock)  # direct: online, in the last-seen set
+    old = signed(identity, clock)
+    assert send(client, identity, old).status_code == 200  # batched
+    run_flush(client)
+
+    # A new process (a restart, or another worker) reads the facts before any heartbeat.
+    restarted = start(portal_client, redis_url, prefix)
+
+    async def warm(client: TestClient) -> int:
+        return await batched(client).warm()
+
+    assert restarted.portal.call(warm, restarted) == 1  # type: ignore[union-attr]
+    before = stored(restarted, pk)
+    beat(restarted, identity, clock)  # routine at once: batched, nothing written yet
+    assert stored(restarted, pk) == before
+    # The floor is the DB's counter: with Redis's counter lost, a replay is still refused.
+    liveness = batched(restarted).liveness
+    liveness._sync.delete(liveness.counter_key(identity.node_id))
+    replay = send(restarted, identity, old)
+    assert replay.json()["error"]["code"] == "node_replayed", replay.text
+    run_flush(restarted)
+    assert stored(restarted, pk)[1] == before[1] + 1
+
+
 def test_a_portal_killed_mid_batch_loses_no_status_counts_nothing_twice_and_refuses_replays(
     portal_client: PortalClientFactory,
     redis_url: str,
