@@ -345,11 +345,31 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # The shared stack's tests first, so it stops before the module's others run.
             ordered.extend(sorted(modules[member], key=lambda item: _stack_of(item) is None))
     items[:] = ordered
+    _one_worker_for_the_stacks(items)
     _last_user.clear()
     for item in items:
         name = _stack_of(item)
         if name:
             _last_user[name] = item.nodeid
+
+
+#: Markers of tests that start Ray, a stack or a browser (see pyproject.toml).
+HEAVY_MARKERS = frozenset({"ray", "browser", "slow"})
+
+
+def _one_worker_for_the_stacks(items: list[pytest.Item]) -> None:
+    """Under ``pytest -n 2`` (``make test``), every module that starts Ray, a stack or
+    a browser runs on one worker, in this order (so the shared stacks still start once
+    and at most one runs at a time); the other worker takes the rest, the tests of
+    pure logic and of the portal app on SQLite and PostgreSQL."""
+    heavy = {
+        item.module  # type: ignore[attr-defined]
+        for item in items
+        if _stack_of(item) or any(m.name in HEAVY_MARKERS for m in item.iter_markers())
+    }
+    for item in items:
+        if item.module in heavy:  # type: ignore[attr-defined]
+            item.add_marker(pytest.mark.xdist_group("stacks"))
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
