@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import re
 import secrets
+import time
 from collections.abc import Iterable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,9 @@ log = logging.getLogger(__name__)
 
 #: How often a reservation is retried after losing a race for the same GPUs.
 RESERVE_ATTEMPTS = 8
+#: Longest wait (seconds, times the attempt) after a lost reservation race.
+RACE_BACKOFF_SECONDS = 0.005
+_RNG = secrets.SystemRandom()
 #: Cache keys and lifetime (seconds) of ``GET /offers`` and ``/offers/summary``; a
 #: capacity change invalidates them sooner (see ``portal.api.market._cached``).
 OFFERS_CACHE_KEY = "marketplace:offers"
@@ -415,7 +419,13 @@ def reserve(
                 stale = chosen.node_pk  # until the allocation rows commit
                 if chosen.exclusive:
                     _claim_exclusive(session, chosen.node_pk)
-                indices = _pick(chosen, request.gpu_count)
+                # A retry (a race lost on this node) takes random free GPUs, so
+                # racers that all chose the same node do not all want the same ones.
+                indices = (
+                    _pick(chosen, request.gpu_count)
+                    if attempt == 0
+                    else sorted(_RNG.sample(chosen.free_indices, request.gpu_count))
+                )
                 res = Reservation(
                     id=secrets.token_hex(12),
                     account_id=account_id,
@@ -456,8 +466,10 @@ def reserve(
             stale = exc.node_pk
             log.debug("placement index pick on node %d was stale (attempt %d)", stale, attempt + 1)
         except IntegrityError:
-            # Another transaction took these GPUs (or this server's slot) first.
+            # Another transaction took these GPUs (or this server's slot) first. A
+            # short random wait spreads the losers out before they choose again.
             log.debug("reservation race lost (attempt %d); retrying", attempt + 1)
+            time.sleep(_RNG.uniform(0, RACE_BACKOFF_SECONDS * (attempt + 1)))
         except OperationalError as exc:
             # SQLite under heavy contention can still report a busy database.
             if "locked" not in str(exc).lower():

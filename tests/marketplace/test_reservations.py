@@ -170,6 +170,45 @@ def test_refusals_are_sentences(market: Market, kwargs: dict, error: type, messa
 
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["live-index", "sql-scan"])
+def test_racers_that_all_choose_the_same_node_all_get_a_gpu(market: Market, indexed: bool) -> None:
+    """16 customers at once, 16 GPUs on four nodes: each racer first chooses the same
+    cheapest node and its lowest GPU; the losers retry on random free GPUs, after a
+    short random wait, so every one of them is placed (none told the market is busy)."""
+    index = None
+    if indexed:
+        index = CapacityIndex(market.rules)
+        index.attach(market.sessions)
+        index.load()
+    for n in range(4):
+        market.add_node("acme", f"n{n}", {"A100-80GB": 4})
+    names = [f"racer{i}" for i in range(16)]
+    for name in names:
+        market.customer(name)
+    barrier = threading.Barrier(len(names))
+    wins: list[dict] = []
+    errors: list[BaseException] = []
+
+    def race(name: str) -> None:
+        barrier.wait(timeout=60)
+        try:
+            wins.append(reserve(market, name, "lab", index=index))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=race, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert len(wins) == 16
+    held = {(w["node_id"], tuple(w["gpu_indices"])) for w in wins}
+    assert len(held) == 16
+    assert allocated(market) == 16
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["live-index", "sql-scan"])
 @pytest.mark.parametrize("racers", [50])
 def test_racing_for_the_last_gpu_exactly_one_wins(
     market: Market, racers: int, indexed: bool
