@@ -345,7 +345,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             # The shared stack's tests first, so it stops before the module's others run.
             ordered.extend(sorted(modules[member], key=lambda item: _stack_of(item) is None))
     items[:] = ordered
-    _one_worker_for_the_stacks(items)
+    _check_heavy_modules(items)
     _last_user.clear()
     for item in items:
         name = _stack_of(item)
@@ -355,21 +355,72 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 #: Markers of tests that start Ray, a stack or a browser (see pyproject.toml).
 HEAVY_MARKERS = frozenset({"ray", "browser", "slow"})
-
-
-def _one_worker_for_the_stacks(items: list[pytest.Item]) -> None:
-    """Under ``pytest -n 2`` (``make test``), every module that starts Ray, a stack or
-    a browser runs on one worker, in this order (so the shared stacks still start once
-    and at most one runs at a time); the other worker takes the rest, the tests of
-    pure logic and of the portal app on SQLite and PostgreSQL."""
-    heavy = {
-        item.module  # type: ignore[attr-defined]
-        for item in items
-        if _stack_of(item) or any(m.name in HEAVY_MARKERS for m in item.iter_markers())
+#: The modules with such tests (or a shared stack's): under ``pytest -n 2`` (``make
+#: test``) they all run on one worker, in this run's order, so the shared stacks still
+#: start once and at most one stack runs at a time; the other worker takes the rest.
+#: Collection fails if a module with such a test is missing here.
+HEAVY_MODULES = frozenset(
+    {
+        "tests/dashboards/test_dashboards_stack.py",
+        "tests/extension/test_lab_browser.py",
+        "tests/extension/test_with_portal.py",
+        "tests/ledger/test_billing_stack.py",
+        "tests/marketplace/test_marketplace_api.py",
+        "tests/marketplace/test_provider_join.py",
+        "tests/marketplace/test_ray_check.py",
+        "tests/spawner/test_faults.py",
+        "tests/spawner/test_lifecycle.py",
+        "tests/spawner/test_restart.py",
+        "tests/spawner/test_stack.py",
+        "tests/spawner/test_warm.py",
+        "tests/test_admin_pages.py",
+        "tests/test_e2e_billing.py",
+        "tests/test_hub_pages.py",
+        "tests/test_isolation.py",
+        "tests/test_localray.py",
+        "tests/test_stack.py",
+        "tests/test_teams_stack.py",
+        "tests/test_template_notebooks.py",
+        "tests/test_templates_stack.py",
     }
-    for item in items:
-        if item.module in heavy:  # type: ignore[attr-defined]
-            item.add_marker(pytest.mark.xdist_group("stacks"))
+)
+
+
+def _module_path(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].split("@", 1)[0]
+
+
+def _check_heavy_modules(items: list[pytest.Item]) -> None:
+    """Every module that starts Ray, a stack or a browser is in HEAVY_MODULES."""
+    missing = sorted(
+        {
+            _module_path(item.nodeid)
+            for item in items
+            if _stack_of(item) or any(m.name in HEAVY_MARKERS for m in item.iter_markers())
+        }
+        - HEAVY_MODULES
+    )
+    if missing:
+        raise pytest.UsageError(
+            "these modules start Ray, a stack or a browser; add them to HEAVY_MODULES in "
+            f"tests/conftest.py so they run on the stacks' worker: {', '.join(missing)}"
+        )
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadscope`` with one scope for all of HEAVY_MODULES (one worker runs
+    them, in collection order), and a scope per module (or class) for the rest."""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class StacksOnOneWorker(LoadScopeScheduling):  # type: ignore[misc]
+        def _split_scope(self, nodeid: str) -> str:
+            if _module_path(nodeid) in HEAVY_MODULES:
+                return "stacks"
+            return str(super()._split_scope(nodeid))
+
+    return StacksOnOneWorker(config, log)
 
 
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
