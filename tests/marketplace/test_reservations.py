@@ -169,40 +169,57 @@ def test_refusals_are_sentences(market: Market, kwargs: dict, error: type, messa
     assert message in info.value.message
 
 
-@pytest.mark.parametrize("indexed", [True, False], ids=["live-index", "sql-scan"])
-def test_racers_that_all_choose_the_same_node_all_get_a_gpu(market: Market, indexed: bool) -> None:
-    """16 customers at once, 16 GPUs on four nodes: each racer first chooses the same
-    cheapest node and its lowest GPU; the losers retry on random free GPUs, after a
-    short random wait, so every one of them is placed (none told the market is busy)."""
-    index = None
-    if indexed:
-        index = CapacityIndex(market.rules)
-        index.attach(market.sessions)
-        index.load()
-    for n in range(4):
-        market.add_node("acme", f"n{n}", {"A100-80GB": 4})
-    names = [f"racer{i}" for i in range(16)]
+def live_index(market: Market, indexed: bool) -> CapacityIndex | None:
+    """The portal's live placement index on this market, or None for the SQL scan."""
+    if not indexed:
+        return None
+    index = CapacityIndex(market.rules)
+    index.attach(market.sessions)
+    index.load()
+    return index
+
+
+def race(
+    market: Market, names: list[str], index: CapacityIndex | None
+) -> tuple[list[dict], list[str]]:
+    """Every named customer reserves one GPU at the same moment, each in a thread of
+    its own: (the reservations made, the no-capacity refusals). Any other error fails."""
     for name in names:
         market.customer(name)
     barrier = threading.Barrier(len(names))
     wins: list[dict] = []
+    refusals: list[str] = []
     errors: list[BaseException] = []
 
-    def race(name: str) -> None:
+    def one(name: str) -> None:
         barrier.wait(timeout=60)
         try:
             wins.append(reserve(market, name, "lab", index=index))
+        except NoCapacity as exc:
+            refusals.append(exc.message)
         except BaseException as exc:  # reported below
             errors.append(exc)
 
-    threads = [threading.Thread(target=race, args=(n,)) for n in names]
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=120)
     assert not any(t.is_alive() for t in threads)
     assert errors == []
-    assert len(wins) == 16
+    return wins, refusals
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["live-index", "sql-scan"])
+def test_racers_that_all_choose_the_same_node_all_get_a_gpu(market: Market, indexed: bool) -> None:
+    """16 customers at once, 16 GPUs on four nodes: each racer first chooses the same
+    cheapest node and its lowest GPU; the losers retry on random free GPUs, after a
+    short random wait, so every one of them is placed (none told the market is busy)."""
+    index = live_index(market, indexed)
+    for n in range(4):
+        market.add_node("acme", f"n{n}", {"A100-80GB": 4})
+    wins, refusals = race(market, [f"racer{i}" for i in range(16)], index)
+    assert (len(wins), refusals) == (16, [])
     held = {(w["node_id"], tuple(w["gpu_indices"])) for w in wins}
     assert len(held) == 16
     assert allocated(market) == 16
@@ -215,37 +232,10 @@ def test_racing_for_the_last_gpu_exactly_one_wins(
 ) -> None:
     """The portal's path (the live index) and the plain SQL scan alike: the index may
     offer all 50 the same GPU, the DB lets exactly one have it."""
-    index = None
-    if indexed:
-        index = CapacityIndex(market.rules)
-        index.attach(market.sessions)
-        index.load()
+    index = live_index(market, indexed)
     market.add_node("acme", "n1", {"A100-80GB": 2})
     reserve(market, "early", "x", index=index)  # one of two GPUs is taken: one left
-    names = [f"user{i}" for i in range(racers)]
-    for name in names:
-        market.customer(name)
-    barrier = threading.Barrier(racers)
-    wins: list[dict] = []
-    refusals: list[str] = []
-    errors: list[BaseException] = []
-
-    def race(name: str) -> None:
-        barrier.wait(timeout=60)
-        try:
-            wins.append(reserve(market, name, "lab", index=index))
-        except NoCapacity as exc:
-            refusals.append(exc.message)
-        except BaseException as exc:  # reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=race, args=(n,)) for n in names]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == []
+    wins, refusals = race(market, [f"user{i}" for i in range(racers)], index)
     assert len(wins) == 1
     assert len(refusals) == racers - 1
     assert all(r.startswith("no GPU free") for r in refusals)
