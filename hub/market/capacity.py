@@ -334,6 +334,10 @@ class CapacityIndex:
         with self._lock:
             return self._index.choose(request)
 
+    def best(self, request: Request, k: int) -> list[Candidate]:
+        with self._lock:
+            return self._index.best(request, k)
+
     def candidates(self, gpu_model: str | None = None) -> list[Candidate]:
         with self._lock:
             return self._index.candidates(gpu_model)

@@ -42,7 +42,7 @@ from ..db.models import Account
 from . import capacity
 from .capacity import CapacityIndex, Rules, load_candidates
 from .nodes import score, uptime
-from .placement import Candidate, Request, choose, explain_no_fit, normalize_model
+from .placement import Candidate, Request, best, explain_no_fit, normalize_model
 from .placement import pick_indices as _pick
 
 if TYPE_CHECKING:
@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 
 #: How often a reservation is retried after losing a race for the same GPUs.
 RESERVE_ATTEMPTS = 8
+#: Most best fits a retry after lost races chooses among (see _place).
+MAX_SPREAD = 16
 #: Longest wait (seconds, times the attempt) after a lost reservation race.
 RACE_BACKOFF_SECONDS = 0.005
 _RNG = secrets.SystemRandom()
@@ -327,9 +329,17 @@ class _StalePick(Exception):
 
 
 def _place(
-    session: Session, request: Request, rules: Rules, index: CapacityIndex | None
+    session: Session,
+    request: Request,
+    rules: Rules,
+    index: CapacityIndex | None,
+    spread: int = 1,
 ) -> Candidate:
     """The node to reserve on, as fresh as the transaction sees it, or a refusal.
+
+    ``spread`` > 1 (a retry after lost races): one of that many best fits, at
+    random, so customers racing for the same cheapest node spread over the next
+    ones instead of losing to each other in turn.
 
     The index decides in microseconds; its pick is then read again from SQL
     inside this transaction, and refused (:class:`_StalePick`) unless it still
@@ -338,7 +348,8 @@ def _place(
     index has not seen yet is still placed, and a refusal is always the DB's.
     """
     if index is not None and index.ready:
-        pick = index.choose(request)
+        picks = index.best(request, spread)
+        pick = _RNG.choice(picks) if picks else None
         if pick is not None:
             fresh = next(
                 (
@@ -358,7 +369,8 @@ def _place(
                 raise _StalePick(pick.node_pk)
             return fresh
     candidates = load_candidates(session, rules, request.gpu_model)
-    chosen = choose(request, candidates)
+    fits = best(request, candidates, spread)
+    chosen = _RNG.choice(fits) if fits else None
     if chosen is None:
         _validate(session, request, candidates)
         everything = candidates if request.gpu_model else load_candidates(session, rules)
@@ -400,6 +412,7 @@ def reserve(
     ``index``: the portal's live placement index (see :mod:`.capacity`); without
     it every decision scans SQL.
     """
+    spread = 1  # doubled after each lost race: see _place
     for attempt in range(RESERVE_ATTEMPTS):
         stale: int | None = None
         try:
@@ -415,7 +428,7 @@ def reserve(
                             "release it first."
                         )
                     return public(existing), False
-                chosen = _place(session, request, rules, index)
+                chosen = _place(session, request, rules, index, spread)
                 stale = chosen.node_pk  # until the allocation rows commit
                 if chosen.exclusive:
                     _claim_exclusive(session, chosen.node_pk)
@@ -470,6 +483,7 @@ def reserve(
             # short random wait spreads the losers out before they choose again.
             log.debug("reservation race lost (attempt %d); retrying", attempt + 1)
             time.sleep(_RNG.uniform(0, RACE_BACKOFF_SECONDS * (attempt + 1)))
+            spread = min(spread * 2, MAX_SPREAD)
         except OperationalError as exc:
             # SQLite under heavy contention can still report a busy database.
             if "locked" not in str(exc).lower():

@@ -113,6 +113,12 @@ def choose(request: Request, candidates: Iterable[Candidate]) -> Candidate | Non
     return best
 
 
+def best(request: Request, candidates: Iterable[Candidate], k: int) -> list[Candidate]:
+    """The ``k`` best fitting candidates, best first (``best(r, cs, 1)`` is ``choose``)."""
+    fits = [c for c in candidates if request.matches(c)]
+    return sorted(fits, key=lambda c: rank(request, c))[: max(1, k)]
+
+
 def pick_indices(c: Candidate, count: int) -> list[int]:
     """Which GPUs of the chosen node to hold: the lowest free indices."""
     return sorted(c.free_indices)[:count]
@@ -282,11 +288,17 @@ class PlacementIndex:
         model filter reads the lists of every model together (one per region and
         class), and the walk ends at the first list whose cheapest is dearer.
         """
+        found = self.best(request, 1)
+        return found[0] if found else None
+
+    def best(self, request: Request, k: int) -> list[Candidate]:
+        """The ``k`` best fits, best first (as :func:`best`), pruned as :meth:`choose`
+        is, against the k-th best found so far."""
+        k = max(1, k)
         lists = sorted(self._lists(request), key=lambda sub: _order(sub[0]))
-        best: Candidate | None = None
-        best_key: tuple[int, float, int, str] | None = None
-        # Past this (price, -reliability) nothing can rank better: every later
-        # candidate of a list is at least as dear and no more reliable.
+        top: list[tuple[tuple[int, float, int, str], Candidate]] = []
+        # Past this (price, -reliability) nothing can rank among the k best: every
+        # later candidate of a list is at least as dear and no more reliable.
         bound: tuple[float, float] = (
             float("inf") if request.max_price is None else request.max_price,
             float("inf"),
@@ -299,8 +311,10 @@ class PlacementIndex:
                     break
                 if not request.matches(c):
                     continue
-                key = rank(request, c)
-                if best_key is None or key < best_key:
-                    best, best_key = c, key
-                    bound = (c.price, -c.reliability)
-        return best
+                insort(top, (rank(request, c), c), key=lambda entry: entry[0])
+                if len(top) > k:
+                    top.pop()
+                if len(top) == k:
+                    worst = top[-1][1]
+                    bound = (worst.price, -worst.reliability)
+        return [c for _, c in top]

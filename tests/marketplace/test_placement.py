@@ -11,6 +11,7 @@ from gpuportal.hub.market.placement import (
     Candidate,
     PlacementIndex,
     Request,
+    best,
     choose,
     explain_no_fit,
     normalize_model,
@@ -183,3 +184,8 @@ def test_index_agrees_with_scan_on_random_pools() -> None:
         )
         a, b = choose(req, pool), index.choose(req)
         assert (a.node_id if a else None) == (b.node_id if b else None), req
+        k = rng.choice([2, 3, 8])  # a retry's spread: the k best, in rank order
+        assert [c.node_id for c in index.best(req, k)] == [c.node_id for c in best(req, pool, k)], (
+            req,
+            k,
+        )

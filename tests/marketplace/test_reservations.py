@@ -212,12 +212,13 @@ def race(
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["live-index", "sql-scan"])
 def test_racers_that_all_choose_the_same_node_all_get_a_gpu(market: Market, indexed: bool) -> None:
-    """16 customers at once, 16 GPUs on four nodes: each racer first chooses the same
-    cheapest node and its lowest GPU; the losers retry on random free GPUs, after a
-    short random wait, so every one of them is placed (none told the market is busy)."""
+    """16 customers at once, 16 GPUs on four 4-GPU nodes and eight 1-GPU nodes: each
+    racer first chooses the same cheapest node and its lowest GPU; a loser retries after
+    a short random wait on random free GPUs of one of the 2, 4, 8, 16 best fits, so
+    every one of them is placed (none told the market is busy)."""
     index = live_index(market, indexed)
-    for n in range(4):
-        market.add_node("acme", f"n{n}", {"A100-80GB": 4})
+    for n in range(12):
+        market.add_node("acme", f"n{n:02d}", {"A100-80GB": 4 if n % 3 == 0 else 1})
     wins, refusals = race(market, [f"racer{i}" for i in range(16)], index)
     assert (len(wins), refusals) == (16, [])
     held = {(w["node_id"], tuple(w["gpu_indices"])) for w in wins}
