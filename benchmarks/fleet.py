@@ -485,6 +485,7 @@ def load_step(
 async def reserve_servers(servers: int) -> tuple[int, dict[int, int]]:
     """Each customer reserves one GPU and activates it, as the spawner does."""
     made, refused = 0, {}
+    reasons: set[str] = set()
     queue = list(range(servers))
 
     async def worker(client: httpx.AsyncClient) -> None:
@@ -498,6 +499,8 @@ async def reserve_servers(servers: int) -> tuple[int, dict[int, int]]:
             )
             if reply.status_code != 201:
                 refused[reply.status_code] = refused.get(reply.status_code, 0) + 1
+                if len(reasons) < 3:
+                    reasons.add(reply.text[:200])
                 continue
             rid = reply.json()["id"]
             done = await client.post(
@@ -510,6 +513,8 @@ async def reserve_servers(servers: int) -> tuple[int, dict[int, int]]:
         for c in range(servers):  # accounts first, one at a time (see register_all)
             await client.get(f"{API}/balance", headers={"Authorization": f"token tok-c{c}"})
         await asyncio.gather(*(worker(client) for _ in range(8)))
+    for reason in sorted(reasons):
+        print(f"  a refusal: {reason}", flush=True)
     return made, refused
 
 

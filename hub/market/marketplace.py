@@ -478,6 +478,9 @@ def reserve(
         except _StalePick as exc:
             stale = exc.node_pk
             log.debug("placement index pick on node %d was stale (attempt %d)", stale, attempt + 1)
+            # Most often another reservation took it first, and the others racing for
+            # it will find it stale too.
+            spread = min(spread * 2, MAX_SPREAD)
         except IntegrityError:
             # Another transaction took these GPUs (or this server's slot) first. A
             # short random wait spreads the losers out before they choose again.
