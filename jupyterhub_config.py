@@ -263,11 +263,15 @@ c.JupyterHub.cleanup_servers = False
 # Warm pools (docs/spawner.md): each GPU node keeps servers that have paid for
 # their imports, claimed at spawn in well under a second. The first spawn on a
 # node starts cold and starts its pool. GPUPORTAL_WARM_POOLS=0 turns them off;
-# GPUPORTAL_WARM_SLOTS sets how many wait per node (default: one per free GPU, at most 4).
+# GPUPORTAL_WARM_SLOTS sets how many wait per node (default: one per free GPU, at most
+# GPUPORTAL_WARM_SLOTS_MAX, 4). With none waiting, a node's pool starts each server
+# as its spawn comes (GPUPORTAL_WARM_SLOTS_MAX=0 keeps none waiting).
 c.RaySpawner.warm_pools = os.environ.get("GPUPORTAL_WARM_POOLS", "1") != "0"
 c.RaySpawner.warm_secret = _service_token(data / "warm-pool-secret")
 if os.environ.get("GPUPORTAL_WARM_SLOTS", "").isdigit():
     c.RaySpawner.warm_slots = int(os.environ["GPUPORTAL_WARM_SLOTS"])
+if os.environ.get("GPUPORTAL_WARM_SLOTS_MAX", "").isdigit():
+    c.RaySpawner.warm_slots_max = int(os.environ["GPUPORTAL_WARM_SLOTS_MAX"])
 # How long a user server trusts the hub's answer about a token or login: a revoked
 # share, or a member who left a team, loses access to the server within this time.
 if os.environ.get("GPUPORTAL_TOKEN_CHECK_SECONDS", "").isdigit():

@@ -10,8 +10,14 @@ Three rows in the same invocation on this machine, on 127.0.0.1:
   its sandbox) and activates the reservation. A first spawn starts the pool, and
   each measurement waits until enough slots are waiting (a pool refills in the
   background between spawns); the spawns that still went cold are counted;
-* RaySpawner cold: the same stack with warm pools off: a Ray job per spawn, the
-  wrapper's report, then the activation.
+* RaySpawner cold, through the node's pool: the same stack with a pool on the
+  node that keeps no slot waiting (``GPUPORTAL_WARM_SLOTS_MAX=0``), so each spawn
+  is a cold start on a node without a warm slot: the pool starts the server's
+  process when the claim comes (no Ray job). The first spawn starts the pool, and
+  the row waits until it is up;
+* RaySpawner cold, Ray job: the same stack with warm pools off: a Ray job per
+  spawn (its supervisor, the wrapper, its token claim), the wrapper's report,
+  then the activation.
 
 For each, ``--sequential`` spawns one after another, then a burst of
 ``--burst`` spawns at once. Latency is from the REST ``POST .../server`` to the
@@ -123,6 +129,16 @@ class Hub:
             time.sleep(0.5)
         raise RuntimeError(f"fewer than {count} warm slots after {timeout}s")
 
+    def wait_pool_up(self, timeout: float = 300.0) -> None:
+        """Until a node's pool is up (answering claims)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pools = self.http.get("/gpuportal/warm").json().get("pools") or []
+            if any(p.get("state") == "ready" for p in pools):
+                return
+            time.sleep(0.5)
+        raise RuntimeError(f"no warm pool up after {timeout}s")
+
     def stop(self, name: str, timeout: float = 120.0) -> None:
         self.http.delete(f"/users/{name}/server")
         deadline = time.monotonic() + timeout
@@ -131,8 +147,11 @@ class Hub:
 
 
 def measure(
-    hub: Hub, prefix: str, sequential: int, burst: int, warm: bool = False
+    hub: Hub, prefix: str, sequential: int, burst: int, warm: bool = False, pool: bool = False
 ) -> dict[str, list[float]]:
+    """``warm``: wait for waiting slots before each spawn; ``warm`` or ``pool``: count
+    the spawns a pool served (its ``warm`` result)."""
+    counted = warm or pool
     names = [f"{prefix}s{i}" for i in range(sequential)] + [f"{prefix}b{i}" for i in range(burst)]
     for name in names:
         hub.ensure_user(name)
@@ -142,7 +161,7 @@ def measure(
         if warm:
             hub.wait_warm_slots(1)
         seq.append(hub.spawn_to_ready(name))
-        went_warm += hub.was_warm(name) if warm else 0
+        went_warm += hub.was_warm(name) if counted else 0
         hub.stop(name)
     if warm:
         hub.wait_warm_slots(burst)
@@ -155,11 +174,11 @@ def measure(
             failures.append(str(exc))
             return None
 
-    with ThreadPoolExecutor(burst) as pool:
-        bursts = [t for t in pool.map(attempt, names[sequential:]) if t is not None]
-    went_warm += sum(hub.was_warm(n) for n in names[sequential:]) if warm else 0
-    with ThreadPoolExecutor(burst) as pool:
-        list(pool.map(hub.stop, names[sequential:]))
+    with ThreadPoolExecutor(burst) as threads:
+        bursts = [t for t in threads.map(attempt, names[sequential:]) if t is not None]
+    went_warm += sum(hub.was_warm(n) for n in names[sequential:]) if counted else 0
+    with ThreadPoolExecutor(burst) as threads:
+        list(threads.map(hub.stop, names[sequential:]))
     if failures:
         print(f"{prefix}: {len(failures)} burst spawn(s) failed: {failures}", file=sys.stderr)
     return {
@@ -179,18 +198,30 @@ def wait_http(
         raise RuntimeError(f"{what} not ready ({exc}):\n{log()[-3000:]}") from None
 
 
-def start_ray_stack(work: Path, gpus: int, warm: bool) -> tuple[Stack, Hub]:
-    """``gpuportal up`` with ``gpus`` demo A100s, started and waited for as the test
-    suite starts it (tests/portal_stack.py); an admin token from the hub API.
-    ``warm``: warm pools on, one slot per GPU."""
+#: The Ray rows: how each stack runs its pools.
+RAY_ROWS = {
+    # One slot waiting per GPU.
+    "ray_warm": {"GPUPORTAL_WARM_POOLS": "1", "GPUPORTAL_WARM_SLOTS": "{gpus}"},
+    # A pool that keeps none waiting: it starts each server as its claim comes.
+    "ray_cold_pool": {"GPUPORTAL_WARM_POOLS": "1", "GPUPORTAL_WARM_SLOTS_MAX": "0"},
+    # No pools: a Ray job per spawn.
+    "ray_cold_job": {"GPUPORTAL_WARM_POOLS": "0"},
+}
+
+
+def start_ray_stack(work: Path, gpus: int, row: str) -> tuple[Stack, Hub]:
+    """``gpuportal up`` with ``gpus`` demo A100s and the pools of ``row``, started
+    and waited for as the test suite starts it (tests/portal_stack.py); an admin
+    token from the hub API."""
+    pools = {k: v.format(gpus=gpus) for k, v in RAY_ROWS[row].items()}
     stack = start_stack(
-        work / ("stack-warm" if warm else "stack-cold"),
+        work / f"stack-{row}",
         timeout=240,
         GPUPORTAL_DEMO_GPUS=f"{gpus}xA100-80GB",
         GPUPORTAL_RAY_NUM_CPUS=str(os.cpu_count() or 1),
-        GPUPORTAL_WARM_POOLS="1" if warm else "0",
-        GPUPORTAL_WARM_SLOTS=str(gpus),
+        **pools,
     )
+    warm = pools["GPUPORTAL_WARM_POOLS"] == "1"
     browser = hub_login(stack.base_url, "admin", stack.admin_password)
     token = hub_token(browser, "admin")
     browser.close()
@@ -213,6 +244,7 @@ def start_ray_stack(work: Path, gpus: int, warm: bool) -> tuple[Stack, Hub]:
             hub.ensure_user("warmup")
             hub.spawn_to_ready("warmup")
             hub.stop("warmup")
+            hub.wait_pool_up()
         except BaseException:
             stop_stack(stack)
             raise
@@ -309,10 +341,17 @@ def main() -> int:
             results["local"] = measure(local_hub, "l", args.sequential, args.burst)
         finally:
             stop_local(local_proc)
-        for row, warm in (("ray_warm", True), ("ray_cold", False)):
-            ray_stack, ray_hub = start_ray_stack(work, max(args.burst, 1), warm)
+        for row in RAY_ROWS:
+            ray_stack, ray_hub = start_ray_stack(work, max(args.burst, 1), row)
             try:
-                results[row] = measure(ray_hub, row[4], args.sequential, args.burst, warm)
+                results[row] = measure(
+                    ray_hub,
+                    row[4] + row[-1],
+                    args.sequential,
+                    args.burst,
+                    warm=row == "ray_warm",
+                    pool=row == "ray_cold_pool",
+                )
             finally:
                 stop_stack(ray_stack)
     finally:
@@ -333,7 +372,7 @@ def main() -> int:
         local = summary(results["local"][kind])
         report[kind] = {"local": local}
         print(f"{kind + ' local':26}{local['p50']:8.2f}{local['p95']:8.2f}")
-        for row in ("ray_warm", "ray_cold"):
+        for row in RAY_ROWS:
             got = summary(results[row][kind])
             report[kind][row] = {
                 **got,
@@ -344,10 +383,15 @@ def main() -> int:
                 f"{kind + ' ' + row:26}{got['p50']:8.2f}{got['p95']:8.2f}"
                 f"{got['p50'] / local['p50']:12.2f}{got['p95'] / local['p95']:12.2f}"
             )
-    for name in ("local", "ray_warm", "ray_cold"):
+    for name in ("local", *RAY_ROWS):
         print(f"failed burst spawns, {name}: {int(results[name]['failures'][0])}")
     print(
         f"warm spawns that were claimed warm: {int(results['ray_warm']['warm'][0])} of "
+        f"{args.sequential + args.burst}"
+    )
+    print(
+        "cold-pool spawns started by the node's pool (not a Ray job): "
+        f"{int(results['ray_cold_pool']['warm'][0])} of "
         f"{args.sequential + args.burst}"
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)

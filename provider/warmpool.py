@@ -11,6 +11,9 @@ are idle capacity, never a reservation). The pool:
   with its own key (``provider/warmclaim.py``): ``/claim`` hands a free slot the
   user, token, environment, GPUs and arguments of one server and answers its
   port; ``/stop`` ends a claimed server; ``/status`` counts the slots;
+- when no slot is waiting, a claim takes one that is still starting (raised to
+  normal priority), or starts one for itself at once: a cold start on this node
+  without a Ray job (no job supervisor to start), as fast as a local server;
 - replaces a claimed slot in the background, and stops every slot and server it
   started when its job is stopped (or its node dies: each slot dies with it);
 - makes Ray count a claimed server's GPUs as used on this node for as long as the
@@ -46,7 +49,7 @@ from typing import Any
 from gpuportal.provider import isolation, warmclaim
 from gpuportal.provider.ports import free_port
 from gpuportal.provider.rayresources import NODE_RESOURCE_PREFIX
-from gpuportal.provider.warmslot import ENV_HIDDEN_HOMES
+from gpuportal.provider.warmslot import ENV_HIDDEN_HOMES, ENV_URGENT
 
 ENV_KEY = "GPUPORTAL_WARM_KEY"
 ENV_POOL = "GPUPORTAL_WARM_POOL"
@@ -60,6 +63,9 @@ HIDDEN_HOMES = Path("/run/gpuportal-homes")
 MAX_SLOTS = 16
 #: Seconds a claimed slot may take to take on its user and answer its port.
 CLAIM_TIMEOUT = 20.0
+#: Most seconds a claim waits for a slot that is still starting (one started for it,
+#: or one that was still importing); the hub sends its own, shorter bound.
+START_TIMEOUT = 60.0
 #: What a slot's environment may hold before its claim: how to run Python, nothing of a user.
 SLOT_ENV_ALLOW = ("LANG", "LC_ALL", "TZ", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 #: Seconds a claimed server's GPUs wait for the pool's own connection to Ray.
@@ -253,6 +259,10 @@ class Pool:
         self.slots: dict[str, Slot] = {}
         self.lock = threading.Lock()
         self.closing = threading.Event()
+        #: Claims that found no slot waiting ask the filler thread for one (a slot
+        #: must be started by that long-lived thread: see fill_forever).
+        self._wanted: queue.Queue[queue.Queue[Slot]] = queue.Queue()
+        self._wake = threading.Event()
         self.homes = Path(env.get(isolation.ENV_HOMES) or isolation.default_homes())
         isolation.prepare_homes(self.homes)
         self.bwrap = bwrap
@@ -270,12 +280,14 @@ class Pool:
         self._command = command
 
     # --- slots ----------------------------------------------------------------
-    def _start_slot(self) -> Slot:
+    def _start_slot(self, for_claim: bool = False) -> Slot:
+        """Start a slot; ``for_claim``: at normal priority, already claimed."""
         from gpuportal.provider.serverenv import die_with_parent
 
+        env = dict(self._env, **{ENV_URGENT: "1"}) if for_claim else self._env
         proc = subprocess.Popen(
             self._command,
-            env=self._env,
+            env=env,
             cwd=self._home,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -283,7 +295,7 @@ class Pool:
             close_fds=True,
             preexec_fn=lambda: die_with_parent(signal.SIGKILL),
         )
-        slot = Slot(secrets.token_hex(6), proc)
+        slot = Slot(secrets.token_hex(6), proc, state="claimed" if for_claim else "starting")
         with self.lock:
             self.slots[slot.id] = slot
         threading.Thread(target=self._read, args=(slot,), daemon=True).start()
@@ -318,21 +330,60 @@ class Pool:
         """Keep ``size`` slots waiting, starting one at a time (imports are CPU-heavy).
 
         Runs in one long-lived thread: Linux sends a slot its parent-death signal
-        when the *thread* that started it ends."""
+        when the *thread* that started it ends. So it also starts the slots that
+        claims ask for when none is waiting (``_slot_now``)."""
         while not self.closing.is_set():
+            while True:
+                try:
+                    box = self._wanted.get_nowait()
+                except queue.Empty:
+                    break
+                box.put(self._start_slot(for_claim=True))
             with self.lock:
                 starting = any(s.state == "starting" for s in self.slots.values())
             if not starting and self.waiting() < self.size:
                 self._start_slot()
-            self.closing.wait(0.2)
+            self._wake.wait(0.2)
+            self._wake.clear()
+
+    def _slot_now(self) -> Slot:
+        """A slot for a claim that found none waiting: one still starting, raised to
+        normal priority, else a new one started at once by the filler thread."""
+        with self.lock:
+            slot = next((s for s in self.slots.values() if s.state == "starting"), None)
+            if slot is not None and slot.proc.poll() is None:
+                slot.state = "claimed"
+        if slot is not None and slot.state == "claimed":
+            renice_tree(slot.proc.pid, 0)
+            return slot
+        if self.closing.is_set():
+            raise warmclaim.ClaimRefused(503, "The warm pool is stopping.")
+        box: queue.Queue[Slot] = queue.Queue(1)
+        self._wanted.put(box)
+        self._wake.set()
+        try:
+            return box.get(timeout=10)
+        except queue.Empty:
+            raise warmclaim.ClaimRefused(503, "No slot could be started on this node.") from None
 
     # --- requests ---------------------------------------------------------------
     def claim(self, request: dict[str, Any]) -> dict[str, Any]:
         with self.lock:
-            slot = next((s for s in self.slots.values() if s.state == "ready"), None)
-            if slot is None or slot.proc.poll() is not None:
+            slot = next(
+                (s for s in self.slots.values() if s.state == "ready" and s.proc.poll() is None),
+                None,
+            )
+            if slot is not None:
+                slot.state = "claimed"
+        wait, started = CLAIM_TIMEOUT, slot is None
+        if slot is None:
+            # Nothing waiting: start the server now, here, rather than send the hub
+            # to a Ray job; bounded by the hub's own wait (it then starts cold).
+            asked = request.get("wait")
+            if not isinstance(asked, (int, float)) or isinstance(asked, bool) or asked <= 0:
                 raise warmclaim.ClaimRefused(409, "No warm slot is free on this node.")
-            slot.state = "claimed"
+            wait = min(float(asked), START_TIMEOUT)
+            slot = self._slot_now()
         claim = {k: request.get(k) for k in ("env", "token", "gpus", "args")}
         try:
             user = request.get("user")
@@ -353,7 +404,7 @@ class Pool:
             assert slot.proc.stdin is not None
             slot.proc.stdin.write((json.dumps(claim) + "\n").encode())
             slot.proc.stdin.flush()
-            answer = slot.answers.get(timeout=CLAIM_TIMEOUT)
+            answer = slot.answers.get(timeout=wait)
         except (OSError, queue.Empty, AssertionError):
             answer = {"error": "the slot did not answer"}
         port = answer.get("port")
@@ -368,8 +419,8 @@ class Pool:
                 slot.gpus = held
             if slot.proc.poll() is not None:  # it ended before its hold was set
                 self._release_gpus(slot)
-        _say(f"slot {slot.id} claimed; serving on port {port}")
-        return {"slot": slot.id, "port": port, "pid": slot.proc.pid}
+        _say(f"slot {slot.id} claimed{' as it started' if started else ''}; serving on port {port}")
+        return {"slot": slot.id, "port": port, "pid": slot.proc.pid, "started": started}
 
     def _end(self, slot: Slot, wait: float = 10.0) -> None:
         """End a slot's process (and what it started in its session): TERM, then KILL."""
@@ -417,10 +468,29 @@ class Pool:
 
     def close(self) -> None:
         self.closing.set()
+        self._wake.set()
         with self.lock:
             slots = list(self.slots.values())
         for slot in slots:
             self._end(slot, wait=5)
+
+
+def renice_tree(pid: int, nice: int) -> None:
+    """Set the nice value of ``pid`` and of every process under it (a slot in a
+    sandbox is bubblewrap's child, in a session of its own); gone ones are skipped."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                # The field after the parenthesised command name: state, then ppid.
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                parents.setdefault(ppid, []).append(int(entry.name))
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, current, nice)
+        todo.extend(parents.get(current, []))
 
 
 def handler_for(pool: Pool) -> type[BaseHTTPRequestHandler]:

@@ -45,6 +45,9 @@ from gpuportal.provider.ports import free_port
 #: Set by the pool on a slot it starts in a sandbox: where the homes folder is bound
 #: until the claim (``isolation.sandbox_command``'s ``hidden_homes``).
 ENV_HIDDEN_HOMES = "GPUPORTAL_WARM_HIDDEN_HOMES"
+#: Set by the pool on a slot started for a claim that is already waiting: it imports
+#: at normal priority.
+ENV_URGENT = "GPUPORTAL_WARM_URGENT"
 _MS_BIND, _MS_REC, _MNT_DETACH = 4096, 16384, 2
 _PR_SET_NO_NEW_PRIVS, _PR_CAPBSET_DROP = 38, 24
 #: Nice value of a waiting slot: replacing a claimed slot never competes with servers.
@@ -147,8 +150,9 @@ def become(claim: dict[str, Any]) -> tuple[dict[str, str], int]:
 
 def main() -> int:
     out = sys.stdout
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, WAITING_NICE)
+    if not os.environ.get(ENV_URGENT):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, WAITING_NICE)
     _imports()
     _answer(out, {"ready": True, "pid": os.getpid()})
     line = sys.stdin.readline(1 << 16)

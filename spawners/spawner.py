@@ -246,7 +246,10 @@ class RaySpawner(Spawner):
     ).tag(config=True)
 
     warm_slots_max = Integer(
-        4, min=0, help="Most unclaimed servers a pool keeps waiting when warm_slots is 0."
+        4,
+        min=0,
+        help="Most unclaimed servers a pool keeps waiting when warm_slots is 0; 0: none "
+        "wait, and the pool starts each server as its spawn comes (no Ray job).",
     ).tag(config=True)
 
     warm_slots_per_node = TDict(
@@ -797,6 +800,9 @@ class RaySpawner(Spawner):
             "token": self.api_token,
             "gpus": self._gpu_indices,
             "args": list(self.get_args()),
+            # No slot waiting: the pool starts one for this claim, within this bound
+            # (then it gives up and this spawn starts cold, through a Ray job).
+            "wait": max(1.0, self.warm_timeout - 2.0),
         }
         try:
             answer = await POOLS.request(
@@ -813,7 +819,10 @@ class RaySpawner(Spawner):
         cold_job_id, self.job_id = self.job_id, ""  # no Ray job of its own
         self.warm_job_id, self.warm_url, self.warm_slot = pool.job_id, pool.address, slot
         self.ray_node_id, self.gpus = pool.ray_node_id, self._gpu_indices
-        self._emit(50, f"Claimed a warm server on node {self.node_id[:12]}")
+        if answer.get("started"):
+            self._emit(50, f"Started a server on node {self.node_id[:12]} (none was waiting)")
+        else:
+            self._emit(50, f"Claimed a warm server on node {self.node_id[:12]}")
         host = await self._host_of(pool.ray_node_id)
         self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         deadline = time.monotonic() + self.warm_timeout
@@ -850,7 +859,7 @@ class RaySpawner(Spawner):
             ),
             default=0,
         )
-        return max(1, min(self.warm_slots_max, free + reservation.gpu_count))
+        return min(self.warm_slots_max, max(1, free + reservation.gpu_count))
 
     async def _stop_warm(self) -> None:
         """Ask the pool to end this server; a pool that does not answer is gone with it."""

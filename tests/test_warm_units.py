@@ -4,13 +4,15 @@ environment, and a slot's sandbox before its claim (no Ray, no hub)."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
 from gpuportal.provider import isolation, warmclaim
-from gpuportal.provider.warmpool import HIDDEN_HOMES, slot_env
+from gpuportal.provider.warmpool import HIDDEN_HOMES, renice_tree, slot_env
 
 KEY = warmclaim.pool_key("the-hub-secret", "pool-1")
 NOW = 1_800_000_000.0
@@ -126,3 +128,37 @@ def test_a_slots_sandbox_binds_no_home_only_the_hidden_homes_folder(tmp_path: Pa
     # The homes folder itself is an empty folder of the sandbox until the claim.
     first = command.index(str(homes))
     assert command[first - 1] == "--dir" and first < command.index("--bind")
+
+
+def test_a_slot_taken_while_starting_is_reniced_with_everything_under_it() -> None:
+    """A claim that adopts a slot still importing (at nice 10) raises the slot's whole
+    process tree (bubblewrap and the Python under it) to normal priority."""
+    parent = subprocess.Popen(["sh", "-c", "sleep 30 & wait"], start_new_session=True)
+    try:
+        child = None
+        for _ in range(100):  # bounded: the shell starts its child at once
+            found = [
+                int(p.name)
+                for p in Path("/proc").iterdir()
+                if p.name.isdigit() and (p / "stat").exists() and _ppid(p) == parent.pid
+            ]
+            if found:
+                child = found[0]
+                break
+            time.sleep(0.02)
+        assert child is not None
+        renice_tree(parent.pid, 7)
+        assert os.getpriority(os.PRIO_PROCESS, parent.pid) == 7
+        assert os.getpriority(os.PRIO_PROCESS, child) == 7
+        assert os.getpriority(os.PRIO_PROCESS, os.getpid()) != 7  # only the tree
+        renice_tree(999_999_999, 7)  # a process that is gone is skipped
+    finally:
+        os.killpg(parent.pid, 9)
+        parent.wait(5)
+
+
+def _ppid(proc: Path) -> int:
+    try:
+        return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1

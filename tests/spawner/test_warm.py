@@ -7,8 +7,9 @@ pool job, the marketplace contract. One story, so the pool is started once:
    GPU indices, holds only its own token, and has no Ray job of its own, yet Ray counts
    its GPU as used on the node (read by a driver of the cluster, as a scheduler would);
 4. the pool refuses a forged and a replayed request;
-5. with the free slot stolen (claimed by someone else first), a spawn falls back to a
-   cold start on its one reservation: activated once, never a second reservation;
+5. with the free slot stolen (claimed by someone else first), the pool starts a
+   server for the next spawn as its claim comes (no Ray job) on its one
+   reservation: activated once, never a second reservation;
 6. a hub restart keeps the claimed server and the unclaimed slots: a new spawn claims
    one through the new hub; while both warm servers run Ray counts both GPUs used;
    stopping the servers ends their processes, releases their GPUs in the marketplace
@@ -255,7 +256,9 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     replay = httpx.post(f"{address}/status", content=body, headers=headers)
     assert replay.status_code == 409
 
-    # 5. The free slot is stolen first: the spawn falls back to a cold start, billed once.
+    # 5. The free slot is stolen first. A claim that does not say how long it may wait
+    # is refused (409); the spawn's claim (it says) gets a slot started for it, or the
+    # one refilling, raised to normal priority: no Ray job, one reservation, billed once.
     wait_slot(hub)
     stolen = pool_request(
         ray_nodes,
@@ -266,14 +269,27 @@ def test_warm_pool_claim_fallback_restart_and_stop(
         {"user": "thief", "token": "not-a-hub-token", "gpus": "", "env": {}, "args": []},
     )
     assert stolen.status_code == 200, stolen.text
+    assert stolen.json()["started"] is False
+    impatient = pool_request(
+        ray_nodes,
+        hub,
+        address,
+        pool["job_id"],
+        "claim",
+        {"user": "thief", "token": "not-a-hub-token", "gpus": "", "env": {}, "args": []},
+    )
+    assert impatient.status_code == 409, impatient.text
     activations = len([r for r in portal.requests if r[1].endswith("/activate")])
     assert hub.spawn("wfall", options=GPU).status_code in (201, 202)
     hub.wait_ready("wfall")
     fell = hub.state("wfall")
-    assert fell.get("job_id") and not fell.get("warm_slot")
+    assert fell.get("warm_slot") and fell["warm_job_id"] == pool["job_id"], fell
+    assert "job_id" not in fell
+    assert "wfall: Started a server on node n1 (none was waiting)" in hub.log()
     theirs = [r for r in portal.reservations.values() if r["user"] == "wfall"]
     assert [r["status"] for r in theirs] == ["active"]
     assert len([r for r in portal.requests if r[1].endswith("/activate")]) == activations + 1
+    assert server_of(isolation.os_user_name("wfall")).uids().effective != 0
     pool_request(ray_nodes, hub, address, pool["job_id"], "stop", {"slot": stolen.json()["slot"]})
     hub.stop_server("wfall")
 
