@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -380,7 +381,12 @@ class Pool:
             # Nothing waiting: start the server now, here, rather than send the hub
             # to a Ray job; bounded by the hub's own wait (it then starts cold).
             asked = request.get("wait")
-            if not isinstance(asked, (int, float)) or isinstance(asked, bool) or asked <= 0:
+            if (
+                not isinstance(asked, (int, float))
+                or isinstance(asked, bool)
+                or not math.isfinite(asked)
+                or asked <= 0
+            ):
                 raise warmclaim.ClaimRefused(409, "No warm slot is free on this node.")
             wait = min(float(asked), START_TIMEOUT)
             slot = self._slot_now()

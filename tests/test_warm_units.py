@@ -162,3 +162,21 @@ def _ppid(proc: Path) -> int:
         return int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
     except (OSError, ValueError, IndexError):
         return -1
+
+
+@pytest.mark.parametrize("wait", [None, 0, -1, True, "10", float("nan"), float("inf")])
+def test_with_no_slot_waiting_a_claim_without_a_sane_wait_is_refused_and_starts_nothing(
+    tmp_path: Path, wait: object
+) -> None:
+    """Only a claim that says how long it may wait (a positive, finite number of
+    seconds) gets a slot started for it; any other is refused as before (409)."""
+    from gpuportal.provider.warmpool import Pool
+
+    pool = Pool("pool-1", KEY, 0, {isolation.ENV_HOMES: str(tmp_path / "homes")})
+    try:
+        with pytest.raises(warmclaim.ClaimRefused) as refused:
+            pool.claim({"user": "alice", "token": "t", "env": {}, "wait": wait})
+        assert refused.value.status == 409
+        assert pool.slots == {} and pool._wanted.empty()
+    finally:
+        pool.close()
