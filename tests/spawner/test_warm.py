@@ -260,24 +260,11 @@ def test_warm_pool_claim_fallback_restart_and_stop(
     # is refused (409); the spawn's claim (it says) gets a slot started for it, or the
     # one refilling, raised to normal priority: no Ray job, one reservation, billed once.
     wait_slot(hub)
-    stolen = pool_request(
-        ray_nodes,
-        hub,
-        address,
-        pool["job_id"],
-        "claim",
-        {"user": "thief", "token": "not-a-hub-token", "gpus": "", "env": {}, "args": []},
-    )
+    thief = {"user": "thief", "token": "not-a-hub-token", "gpus": "", "env": {}, "args": []}
+    stolen = pool_request(ray_nodes, hub, address, pool["job_id"], "claim", thief)
     assert stolen.status_code == 200, stolen.text
     assert stolen.json()["started"] is False
-    impatient = pool_request(
-        ray_nodes,
-        hub,
-        address,
-        pool["job_id"],
-        "claim",
-        {"user": "thief", "token": "not-a-hub-token", "gpus": "", "env": {}, "args": []},
-    )
+    impatient = pool_request(ray_nodes, hub, address, pool["job_id"], "claim", thief)
     assert impatient.status_code == 409, impatient.text
     activations = len([r for r in portal.requests if r[1].endswith("/activate")])
     assert hub.spawn("wfall", options=GPU).status_code in (201, 202)
