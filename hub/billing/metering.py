@@ -243,8 +243,12 @@ def charge_allocations(
     wanted: dict[str, tuple[str, int | None, int | None]] = {
         "platform:revenue": ("platform_revenue", None, None)
     }
+    #: Each allocation's (payer key, earnings key), named once for the lookup and the charge.
+    keys: dict[int, tuple[str, str]] = {}
     for alloc in allocs:
-        wanted.update([payer_account_key(alloc), earnings_account_key(alloc)])
+        by_payer, by_earnings = payer_account_key(alloc), earnings_account_key(alloc)
+        wanted.update([by_payer, by_earnings])
+        keys[alloc.id] = (by_payer[0], by_earnings[0])
     with session.no_autoflush:
         accounts = ledger.ledger_accounts(session, wanted)
     platform = accounts["platform:revenue"]
@@ -257,7 +261,7 @@ def charge_allocations(
                 and alloc.stopping_at <= now
             ):
                 _stop_now(session, alloc, result)
-        _charge_in_sql(session, allocs, accounts, platform, now, interval, created_at, result)
+        _charge_in_sql(session, keys, accounts, platform, now, interval, created_at, result)
         _expire_loaded(session, {alloc.id for alloc in allocs})
         return
     txns: list[dict[str, object]] = []
@@ -274,8 +278,7 @@ def charge_allocations(
         due = periods_due(alloc.started_at, alloc.last_charged_at, now, interval, ended_at)
         if not due:
             continue
-        payer = accounts[payer_account_key(alloc)[0]]
-        earnings = accounts[earnings_account_key(alloc)[0]]
+        payer, earnings = (accounts[key] for key in keys[alloc.id])
         memo = f"{alloc.user_name}/{alloc.server_name}: {alloc.gpu_count} GPU"[:500]
         for a, b in due:
             part = split(alloc, a, b)
@@ -410,7 +413,7 @@ def _sql_safe(allocs: Sequence[Row[Any]], interval: timedelta) -> bool:
 
 def _charge_in_sql(
     session: Session,
-    allocs: Sequence[Row[Any]],
+    keys: dict[int, tuple[str, str]],
     accounts: dict[str, int],
     platform: int,
     now: datetime,
@@ -420,6 +423,8 @@ def _charge_in_sql(
 ) -> None:
     """PostgreSQL: every due interval of these allocations charged by one statement.
 
+    ``keys``: each allocation's id with its payer's and its earnings' ledger keys.
+
     The periods (``generate_series`` over the grid), amounts, keys and
     fingerprints are computed by the database from the locked allocation rows;
     the transactions, their postings (the balance trigger fires once) and the
@@ -427,13 +432,9 @@ def _charge_in_sql(
     runs per interval. A racing meter's duplicate fails on the unique key and
     rolls the batch back, as any insert does.
     """
-    ids: list[int] = []
-    payers: list[int] = []
-    earnings: list[int] = []
-    for alloc in allocs:
-        ids.append(alloc.id)
-        payers.append(accounts[payer_account_key(alloc)[0]])
-        earnings.append(accounts[earnings_account_key(alloc)[0]])
+    ids = list(keys)
+    payers = [accounts[payer] for payer, _ in keys.values()]
+    earnings = [accounts[earning] for _, earning in keys.values()]
     # The planner cannot know generate_series yields one or two rows per allocation; its
     # guess (1,000) makes the plan look costly enough to JIT-compile, which takes longer
     # than running it. JIT is off for this one statement (restored after it).
@@ -854,23 +855,63 @@ def seconds_to_zero_us(available: int, rate_per_hour: int, allocations: int) -> 
     return max(0, available - allocations) * US_PER_HOUR // rate_per_hour
 
 
-def _open_allocations_with_balances(session: Session) -> list[Row[Any]]:
-    """Every open allocation with its payer's ledger account and balance: one query.
+#: PostgreSQL: the payers whose runway check can change anything, by a bound that never
+#: misses one. A payer is left out only when every open allocation of it is ``running``
+#: and unwarned, no quota row names it (or, for a team, any of its allocations' users), and
+#: even if each allocation owed ``rate * (now - last charge) / hour + 1`` (more than the
+#: meter can charge it for that time) its money would last longer than ``:horizon``
+#: seconds. For such a payer :func:`_runway_change` changes nothing; every other payer is
+#: checked exactly, in Python, as before.
+_PAYERS_TO_CHECK_SQL = """
+WITH o AS (
+  SELECT CASE WHEN al.team_id IS NOT NULL THEN 'team:' || al.team_id
+              ELSE 'wallet:' || al.account_id END AS payer,
+         al.gpu_count::numeric * al.price_per_gpu_hour AS rate,
+         GREATEST(extract(epoch FROM (CAST(:now AS timestamptz) - al.last_charged_at)), 0)
+           AS owed_seconds,
+         (al.status <> 'running' OR al.runway_warned_at IS NOT NULL OR EXISTS (
+            SELECT 1 FROM quotas AS q
+            WHERE q.account_id = al.account_id OR q.team_id = al.team_id)) AS attention
+  FROM allocations AS al
+  WHERE al.status IN ('running', 'stopping')
+), p AS (
+  SELECT payer, bool_or(attention) AS attention, sum(rate) AS rate,
+         sum(rate * owed_seconds / 3600 + 1) AS owed
+  FROM o GROUP BY payer
+)
+SELECT p.payer FROM p
+LEFT JOIN ledger_accounts AS a ON a.key = p.payer
+LEFT JOIN ledger_balances AS b ON b.ledger_account_id = a.id
+WHERE p.attention
+   OR (p.rate > 0 AND (COALESCE(b.balance, 0) - p.owed) * 3600 <= (:horizon + 1) * p.rate)
+"""
 
-    The payer's ledger account is joined by its key (``wallet:<account>`` or
-    ``team:<team>``, as :func:`payer_account_key` names it) and its balance
-    read from the maintained ``ledger_balances``; a payer with no ledger
-    account yet has ``payer_ledger_id`` None and a balance of 0.
-    """
-    acct = cast_table(LedgerAccount)
-    bal = cast_table(LedgerBalance)
-    payer_key_sql = case(
+
+def _payer_key_sql() -> Any:
+    """The payer's ledger key of an allocation row, in SQL (as :func:`payer_account_key`)."""
+    return case(
         (
             _ALLOC.c.team_id.is_not(None),
             literal("team:") + cast(_ALLOC.c.team_id, String),
         ),
         else_=literal("wallet:") + cast(_ALLOC.c.account_id, String),
     )
+
+
+def _open_allocations_with_balances(
+    session: Session, payers: list[str] | None = None
+) -> list[Row[Any]]:
+    """Every open allocation with its payer's ledger account and balance: one query.
+
+    The payer's ledger account is joined by its key (``wallet:<account>`` or
+    ``team:<team>``, as :func:`payer_account_key` names it) and its balance
+    read from the maintained ``ledger_balances``; a payer with no ledger
+    account yet has ``payer_ledger_id`` None and a balance of 0. ``payers``:
+    only the allocations of these payer keys.
+    """
+    acct = cast_table(LedgerAccount)
+    bal = cast_table(LedgerBalance)
+    payer_key_sql = _payer_key_sql()
     query = (
         select(
             _ALLOC,
@@ -883,7 +924,21 @@ def _open_allocations_with_balances(session: Session) -> list[Row[Any]]:
         .where(_ALLOC.c.status.in_(OPEN_STATES))
         .order_by(_ALLOC.c.id)
     )
+    if payers is not None:
+        query = query.where(ledger.among(session, payer_key_sql, payers))
     return list(session.execute(query).all())
+
+
+def _payers_to_check(session: Session, settings: Settings, now: datetime) -> list[str] | None:
+    """PostgreSQL: the payer keys whose runway check may change something; None elsewhere
+    (SQLite, the embedded default, checks every payer)."""
+    if not _is_postgres(session):
+        return None
+    assert set(OPEN_STATES) == {"running", "stopping"}  # as _PAYERS_TO_CHECK_SQL names them
+    horizon = max(stop_threshold_seconds(settings), warning_threshold_seconds(settings))
+    return list(
+        session.execute(text(_PAYERS_TO_CHECK_SQL), {"now": now, "horizon": horizon}).scalars()
+    )
 
 
 def check_runway(
@@ -892,6 +947,8 @@ def check_runway(
     now: datetime,
     result: TickResult,
     only: tuple[str, int] | None = None,
+    *,
+    every_payer: bool = False,
 ) -> None:
     """Warn before the stop; schedule the stop so the grace period ends at zero at the latest.
 
@@ -905,10 +962,14 @@ def check_runway(
 
     Set-based: one query reads every open allocation with its payer's
     maintained balance, one reads the quotas, and only the allocations whose
-    state changes are written back (one executemany).
+    state changes are written back (one executemany). On PostgreSQL one more
+    query first names the payers that need a look (:data:`_PAYERS_TO_CHECK_SQL`:
+    a bound that never leaves out a payer whose state could change), so a tick
+    reads only those; ``every_payer`` reads them all (the tests compare the two).
     """
     groups: dict[tuple[str, int], list[Row[Any]]] = {}
-    for alloc in _open_allocations_with_balances(session):
+    payers = None if only is not None or every_payer else _payers_to_check(session, settings, now)
+    for alloc in _open_allocations_with_balances(session, payers):
         key = payer_key(alloc)
         if only is None or key == only:
             groups.setdefault(key, []).append(alloc)

@@ -154,6 +154,8 @@ class Allocation(Base):
         CheckConstraint("platform_fee_bps >= 0 AND platform_fee_bps <= 10000", name="fee_bps"),
         Index("ix_allocations_status", "status"),
         Index("ix_allocations_user_server", "user_name", "server_name"),
+        # Room in each page for the meter's moves of last_charged_at (HOT updates; 0013).
+        {"postgresql_with": {"fillfactor": 70}},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

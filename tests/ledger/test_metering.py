@@ -327,6 +327,12 @@ def test_one_poisoned_account_never_stops_the_meter_for_everyone_else(
     ann_alloc = open_alloc(sessions, s, "ann", fee_bps=0)
     bob_alloc = open_alloc(sessions, s, "bob", fee_bps=0)
     eve_alloc = open_alloc(sessions, s, "eve", fee_bps=0)
+    # A quota, however large, makes eve a payer the runway check reads on every backend
+    # (PostgreSQL reads only the payers whose state could change: test_runway_payers.py).
+    with portal_db.transaction(sessions) as session:
+        quotas.set_quota(
+            session, user="eve", team=None, window="day", gpu_hours=24, spend_cap_per_hour=None
+        )
     real_payer_state = metering.payer_state
     real_split = metering.split
 
@@ -342,11 +348,12 @@ def test_one_poisoned_account_never_stops_the_meter_for_everyone_else(
 
     real_sql = metering._charge_in_sql
 
-    def poisoned_sql(session, allocs, *args, **kw):
+    def poisoned_sql(session, keys, *args, **kw):
         # PostgreSQL charges in one statement, without ``split``: it fails there instead.
-        if any(a.user_name == "eve" for a in allocs):
+        # ``keys``: the batch's allocation ids, each with its payer and earnings keys.
+        if eve_alloc in keys:
             raise OverflowError("integer overflow")
-        return real_sql(session, allocs, *args, **kw)
+        return real_sql(session, keys, *args, **kw)
 
     monkeypatch.setattr(metering, "payer_state", poisoned_state)
     monkeypatch.setattr(metering, "split", poisoned_split)
