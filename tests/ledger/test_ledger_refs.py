@@ -58,6 +58,14 @@ def _new_txn(session: Session, key: str, allocation_id: int | None = None) -> in
     ).scalar_one()
 
 
+def _post(session: Session, legs: list[tuple[int, int, int]]) -> None:
+    """Postings ``(transaction, ledger account, amount)``, in one INSERT statement."""
+    session.execute(
+        insert(Posting),
+        [{"transaction_id": t, "ledger_account_id": a, "amount": m} for t, a, m in legs],
+    )
+
+
 def test_a_posting_to_a_missing_account_is_refused(
     sessions: sessionmaker[Session], ann: int
 ) -> None:
@@ -66,14 +74,7 @@ def test_a_posting_to_a_missing_account_is_refused(
     with pytest.raises(IntegrityError), portal_db.transaction(sessions) as session:
         txn = _new_txn(session, "bad-account")
         # One bulk statement, two good legs and one dangling: nothing of it is written.
-        session.execute(
-            insert(Posting),
-            [
-                {"transaction_id": txn, "ledger_account_id": wallet, "amount": 5},
-                {"transaction_id": txn, "ledger_account_id": external, "amount": -3},
-                {"transaction_id": txn, "ledger_account_id": MISSING, "amount": -2},
-            ],
-        )
+        _post(session, [(txn, wallet, 5), (txn, external, -3), (txn, MISSING, -2)])
     assert _counts(sessions) == before
     with portal_db.transaction(sessions) as session:
         assert ledger.balance(session, wallet) == 10 * CREDIT
@@ -85,13 +86,7 @@ def test_a_posting_to_a_missing_transaction_is_refused(
     wallet, txn, external = _ids(sessions, ann)
     before = _counts(sessions)
     with pytest.raises(IntegrityError), portal_db.transaction(sessions) as session:
-        session.execute(
-            insert(Posting),
-            [
-                {"transaction_id": txn, "ledger_account_id": wallet, "amount": 1},
-                {"transaction_id": MISSING, "ledger_account_id": external, "amount": -1},
-            ],
-        )
+        _post(session, [(txn, wallet, 1), (MISSING, external, -1)])
     assert _counts(sessions) == before
 
 

@@ -39,60 +39,51 @@ depends_on = None
 
 FILLFACTOR = 70
 
-#: (table, constraint, column, referenced table): the foreign keys checked per statement.
+#: (table, constraint, column, referenced table, what the refused row is called):
+#: the foreign keys checked per statement.
 CHECKED = (
     (
         "ledger_postings",
         "fk_ledger_postings_ledger_account_id_ledger_accounts",
         "ledger_account_id",
         "ledger_accounts",
+        "a posting names a ledger account",
     ),
     (
         "ledger_postings",
         "fk_ledger_postings_transaction_id_ledger_transactions",
         "transaction_id",
         "ledger_transactions",
+        "a posting names a ledger transaction",
     ),
     (
         "ledger_transactions",
         "fk_ledger_transactions_allocation_id_allocations",
         "allocation_id",
         "allocations",
+        "a ledger transaction names an allocation",
     ),
 )
 
-CHECK_POSTINGS = """
-CREATE FUNCTION gpuportal_ledger_postings_refs() RETURNS trigger AS $$ BEGIN
-  IF EXISTS (SELECT 1 FROM new_postings AS p
-             WHERE NOT EXISTS (SELECT 1 FROM ledger_accounts AS a
-                               WHERE a.id = p.ledger_account_id)) THEN
-    RAISE EXCEPTION 'a posting names a ledger account that does not exist'
-      USING ERRCODE = 'foreign_key_violation',
-            CONSTRAINT = 'fk_ledger_postings_ledger_account_id_ledger_accounts';
-  END IF;
-  IF EXISTS (SELECT 1 FROM new_postings AS p
-             WHERE NOT EXISTS (SELECT 1 FROM ledger_transactions AS t
-                               WHERE t.id = p.transaction_id)) THEN
-    RAISE EXCEPTION 'a posting names a ledger transaction that does not exist'
-      USING ERRCODE = 'foreign_key_violation',
-            CONSTRAINT = 'fk_ledger_postings_transaction_id_ledger_transactions';
-  END IF;
-  RETURN NULL;
-END; $$ LANGUAGE plpgsql
-"""
 
-CHECK_TRANSACTIONS = """
-CREATE FUNCTION gpuportal_ledger_transactions_refs() RETURNS trigger AS $$ BEGIN
-  IF EXISTS (SELECT 1 FROM new_transactions AS t
-             WHERE t.allocation_id IS NOT NULL
-               AND NOT EXISTS (SELECT 1 FROM allocations AS a WHERE a.id = t.allocation_id)) THEN
-    RAISE EXCEPTION 'a ledger transaction names an allocation that does not exist'
-      USING ERRCODE = 'foreign_key_violation',
-            CONSTRAINT = 'fk_ledger_transactions_allocation_id_allocations';
-  END IF;
-  RETURN NULL;
-END; $$ LANGUAGE plpgsql
-"""
+def check_function(table: str) -> str:
+    """``gpuportal_<table>_refs()``: each checked reference of ``table``'s new rows, as
+    one anti-join over the statement's rows (``new_rows``); a NULL refers to nothing."""
+    checks = "".join(
+        f"""
+  IF EXISTS (SELECT 1 FROM new_rows AS n WHERE n.{column} IS NOT NULL
+             AND NOT EXISTS (SELECT 1 FROM {target} AS r WHERE r.id = n.{column})) THEN
+    RAISE EXCEPTION '{says} that does not exist'
+      USING ERRCODE = 'foreign_key_violation', CONSTRAINT = '{name}';
+  END IF;"""  # noqa: S608 (names from CHECKED above, never input)
+        for owner, name, column, target, says in CHECKED
+        if owner == table
+    )
+    return (
+        f"CREATE FUNCTION gpuportal_{table}_refs() RETURNS trigger AS $$ BEGIN{checks}\n"
+        "  RETURN NULL;\nEND; $$ LANGUAGE plpgsql"
+    )
+
 
 KEEP_ROWS = """
 CREATE FUNCTION gpuportal_referenced_rows_stay() RETURNS trigger AS $$ BEGIN
@@ -105,6 +96,9 @@ CREATE FUNCTION gpuportal_referenced_rows_stay() RETURNS trigger AS $$ BEGIN
 END; $$ LANGUAGE plpgsql
 """
 
+#: The tables whose new rows are checked.
+REFERRING = ("ledger_postings", "ledger_transactions")
+
 #: The tables whose rows the ledger refers to (ledger_transactions is append-only already).
 KEPT = ("ledger_accounts", "allocations")
 
@@ -113,20 +107,15 @@ def upgrade() -> None:
     if op.get_bind().dialect.name != "postgresql":
         return
     op.execute(f"ALTER TABLE allocations SET (fillfactor = {FILLFACTOR})")
-    for table, name, _column, _target in CHECKED:
+    for table, name, *_ in CHECKED:
         op.drop_constraint(name, table, type_="foreignkey")
-    op.execute(CHECK_POSTINGS)
-    op.execute(
-        "CREATE TRIGGER ledger_postings_refs AFTER INSERT ON ledger_postings "
-        "REFERENCING NEW TABLE AS new_postings FOR EACH STATEMENT "
-        "EXECUTE FUNCTION gpuportal_ledger_postings_refs()"
-    )
-    op.execute(CHECK_TRANSACTIONS)
-    op.execute(
-        "CREATE TRIGGER ledger_transactions_refs AFTER INSERT ON ledger_transactions "
-        "REFERENCING NEW TABLE AS new_transactions FOR EACH STATEMENT "
-        "EXECUTE FUNCTION gpuportal_ledger_transactions_refs()"
-    )
+    for table in REFERRING:
+        op.execute(check_function(table))
+        op.execute(
+            f"CREATE TRIGGER {table}_refs AFTER INSERT ON {table} "
+            "REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT "
+            f"EXECUTE FUNCTION gpuportal_{table}_refs()"
+        )
     op.execute(KEEP_ROWS)
     for table in KEPT:
         op.execute(
@@ -151,10 +140,9 @@ def downgrade() -> None:
         for suffix in ("kept", "id_kept", "no_truncate"):
             op.execute(f"DROP TRIGGER IF EXISTS {table}_{suffix} ON {table}")
     op.execute("DROP FUNCTION IF EXISTS gpuportal_referenced_rows_stay()")
-    op.execute("DROP TRIGGER IF EXISTS ledger_transactions_refs ON ledger_transactions")
-    op.execute("DROP FUNCTION IF EXISTS gpuportal_ledger_transactions_refs()")
-    op.execute("DROP TRIGGER IF EXISTS ledger_postings_refs ON ledger_postings")
-    op.execute("DROP FUNCTION IF EXISTS gpuportal_ledger_postings_refs()")
-    for table, name, column, target in CHECKED:
+    for table in REFERRING:
+        op.execute(f"DROP TRIGGER IF EXISTS {table}_refs ON {table}")
+        op.execute(f"DROP FUNCTION IF EXISTS gpuportal_{table}_refs()")
+    for table, name, column, target, _ in CHECKED:
         op.create_foreign_key(name, table, target, [column], ["id"], ondelete="RESTRICT")
     op.execute("ALTER TABLE allocations RESET (fillfactor)")
