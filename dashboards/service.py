@@ -234,6 +234,12 @@ def voila_config(environ: dict[str, str]) -> dict[str, Any]:
             # Voila's "lab" template without its CDN stylesheets (share/voila/templates).
             "template": "gpuportal",
         },
+        # A page whose kernel websocket drops gets a fresh connection, not the old
+        # channels with the messages buffered meanwhile: twice in the full test suite the
+        # service stopped answering anything right after replaying such a buffer (a
+        # page's socket closed at once and came back). A dashboard loses nothing it
+        # needs: its page is drawn, and a reload draws it again.
+        "MappingKernelManager": {"buffer_offline_messages": False},
         # The service's own hub token stays in this process (see main).
         "HubOAuth": {"api_token": environ.get("JUPYTERHUB_API_TOKEN", "")},
     }
