@@ -47,12 +47,16 @@ HOUSE_PRICE = 1_000_000
 #: The one user whose servers stop after this many idle seconds (the others keep the
 #: default 30 minutes, so no other step is culled under it).
 IDLER, IDLER_TIMEOUT = "idler", 5
-#: A hub config file loaded last: the GPU-aware idle limit of IDLER's servers.
+#: A hub config file loaded last: the GPU-aware idle limit of IDLER's servers, and the
+#: spawn form handing over to the progress page at once (JupyterHub first waits up to 10 s
+#: for the spawn by default), so that the page follows a spawn from its start and the
+#: test can tell a live stream from a finished spawn's events replayed in one piece.
 IDLE_CONFIG = f"""
 c.Spawner.environment.update({{
     "GPUPORTAL_IDLE_TIMEOUT_SECONDS":
         lambda spawner: "{IDLER_TIMEOUT}" if spawner.user.name == "{IDLER}" else "",
 }})
+c.JupyterHub.tornado_settings.update({{"slow_spawn_timeout": 0}})
 """
 
 
